@@ -1,0 +1,93 @@
+"""The CP context a sequence-mixing layer needs: its process group, layout and exchange strategy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from titan_cp.cp.layout import LAYOUTS, num_segments, rank_of_segment, segments_of_rank
+
+EXCHANGES = ("allgather", "logscan", "alltoall")
+
+
+@dataclass
+class CPContext:
+    """Context parallelism over ``group``; every rank holds the segments ``layout`` gives it.
+
+    ``exchange`` picks how GDN layers pass state across segments:
+    ``allgather`` / ``logscan`` (state passing, titan_cp.cp.exchange) or
+    ``alltoall`` (head-parallel, titan_cp.cp.alltoall).
+    """
+
+    group: dist.ProcessGroup
+    layout: str = "contiguous"
+    exchange: str = "allgather"
+    # Local signatures (dtype, shapes) already checked against every rank, per layer.
+    checked_signatures: set = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        from titan_cp.kernels import unknown_choice_message
+
+        if self.layout not in LAYOUTS:
+            raise ValueError(unknown_choice_message("parallelism.cp_layout", self.layout, LAYOUTS))
+        if self.exchange not in EXCHANGES:
+            raise ValueError(unknown_choice_message("parallelism.cp_exchange", self.exchange, EXCHANGES))
+        if self.exchange == "logscan" and self.layout != "contiguous":
+            raise ValueError(
+                "parallelism.cp_exchange = 'logscan' needs parallelism.cp_layout = 'contiguous' "
+                "(the scan runs over ranks in sequence order); use cp_exchange = 'allgather' with 'zigzag'."
+            )
+
+    @property
+    def size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    @property
+    def n_segments(self) -> int:
+        return num_segments(self.size, self.layout)
+
+    @property
+    def local_segments(self) -> list[int]:
+        return segments_of_rank(self.rank, self.size, self.layout)
+
+    def holder(self, segment: int) -> int:
+        """Rank (in the CP group) that holds ``segment``."""
+        return rank_of_segment(segment, self.size, self.layout)
+
+    def global_rank(self, group_rank: int) -> int:
+        return dist.get_global_rank(self.group, group_rank)
+
+    def check_same_everywhere(self, layer_name: str, signature: tuple[int, ...], what: str) -> None:
+        """Raise on every rank if ranks disagree on ``signature`` (dtype code, shapes).
+
+        One tiny all-gather the first time a layer sees a signature; mismatches
+        (a rank with another dtype or shard length) become a clear error on all
+        ranks instead of a hang or garbage inside the exchange.
+        """
+        key = (layer_name, signature)
+        if key in self.checked_signatures:
+            return
+        mine = torch.tensor(signature, dtype=torch.int64)
+        everyone = [torch.empty_like(mine) for _ in range(self.size)]
+        dist.all_gather(everyone, mine, group=self.group)
+        rows = [tuple(t.tolist()) for t in everyone]
+        if any(row != rows[0] for row in rows):
+            raise ValueError(
+                f"context parallel {layer_name}: ranks disagree on {what}: "
+                + ", ".join(f"rank {r}: {row}" for r, row in enumerate(rows))
+                + ". Every CP rank must feed the same dtype and shard shape (same batch, seq_len / CP)."
+            )
+        self.checked_signatures.add(key)
+
+
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return DTYPE_CODES.get(dtype, 99)

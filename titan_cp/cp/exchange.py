@@ -1,0 +1,206 @@
+"""The GDN state exchange: every segment's true incoming state from shard summaries.
+
+The math
+--------
+Cut a sequence into segments 0..n-1 (in sequence order; see cp/layout.py for
+which rank holds which). Inside segment s the gated delta rule is affine in
+the state it starts from (every column of S evolves independently and
+linearly), so
+
+    S_end(s) = M_s S_start(s) + S_local(s)                                  (1)
+
+with M_s [K, K] per head (the product of the segment's transitions
+a_t (I - beta_t k_t k_t^T), zero if a document starts inside s) and
+S_local(s) [K, V] the final state from a zero start. The incoming states are
+the exclusive fold of these affine maps:
+
+    S_start(0) = 0,   S_start(s+1) = M_s S_start(s) + S_local(s)            (2)
+
+Summaries compose associatively, (M2, S2) o (M1, S1) = (M2 M1, M2 S1 + S2),
+so (2) can be computed by any prefix-scan schedule.
+
+Backward. Let G_s = dL/dS_start(s) (from segment s's outputs) and
+T_s = dL/dS_end(s) (through every later segment). Differentiating (2):
+
+    T_{n-1} = 0,   T_{s-1} = G_s + M_s^T T_s                                (3)
+    dL/dS_local(s) = T_s,   dL/dM_s = T_s S_start(s)^T
+
+(3) is the fold (2) run over the segments in reverse with elements
+(M_s^T, G_s): the backward is the same exchange on the state gradients.
+
+Strategies (``parallelism.cp_exchange``)
+----------------------------------------
+- ``allgather``: one all-gather of every segment's [M | S_local]
+  (H K (K+V) floats per segment and batch row, independent of L); each rank
+  folds its predecessors locally. Backward: one all-gather of the G_s
+  (H K V floats). Bytes received per rank: (n_segments - n_local) summaries;
+  1 collective. Works for any layout.
+- ``logscan``: a Hillis-Steele exclusive scan over the ranks (contiguous
+  layout): in round d = 0..ceil(log2 P)-1 rank r sends its running inclusive
+  aggregate to r + 2^d and composes what it gets from r - 2^d into both its
+  inclusive and exclusive aggregates. ceil(log2 P) rounds, one summary sent
+  and received per round. Backward: the mirrored (suffix) scan of (M^T, G).
+
+Summaries travel in float32 (float64 for float64 inputs). The head-parallel
+``alltoall`` strategy does not use summaries; it lives in cp/alltoall.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from titan_cp.cp.context import CPContext
+from titan_cp.cp.layout import segments_of_rank
+from titan_cp.cp.stats import comm_stats
+
+
+def compose(
+    later: tuple[torch.Tensor, torch.Tensor], earlier: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M2, S2) o (M1, S1) = (M2 M1, M2 S1 + S2): apply ``earlier`` then ``later``."""
+    M2, S2 = later
+    M1, S1 = earlier
+    return M2 @ M1, M2 @ S1 + S2
+
+
+def exclusive_fold(Ms: list[torch.Tensor], Ss: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Equation (2) sequentially: the incoming state of every segment, in order."""
+    starts = [torch.zeros_like(Ss[0])]
+    for M, S in zip(Ms[:-1], Ss[:-1]):
+        starts.append(M @ starts[-1] + S)
+    return starts
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+# --------------------------------------------------------------------------- allgather
+
+
+def _all_gather_segments(local_BNX: torch.Tensor, cp: CPContext) -> list[torch.Tensor]:
+    """All-gather [B, n_local, ...] from every rank; return per-segment tensors in sequence order."""
+    gathered = local_BNX.new_empty((cp.size * local_BNX.shape[0], *local_BNX.shape[1:]))
+    dist.all_gather_into_tensor(gathered, local_BNX.contiguous(), group=cp.group)
+    gathered = gathered.view(cp.size, *local_BNX.shape)
+    per_segment: list[torch.Tensor | None] = [None] * cp.n_segments
+    for rank in range(cp.size):
+        for i, seg in enumerate(segments_of_rank(rank, cp.size, cp.layout)):
+            per_segment[seg] = gathered[rank, :, i]
+    return per_segment  # type: ignore[return-value]
+
+
+class _AllGatherExchange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, M_BNHKK, S_BNHKV, cp: CPContext, layer_name: str):
+        payload = torch.cat([M_BNHKK, S_BNHKV], dim=-1)
+        K = M_BNHKK.shape[-1]
+        per_segment = _all_gather_segments(payload, cp)
+        Ms = [p[..., :K] for p in per_segment]
+        Ss = [p[..., K:] for p in per_segment]
+        starts = exclusive_fold(Ms, Ss)
+        mine = torch.stack([starts[s] for s in cp.local_segments], dim=1)
+        comm_stats.add(layer_name, "state_fwd", sent=_nbytes(payload) * (cp.size - 1),
+                       received=_nbytes(payload) * (cp.size - 1), rounds=1)
+        ctx.save_for_backward(*Ms, mine)
+        ctx.cp, ctx.layer_name = cp, layer_name
+        return mine
+
+    @staticmethod
+    def backward(ctx, grad_start_BNHKV):
+        cp: CPContext = ctx.cp
+        *Ms, mine_starts = ctx.saved_tensors
+        grads = _all_gather_segments(grad_start_BNHKV, cp)  # G_s for every segment
+        comm_stats.add(ctx.layer_name, "state_bwd", sent=_nbytes(grad_start_BNHKV) * (cp.size - 1),
+                       received=_nbytes(grad_start_BNHKV) * (cp.size - 1), rounds=1)
+        # Equation (3): the fold in reverse with elements (M^T, G).
+        n = cp.n_segments
+        grad_end = [None] * n
+        running = torch.zeros_like(grads[0])
+        for s in range(n - 1, -1, -1):
+            grad_end[s] = running
+            running = grads[s] + Ms[s].transpose(-1, -2) @ running
+        grad_S = torch.stack([grad_end[s] for s in cp.local_segments], dim=1)
+        grad_M = grad_S @ mine_starts.transpose(-1, -2)
+        return grad_M, grad_S, None, None
+
+
+# --------------------------------------------------------------------------- logscan
+
+
+def _exclusive_scan_over_ranks(
+    M: torch.Tensor, S: torch.Tensor, cp: CPContext, reverse: bool, layer_name: str, kind: str
+) -> torch.Tensor:
+    """Hillis-Steele exclusive scan of (M, S) over ranks; returns the S part of the exclusive aggregate.
+
+    ``reverse`` scans from the last rank to the first (the backward's suffix scan).
+    Each round: send the running inclusive aggregate 2^d ranks ahead, receive
+    from 2^d ranks behind, compose it under both aggregates.
+    """
+    P, me = cp.size, cp.rank
+    pos = P - 1 - me if reverse else me  # position along the scan direction
+
+    def rank_at(position: int) -> int:
+        return cp.global_rank(P - 1 - position if reverse else position)
+
+    K = M.shape[-1]
+    incl_M, incl_S = M, S
+    excl_M = torch.eye(K, dtype=M.dtype).expand_as(M)
+    excl_S = torch.zeros_like(S)
+    for d in range(math.ceil(math.log2(P))):
+        offset = 2**d
+        payload = torch.cat([incl_M, incl_S], dim=-1).contiguous()
+        received = torch.empty_like(payload)
+        ops = []
+        if pos + offset < P:
+            ops.append(dist.P2POp(dist.isend, payload, rank_at(pos + offset), group=cp.group))
+        if pos - offset >= 0:
+            ops.append(dist.P2POp(dist.irecv, received, rank_at(pos - offset), group=cp.group))
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        sent = _nbytes(payload) if pos + offset < P else 0
+        got = _nbytes(payload) if pos - offset >= 0 else 0
+        comm_stats.add(layer_name, kind, sent=sent, received=got, rounds=1)
+        if pos - offset >= 0:
+            earlier = (received[..., :K], received[..., K:])
+            excl_M, excl_S = compose((excl_M, excl_S), earlier)
+            incl_M, incl_S = compose((incl_M, incl_S), earlier)
+    return excl_S
+
+
+class _LogScanExchange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, M_BNHKK, S_BNHKV, cp: CPContext, layer_name: str):
+        start = _exclusive_scan_over_ranks(M_BNHKK, S_BNHKV, cp, False, layer_name, "state_fwd")
+        ctx.save_for_backward(M_BNHKK, start)
+        ctx.cp, ctx.layer_name = cp, layer_name
+        return start
+
+    @staticmethod
+    def backward(ctx, grad_start):
+        M, start = ctx.saved_tensors
+        cp = ctx.cp
+        grad_end = _exclusive_scan_over_ranks(
+            M.transpose(-1, -2).contiguous(), grad_start.contiguous(), cp, True, ctx.layer_name, "state_bwd"
+        )
+        return grad_end @ start.transpose(-1, -2), grad_end, None, None
+
+
+def exchange_states(M_BNHKK: torch.Tensor, S_BNHKV: torch.Tensor, cp: CPContext, layer_name: str = "") -> torch.Tensor:
+    """Incoming state of each local segment from the local summaries (M, S_local).
+
+    Args:
+        M_BNHKK: [B, n_local_segments, H, K, K] transitions of this rank's segments.
+        S_BNHKV: [B, n_local_segments, H, K, V] zero-start final states.
+    Returns:
+        [B, n_local_segments, H, K, V] S_start of each local segment; differentiable.
+    """
+    if cp.exchange == "allgather":
+        return _AllGatherExchange.apply(M_BNHKK, S_BNHKV, cp, layer_name)
+    if cp.exchange == "logscan":
+        return _LogScanExchange.apply(M_BNHKK, S_BNHKV, cp, layer_name)
+    raise ValueError(f"exchange_states: strategy '{cp.exchange}' does not pass states")

@@ -1,0 +1,113 @@
+"""The short-conv halo: each segment gets the last W-1 pre-conv tokens before it.
+
+A causal depthwise conv of width W at token t reads tokens t-W+1..t. At the
+start of a segment the first W-1 of those live in the previous segment(s).
+Each segment s sends its tail (its last w = min(T_seg, W-1) tokens) by
+point-to-point to the holder of segment s+j for j = 1..hops, hops =
+ceil((W-1) / w) (one hop unless a segment is shorter than W-1 tokens).
+Segment s then sees [tail(s-hops) .. tail(s-1)]; the caller keeps the last
+W-1 tokens. Segments before the sequence start contribute zeros (the conv's
+zero padding). Backward sends the halo's gradient back along the same edges
+and adds it to the tail's gradient. Cost per segment and layer: hops x w x C
+values, independent of L.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from titan_cp.cp.context import CPContext
+from titan_cp.cp.stats import comm_stats
+
+
+def _edges(cp: CPContext, hops: int):
+    """(local index i, hop j, peer segment) pairs: what this rank sends and receives."""
+    sends, recvs = [], []
+    for i, s in enumerate(cp.local_segments):
+        for j in range(1, hops + 1):
+            if s + j < cp.n_segments:
+                sends.append((i, j, s + j))
+            if s - j >= 0:
+                recvs.append((i, j, s - j))
+    return sends, recvs
+
+
+def _tag(dest_segment: int, hop: int, hops: int) -> int:
+    return dest_segment * (hops + 1) + hop
+
+
+def _p2p(cp: CPContext, outgoing: list[tuple[torch.Tensor, int, int]], incoming: list[tuple[torch.Tensor, int, int]]):
+    """Send/receive (tensor, peer group rank, tag) lists in one batch; self-edges are copied."""
+    ops = []
+    local_sends = {tag: t for t, peer, tag in outgoing if peer == cp.rank}
+    for t, peer, tag in outgoing:
+        if peer != cp.rank:
+            ops.append(dist.P2POp(dist.isend, t.contiguous(), cp.global_rank(peer), group=cp.group, tag=tag))
+    for buf, peer, tag in incoming:
+        if peer == cp.rank:
+            buf.copy_(local_sends[tag])
+        else:
+            ops.append(dist.P2POp(dist.irecv, buf, cp.global_rank(peer), group=cp.group, tag=tag))
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+
+class _HaloExchange(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tail_BNWC: torch.Tensor, cp: CPContext, hops: int, layer_name: str) -> torch.Tensor:
+        B, N, w, C = tail_BNWC.shape
+        halo = tail_BNWC.new_zeros(B, N, hops, w, C)  # hop index 0 = farthest (s - hops)
+        sends, recvs = _edges(cp, hops)
+        outgoing = [(tail_BNWC[:, i], cp.holder(dest), _tag(dest, j, hops)) for i, j, dest in sends]
+        buffers = [(tail_BNWC.new_empty(B, w, C), cp.holder(src), _tag(cp.local_segments[i], j, hops))
+                   for i, j, src in recvs]
+        _p2p(cp, outgoing, buffers)
+        for (i, j, _), (buf, _, _) in zip(recvs, buffers):
+            halo[:, i, hops - j] = buf
+        remote_sends = sum(1 for _, _, d in sends if cp.holder(d) != cp.rank)
+        remote_recvs = sum(1 for _, _, s in recvs if cp.holder(s) != cp.rank)
+        piece = B * w * C * tail_BNWC.element_size()
+        comm_stats.add(layer_name, "halo_fwd", sent=remote_sends * piece, received=remote_recvs * piece, rounds=1)
+        ctx.cp, ctx.hops, ctx.layer_name = cp, hops, layer_name
+        return halo.reshape(B, N, hops * w, C)
+
+    @staticmethod
+    def backward(ctx, grad_halo):
+        cp, hops = ctx.cp, ctx.hops
+        B, N, hw, C = grad_halo.shape
+        w = hw // hops
+        grad_halo = grad_halo.reshape(B, N, hops, w, C)
+        sends, recvs = _edges(cp, hops)
+        # Reverse edges: the halo piece segment s got from s-j goes back to s-j.
+        outgoing = [(grad_halo[:, i, hops - j], cp.holder(src), _tag(src, j, hops)) for i, j, src in recvs]
+        buffers = [(grad_halo.new_empty(B, w, C), cp.holder(dest), _tag(cp.local_segments[i], j, hops))
+                   for i, j, dest in sends]
+        _p2p(cp, outgoing, buffers)
+        grad_tail = grad_halo.new_zeros(B, N, w, C)
+        for (i, _, _), (buf, _, _) in zip(sends, buffers):
+            grad_tail[:, i] += buf
+        piece = B * w * C * grad_halo.element_size()
+        remote = sum(1 for _, _, s in recvs if cp.holder(s) != cp.rank)
+        comm_stats.add(ctx.layer_name, "halo_bwd", sent=remote * piece,
+                       received=sum(1 for _, _, d in sends if cp.holder(d) != cp.rank) * piece, rounds=1)
+        return grad_tail, None, None, None
+
+
+def exchange_halo(x_BNTC: torch.Tensor, history: int, cp: CPContext, layer_name: str = "") -> torch.Tensor:
+    """The ``history`` tokens before each local segment, from the segments before it.
+
+    Args:
+        x_BNTC: [B, n_local_segments, T_seg, C] this rank's segments (pre-conv inputs).
+        history: tokens needed before each segment (conv width - 1).
+    Returns:
+        [B, n_local_segments, history, C], zeros before the sequence start; differentiable.
+    """
+    T_seg = x_BNTC.shape[2]
+    w = min(T_seg, history)
+    hops = math.ceil(history / w)
+    halo = _HaloExchange.apply(x_BNTC[:, :, T_seg - w:], cp, hops, layer_name)
+    return halo[:, :, hops * w - history:]

@@ -1,0 +1,389 @@
+r"""The gated delta rule, chunked: WY representation + UT transform, in plain PyTorch.
+
+This is the CPU default kernel (``model.kernel = "torch"``) and the algorithm of
+FLA's ``fla/ops/gated_delta_rule`` chunk path, written with batched matmuls and a
+hand-written backward. Interface and semantics: ``titan_cp/kernels/__init__.py``.
+Ground truth: ``titan_cp/kernels/recurrent.py``.
+
+The recurrence (per batch row and head; state S is [K, V], a_t = exp(g_t))::
+
+    S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,     o_t = scale * S_t^T q_t
+
+Delta-rule form: S_t = a_t S_{t-1} + k_t u_t^T with the *new value*
+u_t = beta_t (v_t - a_t S_{t-1}^T k_t) (what the state did not yet predict).
+
+Chunks
+------
+The sequence is cut into chunks of C tokens (the tail is padded with g = 0,
+beta = 0, k = q = v = 0: a padded token leaves the state untouched). Inside one
+chunk, with H the state entering it and positions t = 0..C-1:
+
+    G_t = g_0 + ... + g_t                  cumulative log decay inside the chunk
+    d_t = #document starts at positions <= t inside the chunk   (document id)
+
+    decay_within_chunk   D[t, s] = exp(G_t - G_s)       if s <= t and d_s == d_t, else 0
+    decay_from_start     gamma_t = exp(G_t)             if d_t == 0,              else 0
+    decay_to_end         lam_s   = exp(G_{C-1} - G_s)   if d_s == d_{C-1},        else 0
+
+D[t, s] is the product a_{s+1} ... a_t; gamma_t is how much of H survives to t;
+lam_s how much of token s's write survives to the chunk end. Unrolling,
+
+    S_t = gamma_t H + sum_{s <= t} D[t, s] k_s u_s^T                          (1)
+
+and putting (1) into the definition of u_t gives a unit lower-triangular system
+
+    (I + A) u = diag(beta) V - diag(beta gamma) K H,
+    A[t, s] = beta_t D[t, s] (k_t . k_s)  for s < t, else 0.
+
+UT transform: T = (I + A)^{-1} (unit lower triangular, one batched triangular
+solve per chunk). WY representation: with
+
+    W = T diag(beta gamma) K   [C, K]        U = T diag(beta) V   [C, V]
+
+the new values are u = U - W H, the output and the state leaving the chunk are
+
+    O     = scale (diag(gamma) Q H + (Q K^T * D) u)                           (2)
+    H_out = gamma_{C-1} H + K^T diag(lam) u                                   (3)
+
+Everything except (3) is independent across chunks and runs as batched matmuls
+over all chunks at once; only the chunk recurrence (3) (two [C,K]x[K,V]-sized
+matmuls per chunk) loops over chunks.
+
+Document starts
+---------------
+A start at t drops a_t and the projection: S_t = beta_t k_t v_t^T. That is the
+recurrence with a_t = 0, so every decay product spanning a start is 0. It is
+*not* implemented by setting g = -inf (cumulative sums would lose precision):
+the document id d_t masks the decays above. D is zero between tokens of
+different documents, gamma is zero after the first start in the chunk (the
+carried-in state is forgotten), lam is zero before the last start (those writes
+do not reach the next chunk), and gamma_{C-1} = 0 if the chunk holds a start.
+Every exp() above is of a difference of G inside one document, so no reset
+position's g enters any of them; that is exact (the masks are constants).
+
+Backward (hand-written, ``_ChunkGatedDeltaRule.backward``)
+-----------------------------------------------------------
+Saved: the inputs (in chunk layout, accumulation dtype) and the state entering
+every chunk (``state_in_chunks``, [N, B*H, K, V]); everything else is recomputed.
+Given dO and the gradient dH_N of the final state, a reverse chunk loop computes
+
+    du_n     = scale (Q K^T * D)^T dO_n + diag(lam) K dH_{n+1}
+    dH_n     = scale Q^T diag(gamma) dO_n + gamma_{C-1} dH_{n+1} - W^T du_n
+
+(dH_0 is the gradient of ``initial_state``), then all chunks at once:
+through (2) and (3) to dQ, dK, dD, dgamma, dlam; through u = U - W H to
+dW = -du H^T, dU = du; through the WY products to T^T dW, T^T dU (giving dK,
+dV, dbeta, dgamma) and dT = dU (beta V)^T + dW (beta gamma K)^T; through the UT
+transform dA = -T^T dT T^T (strictly lower part); through A to dK, dbeta, dD.
+The decay gradients become dG_t (dD[t, s] D[t, s] adds to G_t and subtracts
+from G_s, dgamma_t gamma_t adds to G_t, dlam_s lam_s adds to G_{C-1} and
+subtracts from G_s), and dg is the reverse cumulative sum of dG in the chunk.
+
+Precision: everything is accumulated in float32 (float64 for float64 inputs);
+o is returned in v.dtype, the final state in the accumulation dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import check_inputs
+
+
+# --------------------------------------------------------------------------------------
+# Layout helpers: [B, T, H, D] <-> [N, B*H, C, D] (N chunks of C tokens; chunk n
+# contiguous, so the chunk loop indexes the first dimension).
+# --------------------------------------------------------------------------------------
+
+
+def _to_chunks(x: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T, H, D] or [B, T, H] -> [N, B*H, C, D] or [N, B*H, C], zero-padded in T."""
+    squeeze = x.dim() == 3
+    if squeeze:
+        x = x.unsqueeze(-1)
+    B, T, H, D = x.shape
+    pad = (-T) % chunk_size
+    x = F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad))
+    N = (T + pad) // chunk_size
+    x = x.reshape(B, N, chunk_size, H, D).permute(1, 0, 3, 2, 4).reshape(N, B * H, chunk_size, D)
+    return (x.squeeze(-1) if squeeze else x).contiguous()
+
+
+def _from_chunks(x: torch.Tensor, B: int, H: int, T: int, dtype: torch.dtype) -> torch.Tensor:
+    """[N, B*H, C, D] or [N, B*H, C] -> [B, T, H, D] or [B, T, H] (padding dropped)."""
+    squeeze = x.dim() == 3
+    if squeeze:
+        x = x.unsqueeze(-1)
+    N, _, C, D = x.shape
+    x = x.reshape(N, B, H, C, D).permute(1, 0, 3, 2, 4).reshape(B, N * C, H, D)[:, :T]
+    x = x.squeeze(-1) if squeeze else x
+    return x.to(dtype)
+
+
+def _documents_in_chunks(doc_starts: torch.Tensor, H: int, chunk_size: int) -> torch.Tensor:
+    """doc_starts [B, T] bool -> document id inside each chunk [N, B*H, C] (int).
+
+    d_t counts the document starts at positions <= t of the chunk, so the state
+    carried into the chunk belongs to document 0.
+    """
+    B, T = doc_starts.shape
+    pad = (-T) % chunk_size
+    starts = F.pad(doc_starts.to(torch.int32), (0, pad))  # padded tokens start nothing
+    N = (T + pad) // chunk_size
+    doc_id = starts.reshape(B, N, chunk_size).cumsum(-1, dtype=torch.int32)  # [B, N, C]
+    return doc_id.permute(1, 0, 2)[:, :, None, :].expand(N, B, H, chunk_size).reshape(N, B * H, chunk_size)
+
+
+# --------------------------------------------------------------------------------------
+# Intra-chunk quantities, batched over all chunks (shared by forward and backward).
+# All tensors are [N, B*H, C, ...] and contiguous, so `_flat` views them as
+# [N*B*H, C, ...] for the in-place batched matmuls (baddbmm_).
+# --------------------------------------------------------------------------------------
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """[N, BH, R, S] -> [N*BH, R, S] (a view: in-place ops on it write into x)."""
+    return x.view(-1, x.shape[-2], x.shape[-1])
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_j a[..., j] * b[..., j]."""
+    return torch.linalg.vecdot(a, b)
+
+
+def _chunk_decays(g_chunks: torch.Tensor, doc_id: torch.Tensor | None):
+    """Decay factors of every chunk from the log decays g_chunks [N, BH, C].
+
+    Returns
+      decay_within_chunk  [N, BH, C, C]  D[t, s] = exp(G_t - G_s) if s <= t, same document; else 0
+      decay_from_start    [N, BH, C]     gamma_t = exp(G_t) if no document start in 0..t; else 0
+      decay_to_end        [N, BH, C]     lam_s = exp(G_last - G_s) if same document as last; else 0
+      causal_same_doc     [N, BH, C, C] bool (s <= t and same document), or None without documents
+    """
+    C = g_chunks.shape[-1]
+    G = g_chunks.cumsum(-1)  # [N, BH, C]
+    causal = torch.ones(C, C, dtype=torch.bool, device=G.device).tril()  # [C, C]
+    causal_same_doc = None
+    if doc_id is not None:
+        causal_same_doc = causal & (doc_id[..., :, None] == doc_id[..., None, :])  # [N, BH, C, C]
+    # Masked entries become exp(-inf) = 0 exactly; the -inf never enters a sum.
+    decay_within_chunk = (G[..., :, None] - G[..., None, :]).masked_fill_(
+        ~(causal if causal_same_doc is None else causal_same_doc), float("-inf")
+    ).exp_()
+    decay_from_start = G.exp()  # [N, BH, C]
+    decay_to_end = (G[..., -1:] - G).exp_()  # [N, BH, C]
+    if doc_id is not None:
+        decay_from_start.mul_(doc_id == 0)
+        decay_to_end.mul_(doc_id == doc_id[..., -1:])
+    return decay_within_chunk, decay_from_start, decay_to_end, causal_same_doc
+
+
+def _wy_representation(k_chunks, v_chunks, beta_chunks, decay_within_chunk, decay_from_start):
+    """UT transform and WY representation of every chunk.
+
+    Returns
+      T_inv     [N, BH, C, C]      T = (I + A)^{-1}, A[t, s] = beta_t D[t, s] k_t.k_s (s < t)
+      kkT_D     [N, BH, C, C]      (K K^T) * D  (A = diag(beta) kkT_D below the diagonal)
+      rhs       [N, BH, C, K + V]  [diag(beta gamma) K | diag(beta) V]
+      wy        [N, BH, C, K + V]  T @ rhs = [W | U]
+    """
+    C = k_chunks.shape[-2]
+    kkT_D = (k_chunks @ k_chunks.transpose(-1, -2)).mul_(decay_within_chunk)  # [N, BH, C, C]
+    # A with junk on the diagonal: the solve reads only the strictly lower part
+    # (unitriangular=True takes the diagonal as 1; upper=False ignores the rest).
+    A_and_diagonal = kkT_D * beta_chunks[..., :, None]
+    eye = torch.eye(C, dtype=kkT_D.dtype, device=kkT_D.device)
+    T_inv = torch.linalg.solve_triangular(A_and_diagonal, eye.expand_as(kkT_D), upper=False, unitriangular=True)
+    rhs = torch.cat([k_chunks * (beta_chunks * decay_from_start)[..., None], v_chunks * beta_chunks[..., None]], -1)
+    return T_inv, kkT_D, rhs, T_inv @ rhs
+
+
+# --------------------------------------------------------------------------------------
+# The autograd Function.
+# --------------------------------------------------------------------------------------
+
+
+class _ChunkGatedDeltaRule(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, initial_state, doc_starts, scale, chunk_size):
+        B, T, H, K = q.shape
+        V = v.shape[-1]
+        acc = torch.promote_types(q.dtype, torch.float32)
+        C = chunk_size
+
+        q_chunks = _to_chunks(q, C, acc).mul_(scale)  # [N, BH, C, K]  (scale folded into q)
+        k_chunks = _to_chunks(k, C, acc)  # [N, BH, C, K]
+        v_chunks = _to_chunks(v, C, acc)  # [N, BH, C, V]
+        g_chunks = _to_chunks(g, C, acc)  # [N, BH, C]
+        beta_chunks = _to_chunks(beta, C, acc)  # [N, BH, C]
+        doc_id = None if doc_starts is None else _documents_in_chunks(doc_starts, H, C)  # [N, BH, C]
+        N = q_chunks.shape[0]
+
+        if initial_state is None:
+            state = q_chunks.new_zeros(B * H, K, V)
+        else:
+            state = initial_state.to(acc).reshape(B * H, K, V)
+
+        D, gamma, lam, _ = _chunk_decays(g_chunks, doc_id)
+        _, _, _, wy = _wy_representation(k_chunks, v_chunks, beta_chunks, D, gamma)
+        W, U = wy[..., :K], wy[..., K:]  # [N, BH, C, K], [N, BH, C, V]
+        gamma_last = gamma[..., -1, None, None]  # [N, BH, 1, 1]
+        k_to_end_T = (k_chunks * lam[..., None]).transpose(-1, -2).contiguous()  # K^T diag(lam) [N, BH, K, C]
+
+        # The chunk recurrence (3), the only sequential part:
+        #   u_n = U_n - W_n H_n,   H_{n+1} = gamma_last_n H_n + K_n^T diag(lam_n) u_n
+        state_in_chunks = q_chunks.new_empty(N, B * H, K, V)  # H_n
+        new_values = torch.empty_like(v_chunks)  # u   [N, BH, C, V]
+        for n in range(N):
+            state_in_chunks[n] = state
+            torch.baddbmm(U[n], W[n], state, alpha=-1, out=new_values[n])
+            state = torch.baddbmm(state * gamma_last[n], k_to_end_T[n], new_values[n])
+        final_state = state.reshape(B, H, K, V)
+        if N == 0:  # T == 0: never return a view of an input
+            final_state = final_state.clone()
+
+        # Outputs (2), all chunks at once: O = diag(gamma) Q H + (Q K^T * D) u.
+        qk = (q_chunks @ k_chunks.transpose(-1, -2)).mul_(D)  # [N, BH, C, C], zero above the diagonal
+        o_chunks = qk @ new_values  # [N, BH, C, V]
+        _flat(o_chunks).baddbmm_(_flat(q_chunks * gamma[..., None]), _flat(state_in_chunks))
+        o = _from_chunks(o_chunks, B, H, T, v.dtype)
+
+        ctx.save_for_backward(q_chunks, k_chunks, v_chunks, g_chunks, beta_chunks, state_in_chunks, doc_id)
+        ctx.meta = (B, T, H, K, V, scale, q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype,
+                    None if initial_state is None else initial_state.dtype)
+        return o, final_state
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_o, d_final_state):
+        q_chunks, k_chunks, v_chunks, g_chunks, beta_chunks, state_in_chunks, doc_id = ctx.saved_tensors
+        B, T, H, K, V, scale, q_dtype, k_dtype, v_dtype, g_dtype, beta_dtype, h0_dtype = ctx.meta
+        acc = q_chunks.dtype
+        N, BH, C, _ = q_chunks.shape
+
+        # Recompute the intra-chunk quantities (cheap, batched) instead of saving them.
+        D, gamma, lam, causal_same_doc = _chunk_decays(g_chunks, doc_id)
+        T_inv, kkT_D, rhs, wy = _wy_representation(k_chunks, v_chunks, beta_chunks, D, gamma)
+        W, U = wy[..., :K], wy[..., K:]
+        new_values = U - W @ state_in_chunks  # u   [N, BH, C, V]
+        qk_raw = q_chunks @ k_chunks.transpose(-1, -2)  # Q K^T   [N, BH, C, C]
+        qk = qk_raw * D
+        gamma_last = gamma[..., -1, None, None]  # [N, BH, 1, 1]
+        k_to_end = k_chunks * lam[..., None]  # diag(lam) K   [N, BH, C, K]
+        q_from_start = q_chunks * gamma[..., None]  # diag(gamma) Q   [N, BH, C, K]
+
+        d_o_chunks = v_chunks.new_zeros(v_chunks.shape) if d_o is None else _to_chunks(d_o, C, acc)  # [N, BH, C, V]
+        if d_final_state is None:
+            d_state = q_chunks.new_zeros(BH, K, V)
+        else:
+            d_state = d_final_state.to(acc).reshape(BH, K, V)
+
+        # Reverse chunk recurrence:
+        #   du_n = (Q K^T * D)^T dO_n + diag(lam) K dH_{n+1}
+        #   dH_n = Q^T diag(gamma) dO_n + gamma_last dH_{n+1} - W^T du_n
+        d_new_values = qk.transpose(-1, -2) @ d_o_chunks  # du, first its part from O   [N, BH, C, V]
+        d_state_from_o = q_from_start.transpose(-1, -2) @ d_o_chunks  # [N, BH, K, V]
+        W_T = W.transpose(-1, -2)  # [N, BH, K, C]
+        d_state_out_chunks = torch.empty_like(state_in_chunks)  # gradient of the state leaving chunk n
+        for n in range(N - 1, -1, -1):
+            d_state_out_chunks[n] = d_state
+            d_new_values[n].baddbmm_(k_to_end[n], d_state)
+            d_state = torch.baddbmm(d_state_from_o[n].add_(d_state * gamma_last[n]), W_T[n], d_new_values[n], alpha=-1)
+        d_initial_state = d_state  # [BH, K, V]
+
+        # Through the outputs (2): O = diag(gamma) Q H + (Q K^T * D) u.
+        d_q_from_start = d_o_chunks @ state_in_chunks.transpose(-1, -2)  # [N, BH, C, K]
+        d_gamma = _row_dot(d_q_from_start, q_chunks)  # [N, BH, C]
+        d_q = d_q_from_start.mul_(gamma[..., None])
+        d_qk = d_o_chunks @ new_values.transpose(-1, -2)  # d(Q K^T * D)   [N, BH, C, C]
+        d_D_times_D = d_qk * qk  # dD * D, accumulated below   [N, BH, C, C]
+        d_qk.mul_(D)  # d(Q K^T)
+        _flat(d_q).baddbmm_(_flat(d_qk), _flat(k_chunks))
+        d_k = d_qk.transpose(-1, -2) @ q_chunks  # [N, BH, C, K]
+
+        # Through the state update (3): H_out = gamma_last H + K^T diag(lam) u.
+        d_gamma[..., -1] += (state_in_chunks * d_state_out_chunks).sum((-1, -2))
+        u_dH_T = new_values @ d_state_out_chunks.transpose(-1, -2)  # [N, BH, C, K]
+        d_lam = _row_dot(u_dH_T, k_chunks)  # [N, BH, C]
+        d_k.add_(u_dH_T.mul_(lam[..., None]))
+
+        # Through u = U - W H: dW = -du H^T, dU = du; through [W | U] = T rhs.
+        d_wy = torch.cat([d_new_values @ state_in_chunks.transpose(-1, -2), d_new_values], -1)  # [-dW | dU]
+        d_wy[..., :K].neg_()
+        d_rhs = T_inv.transpose(-1, -2) @ d_wy  # T^T [dW | dU]   [N, BH, C, K + V]
+        # Through the UT transform: dA = -T^T dT T^T with dT = d[W|U] rhs^T, i.e.
+        # dA = -(T^T d[W|U]) (T rhs)^T, strictly lower.
+        d_A = (d_rhs @ wy.transpose(-1, -2)).neg_().tril_(-1)  # [N, BH, C, C]
+
+        # Through rhs = [diag(beta gamma) K | diag(beta) V].
+        d_k_scaled, d_v_scaled = d_rhs[..., :K], d_rhs[..., K:]
+        d_v = d_v_scaled * beta_chunks[..., None]
+        d_k.add_(d_k_scaled * (beta_chunks * gamma)[..., None])
+        d_k_scaled_dot_k = _row_dot(d_k_scaled, k_chunks)  # [N, BH, C]
+        d_beta = _row_dot(d_v_scaled, v_chunks).add_(d_k_scaled_dot_k * gamma)
+        d_gamma.add_(d_k_scaled_dot_k * beta_chunks)
+
+        # Through A = diag(beta) (K K^T * D) (strictly lower).
+        d_A_kkT_D = d_A * kkT_D  # [N, BH, C, C]
+        d_beta.add_(d_A_kkT_D.sum(-1))
+        d_D_times_D.add_(d_A_kkT_D.mul_(beta_chunks[..., :, None]))
+        d_kkT = d_A.mul_(D).mul_(beta_chunks[..., :, None])  # d(K K^T), strictly lower
+        _flat(d_k).baddbmm_(_flat(d_kkT + d_kkT.transpose(-1, -2)), _flat(k_chunks))
+
+        # Decays -> G (cumulative log decay) -> g:
+        #   D[t, s] = exp(G_t - G_s), gamma_t = exp(G_t), lam_s = exp(G_last - G_s).
+        d_lam.mul_(lam)
+        d_G = d_D_times_D.sum(-1) - d_D_times_D.sum(-2) + d_gamma.mul_(gamma) - d_lam
+        d_G[..., -1] += d_lam.sum(-1)
+        # g_j enters exactly the G_t with t >= j of its own document: dg_j = sum of those dG_t.
+        if causal_same_doc is None:
+            d_g = d_G.flip(-1).cumsum(-1).flip(-1)  # [N, BH, C]
+        else:  # summing per document keeps gradients across a document start exactly 0
+            d_g = (causal_same_doc.transpose(-1, -2).to(acc) @ d_G[..., None]).squeeze(-1)
+
+        d_q.mul_(scale)  # q_chunks had the scale folded in
+        return (
+            _from_chunks(d_q, B, H, T, q_dtype),
+            _from_chunks(d_k, B, H, T, k_dtype),
+            _from_chunks(d_v, B, H, T, v_dtype),
+            _from_chunks(d_g, B, H, T, g_dtype),
+            _from_chunks(d_beta, B, H, T, beta_dtype),
+            None if h0_dtype is None else d_initial_state.reshape(B, H, K, V).to(h0_dtype),
+            None,
+            None,
+            None,
+        )
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    doc_starts: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated delta rule by chunks (WY/UT transform) with a hand-written backward.
+
+    Shapes and semantics as in :mod:`titan_cp.kernels`: q, k [B, T, H, K],
+    v [B, T, H, V], g, beta [B, T, H], initial_state [B, H, K, V] or None,
+    doc_starts [B, T] bool or None. Returns o [B, T, H, V] (dtype of v) and the
+    final state [B, H, K, V] (float32, float64 for float64 inputs) or None.
+    ``chunk_size`` is the number of tokens per chunk (any T works; the tail is
+    padded internally).
+    """
+    check_inputs(q, k, v, g, beta, initial_state, doc_starts)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"gated delta rule: chunk_size must be a positive int, got {chunk_size!r}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    o, final_state = _ChunkGatedDeltaRule.apply(q, k, v, g, beta, initial_state, doc_starts, scale, chunk_size)
+    return o, (final_state if output_final_state else None)
+
+
+__all__ = ["chunk_gated_delta_rule"]

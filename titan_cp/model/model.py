@@ -1,0 +1,148 @@
+"""GDNModel: a decoder of Gated DeltaNet blocks (optionally hybrid with softmax attention).
+
+Built like TorchTitan's models: ``GDNModel.Config`` holds the hyper-parameters
+(``config.build()`` makes the model, on the meta device in the trainer),
+``init_weights`` initialises it after ``to_empty``, and
+``get_nparams_and_flops`` reports size and training FLOPs per token.
+
+    tokens [B, T] -> tok_embeddings -> n_layers x block -> norm -> lm_head -> logits [B, T, vocab]
+
+Under CP, ``tokens`` is this rank's shard; ``positions`` (global token
+positions, TorchTitan's name) mark document starts in packed data: a token
+with position 0 starts a document (state and conv history reset there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from torchtitan.protocols.model import BaseModel
+
+from titan_cp.model.layers import GatedDeltaNet, GDNBlock, RMSNorm
+
+
+def doc_starts_from_positions(positions: torch.Tensor | None) -> torch.Tensor | None:
+    """Document starts of packed sequences: tokens whose position is 0."""
+    return None if positions is None else positions == 0
+
+
+def check_parallel_layout(model: "GDNModel.Config", parallelism, seq_len: int) -> None:
+    """Heads divisible by TP (and CP x TP for alltoall), seq_len by CP segments, known kernel/strategy."""
+    from titan_cp.cp.context import EXCHANGES
+    from titan_cp.cp.layout import check_divisible
+    from titan_cp.kernels import KERNEL_NAMES, unknown_choice_message
+
+    if model.kernel not in KERNEL_NAMES:
+        raise ValueError(unknown_choice_message("model.kernel", model.kernel, KERNEL_NAMES))
+    if model.cp_exchange not in EXCHANGES:
+        raise ValueError(unknown_choice_message("parallelism.cp_exchange", model.cp_exchange, EXCHANGES))
+    tp, cp = parallelism.tensor_parallel_degree, parallelism.context_parallel_degree
+    hv = model.num_v_heads or model.num_heads
+    for field, heads in (("model.num_heads", model.num_heads), ("model.num_v_heads", hv)):
+        if heads % tp:
+            raise ValueError(
+                f"{field} = {heads} is not divisible by parallelism.tensor_parallel_degree = {tp}; "
+                f"TP shards GDN heads, so pick a TP degree that divides {heads}."
+            )
+        if model.cp_exchange == "alltoall" and heads % (tp * cp):
+            raise ValueError(
+                f"{field} = {heads} is not divisible by TP x CP = {tp} x {cp} required by "
+                "parallelism.cp_exchange = 'alltoall'; use cp_exchange = 'allgather' or 'logscan'."
+            )
+    if cp > 1:
+        check_divisible(seq_len, cp, model.cp_layout)
+
+
+class GDNModel(BaseModel):
+    @dataclass(kw_only=True, slots=True)
+    class Config(BaseModel.Config):
+        dim: int = 256
+        n_layers: int = 2
+        vocab_size: int = 2048
+        num_heads: int = 4  # key heads of every GDN layer
+        head_dim: int = 64  # K
+        expand_v: float = 2.0  # V = head_dim * expand_v
+        num_v_heads: int | None = None  # grouped value heads (multiple of num_heads)
+        conv_size: int = 4
+        hidden_dim: int = 512  # SwiGLU hidden size
+        norm_eps: float = 1e-6
+        tie_embeddings: bool = False
+        kernel: str = "torch"  # titan_cp.kernels.KERNEL_NAMES
+        # Context parallelism (set from the job config by update_from_config / the TOML front end).
+        cp_exchange: str = "allgather"  # titan_cp.cp.context.EXCHANGES
+        cp_layout: str = "contiguous"  # titan_cp.cp.layout.LAYOUTS
+        doc_masking: bool = True  # reset state + conv history at document starts (positions == 0)
+
+        def update_from_config(self, *, config, **kwargs) -> None:
+            """Reject layouts this model cannot run (before any weights exist)."""
+            check_parallel_layout(self, config.parallelism, config.training.seq_len)
+
+        def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
+            """Parameters and training FLOPs per token (6 x matmul params + the delta rule's chunk work)."""
+            nparams = sum(p.numel() for p in model.parameters())
+            embedding = sum(p.numel() for p in model.tok_embeddings.parameters())
+            matmul_params = nparams - embedding if not self.tie_embeddings else nparams
+            hv = self.num_v_heads or self.num_heads
+            K, V = self.head_dim, int(self.head_dim * self.expand_v)
+            chunk = 64
+            # Per token per head, forward, chunked delta rule: intra-chunk q k^T / k k^T (2 C K),
+            # the UT transform (C^2 / 2 amortised ~ C), state read/write (4 K V), w/u (2 C (K + V)).
+            delta_rule = 2 * (2 * chunk * K + chunk + 4 * K * V + 2 * chunk * (K + V))
+            flops_per_token = 6 * matmul_params + 3 * self.n_layers * hv * delta_rule
+            return nparams, int(flops_per_token)
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleDict()
+        for layer_id in range(config.n_layers):
+            mixer = GatedDeltaNet(
+                dim=config.dim,
+                num_heads=config.num_heads,
+                head_dim=config.head_dim,
+                expand_v=config.expand_v,
+                num_v_heads=config.num_v_heads,
+                conv_size=config.conv_size,
+                norm_eps=config.norm_eps,
+                kernel=config.kernel,
+            )
+            mixer.layer_name = f"layers.{layer_id}.attention"
+            self.layers[str(layer_id)] = GDNBlock(
+                layer_id, mixer, config.dim, config.hidden_dim, config.norm_eps, config.n_layers
+            )
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_embeddings.weight
+
+    def verify_module_protocol(self) -> None:
+        """Submodules are plain ``nn.Module`` (classic TP/FSDP plans apply to them); nothing to verify."""
+
+    def init_states(self, *, buffer_device: torch.device | None = None) -> None:
+        """TorchTitan's init: normal embeddings, depth-scaled outputs, FLA's GDN-specific params."""
+        nn.init.normal_(self.tok_embeddings.weight)
+        for block in self.layers.values():
+            block.init_weights()
+        self.norm.reset_parameters()
+        if not self.config.tie_embeddings:
+            std = self.config.dim**-0.5
+            nn.init.trunc_normal_(self.lm_head.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attention_masks=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """tokens [B, T] (this rank's shard under CP) -> logits [B, T, vocab]."""
+        doc_starts = doc_starts_from_positions(positions) if self.config.doc_masking else None
+        h = self.tok_embeddings(tokens)
+        for block in self.layers.values():
+            h = block(h, doc_starts)
+        h = self.norm(h)
+        return self.lm_head(h)
