@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Per-rank memory estimate (titan_cp/estimator.py) for a GDN LM under FSDP x TP x CP.
+
+    python scripts/estimate_memory.py --shape 1.3B --seq-len 65536 --dp 8 --cp 4
+    python scripts/estimate_memory.py --shape 340M --cp 8 --ac full --budget-gib 80   # + longest seq that fits
+    python scripts/estimate_memory.py --dim 256 --n-layers 4 --n-heads 2 --head-dim 64 --vocab 2000 --seq-len 2048 --act-dtype fp32
+    python scripts/estimate_memory.py --shape 340M --seq-len 8192 --terms --json mem.json
+
+Every term and its formula is documented in titan_cp/estimator.py.
+``--calibrate name=factor`` scales one activation term (repeatable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from titan_cp.estimator import (
+    AC_MODES,
+    DTYPE_BYTES,
+    PRESET_SHAPES,
+    GDNShape,
+    Parallelism,
+    TrainSetup,
+    estimate_memory,
+    format_bytes,
+    max_seq_len,
+    param_counts,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model (a preset, optionally overridden field by field)")
+    m.add_argument("--shape", default="340M", help=f"preset {sorted(PRESET_SHAPES)} (default 340M)")
+    for name, typ in (("dim", int), ("n-layers", int), ("n-heads", int), ("head-dim", int), ("expand-v", float),
+                      ("n-v-heads", int), ("conv-size", int), ("mlp-hidden", int), ("vocab", int)):
+        m.add_argument(f"--{name}", type=typ)
+    m.add_argument("--tied", action="store_true", help="tie embedding and lm_head")
+    t = p.add_argument_group("training")
+    t.add_argument("--seq-len", type=int, default=8192)
+    t.add_argument("--batch", type=int, default=1, help="local batch (rows) per DP rank")
+    t.add_argument("--dp", type=int, default=1, help="FSDP shard degree")
+    t.add_argument("--tp", type=int, default=1)
+    t.add_argument("--cp", type=int, default=1)
+    t.add_argument("--no-sequence-parallel", action="store_true")
+    t.add_argument("--param-dtype", default="fp32", choices=sorted(DTYPE_BYTES))
+    t.add_argument("--act-dtype", default="bf16", choices=sorted(DTYPE_BYTES))
+    t.add_argument("--master-weights", action="store_true")
+    t.add_argument("--ac", default="none", choices=AC_MODES)
+    t.add_argument("--loss-chunks", type=int, default=8, help="TorchTitan chunked loss chunks (1 = full logits)")
+    t.add_argument("--kernel-saves-states", action="store_true", help="the kernel keeps its chunk states for backward")
+    t.add_argument("--kernel-saved-per-head-token", type=float, default=64.0)
+    t.add_argument("--kernel-workspace-states", type=float, default=2.0)
+    t.add_argument("--no-cp-extra", action="store_true", help="no [v | 0] trick terms under CP")
+    c = p.add_argument_group("calibration / output")
+    c.add_argument("--calibrate", action="append", default=[], metavar="TERM=FACTOR")
+    c.add_argument("--activation-scale", type=float, default=1.0)
+    c.add_argument("--budget-gib", type=float, help="also print the longest seq_len that fits this budget")
+    c.add_argument("--terms", action="store_true", help="print one layer's activation terms")
+    c.add_argument("--json", type=Path)
+    return p
+
+
+def shape_from_args(a) -> GDNShape:
+    base = PRESET_SHAPES.get(a.shape)
+    if base is None:
+        raise SystemExit(f"--shape '{a.shape}' is not one of {sorted(PRESET_SHAPES)}")
+    over = {k: getattr(a, k) for k in ("dim", "n_layers", "n_heads", "head_dim", "expand_v", "n_v_heads",
+                                       "conv_size", "mlp_hidden", "vocab") if getattr(a, k) is not None}
+    if a.tied:
+        over["tied"] = True
+    if over:
+        base = replace(base, name=f"custom (from {base.name})", source="custom", **over)
+    return base
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    shape = shape_from_args(a)
+    par = Parallelism(a.dp, a.tp, a.cp, not a.no_sequence_parallel)
+    setup = TrainSetup(
+        seq_len=a.seq_len, batch=a.batch, param_dtype=a.param_dtype, act_dtype=a.act_dtype,
+        master_weights=a.master_weights, ac=a.ac, loss_chunks=a.loss_chunks,
+        kernel_saves_states=a.kernel_saves_states, kernel_saved_per_head_token=a.kernel_saved_per_head_token,
+        kernel_workspace_states=a.kernel_workspace_states, cp_extra=not a.no_cp_extra,
+    )
+    cal = {}
+    for item in a.calibrate:
+        k, _, v = item.partition("=")
+        cal[k] = float(v)
+    est = estimate_memory(shape, setup, par, cal, a.activation_scale)
+    counts = param_counts(shape)
+    print(f"{shape.name}: dim {shape.dim}, {shape.n_layers} layers, {shape.n_heads} heads x K {shape.K}, "
+          f"V {shape.V}, MLP {shape.hidden}, vocab {shape.vocab}; {counts['total'] / 1e6:.1f}M parameters")
+    print(f"seq_len {setup.seq_len} x batch {setup.batch}, dp {par.dp} tp {par.tp} cp {par.cp}, "
+          f"params {setup.param_dtype}, activations {setup.act_dtype}, AC {setup.ac}: "
+          f"{est.tokens_per_rank} tokens per rank")
+    rows = [("params", est.params), ("grads", est.grads), ("optimizer", est.optimizer),
+            ("fsdp buffers", est.fsdp_buffers), ("activations (layers)", est.activations),
+            ("activations (model)", est.model_activations), ("loss phase", est.loss_phase),
+            ("backward phase", est.backward_phase), ("transient = max(loss, backward)", est.transient),
+            ("TOTAL (peak)", est.total)]
+    for name, v in rows:
+        print(f"  {name:32s} {format_bytes(v):>12s}")
+    print(f"  one layer, no AC: {format_bytes(est.layer_activation_bytes)} "
+          f"({est.layer_activation_bytes / est.tokens_per_rank:,.0f} bytes per token)")
+    if a.terms:
+        for name, v in est.layer_terms.items():
+            print(f"    {name:18s} {format_bytes(v):>12s}  {v / est.tokens_per_rank:10,.1f} B/token")
+    out = {"shape": asdict(shape), "parallelism": asdict(par), "setup": asdict(setup), "calibration": cal,
+           "param_counts": counts, "estimate": est.as_dict()}
+    if a.budget_gib:
+        budget = a.budget_gib * 2**30
+        best = max_seq_len(budget, shape, setup, par, cal, a.activation_scale)
+        out["max_seq_len"] = best
+        out["budget_bytes"] = budget
+        print(f"longest seq_len within {a.budget_gib:g} GiB: {best:,}" + (" (none fits)" if best == 0 else ""))
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,506 @@
+"""Analytic per-rank memory estimate for a Gated DeltaNet LM trained with FSDP x TP x CP.
+
+The model (one block, repeated ``n_layers`` times; H key heads of dim K, Hv
+value heads of dim V = K * expand_v, Dk = H*K, Dv = Hv*V)::
+
+    x -> RMSNorm -> GatedDeltaNet -> + x -> RMSNorm -> SwiGLU MLP -> + ...
+    GatedDeltaNet: q,k = SiLU(conv4(q_proj x)), SiLU(conv4(k_proj x))   dim -> Dk
+                   v   = SiLU(conv4(v_proj x))                          dim -> Dv
+                   q,k L2-normalised per head; beta = sigmoid(b_proj x);
+                   g = -exp(A_log) * softplus(a_proj x + dt_bias)       dim -> Hv
+                   o = gated_delta_rule(q, k, v, g, beta)
+                   out = o_proj(RMSNorm_V(o) * SiLU(g_proj x))          Dv -> dim
+    SwiGLU MLP:    w2(SiLU(w1 h) * w3 h)                                dim -> hidden -> dim
+    embedding (vocab x dim), final RMSNorm, lm_head (dim x vocab, or tied)
+
+Everything here is arithmetic on shapes: nothing is allocated. The estimate is
+
+    peak = params + grads + optimizer + fsdp_buffers            (static)
+         + n_layers * layer_activations + model_activations   (saved for backward)
+         + max(loss_phase, backward_phase)                     (transient)
+
+Activations are a list of :class:`ActTerm` s, each ``elements per token x bytes
+per element``, multiplied by the tokens a rank holds (``batch * seq_len / cp``)
+and divided by TP where the tensor is head- or hidden-sharded. Every term has a
+name; ``calibration={"name": factor}`` scales it, so measured peaks can be
+fitted term by term (``activation_scale`` scales them all). The default counts
+are what autograd saves for the model written in plain PyTorch ops (checked
+with ``torch.autograd.graph.saved_tensors_hooks`` on a small block; see
+tests/test_estimator.py for the hand counts):
+
+=================  ======================  ==========================================
+term               elements / token        what is saved
+=================  ======================  ==========================================
+attn_norm          2 dim        (act)      RMSNorm input x (block input) and x*rstd
+attn_norm_rstd     1            (fp32)     its rstd
+mixer_input        dim          (act)      normalised x, saved once for all six
+                                           projections; all-gathered under TP+SP
+qkv_proj_out       2 Dk + Dv    (act)      q,k,v projections (conv inputs)
+qkv_conv_out       2 Dk + Dv    (act)      conv outputs (SiLU inputs)
+qk_silu_out        2 Dk         (act)      SiLU outputs of q,k (L2-norm inputs)
+qk_l2_norms        4 H          (fp32)     the L2 norms (and their broadcast)
+kernel_inputs      2 Dk + Dv    (act)      normalised q,k and SiLU(conv v): the
+                                           kernel's saved inputs
+gates              5 Hv         (fp32)     a+dt_bias, softplus(.), beta, g, o-norm rstd
+kernel_internal    Hv * c       (act)      kernel-private tensors, c per head per token
+                                           (FLA saves the WY matrix A: c = chunk 64)
+kernel_states      Hv K Vk / C  (fp32)     only if the kernel saves its chunk states
+                                           [T/C, Hv, K, Vk] (``kernel_saves_states``)
+cp_extra           2 Hv K       (act)      only with CP (summary exchange, [v | 0]
+                                           trick): the zero-padded value columns and
+                                           the q M output used by the state correction
+out_gate_norm      5 Dv         (act)      kernel output o, o*rstd, o*rstd*w,
+                                           g_proj x (SiLU input), SiLU(g_proj x)
+o_proj_input       Dv           (act)      gated-norm output
+ffn_norm           2 dim        (act)      RMSNorm input h and h*rstd
+ffn_norm_rstd      1            (fp32)     its rstd
+mlp_input          dim          (act)      normalised h (w1, w3 input)
+mlp_hidden         4 hidden     (act)      w1 h, SiLU(w1 h), w3 h, product (w2 input)
+=================  ======================  ==========================================
+
+(Vk = V, or V + K under CP with the [v | 0] trick.) Sum without CP:
+``6 dim + 8 Dk + 9 Dv + 4 hidden`` act elements + ``5 Hv + 4 H + 2`` fp32 + kernel terms.
+
+With ``ac="full"`` (TorchTitan full activation checkpointing: every block
+wrapped) a layer keeps only its input (``dim`` act elements per token), and the
+backward re-runs one block at a time: one layer's full activations join the
+transient peak.
+
+Model-level terms: token ids (int64), the final norm (2 dim act + rstd), its
+output (the hidden states handed to TorchTitan's chunked loss, dim act), the
+loss's fp32 gradient accumulator for the hidden states (dim fp32), and per loss
+chunk ``tokens / loss_chunks x vocab / tp x loss_bytes_per_logit`` (logits,
+their fp32 upcast / log-softmax and gradient).
+
+Static terms: parameters are sharded over TP (matrices, convs, embedding,
+lm_head; norms replicated) and over FSDP = dp x cp (TorchTitan shards over
+dp_shard x cp). Grads sharded like params (``grad_bytes``); AdamW keeps
+``optimizer_states`` fp32 states per parameter (+ an fp32 master copy with
+``master_weights``). With FSDP (dp*cp > 1) the unsharded parameters of two
+blocks (current + prefetched) live in the compute dtype and one block's
+unsharded gradients in the reduce dtype (fp32) at a time.
+
+Transient: ``backward_phase`` = the hidden-state gradient accumulator + one
+layer's backward workspace (``workspace_fraction`` x a layer's saved activations
+for activation gradients, + ``kernel_workspace_states`` fp32 chunk-state tensors
+[T/C, Hv, K, Vk] that a chunked kernel's backward materialises: recomputed h and
+dh) (+ one layer's recomputed activations under AC). ``loss_phase`` = the
+accumulator + one loss chunk's logits (+ the unsharded lm_head weight and its
+fp32 gradient under FSDP).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+
+
+def dtype_bytes(name: str | int) -> int:
+    if isinstance(name, int):
+        return name
+    try:
+        return DTYPE_BYTES[name]
+    except KeyError:
+        raise ValueError(f"dtype = '{name}' is not one of {sorted(DTYPE_BYTES)}") from None
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+@dataclass(frozen=True)
+class GDNShape:
+    """Shape of a Gated DeltaNet LM (FLA's ``GatedDeltaNetConfig`` naming)."""
+
+    name: str
+    dim: int
+    n_layers: int
+    n_heads: int  # H: query/key heads
+    head_dim: int  # K: key head dim
+    expand_v: float = 2.0  # V = head_dim * expand_v
+    n_v_heads: int | None = None  # Hv: value heads (GVA); None = n_heads
+    conv_size: int = 4
+    mlp_hidden: int | None = None  # None: FLA's rule from hidden_ratio
+    hidden_ratio: float = 4.0
+    vocab: int = 32000
+    tied: bool = False
+    source: str = ""
+
+    @property
+    def K(self) -> int:
+        return self.head_dim
+
+    @property
+    def V(self) -> int:
+        return int(self.head_dim * self.expand_v)
+
+    @property
+    def Hv(self) -> int:
+        return self.n_v_heads or self.n_heads
+
+    @property
+    def key_dim(self) -> int:
+        return self.n_heads * self.K
+
+    @property
+    def value_dim(self) -> int:
+        return self.Hv * self.V
+
+    @property
+    def hidden(self) -> int:
+        """SwiGLU hidden size; FLA's GatedMLP rule: int(dim * ratio * 2/3) rounded up to 256."""
+        if self.mlp_hidden is not None:
+            return self.mlp_hidden
+        h = int(self.dim * self.hidden_ratio * 2 / 3)
+        return 256 * ((h + 255) // 256)
+
+
+PRESET_SHAPES: dict[str, GDNShape] = {
+    "340M": GDNShape(
+        "340M", dim=1024, n_layers=21, n_heads=6, head_dim=256, expand_v=2.0,
+        source="FLA/flame configs/gated_deltanet_340M.json (hidden 1024, 21 layers, 6 heads x 256, "
+        "expand_v 2, vocab 32000, untied); counts ~0.51B parameters",
+    ),
+    "1.3B": GDNShape(
+        "1.3B", dim=2048, n_layers=21, n_heads=6, head_dim=256, expand_v=2.0,
+        source="FLA/flame configs/gated_deltanet_1B.json (= FLA GatedDeltaNetConfig defaults: "
+        "hidden 2048, 21 layers, 6 heads x 256, expand_v 2)",
+    ),
+    "7B-like": GDNShape(
+        "7B-like", dim=4096, n_layers=32, n_heads=16, head_dim=256, expand_v=2.0,
+        source="ASSUMPTION, no published GDN config: hidden 4096, 32 layers, 16 heads x 256, "
+        "expand_v 2, FLA MLP rule; counts ~8.9B parameters",
+    ),
+}
+
+
+def parse_shape(spec: str) -> GDNShape:
+    """A preset name, or ``name:dim,n_layers,n_heads,head_dim[,expand_v[,vocab]]``."""
+    if spec in PRESET_SHAPES:
+        return PRESET_SHAPES[spec]
+    if ":" not in spec:
+        raise ValueError(
+            f"shape '{spec}' is not one of {sorted(PRESET_SHAPES)} nor 'name:dim,n_layers,n_heads,head_dim[,expand_v[,vocab]]'"
+        )
+    name, rest = spec.split(":", 1)
+    vals = rest.split(",")
+    if not 4 <= len(vals) <= 6:
+        raise ValueError(f"shape '{spec}': want dim,n_layers,n_heads,head_dim[,expand_v[,vocab]]")
+    dim, n_layers, n_heads, head_dim = (int(v) for v in vals[:4])
+    expand_v = float(vals[4]) if len(vals) > 4 else 2.0
+    vocab = int(vals[5]) if len(vals) > 5 else 32000
+    return GDNShape(name, dim, n_layers, n_heads, head_dim, expand_v, vocab=vocab, source="custom")
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def layer_param_counts(shape: GDNShape) -> dict[str, int]:
+    """Parameters of one block, by module (bias-free linears, bias-free depthwise convs)."""
+    d, Dk, Dv, Hv = shape.dim, shape.key_dim, shape.value_dim, shape.Hv
+    return {
+        "attention_norm": d,
+        "q_proj": d * Dk,
+        "k_proj": d * Dk,
+        "v_proj": d * Dv,
+        "a_proj": d * Hv,
+        "b_proj": d * Hv,
+        "g_proj": d * Dv,
+        "convs": shape.conv_size * (2 * Dk + Dv),  # depthwise: one kernel per channel
+        "A_log_dt_bias": 2 * Hv,
+        "o_norm": shape.V,  # one weight of size V shared by the heads (FLA, Qwen3.5)
+        "o_proj": Dv * d,
+        "ffn_norm": d,
+        "mlp": 3 * d * shape.hidden,  # w1, w3: d -> hidden; w2: hidden -> d
+    }
+
+
+# modules whose parameters TP does not shard
+_REPLICATED_UNDER_TP = ("attention_norm", "o_norm", "ffn_norm", "final_norm")
+
+
+def param_counts(shape: GDNShape) -> dict[str, int]:
+    """Totals: per layer, all layers, embedding, final norm, lm_head, total, tp-replicated part."""
+    layer = layer_param_counts(shape)
+    layer_total = sum(layer.values())
+    embedding = shape.vocab * shape.dim
+    lm_head = 0 if shape.tied else shape.dim * shape.vocab
+    total = shape.n_layers * layer_total + embedding + shape.dim + lm_head
+    replicated = shape.n_layers * sum(layer[k] for k in _REPLICATED_UNDER_TP if k in layer) + shape.dim
+    return {
+        "layer": layer_total,
+        "layers": shape.n_layers * layer_total,
+        "embedding": embedding,
+        "final_norm": shape.dim,
+        "lm_head": lm_head,
+        "total": total,
+        "tp_replicated": replicated,
+    }
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    dp: int = 1  # FSDP shard degree (dp_shard)
+    tp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = True  # TorchTitan's default with TP
+
+    @property
+    def fsdp(self) -> int:
+        """TorchTitan shards parameters over dp_shard x cp."""
+        return self.dp * self.cp
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    seq_len: int
+    batch: int = 1  # local batch (rows) per DP rank; CP ranks share rows
+    param_dtype: str = "fp32"  # storage dtype of (sharded) params
+    act_dtype: str = "bf16"  # compute dtype: activations, FSDP all-gathered params
+    grad_dtype: str | None = None  # None: param_dtype
+    reduce_dtype: str = "fp32"  # FSDP gradient reduce dtype
+    optimizer_states: int = 2  # AdamW exp_avg, exp_avg_sq
+    optimizer_dtype: str = "fp32"
+    master_weights: bool = False  # extra fp32 copy of params (only if param_dtype is 16-bit)
+    ac: str = "none"  # "none" | "full"
+    chunk_size: int = 64  # GDN kernel chunk C
+    kernel_saved_per_head_token: float = 64.0  # kernel_internal c (FLA: A matrix, C per head per token)
+    kernel_saves_states: bool = False  # chunk states [T/C, Hv, K, Vk] fp32 kept for backward
+    kernel_workspace_states: float = 2.0  # chunk-state tensors alive in the kernel backward (h, dh)
+    cp_extra: bool = True  # [v | 0] trick terms when cp > 1
+    loss_chunks: int = 8  # TorchTitan ChunkedLossWrapper.num_chunks (1 = full logits)
+    loss_bytes_per_logit: float = 12.0  # logits (act) + fp32 log-softmax + fp32 grad + act grad
+    workspace_fraction: float = 0.5  # activation gradients alive in one layer's backward
+
+
+AC_MODES = ("none", "full")
+
+
+@dataclass(frozen=True)
+class ActTerm:
+    name: str
+    elems_per_token: float
+    bytes_per_elem: float
+    shard: str  # "tp": divided by tp; "sp": by tp under sequence parallel; "rep": replicated
+    doc: str
+
+    def bytes_per_token(self, par: Parallelism) -> float:
+        div = 1
+        if self.shard == "tp" or (self.shard == "sp" and par.sequence_parallel):
+            div = par.tp
+        return self.elems_per_token * self.bytes_per_elem / div
+
+
+def _state_width(shape: GDNShape, setup: TrainSetup, par: Parallelism) -> int:
+    """Value width the kernel runs at: V, or V + K with the CP [v | 0] trick."""
+    return shape.V + (shape.K if (par.cp > 1 and setup.cp_extra) else 0)
+
+
+def layer_activation_terms(shape: GDNShape, setup: TrainSetup, par: Parallelism) -> list[ActTerm]:
+    """Saved-for-backward tensors of one block without checkpointing (see the module docstring)."""
+    a = dtype_bytes(setup.act_dtype)
+    f = 4
+    d, H, Hv, K, Dk, Dv, hid = shape.dim, shape.n_heads, shape.Hv, shape.K, shape.key_dim, shape.value_dim, shape.hidden
+    C = setup.chunk_size
+    Vk = _state_width(shape, setup, par)
+    terms = [
+        ActTerm("attn_norm", 2 * d, a, "sp", "RMSNorm input x (block input) and x*rstd"),
+        ActTerm("attn_norm_rstd", 1, f, "sp", "RMSNorm rstd"),
+        ActTerm("mixer_input", d, a, "rep", "normalised x: input of q,k,v,a,b,g projections (one tensor)"),
+        ActTerm("qkv_proj_out", 2 * Dk + Dv, a, "tp", "q,k,v projections: conv inputs"),
+        ActTerm("qkv_conv_out", 2 * Dk + Dv, a, "tp", "conv outputs: SiLU inputs"),
+        ActTerm("qk_silu_out", 2 * Dk, a, "tp", "SiLU(conv q), SiLU(conv k): L2-norm inputs"),
+        ActTerm("qk_l2_norms", 4 * H, f, "tp", "L2 norms of q,k and their broadcast"),
+        ActTerm("kernel_inputs", 2 * Dk + Dv, a, "tp", "normalised q,k and SiLU(conv v): kernel inputs"),
+        ActTerm("gates", 5 * Hv, f, "tp", "a+dt_bias, softplus, beta, g, o-norm rstd (fp32 per head)"),
+        ActTerm("kernel_internal", Hv * setup.kernel_saved_per_head_token, a, "tp",
+                "kernel-private saved tensors (FLA: WY matrix A, C per head per token)"),
+    ]
+    if setup.kernel_saves_states:
+        terms.append(ActTerm("kernel_states", Hv * K * Vk / C, f, "tp", "chunk states [T/C, Hv, K, Vk] fp32"))
+    if par.cp > 1 and setup.cp_extra:
+        terms.append(ActTerm("cp_extra", 2 * Hv * K, a, "tp", "CP [v|0] trick: zero value columns and q M output"))
+    terms += [
+        ActTerm("out_gate_norm", 5 * Dv, a, "tp", "o, o*rstd, o*rstd*w, g_proj x, SiLU(g_proj x)"),
+        ActTerm("o_proj_input", Dv, a, "tp", "gated-norm output: o_proj input"),
+        ActTerm("ffn_norm", 2 * d, a, "sp", "RMSNorm input h and h*rstd"),
+        ActTerm("ffn_norm_rstd", 1, f, "sp", "RMSNorm rstd"),
+        ActTerm("mlp_input", d, a, "rep", "normalised h: w1, w3 input"),
+        ActTerm("mlp_hidden", 4 * hid, a, "tp", "w1 h, SiLU(w1 h), w3 h, product (w2 input)"),
+    ]
+    return terms
+
+
+def checkpointed_layer_terms(shape: GDNShape, setup: TrainSetup) -> list[ActTerm]:
+    """What a block keeps under full AC: its input."""
+    return [ActTerm("ac_block_input", shape.dim, dtype_bytes(setup.act_dtype), "sp", "checkpointed block input")]
+
+
+def model_activation_terms(shape: GDNShape, setup: TrainSetup) -> list[ActTerm]:
+    """Saved tensors outside the blocks, alive until the backward reaches them."""
+    a = dtype_bytes(setup.act_dtype)
+    return [
+        ActTerm("token_ids", 1, 8, "rep", "int64 token ids (embedding backward)"),
+        ActTerm("final_norm", 2 * shape.dim, a, "sp", "final RMSNorm input and x*rstd"),
+        ActTerm("final_norm_rstd", 1, 4, "sp", "final RMSNorm rstd"),
+        ActTerm("hidden_states", shape.dim, a, "rep", "final norm output handed to the chunked loss"),
+    ]
+
+
+# ----------------------------------------------------------------------------- estimate
+
+
+@dataclass
+class MemoryEstimate:
+    params: float
+    grads: float
+    optimizer: float
+    fsdp_buffers: float
+    activations: float  # all layers' saved tensors
+    model_activations: float  # saved tensors outside blocks
+    loss_phase: float
+    backward_phase: float
+    tokens_per_rank: int
+    layer_activation_bytes: float  # one layer, no AC, after calibration
+    layer_terms: dict[str, float] = field(default_factory=dict)  # bytes per layer by term
+
+    @property
+    def static(self) -> float:
+        return self.params + self.grads + self.optimizer + self.fsdp_buffers
+
+    @property
+    def transient(self) -> float:
+        return max(self.loss_phase, self.backward_phase)
+
+    @property
+    def total(self) -> float:
+        return self.static + self.activations + self.model_activations + self.transient
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out.update(static=self.static, transient=self.transient, total=self.total)
+        return out
+
+
+def _terms_bytes(terms: list[ActTerm], par: Parallelism, tokens: float, calibration: dict[str, float]) -> dict[str, float]:
+    return {t.name: calibration.get(t.name, 1.0) * t.bytes_per_token(par) * tokens for t in terms}
+
+
+def estimate_memory(
+    shape: GDNShape,
+    setup: TrainSetup,
+    par: Parallelism = Parallelism(),
+    calibration: dict[str, float] | None = None,
+    activation_scale: float = 1.0,
+) -> MemoryEstimate:
+    """Per-rank peak memory in bytes (see the module docstring for every term)."""
+    if setup.ac not in AC_MODES:
+        raise ValueError(f"ac = '{setup.ac}' is not one of {list(AC_MODES)}")
+    if setup.seq_len % par.cp:
+        raise ValueError(f"seq_len {setup.seq_len} does not divide by cp {par.cp}")
+    cal = dict(calibration or {})
+    tokens = setup.batch * setup.seq_len // par.cp
+
+    # static
+    counts = param_counts(shape)
+    n_rep = counts["tp_replicated"]
+    n_local = ((counts["total"] - n_rep) / par.tp + n_rep) / par.fsdp
+    pb = dtype_bytes(setup.param_dtype)
+    params = n_local * pb
+    grads = n_local * dtype_bytes(setup.grad_dtype or setup.param_dtype)
+    opt_per_param = setup.optimizer_states * dtype_bytes(setup.optimizer_dtype)
+    if setup.master_weights and pb < 4:
+        opt_per_param += 4
+    optimizer = n_local * opt_per_param
+    a = dtype_bytes(setup.act_dtype)
+    layer_local = counts["layer"] / par.tp
+    fsdp_buffers = 0.0
+    if par.fsdp > 1:
+        fsdp_buffers = layer_local * (2 * a + dtype_bytes(setup.reduce_dtype))
+
+    # saved activations
+    full_terms = _terms_bytes(layer_activation_terms(shape, setup, par), par, tokens, cal)
+    layer_full = activation_scale * sum(full_terms.values())
+    if setup.ac == "full":
+        kept = activation_scale * sum(_terms_bytes(checkpointed_layer_terms(shape, setup), par, tokens, cal).values())
+    else:
+        kept = layer_full
+    activations = shape.n_layers * kept
+    model_acts = activation_scale * sum(_terms_bytes(model_activation_terms(shape, setup), par, tokens, cal).values())
+
+    # transients
+    grad_accum = cal.get("grad_accumulator", 1.0) * tokens * shape.dim * 4
+    Vk = _state_width(shape, setup, par)
+    kernel_ws = (
+        cal.get("kernel_workspace", 1.0)
+        * setup.kernel_workspace_states * tokens * shape.Hv * shape.K * Vk / setup.chunk_size * 4 / par.tp
+    )
+    backward = grad_accum + cal.get("workspace", 1.0) * setup.workspace_fraction * layer_full + kernel_ws
+    if setup.ac == "full":
+        backward += layer_full  # the block being recomputed
+    chunk_tokens = tokens / max(1, setup.loss_chunks)
+    loss = grad_accum + cal.get("loss_chunk", 1.0) * chunk_tokens * shape.vocab / par.tp * setup.loss_bytes_per_logit
+    if par.fsdp > 1:
+        loss += shape.vocab * shape.dim / par.tp * (a + 4)  # unsharded lm_head weight + fp32 grad
+    return MemoryEstimate(
+        params=params,
+        grads=grads,
+        optimizer=optimizer,
+        fsdp_buffers=fsdp_buffers,
+        activations=activations,
+        model_activations=model_acts,
+        loss_phase=loss,
+        backward_phase=backward,
+        tokens_per_rank=tokens,
+        layer_activation_bytes=layer_full,
+        layer_terms=full_terms,
+    )
+
+
+def max_seq_len(
+    budget_bytes: float,
+    shape: GDNShape,
+    setup: TrainSetup | None = None,
+    par: Parallelism = Parallelism(),
+    calibration: dict[str, float] | None = None,
+    activation_scale: float = 1.0,
+    multiple_of: int | None = None,
+    limit: int = 1 << 34,
+) -> int:
+    """Longest seq_len (a multiple of ``multiple_of``, default 128*cp: every shard a multiple
+    of two 64-token chunks, and divisible by 2*cp as TorchTitan requires) whose estimate fits
+    ``budget_bytes``; 0 if none does. ``setup.seq_len`` is ignored."""
+    setup = setup or TrainSetup(seq_len=0)
+    step = multiple_of or 128 * par.cp
+    if setup.loss_chunks > 1:
+        step = math.lcm(step, setup.loss_chunks * par.cp)
+
+    def fits(n_steps: int) -> bool:
+        s = replace(setup, seq_len=n_steps * step)
+        return estimate_memory(shape, s, par, calibration, activation_scale).total <= budget_bytes
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while fits(hi):
+        lo, hi = hi, hi * 2
+        if hi * step > limit:
+            return lo * step
+    while hi - lo > 1:  # fits(lo), not fits(hi)
+        mid = (lo + hi) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo * step
+
+
+def format_bytes(n: float) -> str:
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f} B"
