@@ -16,6 +16,7 @@ sequence mixing goes through :func:`titan_cp.cp.mixing.mix_sequence`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,20 @@ from torch import nn
 from titan_cp.cp.context import CPContext
 from titan_cp.cp.mixing import GDNMixingInputs, mix_sequence
 from titan_cp.utils import local_tensor
+
+
+@dataclass
+class SequenceInfo:
+    """Where this rank's tokens sit in their sequences; shared by every layer of a forward.
+
+    doc_starts: [B, T] bool, True where a document starts (None: one document per row)
+    positions:  [B, T] position of each token inside its document (RoPE)
+    doc_ids:    [B, T] a globally consistent id of each token's document (its start index)
+    """
+
+    doc_starts: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    doc_ids: torch.Tensor | None = None
 
 
 class RMSNorm(nn.Module):
@@ -35,17 +50,21 @@ class RMSNorm(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
         x_f = x.float()
-        normed = x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.normalize(x) * local_tensor(self.weight).float()).to(x.dtype)
 
 
 class GatedRMSNorm(RMSNorm):
     """FLA's FusedRMSNormGated (swish gate, norm before gate): RMSNorm(o) * w * silu(gate)."""
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return (super().forward(x).float() * F.silu(gate.float())).to(x.dtype)
+        # Shared by all heads; under TP each rank holds some heads, so its weight grad is partial.
+        weight = local_tensor(self.weight, grad_is_partial=True)
+        return (self.normalize(x) * weight.float() * F.silu(gate.float())).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -94,6 +113,7 @@ class GatedDeltaNet(nn.Module):
         o    = gated_delta_rule(q, k, v, g, beta)   (q, k repeated to Hv heads)
         y    = o_proj(RMSNorm(o) * silu(x W_g))
 
+    ``mixes_sequence`` marks it for the CP coverage guard (parallelize.py).
     ``self.cp`` (set by the parallelize function, None without CP) decides how
     the sequence-mixing part (convs + delta rule) crosses shard boundaries.
     """
@@ -144,6 +164,8 @@ class GatedDeltaNet(nn.Module):
         self.cp: CPContext | None = None
         self.layer_name = ""
 
+    mixes_sequence = True
+
     def init_weights(self, init_std: float) -> None:
         """FLA's init for A_log / dt_bias / convs; TorchTitan's truncated normals for linears."""
         for linear in (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj):
@@ -160,7 +182,7 @@ class GatedDeltaNet(nn.Module):
             dt = dt.clamp(min=dt_floor)
             self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
-    def forward(self, x_BTD: torch.Tensor, doc_starts_BT: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         beta_BTH = self.b_proj(x_BTD).float().sigmoid()
         A_log, dt_bias = local_tensor(self.A_log), local_tensor(self.dt_bias)
@@ -176,7 +198,7 @@ class GatedDeltaNet(nn.Module):
             v_conv_weight=local_tensor(self.v_conv1d.weight),
             head_dim=self.head_dim,
             head_v_dim=self.head_v_dim,
-            doc_starts_BT=doc_starts_BT,
+            doc_starts_BT=seq.doc_starts,
         )
         o_BTHV = mix_sequence(inputs, kernel=self.kernel, cp=self.cp, layer_name=self.layer_name)
         gate_BTHV = self.g_proj(x_BTD).view(B, T, -1, self.head_v_dim)
@@ -197,8 +219,8 @@ class GDNBlock(nn.Module):
         # TorchTitan's depth-scaled init for output projections.
         self.init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5
 
-    def forward(self, x: torch.Tensor, doc_starts: torch.Tensor | None = None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), doc_starts)
+    def forward(self, x: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), seq)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self) -> None:

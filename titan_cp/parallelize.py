@@ -1,0 +1,164 @@
+"""parallelize_gdn: TP + CP + activation checkpointing + compile + FSDP on one DeviceMesh.
+
+The mesh comes from TorchTitan's ParallelDims: ``tp`` (tensor parallel),
+``cp`` (context parallel) and ``fsdp`` (= dp_shard x cp: CP ranks hold the
+same weights, so FSDP shards over them too and reduces their gradients).
+
+Layout of a GDN block under TP (degree t; H key heads, Hv value heads):
+
+    attention_norm           replicated
+    q_proj, k_proj           colwise   -> H/t heads x K
+    v_proj, g_proj           colwise   -> Hv/t heads x V
+    a_proj, b_proj           colwise   -> Hv/t heads
+    q/k/v_conv1d.weight      Shard(0)  (channels = the heads above)
+    A_log, dt_bias           Shard(0)  (Hv/t heads)
+    o_norm.weight            replicated (per head_v_dim, shared by all heads)
+    o_proj                   rowwise   (all-reduce back to the full dim)
+    ffn_norm                 replicated
+    feed_forward.w1 / w3     colwise,  w2 rowwise
+    attention layers (hybrid): wq/wk/wv colwise, wo rowwise
+    tok_embeddings           rowwise (vocab-sharded), lm_head colwise (logits gathered)
+
+Under TP every layer sees only its local heads; GDN needs nothing else because
+heads never interact. Under CP every sequence-mixing layer gets a
+:class:`~titan_cp.cp.context.CPContext` on the ``cp`` mesh dim: GDN layers
+pass chunk states (cp/exchange.py) or go head-parallel (cp/alltoall.py);
+attention layers run ring attention. TorchTitan's own SDPA context
+parallelism is never applied. A sequence-mixing module titan_cp does not know
+makes the run refuse to start (never silently without CP).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from titan_cp.cp.context import CPContext
+
+# Module types that mix tokens along the sequence; titan_cp's own mixers say so with `mixes_sequence`.
+_FOREIGN_SEQUENCE_MIXERS: tuple[type, ...] = (nn.Conv1d, nn.MultiheadAttention, nn.RNNBase)
+
+
+def _foreign_mixer_types() -> tuple[type, ...]:
+    types = _FOREIGN_SEQUENCE_MIXERS
+    try:  # TorchTitan's attention modules (their CP is SDPA-only and not applied here)
+        from torchtitan.models.common.attention import BaseAttention
+
+        types = types + (BaseAttention,)
+    except ImportError:
+        pass
+    return types
+
+
+def apply_cp(model: nn.Module, cp: CPContext | None) -> None:
+    """Give every sequence-mixing layer the CP context; refuse layers that cannot use it."""
+    model.cp = cp
+    unaware = []
+    foreign = _foreign_mixer_types()
+    for name, module in model.named_modules():
+        if getattr(module, "mixes_sequence", False):
+            module.cp = cp
+        elif cp is not None and cp.size > 1 and isinstance(module, foreign):
+            unaware.append(f"'{name}' ({type(module).__name__})")
+    if unaware:
+        raise ValueError(
+            f"parallelism.context_parallel_degree = {cp.size} but these layers mix tokens along the "
+            f"sequence and are not CP-aware: {', '.join(unaware)}. They would silently see only this "
+            "rank's shard. Use titan_cp's GatedDeltaNet / Attention layers, or set "
+            "context_parallel_degree = 1."
+        )
+
+
+def _shard_param(module: nn.Module, name: str, mesh: DeviceMesh, placement) -> None:
+    param = getattr(module, name)
+    module.register_parameter(name, nn.Parameter(distribute_tensor(param.data, mesh, [placement])))
+    for attr in ("_no_weight_decay",):
+        if hasattr(param, attr):
+            setattr(getattr(module, name), attr, getattr(param, attr))
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """The TP layout in the module docstring (no sequence parallelism)."""
+    parallelize_module(
+        model,
+        tp_mesh,
+        {
+            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+            "lm_head": ColwiseParallel(output_layouts=Replicate()),
+        },
+    )
+    for block in model.layers.values():
+        mixer = block.attention
+        if getattr(mixer, "q_conv1d", None) is not None:  # Gated DeltaNet
+            plan = {name: ColwiseParallel() for name in ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj")}
+            plan["o_proj"] = RowwiseParallel()
+            for conv in (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d):
+                _shard_param(conv, "weight", tp_mesh, Shard(0))
+            for name in ("A_log", "dt_bias"):
+                _shard_param(mixer, name, tp_mesh, Shard(0))
+            _shard_param(mixer.o_norm, "weight", tp_mesh, Replicate())
+        else:  # softmax attention
+            plan = {name: ColwiseParallel() for name in ("wq", "wk", "wv")}
+            plan["wo"] = RowwiseParallel()
+        parallelize_module(mixer, tp_mesh, plan)
+        parallelize_module(
+            block.feed_forward,
+            tp_mesh,
+            {"w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel()},
+        )
+        for norm in (block.attention_norm, block.ffn_norm):
+            _shard_param(norm, "weight", tp_mesh, Replicate())
+    _shard_param(model.norm, "weight", tp_mesh, Replicate())
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each block; CP communication runs eagerly between compiled regions.
+
+    The exchange, halo and ring functions are ``torch.compiler.disable``-d, so
+    a block compiles into token-local graphs around them instead of failing.
+    """
+    for layer_id, block in model.layers.named_children():
+        model.layers.register_module(layer_id, torch.compile(block, fullgraph=False))
+
+
+def parallelize_gdn(
+    model: nn.Module,
+    *,
+    parallel_dims,
+    training,
+    parallelism,
+    compile_config,
+    ac_config,
+    dump_folder: str,
+):
+    """TorchTitan's ``parallelize_fn`` for GDN models (see the module docstring)."""
+    from torchtitan.config import TORCH_DTYPE_MAP
+    from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
+
+    cp = None
+    if parallel_dims.cp_enabled:
+        cp = CPContext(
+            group=parallel_dims.get_mesh("cp").get_group(),
+            layout=model.config.cp_layout,
+            exchange=model.config.cp_exchange,
+        )
+    apply_cp(model, cp)
+    if parallel_dims.tp_enabled:
+        apply_tp(model, parallel_dims.get_mesh("tp"))
+    if ac_config is not None:
+        ac_config.build(dump_folder=dump_folder).apply(model)
+    if compile_config is not None and compile_config.enable and "model" in compile_config.components:
+        apply_compile(model)
+    apply_fsdp_to_decoder(
+        model,
+        parallel_dims.get_mesh("fsdp"),
+        param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
+        reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
+        pp_enabled=parallel_dims.pp_enabled,
+        cpu_offload=training.enable_cpu_offload,
+        reshard_after_forward_policy=parallelism.fsdp_reshard_after_forward,
+    )
+    return model
