@@ -17,7 +17,7 @@ from titan_cp.cp.context import CPContext
 from titan_cp.cp.layout import shard_sequence
 from titan_cp.cp.stats import comm_stats
 from titan_cp.model import model_config
-from titan_cp.model.layers import GatedDeltaNet
+from titan_cp.model.layers import GatedDeltaNet, SequenceInfo
 
 FP32_REL = 1e-5
 
@@ -55,15 +55,15 @@ def layer_errors(rank, P, kernel, exchange, layout, T, docs, B=2) -> dict[str, f
     starts = doc_pattern(docs, B, T, P, layout)
 
     x_full = x.clone().requires_grad_()
-    (layer(x_full, starts) * weight).sum().backward()
+    (layer(x_full, SequenceInfo(starts)) * weight).sum().backward()
     ref = {n: p.grad.clone() for n, p in layer.named_parameters()}
-    y_ref = layer(x, starts).detach()
+    y_ref = layer(x, SequenceInfo(starts)).detach()
     layer.zero_grad()
 
     layer.cp = CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange)
     shard = lambda t: None if t is None else shard_sequence(t, 1, rank, P, layout)  # noqa: E731
     x_local = shard(x).clone().requires_grad_()
-    y_local = layer(x_local, shard(starts))
+    y_local = layer(x_local, SequenceInfo(shard(starts)))
     (y_local * shard(weight)).sum().backward()
     errs = {"out": rel_err(y_local.detach(), shard(y_ref)), "grad_x": rel_err(x_local.grad, shard(x_full.grad))}
     for n, p in layer.named_parameters():
@@ -124,6 +124,7 @@ def _model_rank(rank, P, layout, exchange):
     model.zero_grad()
 
     cp = CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange)
+    model.cp = cp
     for block in model.layers.values():
         block.attention.cp = cp
     shard = lambda t: shard_sequence(t, 1, rank, P, layout)  # noqa: E731
@@ -155,7 +156,7 @@ def _bytes_rank(rank, P, lengths):
         layer.cp = CPContext(group=dist.group.WORLD, layout="contiguous", exchange="allgather")
         x = shard_sequence(torch.randn(1, T, 24), 1, rank, P, "contiguous").requires_grad_()
         comm_stats.reset()
-        layer(x).sum().backward()
+        layer(x, SequenceInfo()).sum().backward()
         out[T] = {kind: (r.bytes_sent, r.bytes_received) for (_, kind), r in comm_stats.records.items()}
     return out
 
@@ -173,7 +174,7 @@ def _mismatch_rank(rank, P):
     layer.cp = CPContext(group=dist.group.WORLD)
     dtype = torch.float64 if rank == 0 else torch.float32
     layer.to(dtype)
-    layer(torch.randn(1, 8, 24, dtype=dtype))
+    layer(torch.randn(1, 8, 24, dtype=dtype), SequenceInfo())
 
 
 def test_mismatched_dtypes_across_ranks_fail_on_every_rank():
