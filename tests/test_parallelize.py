@@ -126,3 +126,31 @@ def test_cp_refuses_layers_that_are_not_cp_aware():
     with pytest.raises(RankFailure) as info:
         run_on_ranks(_guard, 2, timeout=120)
     assert all("'mixer' (Conv1d)" in tb and "not CP-aware" in tb for tb in info.value.failures.values())
+
+
+def _compiled(rank, world):
+    from titan_cp.cp.context import CPContext
+    from titan_cp.parallelize import apply_compile
+
+    torch.manual_seed(0)
+    model = model_config("debug", n_layers=2, layer_pattern="GA", attn_head_dim=16).build()
+    model.init_weights()
+    apply_cp(model, CPContext(group=dist.group.WORLD))
+    tokens = torch.randint(0, 2048, (2, 33))
+    inputs, labels = shard_sequence(tokens[:, :-1], 1, rank, world, "contiguous"), tokens[:, 1:]
+    labels = shard_sequence(labels, 1, rank, world, "contiguous")
+    eager = F.cross_entropy(model(inputs).flatten(0, 1), labels.flatten())
+    eager.backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    apply_compile(model, backend="aot_eager")
+    compiled = F.cross_entropy(model(inputs).flatten(0, 1), labels.flatten())
+    compiled.backward()
+    return max([_rel(compiled.detach(), eager.detach())]
+               + [_rel(p.grad, g) for p, g in zip(model.parameters(), eager_grads)])
+
+
+def test_torch_compile_under_cp_matches_eager():
+    """CP does not break torch.compile: compiled blocks (GDN + attention) give the eager loss and grads."""
+    errors = run_on_ranks(_compiled, 2, timeout=300)
+    assert max(errors) <= FP32_REL, errors

@@ -114,14 +114,14 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     _shard_param(model.norm, "weight", tp_mesh, Replicate())
 
 
-def apply_compile(model: nn.Module) -> None:
-    """torch.compile each block; CP communication runs eagerly between compiled regions.
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
+    """torch.compile each block; sequence mixing (kernels + CP communication) runs eagerly.
 
-    The exchange, halo and ring functions are ``torch.compiler.disable``-d, so
+    ``mix_sequence`` and ``ring_attention`` are ``torch.compiler.disable``-d, so
     a block compiles into token-local graphs around them instead of failing.
     """
     for layer_id, block in model.layers.named_children():
-        model.layers.register_module(layer_id, torch.compile(block, fullgraph=False))
+        model.layers.register_module(layer_id, torch.compile(block, backend=backend, fullgraph=False))
 
 
 def parallelize_gdn(
@@ -151,7 +151,7 @@ def parallelize_gdn(
     if ac_config is not None:
         ac_config.build(dump_folder=dump_folder).apply(model)
     if compile_config is not None and compile_config.enable and "model" in compile_config.components:
-        apply_compile(model)
+        apply_compile(model, compile_config.backend)
     apply_fsdp_to_decoder(
         model,
         parallel_dims.get_mesh("fsdp"),

@@ -189,8 +189,14 @@ def mix_state_passing(inp: GDNMixingInputs, kernel: str, cp: CPContext, layer_na
     return o.reshape(B, T, Hv, V)
 
 
+@torch.compiler.disable
 def mix_sequence(inp: GDNMixingInputs, *, kernel: str, cp: CPContext | None, layer_name: str = "") -> torch.Tensor:
-    """The sequence-mixing part of a GDN layer under any CP strategy. Returns o [B, T, Hv, V]."""
+    """The sequence-mixing part of a GDN layer under any CP strategy. Returns o [B, T, Hv, V].
+
+    Runs eagerly under torch.compile (a graph break around it): the kernels
+    and CP communication stay as written, the token-local rest of the block
+    is compiled.
+    """
     if cp is None or cp.size == 1:
         return mix_local(inp, kernel)
     if cp.exchange == "alltoall":

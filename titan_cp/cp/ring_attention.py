@@ -457,6 +457,7 @@ def _check_inputs(q, k, v, doc_ids, P: int, layout: str) -> None:
             )
 
 
+@torch.compiler.disable
 def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
