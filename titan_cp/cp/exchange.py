@@ -84,7 +84,7 @@ def _nbytes(t: torch.Tensor) -> int:
 def _all_gather_segments(local_BNX: torch.Tensor, cp: CPContext) -> list[torch.Tensor]:
     """All-gather [B, n_local, ...] from every rank; return per-segment tensors in sequence order."""
     gathered = local_BNX.new_empty((cp.size * local_BNX.shape[0], *local_BNX.shape[1:]))
-    dist.all_gather_into_tensor(gathered, local_BNX.contiguous(), group=cp.group)
+    dist.all_gather_single(gathered, local_BNX.contiguous(), group=cp.group)
     gathered = gathered.view(cp.size, *local_BNX.shape)
     per_segment: list[torch.Tensor | None] = [None] * cp.n_segments
     for rank in range(cp.size):

@@ -174,13 +174,13 @@ class GatedDeltaNet(nn.Module):
         for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
             conv.reset_parameters()
         self.o_norm.reset_parameters()
+        # In place, so it works on sharded (DTensor) parameters too.
         with torch.no_grad():
-            n = self.A_log.shape[0]
-            self.A_log.copy_(torch.empty(n).uniform_(0, 16).log())
+            self.A_log.uniform_(0, 16).log_()
             dt_min, dt_max, dt_floor = 1e-3, 0.1, 1e-4
-            dt = torch.exp(torch.rand(n) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-            dt = dt.clamp(min=dt_floor)
-            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            dt = self.dt_bias.uniform_(0, 1)
+            dt.mul_(math.log(dt_max) - math.log(dt_min)).add_(math.log(dt_min)).exp_().clamp_(min=dt_floor)
+            dt.add_(torch.log(-torch.expm1(-dt)))  # inverse softplus
 
     def forward(self, x_BTD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
         B, T, _ = x_BTD.shape
