@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install titan_cp and everything its runs and tests need, on a fresh machine.
+# torch is pinned first: on CPU machines `torch==2.13.0` is a local CPU wheel, and
+# with it installed nothing else pulls the multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q torch==2.13.0
+python3 -m pip install -q -e '.[test]'
