@@ -49,6 +49,14 @@ def check_parallel_layout(model: "GDNModel.Config", parallelism, seq_len: int) -
                 f"{field} = {heads} is not divisible by TP x CP = {tp} x {cp} required by "
                 "parallelism.cp_exchange = 'alltoall'; use cp_exchange = 'allgather' or 'logscan'."
             )
+    if "A" in model.layer_types():
+        for field, heads in (("model.attn_num_heads", model.attn_num_heads),
+                             ("model.attn_num_kv_heads", model.attn_num_kv_heads)):
+            if heads % tp:
+                raise ValueError(
+                    f"{field} = {heads} is not divisible by parallelism.tensor_parallel_degree = {tp}; "
+                    f"TP shards attention heads, so pick a TP degree that divides {heads}."
+                )
     if cp > 1:
         check_divisible(seq_len, cp, model.cp_layout)
 
@@ -104,7 +112,10 @@ class GDNModel(BaseModel):
             # Per token per head, forward, chunked delta rule: intra-chunk q k^T / k k^T (2 C K),
             # the UT transform (C^2 / 2 amortised ~ C), state read/write (4 K V), w/u (2 C (K + V)).
             delta_rule = 2 * (2 * chunk * K + chunk + 4 * K * V + 2 * chunk * (K + V))
-            flops_per_token = 6 * matmul_params + 3 * self.n_layers * hv * delta_rule
+            types = self.layer_types()
+            # Attention scores and values, TorchTitan's convention (12 x layers x heads x head_dim x L).
+            attention = 12 * types.count("A") * self.attn_num_heads * self.attn_head_dim * seq_len
+            flops_per_token = 6 * matmul_params + 3 * types.count("G") * hv * delta_rule + attention
             return nparams, int(flops_per_token)
 
     def __init__(self, config: Config):
