@@ -35,8 +35,8 @@ and putting (1) into the definition of u_t gives a unit lower-triangular system
     (I + A) u = diag(beta) V - diag(beta gamma) K H,
     A[t, s] = beta_t D[t, s] (k_t . k_s)  for s < t, else 0.
 
-UT transform: T = (I + A)^{-1} (unit lower triangular, one batched triangular
-solve per chunk). WY representation: with
+UT transform: T = (I + A)^{-1} (unit lower triangular; one batched triangular
+solve for all chunks). WY representation: with
 
     W = T diag(beta gamma) K   [C, K]        U = T diag(beta) V   [C, V]
 
@@ -44,6 +44,10 @@ the new values are u = U - W H, the output and the state leaving the chunk are
 
     O     = scale (diag(gamma) Q H + (Q K^T * D) u)                           (2)
     H_out = gamma_{C-1} H + K^T diag(lam) u                                   (3)
+
+Put together, H_out = (gamma_{C-1} I - K^T diag(lam) W) H + K^T diag(lam) U:
+the product of the chunk's C rank-one updates (I - beta k k^T, decayed) in WY
+form, a low-rank correction of the identity built from W and K.
 
 Everything except (3) is independent across chunks and runs as batched matmuls
 over all chunks at once; only the chunk recurrence (3) (two [C,K]x[K,V]-sized
@@ -64,7 +68,8 @@ position's g enters any of them; that is exact (the masks are constants).
 Backward (hand-written, ``_ChunkGatedDeltaRule.backward``)
 -----------------------------------------------------------
 Saved: the inputs (in chunk layout, accumulation dtype) and the state entering
-every chunk (``state_in_chunks``, [N, B*H, K, V]); everything else is recomputed.
+every chunk (``state_in_chunks``, [N, B*H, K, V], i.e. T/C states per head);
+everything else (decays, T, W, U, u) is recomputed, batched, in the backward.
 Given dO and the gradient dH_N of the final state, a reverse chunk loop computes
 
     du_n     = scale (Q K^T * D)^T dO_n + diag(lam) K dH_{n+1}
@@ -73,11 +78,15 @@ Given dO and the gradient dH_N of the final state, a reverse chunk loop computes
 (dH_0 is the gradient of ``initial_state``), then all chunks at once:
 through (2) and (3) to dQ, dK, dD, dgamma, dlam; through u = U - W H to
 dW = -du H^T, dU = du; through the WY products to T^T dW, T^T dU (giving dK,
-dV, dbeta, dgamma) and dT = dU (beta V)^T + dW (beta gamma K)^T; through the UT
-transform dA = -T^T dT T^T (strictly lower part); through A to dK, dbeta, dD.
+dV, dbeta, dgamma); through the UT transform dA = -T^T dT T^T with
+dT = dW (beta gamma K)^T + dU (beta V)^T, i.e. dA = -(T^T dW) W^T - (T^T dU) U^T
+(strictly lower part; dT itself is never formed); through A to dK, dbeta, dD.
 The decay gradients become dG_t (dD[t, s] D[t, s] adds to G_t and subtracts
 from G_s, dgamma_t gamma_t adds to G_t, dlam_s lam_s adds to G_{C-1} and
-subtracts from G_s), and dg is the reverse cumulative sum of dG in the chunk.
+subtracts from G_s), and dg_j is the sum of dG_t over the t >= j of the chunk
+that belong to j's document (with documents, summed per document so that no
+gradient crosses a document start, not even rounding errors; g at a start is
+unused and gets exactly 0).
 
 Precision: everything is accumulated in float32 (float64 for float64 inputs);
 o is returned in v.dtype, the final state in the accumulation dtype.
@@ -89,7 +98,6 @@ import torch
 import torch.nn.functional as F
 
 from . import check_inputs
-
 
 # --------------------------------------------------------------------------------------
 # Layout helpers: [B, T, H, D] <-> [N, B*H, C, D] (N chunks of C tokens; chunk n
@@ -185,8 +193,7 @@ def _wy_representation(k_chunks, v_chunks, beta_chunks, decay_within_chunk, deca
     Returns
       T_inv     [N, BH, C, C]      T = (I + A)^{-1}, A[t, s] = beta_t D[t, s] k_t.k_s (s < t)
       kkT_D     [N, BH, C, C]      (K K^T) * D  (A = diag(beta) kkT_D below the diagonal)
-      rhs       [N, BH, C, K + V]  [diag(beta gamma) K | diag(beta) V]
-      wy        [N, BH, C, K + V]  T @ rhs = [W | U]
+      W_and_U   [N, BH, C, K + V]  [W | U] = T [diag(beta gamma) K | diag(beta) V]
     """
     C = k_chunks.shape[-2]
     kkT_D = (k_chunks @ k_chunks.transpose(-1, -2)).mul_(decay_within_chunk)  # [N, BH, C, C]
@@ -195,8 +202,10 @@ def _wy_representation(k_chunks, v_chunks, beta_chunks, decay_within_chunk, deca
     A_and_diagonal = kkT_D * beta_chunks[..., :, None]
     eye = torch.eye(C, dtype=kkT_D.dtype, device=kkT_D.device)
     T_inv = torch.linalg.solve_triangular(A_and_diagonal, eye.expand_as(kkT_D), upper=False, unitriangular=True)
-    rhs = torch.cat([k_chunks * (beta_chunks * decay_from_start)[..., None], v_chunks * beta_chunks[..., None]], -1)
-    return T_inv, kkT_D, rhs, T_inv @ rhs
+    k_and_v_scaled = torch.cat(
+        [k_chunks * (beta_chunks * decay_from_start)[..., None], v_chunks * beta_chunks[..., None]], -1
+    )  # [N, BH, C, K + V]
+    return T_inv, kkT_D, T_inv @ k_and_v_scaled
 
 
 # --------------------------------------------------------------------------------------
@@ -220,28 +229,27 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         doc_id = None if doc_starts is None else _documents_in_chunks(doc_starts, H, C)  # [N, BH, C]
         N = q_chunks.shape[0]
 
+        # states[n] = H_n, the state entering chunk n; states[N] is the final state.
+        states = q_chunks.new_empty(N + 1, B * H, K, V)
         if initial_state is None:
-            state = q_chunks.new_zeros(B * H, K, V)
+            states[0] = 0
         else:
-            state = initial_state.to(acc).reshape(B * H, K, V)
+            states[0] = initial_state.reshape(B * H, K, V)
 
         D, gamma, lam, _ = _chunk_decays(g_chunks, doc_id)
-        _, _, _, wy = _wy_representation(k_chunks, v_chunks, beta_chunks, D, gamma)
-        W, U = wy[..., :K], wy[..., K:]  # [N, BH, C, K], [N, BH, C, V]
+        _, _, W_and_U = _wy_representation(k_chunks, v_chunks, beta_chunks, D, gamma)
+        W, U = W_and_U[..., :K], W_and_U[..., K:]  # [N, BH, C, K], [N, BH, C, V] (views)
         gamma_last = gamma[..., -1, None, None]  # [N, BH, 1, 1]
         k_to_end_T = (k_chunks * lam[..., None]).transpose(-1, -2).contiguous()  # K^T diag(lam) [N, BH, K, C]
 
         # The chunk recurrence (3), the only sequential part:
         #   u_n = U_n - W_n H_n,   H_{n+1} = gamma_last_n H_n + K_n^T diag(lam_n) u_n
-        state_in_chunks = q_chunks.new_empty(N, B * H, K, V)  # H_n
         new_values = torch.empty_like(v_chunks)  # u   [N, BH, C, V]
         for n in range(N):
-            state_in_chunks[n] = state
-            torch.baddbmm(U[n], W[n], state, alpha=-1, out=new_values[n])
-            state = torch.baddbmm(state * gamma_last[n], k_to_end_T[n], new_values[n])
-        final_state = state.reshape(B, H, K, V)
-        if N == 0:  # T == 0: never return a view of an input
-            final_state = final_state.clone()
+            torch.baddbmm(U[n], W[n], states[n], alpha=-1, out=new_values[n])
+            torch.mul(states[n], gamma_last[n], out=states[n + 1]).baddbmm_(k_to_end_T[n], new_values[n])
+        state_in_chunks = states[:N]  # [N, BH, K, V]
+        final_state = states[N].reshape(B, H, K, V).clone()  # a separate tensor: users may modify it
 
         # Outputs (2), all chunks at once: O = diag(gamma) Q H + (Q K^T * D) u.
         qk = (q_chunks @ k_chunks.transpose(-1, -2)).mul_(D)  # [N, BH, C, C], zero above the diagonal
@@ -264,20 +272,21 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
 
         # Recompute the intra-chunk quantities (cheap, batched) instead of saving them.
         D, gamma, lam, causal_same_doc = _chunk_decays(g_chunks, doc_id)
-        T_inv, kkT_D, rhs, wy = _wy_representation(k_chunks, v_chunks, beta_chunks, D, gamma)
-        W, U = wy[..., :K], wy[..., K:]
-        new_values = U - W @ state_in_chunks  # u   [N, BH, C, V]
-        qk_raw = q_chunks @ k_chunks.transpose(-1, -2)  # Q K^T   [N, BH, C, C]
-        qk = qk_raw * D
+        T_inv, kkT_D, W_and_U = _wy_representation(k_chunks, v_chunks, beta_chunks, D, gamma)
+        W, U = W_and_U[..., :K], W_and_U[..., K:]
+        new_values = torch.baddbmm(_flat(U), _flat(W), _flat(state_in_chunks), alpha=-1).view(N, BH, C, V)  # u
+        qk = (q_chunks @ k_chunks.transpose(-1, -2)).mul_(D)  # Q K^T * D   [N, BH, C, C]
         gamma_last = gamma[..., -1, None, None]  # [N, BH, 1, 1]
         k_to_end = k_chunks * lam[..., None]  # diag(lam) K   [N, BH, C, K]
         q_from_start = q_chunks * gamma[..., None]  # diag(gamma) Q   [N, BH, C, K]
 
         d_o_chunks = v_chunks.new_zeros(v_chunks.shape) if d_o is None else _to_chunks(d_o, C, acc)  # [N, BH, C, V]
+        # d_states[n] = dH_n (d_states[N] = gradient of the final state, d_states[0] of initial_state).
+        d_states = q_chunks.new_empty(N + 1, BH, K, V)
         if d_final_state is None:
-            d_state = q_chunks.new_zeros(BH, K, V)
+            d_states[N] = 0
         else:
-            d_state = d_final_state.to(acc).reshape(BH, K, V)
+            d_states[N] = d_final_state.reshape(BH, K, V)
 
         # Reverse chunk recurrence:
         #   du_n = (Q K^T * D)^T dO_n + diag(lam) K dH_{n+1}
@@ -285,19 +294,22 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         d_new_values = qk.transpose(-1, -2) @ d_o_chunks  # du, first its part from O   [N, BH, C, V]
         d_state_from_o = q_from_start.transpose(-1, -2) @ d_o_chunks  # [N, BH, K, V]
         W_T = W.transpose(-1, -2)  # [N, BH, K, C]
-        d_state_out_chunks = torch.empty_like(state_in_chunks)  # gradient of the state leaving chunk n
         for n in range(N - 1, -1, -1):
-            d_state_out_chunks[n] = d_state
-            d_new_values[n].baddbmm_(k_to_end[n], d_state)
-            d_state = torch.baddbmm(d_state_from_o[n].add_(d_state * gamma_last[n]), W_T[n], d_new_values[n], alpha=-1)
-        d_initial_state = d_state  # [BH, K, V]
+            d_new_values[n].baddbmm_(k_to_end[n], d_states[n + 1])
+            torch.mul(d_states[n + 1], gamma_last[n], out=d_states[n])
+            d_states[n].add_(d_state_from_o[n]).baddbmm_(W_T[n], d_new_values[n], alpha=-1)
+        d_state_out_chunks = d_states[1:]  # gradient of the state leaving chunk n   [N, BH, K, V]
+        d_initial_state = d_states[0].clone()  # [BH, K, V]
+        del d_state_from_o, q_from_start, k_to_end, W_T  # (del: keeps the peak memory down)
 
         # Through the outputs (2): O = diag(gamma) Q H + (Q K^T * D) u.
         d_q_from_start = d_o_chunks @ state_in_chunks.transpose(-1, -2)  # [N, BH, C, K]
         d_gamma = _row_dot(d_q_from_start, q_chunks)  # [N, BH, C]
         d_q = d_q_from_start.mul_(gamma[..., None])
         d_qk = d_o_chunks @ new_values.transpose(-1, -2)  # d(Q K^T * D)   [N, BH, C, C]
-        d_D_times_D = d_qk * qk  # dD * D, accumulated below   [N, BH, C, C]
+        del d_o_chunks
+        d_D_times_D = d_qk * qk  # dD * D (dD = d(Q K^T * D) * Q K^T), accumulated below   [N, BH, C, C]
+        del qk
         d_qk.mul_(D)  # d(Q K^T)
         _flat(d_q).baddbmm_(_flat(d_qk), _flat(k_chunks))
         d_k = d_qk.transpose(-1, -2) @ q_chunks  # [N, BH, C, K]
@@ -307,17 +319,22 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         u_dH_T = new_values @ d_state_out_chunks.transpose(-1, -2)  # [N, BH, C, K]
         d_lam = _row_dot(u_dH_T, k_chunks)  # [N, BH, C]
         d_k.add_(u_dH_T.mul_(lam[..., None]))
+        del u_dH_T, new_values, d_states, d_state_out_chunks
 
-        # Through u = U - W H: dW = -du H^T, dU = du; through [W | U] = T rhs.
-        d_wy = torch.cat([d_new_values @ state_in_chunks.transpose(-1, -2), d_new_values], -1)  # [-dW | dU]
-        d_wy[..., :K].neg_()
-        d_rhs = T_inv.transpose(-1, -2) @ d_wy  # T^T [dW | dU]   [N, BH, C, K + V]
-        # Through the UT transform: dA = -T^T dT T^T with dT = d[W|U] rhs^T, i.e.
-        # dA = -(T^T d[W|U]) (T rhs)^T, strictly lower.
-        d_A = (d_rhs @ wy.transpose(-1, -2)).neg_().tril_(-1)  # [N, BH, C, C]
+        # Through u = U - W H: dW = -du H^T, dU = du; through W = T (beta gamma K), U = T (beta V).
+        T_inv_T = T_inv.transpose(-1, -2)
+        minus_d_W = d_new_values @ state_in_chunks.transpose(-1, -2)  # -dW   [N, BH, C, K]
+        d_k_scaled = (T_inv_T @ minus_d_W).neg_()  # T^T dW = d(diag(beta gamma) K)   [N, BH, C, K]
+        d_v_scaled = T_inv_T @ d_new_values  # T^T dU = d(diag(beta) V)   [N, BH, C, V]
+        del minus_d_W, d_new_values, T_inv, T_inv_T
+        # Through the UT transform: dA = -T^T dT T^T with dT = dW (beta gamma K)^T + dU (beta V)^T,
+        # i.e. dA = -(T^T dW) W^T - (T^T dU) U^T, strictly lower.
+        d_A = d_k_scaled @ W.transpose(-1, -2)  # [N, BH, C, C]
+        _flat(d_A).baddbmm_(_flat(d_v_scaled), _flat(U.transpose(-1, -2)))
+        d_A.neg_().tril_(-1)
+        del W, U, W_and_U
 
-        # Through rhs = [diag(beta gamma) K | diag(beta) V].
-        d_k_scaled, d_v_scaled = d_rhs[..., :K], d_rhs[..., K:]
+        # Through diag(beta gamma) K and diag(beta) V.
         d_v = d_v_scaled * beta_chunks[..., None]
         d_k.add_(d_k_scaled * (beta_chunks * gamma)[..., None])
         d_k_scaled_dot_k = _row_dot(d_k_scaled, k_chunks)  # [N, BH, C]
@@ -328,6 +345,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         d_A_kkT_D = d_A * kkT_D  # [N, BH, C, C]
         d_beta.add_(d_A_kkT_D.sum(-1))
         d_D_times_D.add_(d_A_kkT_D.mul_(beta_chunks[..., :, None]))
+        del d_A_kkT_D, kkT_D
         d_kkT = d_A.mul_(D).mul_(beta_chunks[..., :, None])  # d(K K^T), strictly lower
         _flat(d_k).baddbmm_(_flat(d_kkT + d_kkT.transpose(-1, -2)), _flat(k_chunks))
 
@@ -341,6 +359,8 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
             d_g = d_G.flip(-1).cumsum(-1).flip(-1)  # [N, BH, C]
         else:  # summing per document keeps gradients across a document start exactly 0
             d_g = (causal_same_doc.transpose(-1, -2).to(acc) @ d_G[..., None]).squeeze(-1)
+            # a_t is dropped at a start: its g has no effect (the sum above is 0 up to rounding).
+            d_g.masked_fill_(torch.diff(doc_id, dim=-1, prepend=torch.zeros_like(doc_id[..., :1])) != 0, 0.0)
 
         d_q.mul_(scale)  # q_chunks had the scale folded in
         return (
