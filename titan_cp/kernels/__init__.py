@@ -101,16 +101,22 @@ def check_inputs(q, k, v, g, beta, initial_state=None, doc_starts=None) -> None:
             raise ValueError(f"gated delta rule: {name} must be floating point, got {tensor.dtype}")
         if tensor.device != q.device:
             raise ValueError(f"gated delta rule: {name} is on {tensor.device}, q on {q.device}")
-    if initial_state is not None and tuple(initial_state.shape) != (B, H, K, V):
-        raise ValueError(
-            f"gated delta rule: initial_state has shape {tuple(initial_state.shape)}, "
-            f"expected [B, H, K, V] = {(B, H, K, V)}"
-        )
-    if doc_starts is not None:
-        if tuple(doc_starts.shape) != (B, T) or doc_starts.dtype != torch.bool:
+    if initial_state is not None:
+        if tuple(initial_state.shape) != (B, H, K, V):
             raise ValueError(
-                f"gated delta rule: doc_starts must be a bool tensor [B, T] = {(B, T)}, "
-                f"got {doc_starts.dtype} {tuple(doc_starts.shape)}"
+                f"gated delta rule: initial_state has shape {tuple(initial_state.shape)}, "
+                f"expected [B, H, K, V] = {(B, H, K, V)}"
+            )
+        if not initial_state.is_floating_point() or initial_state.device != q.device:
+            raise ValueError(
+                f"gated delta rule: initial_state must be a floating-point tensor on {q.device} "
+                f"(float32 recommended), got {initial_state.dtype} on {initial_state.device}"
+            )
+    if doc_starts is not None:
+        if tuple(doc_starts.shape) != (B, T) or doc_starts.dtype != torch.bool or doc_starts.device != q.device:
+            raise ValueError(
+                f"gated delta rule: doc_starts must be a bool tensor [B, T] = {(B, T)} on {q.device}, "
+                f"got {doc_starts.dtype} {tuple(doc_starts.shape)} on {doc_starts.device}"
             )
 
 
