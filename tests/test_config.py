@@ -1,0 +1,284 @@
+"""The TOML front end: every bad config fails at start-up with a message naming the field and the fix."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # plain `pytest` from the repo root without an install
+    sys.path.insert(0, str(REPO))
+
+import tomli
+
+from titan_cp.toml_config import (
+    ConfigError,
+    build_config,
+    config_from_args,
+    load_toml,
+    parse_cli_value,
+    split_args,
+)
+
+TRAIN_CONFIGS = REPO / "train_configs"
+
+
+def build(toml_text: str = "", cli: list[str] = (), world_size: int = 1, check_runtime: bool = False):
+    values = tomli.loads(toml_text)
+    _, overrides = split_args(list(cli))
+    return build_config(values, overrides, source="test.toml", world_size=world_size, check_runtime=check_runtime)
+
+
+# (id, toml, cli, world_size, regexes that must all appear in the message)
+BAD_CONFIGS = [
+    ("unknown_section", "[trainig]\nsteps = 3\n", [], 1,
+     [r"unknown section \[trainig\]", r"Did you mean 'training'"]),
+    ("unknown_key", "[training]\nstesp = 3\n", [], 1,
+     [r"test.toml \[training\] stesp", r"unknown key 'stesp'", r"Did you mean 'steps'"]),
+    ("unknown_key_cli", "", ["--training.seq_lne", "256"], 1,
+     [r"command line --training.seq_lne", r"Did you mean 'seq_len'"]),
+    ("unknown_model_key", "[model]\nn_layer = 1\n", [], 1,
+     [r"unknown key 'n_layer' in \[model\]", r"Did you mean 'n_layers'"]),
+    ("unknown_parallelism_key", "[parallelism]\ncontext_parallel_degre = 2\n", [], 2,
+     [r"Did you mean 'context_parallel_degree'"]),
+    ("wrong_type_int", "[training]\nsteps = \"ten\"\n", [], 1,
+     [r"training.steps = 'ten'", r"expected int"]),
+    ("wrong_type_quoted_number", "[training]\nseq_len = \"256\"\n", [], 1,
+     [r"training.seq_len", r"expected int", r"without quotes"]),
+    ("wrong_type_bool", "[metrics]\nenable_tensorboard = 1\n", [], 1,
+     [r"metrics.enable_tensorboard = 1", r"expected bool"]),
+    ("wrong_type_model_float", "[model]\nexpand_v = \"two\"\n", [], 1,
+     [r"model.expand_v", r"expected float"]),
+    ("wrong_literal", "[training]\ndtype = \"float16\"\n", [], 1,
+     [r"training.dtype = 'float16'", r"bfloat16", r"float32"]),
+    ("world_size_mismatch", "[parallelism]\ndata_parallel_shard_degree = 1\ncontext_parallel_degree = 2\n", [], 4,
+     [r"WORLD_SIZE = 4", r"2 ranks", r"nproc_per_node=2", r"data_parallel_shard_degree = -1"]),
+    ("world_size_rest_not_divisible", "[parallelism]\ncontext_parallel_degree = 2\ntensor_parallel_degree = 2\n",
+     [], 6, [r"WORLD_SIZE = 6", r"does not divide 6", r"multiple of 4"]),
+    ("world_size_too_small", "[parallelism]\ndata_parallel_shard_degree = 2\ncontext_parallel_degree = 2\n",
+     [], 2, [r"4 ranks, but WORLD_SIZE = 2"]),
+    ("heads_not_divisible_by_tp", "[parallelism]\ntensor_parallel_degree = 3\n", [], 3,
+     [r"model.num_heads = 4", r"tensor_parallel_degree = 3", r"\[1, 2, 4\]"]),
+    ("seq_len_not_divisible_by_segments", "[training]\nseq_len = 8\n[parallelism]\ncontext_parallel_degree = 3\n",
+     [], 3, [r"training.seq_len = 8", r"3 segments", r"multiple of 3"]),
+    ("seq_len_zigzag", ("[training]\nseq_len = 514\n[parallelism]\ncontext_parallel_degree = 2\n"
+                       "cp_layout = \"zigzag\"\n"), [], 2,
+     [r"training.seq_len = 514", r"4 segments", r"zigzag"]),
+    ("seq_len_torchtitan_rule", "[training]\nseq_len = 510\n[parallelism]\ncontext_parallel_degree = 2\n",
+     [], 2, [r"training.seq_len = 510", r"divisible by 4"]),
+    ("seq_len_sequence_parallel", ("[training]\nseq_len = 36\n[parallelism]\ncontext_parallel_degree = 2\n"
+                                  "tensor_parallel_degree = 2\n"), [], 4,
+     [r"training.seq_len = 36", r"divisible by 8", r"sequence parallelism"]),
+    ("unknown_kernel", "[model]\nkernel = \"trition\"\n", [], 1,
+     [r"model.kernel = 'trition'", r"Did you mean 'triton'"]),
+    ("unknown_cp_exchange", "[parallelism]\ncp_exchange = \"allgater\"\n", [], 1,
+     [r"parallelism.cp_exchange = 'allgater'", r"Did you mean 'allgather'"]),
+    ("unknown_cp_layout", "[parallelism]\ncp_layout = \"zig-zag\"\n", [], 1,
+     [r"parallelism.cp_layout = 'zig-zag'", r"Did you mean 'zigzag'"]),
+    ("layout_vs_load_balancer", ("[parallelism]\ncp_layout = \"contiguous\"\n"
+                                "context_parallel_load_balancer = \"headtail\"\n"), [], 1,
+     [r"context_parallel_load_balancer = 'headtail'", r"cp_layout = 'contiguous'", r"set only cp_layout"]),
+    ("cp_knob_twice", "[model]\ncp_layout = \"zigzag\"\n[parallelism]\ncp_layout = \"contiguous\"\n", [], 1,
+     [r"contradicts model.cp_layout"]),
+    ("unknown_flavor", "[model]\nflavor = \"debugg\"\n", [], 1,
+     [r"model.flavor = 'debugg'", r"Did you mean 'debug'"]),
+    ("unknown_dataset", "[dataloader]\ndataset = \"synthetc\"\n", [], 1,
+     [r"dataloader.dataset = 'synthetc'", r"Did you mean 'synthetic'"]),
+    ("synthetic_unknown_field", "[data]\ndataset = \"synthetic\"\nmean_doc_length = 3\n", [], 1,
+     [r"unknown key 'mean_doc_length' in \[dataloader\]", r"Did you mean 'mean_doc_len'"]),
+    ("unknown_optimizer", "[optimizer]\nname = \"adamw\"\n", [], 1,
+     [r"optimizer.name = 'adamw'", r"Did you mean 'AdamW'"]),
+    ("optimizer_betas", "[optimizer]\nbetas = [0.9]\n", [], 1,
+     [r"optimizer.betas", r"expected tuple\[float, float\]"]),
+    ("ac_mode", "[activation_checkpoint]\nmode = \"ful\"\n", [], 1,
+     [r"activation_checkpoint.mode = 'ful'", r"Did you mean 'full'"]),
+    ("torchtitan_post_init", "[checkpoint]\ninterval = 0\n", [], 1,
+     [r"\[checkpoint\]", r"interval"]),
+    ("spmd_backend", "[parallelism]\nspmd_backend = \"spmd_types\"\n", [], 1,
+     [r"parallelism.spmd_backend = 'spmd_types' is not supported", r"partial_dtensor"]),
+    ("top_level_key", "steps = 3\n", [], 1, [r"top-level key 'steps' must be a table"]),
+]
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config(case):
+    _, toml_text, cli, world_size, patterns = case
+    with pytest.raises(ConfigError) as info:
+        build(toml_text, cli, world_size=world_size)
+    msg = str(info.value)
+    for pattern in patterns:
+        assert re.search(pattern, msg), f"{pattern!r} not in: {msg}"
+
+
+def test_config_error_is_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_malformed_toml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[training]\nsteps = 3\nseq_len = = 4\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{bad}:3:")) as info:
+        load_toml(bad)
+    assert "malformed TOML" in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="job.config_file.*does not exist"):
+        config_from_args(["--job.config_file", str(tmp_path / "nope.toml")], world_size=1)
+
+
+def test_cli_overrides_file(tmp_path):
+    f = tmp_path / "x.toml"
+    f.write_text('[training]\nsteps = 20\nseq_len = 512\n[model]\nn_layers = 2\n[optimizer]\nlr = 1e-3\n')
+    config = config_from_args(
+        ["--job.config_file", str(f), "--training.steps", "3", "--model.n_layers=1",
+         "--metrics.enable_tensorboard", "--optimizer.lr", "2e-2", "--job.dump_folder", "/tmp/out",
+         "--parallelism.cp_layout", "zigzag", "--data.dataset", "synthetic", "--data.kind", "random"],
+        world_size=1, check_runtime=False,
+    )
+    assert config.training.steps == 3 and config.training.seq_len == 512
+    assert config.model_spec.model.n_layers == 1
+    assert config.metrics.enable_tensorboard is True
+    assert config.optimizer.param_groups[0].optimizer_kwargs["lr"] == 2e-2
+    assert config.dump_folder == "/tmp/out"
+    assert config.model_spec.model.cp_layout == "zigzag"
+    assert config.parallelism.context_parallel_load_balancer == "headtail"
+    assert type(config.dataloader).__qualname__ == "SyntheticDataLoader.Config"
+    assert config.dataloader.kind == "random"
+
+
+def test_cli_values_are_toml_literals():
+    assert parse_cli_value("3") == 3
+    assert parse_cli_value("1e-3") == 1e-3
+    assert parse_cli_value("true") is True
+    assert parse_cli_value("[1, 2]") == [1, 2]
+    assert parse_cli_value("zigzag") == "zigzag"
+    assert parse_cli_value('"3"') == "3"
+
+
+def test_closest_key_suggestion_is_specific():
+    with pytest.raises(ConfigError) as info:
+        build("[lr_scheduler]\nwarmup_step = 3\n")
+    assert "Did you mean 'warmup_steps'" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        build("[training]\nzzzz = 3\n")
+    assert "Did you mean" not in str(info.value) and "Valid keys of [training]" in str(info.value)
+
+
+def test_layout_maps_to_load_balancer():
+    assert build('[parallelism]\ncp_layout = "contiguous"\n').parallelism.context_parallel_load_balancer is None
+    assert build('[parallelism]\ncp_layout = "zigzag"\n').parallelism.context_parallel_load_balancer == "headtail"
+
+
+def test_optional_none_and_activation_checkpoint():
+    config = build('[activation_checkpoint]\nmode = "full"\n[debug]\nseed = 7\n')
+    assert type(config.activation_checkpoint).__qualname__ == "FullAC.Config"
+    assert config.debug.seed == 7
+    assert build('[debug]\nseed = "none"\n').debug.seed is None
+    assert build('[activation_checkpoint]\nmode = "none"\n').activation_checkpoint is None
+
+
+def test_dp_shard_rest_resolves():
+    from titan_cp.toml_config import resolve_degrees
+
+    config = build("[parallelism]\ncontext_parallel_degree = 2\ntensor_parallel_degree = 2\n", world_size=8)
+    assert resolve_degrees(config.parallelism, 8) == {"dp_replicate": 1, "dp_shard": 2, "cp": 2, "tp": 2, "pp": 1}
+
+
+def test_triton_kernel_rejected_at_runtime_on_cpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ConfigError, match=r"model.kernel = 'triton' cannot run here"):
+        build('[model]\nkernel = "triton"\n', check_runtime=True)
+
+
+def _nproc_of(path: Path) -> int:
+    m = re.search(r"nproc_per_node=(\d+)", path.read_text())
+    assert m, f"{path} should document its torchrun --nproc_per_node"
+    return int(m.group(1))
+
+
+@pytest.mark.parametrize("path", sorted(TRAIN_CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_train_configs_parse(path):
+    world = _nproc_of(path)
+    config = config_from_args(["--job.config_file", str(path)], world_size=world, check_runtime=False)
+    assert config.model_spec.name == "gdn"
+    if "cp8" in path.name:
+        assert config.parallelism.context_parallel_degree == 8
+        assert config.training.seq_len == 65536
+        assert config.model_spec.model.kernel == "triton"
+        assert config.training.mixed_precision_param == "bfloat16"
+    else:
+        assert config.model_spec.model.kernel == "torch" and config.model_spec.flavor == "debug"
+
+
+def test_expected_train_configs_exist():
+    names = {p.stem for p in TRAIN_CONFIGS.glob("*.toml")}
+    assert {"debug_cpu", "cp2", "tp2", "dp2_cp2", "cp2_tp2", "dp2_cp2_tp2", "gdn_340m_cp8", "gdn_1_3b_cp8"} <= names
+
+
+def test_native_torchtitan_entry_point():
+    """`-m torchtitan.train --module titan_cp --config gdn_debug` finds titan_cp.config_registry."""
+    from torchtitan.config import ConfigManager
+
+    config = ConfigManager().parse_args(
+        ["--module", "titan_cp", "--config", "gdn_debug", "--training.steps", "3",
+         "--parallelism.context_parallel_degree", "2"]
+    )
+    assert config.training.steps == 3
+    assert config.parallelism.context_parallel_degree == 2
+    assert config.model_spec.name == "gdn" and config.model_spec.flavor == "debug"
+    assert type(config.metrics).__qualname__ == "TitanCPMetricsProcessor.Config"
+    assert config.parallelism.spmd_backend == "partial_dtensor"
+
+
+def test_registry_functions_cover_flavors():
+    from titan_cp import config_registry
+    from titan_cp.model import FLAVORS
+
+    for flavor in FLAVORS:
+        config = config_registry.config_for_flavor(flavor)
+        assert config.model_spec.flavor == flavor
+
+
+def test_train_py_reports_config_error_before_launch(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[parallelism]\ncontext_parallel_degree = 2\n")
+    env = dict(os.environ, WORLD_SIZE="1", RANK="0", PYTHONPATH=os.pathsep.join(
+        [str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "--job.config_file", str(bad)],
+                          check=False, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "titan_cp config error" in proc.stderr and "WORLD_SIZE = 1" in proc.stderr
+
+
+def test_compat_apply_is_idempotent_and_patches_cpu_gaps():
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from titan_cp import compat
+
+    compat.apply()
+    patched = (dist.barrier, dist.set_timeout, FSDPModule.set_gradient_divide_factor)
+    compat.apply()
+    assert (dist.barrier, dist.set_timeout, FSDPModule.set_gradient_divide_factor) == patched
+    assert not hasattr(dist.barrier.__wrapped__, "_titan_cp_compat")  # wrapped once, not twice
+    if compat.on_cpu():
+        from torchtitan.components import metrics
+        from torchtitan.distributed import parallel_dims
+        from torchtitan.distributed import utils as dist_utils
+        from torchtitan.tools import utils
+
+        assert utils.device_type == dist_utils.device_type == parallel_dims.device_type == "cpu"
+        assert utils.device_module is torch.cpu and metrics.device_module is torch.cpu
+        stats = metrics.build_device_memory_monitor().get_peak_stats()
+        assert 0 < stats.max_reserved_gib < 1024
+        assert utils.get_peak_flops("cpu") == compat.CPU_PEAK_FLOPS_PER_THREAD * torch.get_num_threads()

@@ -1,0 +1,234 @@
+"""TorchTitan config functions for titan_cp's model flavors.
+
+TorchTitan 0.3.0's native entry point finds these by ``--module titan_cp``
+(it imports ``titan_cp.config_registry`` first)::
+
+    torchrun --nproc_per_node=2 -m torchtitan.train --module titan_cp --config gdn_debug \
+        --parallelism.context_parallel_degree 2
+
+Each function returns a complete ``Trainer.Config`` for one flavor; the TOML
+front end (:mod:`titan_cp.toml_config`, ``train.py``) starts from the same
+function (chosen by ``[model] flavor``) and applies the file on top.
+
+Defaults shared by all flavors (reasons in :mod:`titan_cp.compat`):
+``parallelism.spmd_backend = "partial_dtensor"``,
+``training.disable_cuda_graphs = True`` (a replayed graph would skip the
+Python-side CP byte counters), ``parallelism.context_parallel_load_balancer =
+None`` (TorchTitan then hands CP rank r the contiguous segment r, which is
+``cp_layout = "contiguous"``; ``"headtail"`` is exactly ``"zigzag"``, see
+:func:`load_balancer_for_layout`), the shipped tokenizer/corpus and
+:class:`titan_cp.metrics.TitanCPMetricsProcessor`.
+
+Importing this module applies :func:`titan_cp.compat.apply` (so the native
+entry point runs on CPU too) and registers the shipped dataset.
+"""
+
+from __future__ import annotations
+
+from torchtitan.components.checkpoint import CheckpointManager
+from torchtitan.components.loss import CrossEntropyLoss
+from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
+from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
+from torchtitan.distributed.activation_checkpoint import FullAC
+from torchtitan.protocols.model_spec import ModelSpec
+from torchtitan.trainer import Trainer
+
+from titan_cp import compat
+from titan_cp.data import TOKENIZER_PATH, register_datasets, tiny_corpus_config
+from titan_cp.metrics import TitanCPMetricsProcessor
+
+compat.apply()
+register_datasets()
+
+# cp_layout -> TorchTitan's parallelism.context_parallel_load_balancer. The
+# trainer shards inputs/labels/positions along the sequence with
+# torch's _context_parallel_shard: with no load balancer rank r gets the r-th of
+# P equal chunks (titan_cp "contiguous"); _HeadTailLoadBalancer reorders the
+# sequence as [seg 0, seg 2P-1, seg 1, seg 2P-2, ...] before chunking, so rank r
+# gets segments r and 2P-1-r in that order (titan_cp "zigzag", checked in
+# tests/test_train_runs.py::test_trainer_sharding_matches_layout).
+LAYOUT_TO_LOAD_BALANCER: dict[str, str | None] = {"contiguous": None, "zigzag": "headtail"}
+
+
+def load_balancer_for_layout(layout: str) -> str | None:
+    from titan_cp.cp.layout import LAYOUTS
+    from titan_cp.kernels import unknown_choice_message
+
+    if layout not in LAYOUT_TO_LOAD_BALANCER:
+        raise ValueError(unknown_choice_message("parallelism.cp_layout", layout, LAYOUTS))
+    return LAYOUT_TO_LOAD_BALANCER[layout]
+
+
+def model_spec(flavor: str, **overrides) -> ModelSpec:
+    """The ``ModelSpec`` of a GDN flavor (``titan_cp.model.FLAVORS``) with model-field overrides."""
+    from titan_cp.model import model_config
+    from titan_cp.parallelize import parallelize_gdn
+
+    return ModelSpec(
+        name="gdn",
+        flavor=flavor,
+        model=model_config(flavor, **overrides),
+        parallelize_fn=parallelize_gdn,
+        pipelining_fn=None,
+        post_optimizer_build_fn=None,
+        state_dict_adapter=None,
+    )
+
+
+def _config(
+    flavor: str,
+    *,
+    model_overrides: dict | None = None,
+    training: TrainingConfig,
+    lr: float,
+    warmup_steps: int,
+    optimizer_impl: str,
+    checkpoint_interval: int,
+    log_freq: int,
+    activation_checkpoint=None,
+) -> Trainer.Config:
+    spec = model_spec(flavor, **(model_overrides or {}))
+    optimizer = default_adamw(lr=lr)
+    optimizer.implementation = optimizer_impl
+    layout = getattr(spec.model, "cp_layout", "contiguous")
+    config = Trainer.Config(
+        model_spec=spec,
+        hf_assets_path=str(TOKENIZER_PATH),
+        dump_folder="./outputs",
+        loss=CrossEntropyLoss.Config(global_vocab_size=spec.model.vocab_size),
+        optimizer=optimizer,
+        lr_scheduler=LRSchedulersContainer.Config(
+            warmup_steps=warmup_steps, decay_ratio=0.8, decay_type="linear", min_lr_factor=0.1
+        ),
+        training=training,
+        dataloader=tiny_corpus_config(),
+        metrics=TitanCPMetricsProcessor.Config(log_freq=log_freq),
+        parallelism=ParallelismConfig(
+            spmd_backend="partial_dtensor",
+            context_parallel_load_balancer=load_balancer_for_layout(layout),
+        ),
+        checkpoint=CheckpointManager.Config(interval=checkpoint_interval, last_save_model_only=False),
+        activation_checkpoint=activation_checkpoint,
+        compile=CompileConfig(enable=False),
+    )
+    config.validator.enable = False
+    return config
+
+
+def _cpu_training(**kw) -> TrainingConfig:
+    base = {"local_batch_size": 4, "seq_len": 512, "steps": 20, "disable_cuda_graphs": True, "dtype": "float32",
+                "mixed_precision_param": "float32"}
+    base.update(kw)
+    return TrainingConfig(**base)
+
+
+def _gpu_training(**kw) -> TrainingConfig:
+    # fp32 master weights, bf16 compute through FSDP's MixedPrecisionPolicy
+    # (training.mixed_precision_param), fp32 gradient reduction.
+    base = {"local_batch_size": 1, "seq_len": 65536, "steps": 10000, "disable_cuda_graphs": True, "dtype": "float32",
+                "mixed_precision_param": "bfloat16", "max_norm": 1.0}
+    base.update(kw)
+    return TrainingConfig(**base)
+
+
+def gdn_debug() -> Trainer.Config:
+    """Tiny GDN for CPU (torch kernel, 512 tokens, shipped corpus): the default CPU run."""
+    return _config(
+        "debug",
+        training=_cpu_training(),
+        lr=3e-3,
+        warmup_steps=2,
+        optimizer_impl="foreach",
+        checkpoint_interval=10,
+        log_freq=1,
+    )
+
+
+def gdn_debug_hybrid() -> Trainer.Config:
+    """Tiny GDN + softmax-attention hybrid for CPU."""
+    return _config(
+        "debug_hybrid",
+        training=_cpu_training(),
+        lr=3e-3,
+        warmup_steps=2,
+        optimizer_impl="foreach",
+        checkpoint_interval=10,
+        log_freq=1,
+    )
+
+
+def gdn_340m() -> Trainer.Config:
+    """FLA's 340M GDN shape, Triton kernel, 64K tokens per sequence (pair with CP 8 on 8 GPUs)."""
+    return _config(
+        "340M",
+        model_overrides={"kernel": "triton"},
+        training=_gpu_training(steps=20000),
+        lr=3e-4,
+        warmup_steps=1000,
+        optimizer_impl="fused",
+        checkpoint_interval=1000,
+        log_freq=10,
+        activation_checkpoint=FullAC.Config(),
+    )
+
+
+def gdn_1_3b() -> Trainer.Config:
+    """FLA's 1.3B GDN shape, Triton kernel, 64K tokens per sequence (pair with CP 8 on 8 GPUs)."""
+    return _config(
+        "1.3B",
+        model_overrides={"kernel": "triton"},
+        training=_gpu_training(steps=20000),
+        lr=2e-4,
+        warmup_steps=1000,
+        optimizer_impl="fused",
+        checkpoint_interval=1000,
+        log_freq=10,
+        activation_checkpoint=FullAC.Config(),
+    )
+
+
+def gdn_1_3b_hybrid() -> Trainer.Config:
+    """1.3B GDN + softmax-attention hybrid, Triton kernel, 64K tokens per sequence."""
+    config = gdn_1_3b()
+    config.model_spec = model_spec("1.3B_hybrid", kernel="triton")
+    return config
+
+
+# [model] flavor -> the config function the TOML front end starts from.
+CONFIG_FOR_FLAVOR = {
+    "debug": gdn_debug,
+    "debug_hybrid": gdn_debug_hybrid,
+    "340M": gdn_340m,
+    "1.3B": gdn_1_3b,
+    "1.3B_hybrid": gdn_1_3b_hybrid,
+}
+
+
+def config_for_flavor(flavor: str) -> Trainer.Config:
+    """The registry config of ``flavor``; flavors without a function get the debug defaults."""
+    from titan_cp.kernels import unknown_choice_message
+    from titan_cp.model import FLAVORS
+
+    if flavor not in FLAVORS:
+        raise ValueError(unknown_choice_message("model.flavor", flavor, FLAVORS))
+    fn = CONFIG_FOR_FLAVOR.get(flavor)
+    if fn is not None:
+        return fn()
+    config = gdn_debug()
+    config.model_spec = model_spec(flavor)
+    config.loss = CrossEntropyLoss.Config(global_vocab_size=config.model_spec.model.vocab_size)
+    return config
+
+
+__all__ = [
+    "CONFIG_FOR_FLAVOR",
+    "LAYOUT_TO_LOAD_BALANCER",
+    "config_for_flavor",
+    "gdn_1_3b",
+    "gdn_1_3b_hybrid",
+    "gdn_340m",
+    "gdn_debug",
+    "gdn_debug_hybrid",
+    "load_balancer_for_layout",
+    "model_spec",
+]
