@@ -19,6 +19,11 @@ Everything here is arithmetic on shapes: nothing is allocated. The estimate is
          + n_layers * layer_activations + model_activations   (saved for backward)
          + max(loss_phase, backward_phase)                     (transient)
 
+(conservative: every gradient is counted as alive at the activation peak; the
+calibration factor ``grads_at_peak`` < 1 says only that fraction is, and the
+peak becomes ``params + optimizer + fsdp_buffers + max(grads, grads_at_peak *
+grads + activations + transient)``.)
+
 Activations are a list of :class:`ActTerm` s, each ``elements per token x bytes
 per element``, multiplied by the tokens a rank holds (``batch * seq_len / cp``)
 and divided by TP where the tensor is head- or hidden-sharded. Every term has a
@@ -60,6 +65,15 @@ mlp_hidden         4 hidden     (act)      w1 h, SiLU(w1 h), w3 h, product (w2 i
 
 (Vk = V, or V + K under CP with the [v | 0] trick.) Sum without CP:
 ``6 dim + 8 Dk + 9 Dv + 4 hidden`` act elements + ``5 Hv + 4 H + 2`` fp32 + kernel terms.
+Under CP (state passing) each layer also keeps a few buffers that do not scale
+with tokens, ``cp_state_buffers`` (:func:`cp_state_buffer_bytes`: the gathered
+summaries, the identity start state, S_start).
+
+These counts describe the block in plain PyTorch with FLA's kernel. What a given
+kernel and titan_cp's own layer code really save is a *profile*:
+:func:`kernel_profile` returns the TrainSetup fields and per-term factors for a
+kernel (``torch``: measured with scripts/benchmark_memory.py, within a few percent
+of the tracked-allocator peak on CPU; see docs/benchmarks.md).
 
 With ``ac="full"`` (TorchTitan full activation checkpointing: every block
 wrapped) a layer keeps only its input (``dim`` act elements per token), and the
@@ -248,11 +262,12 @@ class Parallelism:
     tp: int = 1
     cp: int = 1
     sequence_parallel: bool = True  # TorchTitan's default with TP
+    fsdp_over_cp: bool = True  # False: CP ranks hold full parameter replicas (no FSDP over cp)
 
     @property
     def fsdp(self) -> int:
-        """TorchTitan shards parameters over dp_shard x cp."""
-        return self.dp * self.cp
+        """TorchTitan shards parameters over dp_shard x cp (dp_shard alone with ``fsdp_over_cp=False``)."""
+        return self.dp * self.cp if self.fsdp_over_cp else self.dp
 
 
 @dataclass(frozen=True)
@@ -272,6 +287,8 @@ class TrainSetup:
     kernel_saves_states: bool = False  # chunk states [T/C, Hv, K, Vk] fp32 kept for backward
     kernel_workspace_states: float = 2.0  # chunk-state tensors alive in the kernel backward (h, dh)
     cp_extra: bool = True  # [v | 0] trick terms when cp > 1
+    cp_exchange: str = "allgather"  # state exchange (its buffers kept for backward): allgather | logscan | alltoall
+    cp_layout: str = "contiguous"  # contiguous (1 segment per rank) | zigzag (2)
     loss_chunks: int = 8  # TorchTitan ChunkedLossWrapper.num_chunks (1 = full logits)
     loss_bytes_per_logit: float = 12.0  # logits (act) + fp32 log-softmax + fp32 grad + act grad
     workspace_fraction: float = 0.5  # activation gradients alive in one layer's backward
@@ -335,6 +352,22 @@ def layer_activation_terms(shape: GDNShape, setup: TrainSetup, par: Parallelism)
     return terms
 
 
+def cp_state_buffer_bytes(shape: GDNShape, setup: TrainSetup, par: Parallelism) -> float:
+    """Per-layer CP buffers that do not scale with tokens, kept for the backward (state passing).
+
+    allgather: the gathered summaries [P, B, n, Hv, K, K + V] (the fold's M_s live in it);
+    logscan: this rank's M [B, n, Hv, K, K] and S_start; both: the identity start
+    state [B n, Hv, K, V + K] of the [v | 0] kernel call and S_start [B n, Hv, K, V]
+    (n = segments per rank: 1 contiguous, 2 zigzag). fp32. 0 without CP or for alltoall.
+    """
+    if par.cp <= 1 or not setup.cp_extra or setup.cp_exchange == "alltoall":
+        return 0.0
+    K, V, Hv = shape.K, shape.V, shape.Hv / par.tp
+    rows = setup.batch * (2 if setup.cp_layout == "zigzag" else 1)
+    summaries = par.cp * rows * Hv * K * (K + V) if setup.cp_exchange == "allgather" else rows * Hv * K * K
+    return 4.0 * (summaries + rows * Hv * K * (V + K) + rows * Hv * K * V)
+
+
 def checkpointed_layer_terms(shape: GDNShape, setup: TrainSetup) -> list[ActTerm]:
     """What a block keeps under full AC: its input."""
     return [ActTerm("ac_block_input", shape.dim, dtype_bytes(setup.act_dtype), "sp", "checkpointed block input")]
@@ -367,6 +400,7 @@ class MemoryEstimate:
     tokens_per_rank: int
     layer_activation_bytes: float  # one layer, no AC, after calibration
     layer_terms: dict[str, float] = field(default_factory=dict)  # bytes per layer by term
+    grads_at_peak: float | None = None  # gradient bytes alive at the activation peak (None: all of them)
 
     @property
     def static(self) -> float:
@@ -378,7 +412,9 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return self.static + self.activations + self.model_activations + self.transient
+        grads_at_peak = self.grads if self.grads_at_peak is None else self.grads_at_peak
+        during_backward = grads_at_peak + self.activations + self.model_activations + self.transient
+        return self.params + self.optimizer + self.fsdp_buffers + max(self.grads, during_backward)
 
     def as_dict(self) -> dict:
         out = asdict(self)
@@ -424,6 +460,9 @@ def estimate_memory(
 
     # saved activations
     full_terms = _terms_bytes(layer_activation_terms(shape, setup, par), par, tokens, cal)
+    cp_buffers = cp_state_buffer_bytes(shape, setup, par)
+    if cp_buffers:
+        full_terms["cp_state_buffers"] = cal.get("cp_state_buffers", 1.0) * cp_buffers
     layer_full = activation_scale * sum(full_terms.values())
     if setup.ac == "full":
         kept = activation_scale * sum(_terms_bytes(checkpointed_layer_terms(shape, setup), par, tokens, cal).values())
@@ -458,6 +497,7 @@ def estimate_memory(
         tokens_per_rank=tokens,
         layer_activation_bytes=layer_full,
         layer_terms=full_terms,
+        grads_at_peak=cal.get("grads_at_peak", 1.0) * grads,
     )
 
 
@@ -504,3 +544,70 @@ def format_bytes(n: float) -> str:
         if abs(n) >= div:
             return f"{n / div:.2f} {unit}"
     return f"{n:.0f} B"
+
+
+# ----------------------------------------------------------------------------- kernel calibration
+
+
+@dataclass(frozen=True)
+class KernelProfile:
+    """What one GDN kernel (and titan_cp's model code around it) saves: TrainSetup fields + term factors.
+
+    ``setup`` goes into :class:`TrainSetup`, ``calibration`` into
+    :func:`estimate_memory`. ``measured`` says what the factors were checked against.
+    """
+
+    name: str
+    setup: dict
+    calibration: dict
+    measured: str
+
+
+def _torch_kernel_profile(shape: GDNShape | None, act_dtype: str) -> KernelProfile:
+    """titan_cp's ``torch`` chunk kernel (kernels/chunk.py) inside titan_cp's GatedDeltaNet.
+
+    Counted with saved_tensors_hooks on the real model (scripts/benchmark_memory.py), per token per layer:
+
+    - the kernel saves fp32 chunk-layout copies of q, k (repeated to Hv heads), v, g, beta and
+      the state entering every chunk [T/C + 1, Hv, K, Vk]; no WY matrix
+      (``kernel_saved_per_head_token = 0``, ``kernel_saves_states``). ``kernel_inputs`` is scaled
+      to those fp32 copies: 4 Hv (2K + V) bytes instead of a (2 Dk + Dv).
+    - ``qk_silu_out``: the SiLU output of the fused q|k|v conv is one storage and the L2 norm keeps
+      all of it alive: (2 Dk + Dv) / (2 Dk).
+    - ``qk_l2_norms``: one rsqrt per head for q and for k (2 H, not 4 H): 0.5.
+    - ``gates``: a + dt_bias, softplus, sigmoid(b), the kernel's g and beta copies, o-norm rstd:
+      6 Hv instead of 5 Hv: 1.2.
+    - ``cp_extra`` (CP only): the kernel's fp32 v copy is K wider (4 Hv K) and q M is a view of the
+      whole [o | q M] kernel output (a Hv (V + K)): (4 K + a (V + K)) / (2 a K) times 2 Hv K a.
+      The wider chunk states are the ``kernel_states`` term at Vk = V + K.
+    - transient (fitted to the tracked-allocator peak on CPU, fp32, dim 256 / 4 x 64 heads,
+      CP 1..8, 256..16384 tokens per rank): the peak falls in the last block's MLP backward,
+      where the backward workspace is about 0.1 of a layer's activations (``workspace`` 0.21 x
+      ``workspace_fraction`` 0.5), the kernel's chunk-state workspace is not at the peak
+      (``kernel_workspace`` 0), and of the gradients only lm_head's and the final norm's
+      exist yet (``grads_at_peak`` 0.2 for this shape; small next to activations at any real length).
+    """
+    a = dtype_bytes(act_dtype)
+    cal = {"qk_l2_norms": 0.5, "gates": 1.2, "workspace": 0.21, "kernel_workspace": 0.0, "grads_at_peak": 0.2}
+    if shape is not None:
+        H, Hv, K, V = shape.n_heads, shape.Hv, shape.K, shape.V
+        cal["qk_silu_out"] = (2 * shape.key_dim + shape.value_dim) / (2 * shape.key_dim)
+        cal["kernel_inputs"] = 4 * Hv * (2 * K + V) / (a * (2 * H * K + Hv * V))
+        cal["cp_extra"] = (4 * K + a * (V + K)) / (2 * a * K)
+    return KernelProfile(
+        "torch", {"kernel_saved_per_head_token": 0.0, "kernel_saves_states": True}, cal,
+        "CPU, fp32, torch 2.13: saved-tensor tally and tracked-allocator peak of scripts/benchmark_memory.py "
+        "(docs/benchmarks.md); bf16 factors derived, not measured",
+    )
+
+
+def kernel_profile(kernel: str, shape: GDNShape | None = None, act_dtype: str = "fp32") -> KernelProfile:
+    """The calibration profile of ``model.kernel`` for ``shape`` (some factors depend on the head shapes).
+
+    ``torch``: measured (see :func:`_torch_kernel_profile`). ``triton`` (FLA) and others: the
+    TrainSetup defaults (FLA saves the WY matrix A, C per head per token, and recomputes the
+    chunk states), not yet checked against a GPU measurement.
+    """
+    if kernel == "torch":
+        return _torch_kernel_profile(shape, act_dtype)
+    return KernelProfile(kernel, {}, {}, "uncalibrated: TrainSetup defaults (FLA's chunk kernel)")

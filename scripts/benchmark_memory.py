@@ -1,0 +1,664 @@
+#!/usr/bin/env python
+"""Per-rank memory of a GDN LM training step under context parallelism (issue 6.1).
+
+For CP sizes P (default 1, 2, 4, 8) and global sequence lengths L it runs one
+forward + backward step (chunked loss, as TorchTitan's ``ChunkedLossWrapper``)
+on P ranks (one process each, started here) and reports per rank:
+
+    seq len, tokens per rank, model (parameter) memory, peak memory,
+    activation memory, status (ok / OOM / skipped), reduction vs CP = 1,
+    and the analytic estimate (titan_cp.estimator) with its error.
+
+How memory is measured
+----------------------
+- GPU (CUDA available): ``torch.cuda.max_memory_allocated`` over the step
+  (peak, absolute: parameters included) and ``memory_allocated`` after the
+  forward minus before it (live after forward).
+- CPU: a tracked-allocator peak. ``torch.profiler`` with ``profile_memory``
+  records every CPU allocation and free during the step; their running sum,
+  in time order, is the bytes the step allocated on top of what existed before
+  it; peak = parameter bytes + the maximum of that running sum.
+- Both: *activation memory* = the distinct storages autograd saves for the
+  backward during the decoder forward (``torch.autograd.graph.saved_tensors_hooks``,
+  parameters excluded, each storage counted once at its full size) plus the
+  decoder output held for the chunked loss. That is what the estimator's
+  activation terms predict.
+
+Parameters are replicated on every CP rank here (no FSDP; the estimator's
+static terms are taken with ``fsdp_over_cp=False`` to match), no optimizer
+step runs (no optimizer states), gradients are fp32.
+
+The estimate uses the calibration profile of the kernel that runs
+(:data:`titan_cp.estimator.KERNEL_PROFILES`). ``--max_gib`` bounds the whole
+run (all ranks of one P share this machine on CPU): rows whose estimate
+exceeds it are skipped rather than risking the machine.
+
+    python scripts/benchmark_memory.py                    # P 1,2,4,8 x L 2K..16K, a few minutes on 2 cores
+    python scripts/benchmark_memory.py --quick            # P 1,2,4 x L 1K,2K, about a minute
+    python scripts/benchmark_memory.py --seq_lens 4096 16384 65536 --json mem.json
+    python scripts/benchmark_memory.py --cp_sizes 1 2 --flavor 340M --seq_lens 8192   # on GPUs
+
+The functions used by scripts/benchmark_speed.py (``launch``, ``build_model``,
+``train_step``, ``ModelArgs``) live here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import pickle
+import platform
+import queue as queue_module
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+MiB = float(1 << 20)
+GiB = float(1 << 30)
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelArgs:
+    """A flavor (configs/<flavor>.toml) with field overrides, plus the CP strategy."""
+
+    flavor: str = "debug"
+    overrides: dict = field(default_factory=dict)
+    exchange: str = "allgather"
+    layout: str = "contiguous"
+    dtype: str = "float32"
+
+    def config(self):
+        from titan_cp.model import model_config
+
+        return model_config(self.flavor, cp_exchange=self.exchange, cp_layout=self.layout, **self.overrides)
+
+    def describe(self) -> str:
+        c = self.config()
+        hv = c.num_v_heads or c.num_heads
+        text = (f"flavor {self.flavor}: dim {c.dim}, {c.n_layers} layers, {c.num_heads} heads x K {c.head_dim}, "
+                f"{hv} value heads x V {int(c.head_dim * c.expand_v)}, MLP {c.hidden_dim}, vocab {c.vocab_size}, "
+                f"kernel {c.kernel}")
+        if c.layer_pattern:
+            text += (f", layer_pattern {c.layer_pattern} (attention {c.attn_num_heads} q / {c.attn_num_kv_heads} kv "
+                     f"heads x {c.attn_head_dim})")
+        return text + f", {self.dtype}"
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def add_model_arguments(p: argparse.ArgumentParser, **defaults) -> None:
+    """--flavor and model-field overrides; ``defaults`` sets this script's defaults."""
+    g = p.add_argument_group("model (a flavor from configs/, fields overridden one by one)")
+    g.add_argument("--flavor", default=defaults.get("flavor", "debug"))
+    for name in ("dim", "n_layers", "num_heads", "head_dim", "num_v_heads", "hidden_dim", "vocab_size"):
+        g.add_argument(f"--{name}", type=int, default=defaults.get(name))
+    g.add_argument("--expand_v", type=float, default=defaults.get("expand_v"))
+    g.add_argument("--kernel", default=defaults.get("kernel", "torch"), help="torch | recurrent | triton")
+    g.add_argument("--exchange", default=defaults.get("exchange", "allgather"), help="allgather | logscan | alltoall")
+    g.add_argument("--layout", default=defaults.get("layout", "contiguous"), help="contiguous | zigzag")
+    g.add_argument("--dtype", default=defaults.get("dtype", "float32"), choices=sorted(DTYPES))
+
+
+def model_args_from(a: argparse.Namespace) -> ModelArgs:
+    over = {k: getattr(a, k) for k in ("dim", "n_layers", "num_heads", "head_dim", "num_v_heads", "hidden_dim",
+                                       "vocab_size", "expand_v") if getattr(a, k, None) is not None}
+    over["kernel"] = a.kernel
+    return ModelArgs(a.flavor, over, a.exchange, a.layout, a.dtype)
+
+
+def build_model(args: ModelArgs, device: torch.device, cp_group=None, seed: int = 0):
+    """The model on ``device`` (same weights on every rank: same seed), CP applied when the group has > 1 rank."""
+    from titan_cp.cp.context import CPContext
+    from titan_cp.parallelize import apply_cp
+
+    torch.manual_seed(seed)
+    model = args.config().build()
+    model.init_weights()
+    model.to(device=device, dtype=DTYPES[args.dtype])
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        apply_cp(model, CPContext(group=cp_group, layout=args.layout, exchange=args.exchange))
+    else:
+        apply_cp(model, None)
+    return model
+
+
+def make_batch(vocab: int, L: int, batch: int, rank: int, P: int, layout: str, device, seed: int = 1):
+    """(inputs, labels) of this rank: its shard of a random global batch, as separate storages."""
+    from titan_cp.cp.layout import shard_sequence
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, L + 1), generator=g)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    if P > 1:
+        inputs, labels = (shard_sequence(t, 1, rank, P, layout) for t in (inputs, labels))
+    return inputs.contiguous().to(device), labels.contiguous().to(device)
+
+
+def decoder_hidden(model, inputs: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """GDNModel.forward without the lm_head: the hidden states TorchTitan's chunked loss receives."""
+    seq = model.sequence_info(inputs, positions)
+    h = model.tok_embeddings(inputs)
+    for block in model.layers.values():
+        h = block(h, seq)
+    return model.norm(h)
+
+
+def chunked_loss_backward(model, h: torch.Tensor, labels: torch.Tensor, n_chunks: int, global_tokens: int) -> float:
+    """TorchTitan's ChunkedLossWrapper flow: lm_head + CE + backward per chunk, fp32 grad accumulator, then
+    the decoder backward. Loss normalised by the global token count (so CP ranks' gradients sum)."""
+    T = h.shape[1]
+    n = max(1, min(n_chunks, T))
+    while T % n:
+        n -= 1
+    accum = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+    total = 0.0
+    step = T // n
+    for i in range(n):
+        sl = slice(i * step, (i + 1) * step)
+        hc = h.detach()[:, sl].contiguous().requires_grad_(True)
+        logits = model.lm_head(hc)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, sl].flatten(), reduction="sum") / global_tokens
+        loss.backward()
+        accum[:, sl] = hc.grad
+        total += loss.item()
+        del hc, logits, loss
+    h.backward(accum.to(h.dtype))
+    return total
+
+
+def train_step(model, inputs, labels, n_chunks: int, global_tokens: int) -> float:
+    h = decoder_hidden(model, inputs)
+    return chunked_loss_backward(model, h, labels, n_chunks, global_tokens)
+
+
+# --------------------------------------------------------------------------- launching ranks
+
+
+def device_kind() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def machine_description() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, torch {torch.__version__}, nccl"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, gloo; "
+            f"load average {load:.1f} at start")
+
+
+def load_average() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def can_launch(P: int) -> tuple[bool, str]:
+    if torch.cuda.is_available() and P > torch.cuda.device_count():
+        return False, f"needs {P} GPUs, {torch.cuda.device_count()} visible"
+    return True, ""
+
+
+def _rank_main(fn, rank, world, port, args, results, threads, pg_timeout_s):
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(threads)
+    try:
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank) if cuda else torch.device("cpu")
+        timeout = timedelta(seconds=pg_timeout_s)
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
+                                timeout=timeout)
+        out = fn(rank, world, device, *args)
+        results.put((rank, "ok", pickle.dumps(out)))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+def launch(fn, world: int, args=(), *, threads: int = 1, timeout: float = 3600.0, pg_timeout: float = 900.0):
+    """Run ``fn(rank, world, device, *args)`` on ``world`` fresh processes (gloo on CPU, NCCL on GPUs).
+
+    ``fn`` must be a module-level function. Returns the results by rank; raises
+    RuntimeError with the tracebacks if any rank fails, or on ``timeout``.
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=timedelta(seconds=pg_timeout))
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world, store.port, tuple(args), results, threads, pg_timeout),
+                         daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    outcomes, failures = {}, {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outcomes) < world:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ranks {sorted(set(range(world)) - set(outcomes))} did not finish in {timeout:.0f} s")
+            try:
+                rank, status, payload = results.get(timeout=0.2)
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in outcomes and p.exitcode not in (None, 0)]
+                if dead:
+                    time.sleep(1.0)
+                    if results.empty():
+                        raise RuntimeError(f"rank(s) {dead} died (exit codes "
+                                           f"{[procs[r].exitcode for r in dead]}) without a result")
+                continue
+            outcomes[rank] = (status, payload)
+            if status == "error":
+                failures[rank] = payload
+                break
+        if failures:
+            time.sleep(1.0)
+            while not results.empty():
+                rank, status, payload = results.get_nowait()
+                if status == "error":
+                    failures[rank] = payload
+            raise RuntimeError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items())))
+        return [pickle.loads(outcomes[r][1]) for r in range(world)]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+        del store
+
+
+# --------------------------------------------------------------------------- measuring memory
+
+
+class SavedTensorTally:
+    """Bytes of the distinct storages autograd saves while active (parameters excluded)."""
+
+    def __init__(self, model):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.storages: dict[int, int] = {}
+
+    def _pack(self, t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self.params:
+            self.storages[ptr] = max(self.storages.get(ptr, 0), storage.nbytes())
+        return t
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+
+class AllocationTracker:
+    """Peak bytes allocated during a region: CUDA allocator stats, or the CPU profiler's allocation events."""
+
+    MARK = "benchmark_memory::forward_done"
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self.prof.__enter__()
+        return self
+
+    def mark_forward_done(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.after_forward = torch.cuda.memory_allocated(self.device) - self.base
+        else:
+            with torch.profiler.record_function(self.MARK):
+                pass
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak_delta = torch.cuda.max_memory_allocated(self.device) - self.base
+            self.peak_absolute = torch.cuda.max_memory_allocated(self.device)
+            return
+        self.prof.__exit__(*exc)
+        if exc[0] is not None:
+            return
+        from torch._C._profiler import _EventType
+
+        allocs, mark = [], None
+        stack = list(self.prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            if node.tag == _EventType.Allocation:
+                fields = node.extra_fields
+                if str(fields.device).startswith("cpu"):
+                    allocs.append((node.start_time_ns, fields.alloc_size))
+            elif node.name == self.MARK:
+                mark = node.start_time_ns
+            stack.extend(node.children)
+        allocs.sort()
+        running = peak = 0
+        self.after_forward = None
+        for t, size in allocs:
+            if mark is not None and self.after_forward is None and t > mark:
+                self.after_forward = running
+            running += size
+            peak = max(peak, running)
+        if self.after_forward is None:
+            self.after_forward = running
+        self.peak_delta = peak
+        self.peak_absolute = None
+        self.n_events = len(allocs)
+        del self.prof
+
+
+def is_oom(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower() or \
+        "can't allocate memory" in text or "DefaultCPUAllocator" in text
+
+
+def _memory_rank(rank, P, device, margs: ModelArgs, seq_lens, batch, loss_chunks, skip_lens):
+    model = build_model(margs, device, dist.group.WORLD if P > 1 else None)
+    cfg = model.config
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows = []
+    failed = False
+    for L in seq_lens:
+        row = {"P": P, "seq_len": L, "tokens_per_rank": batch * L // P, "param_bytes": param_bytes}
+        if L in skip_lens:
+            row.update(status="skipped", note=skip_lens[L])
+            rows.append(row)
+            continue
+        if failed:
+            row.update(status="skipped", note="a shorter sequence already failed")
+            rows.append(row)
+            continue
+        inputs, labels = make_batch(cfg.vocab_size, L, batch, rank, P, margs.layout, device)
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        t0 = time.perf_counter()
+        try:
+            tally = SavedTensorTally(model)
+            with AllocationTracker(device) as tracker:
+                with tally:
+                    h = decoder_hidden(model, inputs)
+                tracker.mark_forward_done()
+                chunked_loss_backward(model, h, labels, loss_chunks, batch * L)
+                hidden_bytes = h.numel() * h.element_size()
+                del h
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            failed = True
+            row.update(status="OOM", note=str(exc).splitlines()[0][:120])
+            rows.append(row)
+            continue
+        peak = tracker.peak_absolute if tracker.peak_absolute is not None else param_bytes + tracker.peak_delta
+        row.update(
+            status="ok",
+            saved_bytes=tally.bytes,
+            hidden_bytes=hidden_bytes,
+            activation_bytes=tally.bytes + hidden_bytes,
+            live_after_forward_bytes=tracker.after_forward,
+            peak_bytes=peak,
+            peak_delta_bytes=tracker.peak_delta,
+            step_s=time.perf_counter() - t0,
+        )
+        rows.append(row)
+        del inputs, labels, tally, tracker
+    model.zero_grad(set_to_none=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- estimator
+
+
+def estimator_shape(margs: ModelArgs):
+    from titan_cp.estimator import GDNShape
+
+    c = margs.config()
+    return GDNShape("benchmark", dim=c.dim, n_layers=c.n_layers, n_heads=c.num_heads, head_dim=c.head_dim,
+                    expand_v=c.expand_v, n_v_heads=c.num_v_heads, conv_size=c.conv_size, mlp_hidden=c.hidden_dim,
+                    vocab=c.vocab_size, tied=c.tie_embeddings)
+
+
+def estimate_row(margs: ModelArgs, L: int, P: int, batch: int, loss_chunks: int):
+    from titan_cp.estimator import (
+        Parallelism,
+        TrainSetup,
+        estimate_memory,
+        kernel_profile,
+    )
+
+    c = margs.config()
+    dt = {"float32": "fp32", "bfloat16": "bf16", "float64": "fp32"}[margs.dtype]
+    shape = estimator_shape(margs)
+    prof = kernel_profile(c.kernel, shape, dt)
+    setup = TrainSetup(seq_len=L, batch=batch, param_dtype=dt, act_dtype=dt, grad_dtype=dt, optimizer_states=0,
+                       loss_chunks=loss_chunks, cp_exchange=margs.exchange, cp_layout=margs.layout, **prof.setup)
+    par = Parallelism(cp=P, fsdp_over_cp=False)
+    return estimate_memory(shape, setup, par, calibration=prof.calibration)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _fmt_mib(b) -> str:
+    return "-" if b is None else f"{b / MiB:,.1f}"
+
+
+def _err(pred, meas) -> str:
+    return "-" if not meas else f"{100 * (pred - meas) / meas:+.1f}%"
+
+
+def run(a: argparse.Namespace) -> dict:
+    margs = model_args_from(a)
+    margs.config()  # unknown flavors / fields fail here, before any rank starts
+    from titan_cp.cp.layout import num_segments
+
+    rows = []
+    print(f"# benchmark_memory: {margs.describe()}, batch {a.batch}, loss chunks {a.loss_chunks}")
+    machine = machine_description()
+    print(f"# machine: {machine}")
+    method = ("torch.cuda.max_memory_allocated (peak, absolute)" if torch.cuda.is_available() else
+              "CPU tracked-allocator peak: parameter bytes + max running sum of torch.profiler allocation events")
+    print(f"# peak memory: {method}")
+    print("# activation memory: distinct storages saved for backward in the decoder forward "
+          "(saved_tensors_hooks) + the decoder output held for the chunked loss")
+    for P in a.cp_sizes:
+        ok, why = can_launch(P)
+        skip = {}
+        for L in a.seq_lens:
+            if L % num_segments(P, margs.layout):
+                skip[L] = f"seq_len {L} does not divide into the segments of CP {P}"
+                continue
+            est = estimate_row(margs, L, P, a.batch, a.loss_chunks)
+            if not torch.cuda.is_available() and est.total * P > a.max_gib * GiB:
+                skip[L] = f"estimate {est.total * P / GiB:.1f} GiB for {P} ranks > --max_gib {a.max_gib}"
+        if not ok:
+            rows += [{"P": P, "seq_len": L, "tokens_per_rank": a.batch * L // P, "status": "skipped", "note": why}
+                     for L in a.seq_lens]
+            continue
+        t0 = time.perf_counter()
+        per_rank = launch(_memory_rank, P, (margs, a.seq_lens, a.batch, a.loss_chunks, skip), threads=a.threads)
+        print(f"# P={P}: {time.perf_counter() - t0:.0f} s wall, load average {load_average():.1f}", flush=True)
+        for i, L in enumerate(a.seq_lens):
+            rank_rows = [r[i] for r in per_rank]
+            row = dict(rank_rows[0])
+            if row["status"] == "ok":
+                # the per-rank table reports the worst rank (ranks differ only by tiny exchange buffers)
+                for key in ("saved_bytes", "activation_bytes", "live_after_forward_bytes", "peak_bytes",
+                            "peak_delta_bytes", "step_s"):
+                    row[key] = max(r[key] for r in rank_rows)
+                row["per_rank_activation_bytes"] = [r["activation_bytes"] for r in rank_rows]
+                row["per_rank_peak_bytes"] = [r["peak_bytes"] for r in rank_rows]
+            if row["status"] != "skipped" or "estimate" in row.get("note", ""):
+                est = estimate_row(margs, L, P, a.batch, a.loss_chunks)
+                row["estimate"] = {"peak_bytes": est.total, "activation_bytes": est.activations + est.model_activations,
+                                   "static_bytes": est.static, "transient_bytes": est.transient}
+            rows.append(row)
+    # reductions vs CP = 1 at the same L
+    base = {r["seq_len"]: r for r in rows if r["P"] == 1 and r["status"] == "ok"}
+    for r in rows:
+        b = base.get(r["seq_len"])
+        if r["status"] == "ok" and b:
+            r["activation_reduction"] = b["activation_bytes"] / r["activation_bytes"]
+            r["peak_reduction"] = b["peak_bytes"] / r["peak_bytes"]
+    return {"model": asdict(margs), "model_description": margs.describe(), "machine": machine,
+            "peak_method": method, "batch": a.batch, "loss_chunks": a.loss_chunks, "threads_per_rank": a.threads,
+            "date": time.strftime("%Y-%m-%d"), "rows": rows, "targets": targets(rows, a)}
+
+
+def targets(rows, a) -> dict:
+    """Activation memory cut by >= 0.9 P at the longest L measured for every P; estimator within 15%."""
+    out = {}
+    ok = [r for r in rows if r["status"] == "ok"]
+    if ok:
+        longest = max(r["seq_len"] for r in ok if r["P"] == 1) if any(r["P"] == 1 for r in ok) else None
+        for r in ok:
+            if r["seq_len"] == longest and r["P"] > 1 and "activation_reduction" in r:
+                out[f"activation_cut_P{r['P']}_L{longest}"] = {
+                    "reduction": r["activation_reduction"], "target": 0.9 * r["P"],
+                    "met": r["activation_reduction"] >= 0.9 * r["P"]}
+        errs = []
+        for r in ok:
+            if "estimate" in r:
+                errs.append(abs(r["estimate"]["peak_bytes"] - r["peak_bytes"]) / r["peak_bytes"])
+                errs.append(abs(r["estimate"]["activation_bytes"] - r["activation_bytes"]) / r["activation_bytes"])
+        if errs:
+            out["estimator_within_15pct"] = {"max_abs_error": max(errs), "met": max(errs) <= 0.15}
+    return out
+
+
+def print_table(result: dict, markdown: bool = False) -> str:
+    head = ["P", "seq len", "tokens/rank", "model MiB", "peak MiB", "act MiB", "status", "act cut", "peak cut",
+            "est peak MiB (err)", "est act MiB (err)"]
+    lines = []
+    if markdown:
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    else:
+        lines.append("  ".join(f"{h:>14s}" if i > 5 else f"{h:>11s}" for i, h in enumerate(head)))
+    for r in result["rows"]:
+        est = r.get("estimate")
+        cells = [str(r["P"]), f"{r['seq_len']:,}", f"{r['tokens_per_rank']:,}", _fmt_mib(r.get("param_bytes")),
+                 _fmt_mib(r.get("peak_bytes")), _fmt_mib(r.get("activation_bytes")),
+                 r["status"] + (f" ({r['note']})" if r.get("note") and markdown else ""),
+                 f"{r['activation_reduction']:.2f}x" if "activation_reduction" in r else "-",
+                 f"{r['peak_reduction']:.2f}x" if "peak_reduction" in r else "-",
+                 f"{est['peak_bytes'] / MiB:,.1f} ({_err(est['peak_bytes'], r.get('peak_bytes'))})" if est else "-",
+                 f"{est['activation_bytes'] / MiB:,.1f} ({_err(est['activation_bytes'], r.get('activation_bytes'))})"
+                 if est else "-"]
+        if markdown:
+            lines.append("| " + " | ".join(cells) + " |")
+        else:
+            lines.append("  ".join(f"{c:>14s}" if i > 5 else f"{c:>11s}" for i, c in enumerate(cells)))
+    return "\n".join(lines)
+
+
+def plot_memory(result: dict, path: Path) -> None:
+    """Per-rank activation and peak memory vs global L, one line per CP size (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sizes = sorted({r["P"] for r in result["rows"] if r["status"] == "ok"})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, P in enumerate(sizes):
+        rows = sorted((r for r in result["rows"] if r["P"] == P and r["status"] == "ok"), key=lambda r: r["seq_len"])
+        L = [r["seq_len"] for r in rows]
+        c = colors[i % len(colors)]
+        ax.plot(L, [r["peak_bytes"] / MiB for r in rows], "o-", color=c, label=f"CP={P} peak")
+        ax.plot(L, [r["activation_bytes"] / MiB for r in rows], "s--", color=c, alpha=0.7, label=f"CP={P} activations")
+        est = [r["estimate"]["peak_bytes"] / MiB for r in rows if "estimate" in r]
+        if len(est) == len(rows):
+            ax.plot(L, est, ":", color=c, alpha=0.6)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("global sequence length L (tokens)")
+    ax.set_ylabel("per-rank memory (MiB)")
+    ax.set_title("Per-rank memory vs L (dotted: estimator's peak)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.text(0.01, 0.005, f"{result['model_description']}\n{result['machine']}", fontsize=6)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_model_arguments(p, dim=256, n_layers=2, num_heads=4, head_dim=64, hidden_dim=768, vocab_size=2048)
+    p.add_argument("--cp_sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--seq_lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--loss_chunks", type=int, default=8, help="chunked loss chunks (TorchTitan default 8)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--max_gib", type=float, default=8.0,
+                   help="CPU: skip rows whose estimate for all P ranks together exceeds this (default 8)")
+    p.add_argument("--quick", action="store_true", help="P 1,2,4 and L 1K,2K (about a minute)")
+    p.add_argument("--json", type=Path, help="write the result as JSON here")
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    p.add_argument("--plot", type=Path, help="save a PNG of memory vs L per CP size here")
+    p.add_argument("--from_json", type=Path, help="print / plot a saved --json result instead of running")
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.quick:
+        a.cp_sizes, a.seq_lens = [1, 2, 4], [1024, 2048]
+    a.seq_lens = sorted(a.seq_lens)
+    result = json.loads(a.from_json.read_text()) if a.from_json else run(a)
+    print(print_table(result, a.markdown))
+    for name, t in result["targets"].items():
+        print(f"# target {name}: {json.dumps(t)}")
+    if a.json and not a.from_json:
+        a.json.write_text(json.dumps(result, indent=1))
+        print(f"# wrote {a.json}")
+    if a.plot:
+        plot_memory(result, a.plot)
+        print(f"# wrote {a.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
