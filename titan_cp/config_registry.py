@@ -131,10 +131,10 @@ def _gpu_training(**kw) -> TrainingConfig:
     return TrainingConfig(**base)
 
 
-def gdn_debug() -> Trainer.Config:
-    """Tiny GDN for CPU (torch kernel, 512 tokens, shipped corpus): the default CPU run."""
+def _cpu_config(flavor: str) -> Trainer.Config:
+    """A short CPU run of ``flavor``: torch kernel, 512 tokens, shipped corpus."""
     return _config(
-        "debug",
+        flavor,
         training=_cpu_training(),
         lr=3e-3,
         warmup_steps=2,
@@ -142,19 +142,16 @@ def gdn_debug() -> Trainer.Config:
         checkpoint_interval=10,
         log_freq=1,
     )
+
+
+def gdn_debug() -> Trainer.Config:
+    """Tiny GDN for CPU (torch kernel, 512 tokens, shipped corpus): the default CPU run."""
+    return _cpu_config("debug")
 
 
 def gdn_debug_hybrid() -> Trainer.Config:
     """Tiny GDN + softmax-attention hybrid for CPU."""
-    return _config(
-        "debug_hybrid",
-        training=_cpu_training(),
-        lr=3e-3,
-        warmup_steps=2,
-        optimizer_impl="foreach",
-        checkpoint_interval=10,
-        log_freq=1,
-    )
+    return _cpu_config("debug_hybrid")
 
 
 def gdn_340m() -> Trainer.Config:
