@@ -70,7 +70,6 @@ def _run(rank, world, dp, cp, tp, flavor_overrides, layout, exchange):
     ref_loss = F.cross_entropy(reference(inputs, positions).flatten(0, 1), labels.flatten())
     ref_loss.backward()
 
-    mesh = dims.world_mesh if hasattr(dims, "world_mesh") else None
     dp_rank = dims.get_mesh("batch").get_local_rank() if dp > 1 else 0
     cp_rank = dims.get_mesh("cp").get_local_rank() if cp > 1 else 0
     rows = slice(dp_rank * 2, dp_rank * 2 + 2)
@@ -85,7 +84,6 @@ def _run(rank, world, dp, cp, tp, flavor_overrides, layout, exchange):
     for name, p in model.named_parameters():
         grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
         errors[name] = _rel(grad, ref_grads[name].grad)
-    del mesh
     return errors
 
 

@@ -50,7 +50,6 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.utils.data import IterableDataset
 from torchtitan.components.dataloader import ParallelAwareDataloader
-from torchtitan.components.loss import IGNORE_INDEX  # noqa: F401  (documented convention)
 from torchtitan.components.tokenizer import BaseTokenizer
 
 ASSETS = Path(__file__).resolve().parent / "assets"

@@ -39,7 +39,7 @@ Kernels (``model.kernel`` in the config):
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
