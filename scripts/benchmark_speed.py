@@ -427,8 +427,11 @@ def device_is_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-def run_strategies(a, margs: ModelArgs) -> dict:
-    rows = []
+def _launch_per_cp_size(a, rows: list, rank_fn, args: tuple):
+    """Launch ``rank_fn`` at every CP size > 1 of ``a.cp_sizes``; yield (P, per-rank results, load).
+
+    Sizes this machine cannot launch get a "skipped" row in ``rows``.
+    """
     for P in a.cp_sizes:
         if P == 1:
             continue
@@ -437,10 +440,16 @@ def run_strategies(a, margs: ModelArgs) -> dict:
             rows.append({"P": P, "status": f"skipped: {why}"})
             continue
         t0 = time.perf_counter()
-        per_rank = launch(_strategies_rank, P, (margs, a.strategy_list, a.strong_len, a.warmup, a.repeats,
-                                                a.loss_chunks, a.batch), threads=a.threads)
+        per_rank = launch(rank_fn, P, args, threads=a.threads)
         load = load_average()
         print(f"# P={P}: {time.perf_counter() - t0:.0f} s wall, load average {load:.1f}", flush=True)
+        yield P, per_rank, load
+
+
+def run_strategies(a, margs: ModelArgs) -> dict:
+    rows = []
+    args = (margs, a.strategy_list, a.strong_len, a.warmup, a.repeats, a.loss_chunks, a.batch)
+    for P, per_rank, load in _launch_per_cp_size(a, rows, _strategies_rank, args):
         for s in a.strategy_list:
             r0 = per_rank[0][s]
             if r0["status"] != "ok":
@@ -468,18 +477,8 @@ def run_strategies(a, margs: ModelArgs) -> dict:
 
 def run_hybrid(a, margs: ModelArgs) -> dict:
     rows = []
-    for P in a.cp_sizes:
-        if P == 1:
-            continue
-        ok, why = can_launch(P)
-        if not ok:
-            rows.append({"P": P, "status": f"skipped: {why}"})
-            continue
-        t0 = time.perf_counter()
-        per_rank = launch(_hybrid_rank, P, (margs, ("contiguous", "zigzag"), a.hybrid_len, a.warmup, a.repeats,
-                                            a.loss_chunks, a.batch), threads=a.threads)
-        load = load_average()
-        print(f"# P={P}: {time.perf_counter() - t0:.0f} s wall, load average {load:.1f}", flush=True)
+    args = (margs, ("contiguous", "zigzag"), a.hybrid_len, a.warmup, a.repeats, a.loss_chunks, a.batch)
+    for P, per_rank, load in _launch_per_cp_size(a, rows, _hybrid_rank, args):
         for layout in ("contiguous", "zigzag"):
             busy = [r[layout]["busy"] for r in per_rank]
             cpu = [r[layout]["cpu"] for r in per_rank]

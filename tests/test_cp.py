@@ -17,6 +17,7 @@ from titan_cp.cp.context import CPContext
 from titan_cp.cp.layout import shard_sequence
 from titan_cp.cp.stats import comm_stats
 from titan_cp.model import model_config
+from titan_cp.parallelize import apply_cp
 from titan_cp.model.layers import GatedDeltaNet, SequenceInfo
 
 FP32_REL = 1e-5
@@ -124,9 +125,7 @@ def _model_rank(rank, P, layout, exchange):
     model.zero_grad()
 
     cp = CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange)
-    model.cp = cp
-    for block in model.layers.values():
-        block.attention.cp = cp
+    apply_cp(model, cp)
     shard = lambda t: shard_sequence(t, 1, rank, P, layout)  # noqa: E731
     logits = model(shard(inputs), shard(positions))
     loss_sum = F.cross_entropy(logits.flatten(0, 1), shard(labels).flatten(), reduction="sum")

@@ -25,6 +25,7 @@ from titan_cp.cp.context import CPContext
 from titan_cp.cp.layout import shard_sequence
 from titan_cp.cp.stats import comm_stats
 from titan_cp.model import model_config
+from titan_cp.parallelize import apply_cp
 from titan_cp.model.attention import Attention
 from titan_cp.model.layers import SequenceInfo
 
@@ -70,9 +71,7 @@ def _hybrid_case(rank: int, P: int, layout: str, exchange: str, packed: bool) ->
     model.zero_grad()
 
     cp = CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange)
-    model.cp = cp
-    for block in model.layers.values():
-        block.attention.cp = cp
+    apply_cp(model, cp)
     shard = lambda t: None if t is None else shard_sequence(t, 1, rank, P, layout)
     comm_stats.reset()
     logits = model(shard(inputs), shard(positions))

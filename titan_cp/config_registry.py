@@ -154,34 +154,29 @@ def gdn_debug_hybrid() -> Trainer.Config:
     return _cpu_config("debug_hybrid")
 
 
-def gdn_340m() -> Trainer.Config:
-    """FLA's 340M GDN shape, Triton kernel, 64K tokens per sequence (pair with CP 8 on 8 GPUs)."""
+def _gpu_config(flavor: str, lr: float) -> Trainer.Config:
+    """A long GPU run of ``flavor``: triton kernel, 64K tokens per sequence, full AC."""
     return _config(
-        "340M",
+        flavor,
         model_overrides={"kernel": "triton"},
         training=_gpu_training(steps=20000),
-        lr=3e-4,
+        lr=lr,
         warmup_steps=1000,
         optimizer_impl="fused",
         checkpoint_interval=1000,
         log_freq=10,
         activation_checkpoint=FullAC.Config(),
     )
+
+
+def gdn_340m() -> Trainer.Config:
+    """FLA's 340M GDN shape, Triton kernel, 64K tokens per sequence (pair with CP 8 on 8 GPUs)."""
+    return _gpu_config("340M", lr=3e-4)
 
 
 def gdn_1_3b() -> Trainer.Config:
     """FLA's 1.3B GDN shape, Triton kernel, 64K tokens per sequence (pair with CP 8 on 8 GPUs)."""
-    return _config(
-        "1.3B",
-        model_overrides={"kernel": "triton"},
-        training=_gpu_training(steps=20000),
-        lr=2e-4,
-        warmup_steps=1000,
-        optimizer_impl="fused",
-        checkpoint_interval=1000,
-        log_freq=10,
-        activation_checkpoint=FullAC.Config(),
-    )
+    return _gpu_config("1.3B", lr=2e-4)
 
 
 def gdn_1_3b_hybrid() -> Trainer.Config:
