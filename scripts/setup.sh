@@ -7,5 +7,5 @@ cd "$(dirname "$0")/.."
 python3 -m pip install -q torch==2.13.0
 python3 -m pip install -q -e '.[test]'
 # FLA's op code only (pure Python + Triton sources, no CUDA): lets the CPU tests run FLA's real
-# Triton kernels under the Triton interpreter (tests/test_triton_kernel.py).
-python3 -m pip install -q --no-deps fla-core==0.6.0
+# Triton kernels and FLA's HF models under the Triton interpreter (tests/test_triton_kernel.py).
+python3 -m pip install -q --no-deps fla-core==0.6.0 flash-linear-attention==0.6.0
