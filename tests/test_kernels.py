@@ -239,6 +239,61 @@ def test_doc_start_forgets_everything_before_it():
 
 
 # ---------------------------------------------------------------------------------------
+# Extreme decays: float32 against the float64 recurrence
+# ---------------------------------------------------------------------------------------
+
+EXTREME_SHAPE = dict(B=1, T=128, H=2, K=16, V=16)  # two chunks of the default 64
+EXTREME_TOL = 2e-6  # float32 rounding; before the fixes: dg 1.4 (g = -20), 2.7e-5 (half strong), NaN (-inf)
+
+
+def extreme_case(g_of, doc_starts=None):
+    """float32 chunk kernel vs the float64 recurrence, g replaced by g_of(g)."""
+    inputs, weights = make_inputs(**EXTREME_SHAPE, dtype=torch.float32, seed=5)
+    inputs[3] = g_of(inputs[3])
+    got = run_with_grads(chunk_gated_delta_rule, inputs, weights, doc_starts=doc_starts)
+    want = reference(inputs, weights, doc_starts=doc_starts)
+    assert all(torch.isfinite(x).all() for x in want)
+    return got, want
+
+
+@pytest.mark.parametrize("g_value", [-5.0, -10.0, -20.0])
+def test_strong_decay_gradient_of_g(g_value):
+    """dg_j sums only decays that span j: no O(1) terms that cancel when every decay is tiny."""
+    got, want = extreme_case(lambda g: torch.full_like(g, g_value))
+    assert_close(got, want, EXTREME_TOL)
+
+
+def test_strong_then_no_decay_in_each_chunk():
+    """g = -20 on the first half of every chunk, then -1e-3: the in-chunk log decay reaches -640,
+    where a float32 cumulative sum loses ~1e-4 of every later exp(G_t - G_s)."""
+    def half_strong(g):
+        first_half = torch.arange(g.shape[1]) % 64 < 32
+        return torch.where(first_half[None, :, None], -20.0, -1e-3).to(g.dtype).expand_as(g).clone()
+
+    got, want = extreme_case(half_strong)
+    assert_close(got, want, EXTREME_TOL)
+
+
+@pytest.mark.parametrize("at_document_start", [False, True], ids=["no_documents", "at_document_start"])
+def test_minus_infinity_log_decay(at_document_start):
+    """g = -inf is a_t = 0 (the state is wiped, not reset): finite, and equal to the recurrence.
+    At a document start g is unused and must not turn the chunk into NaN."""
+    def minus_inf(g):
+        g = g.clone()
+        g[:, [40, 100]] = float("-inf")
+        return g
+
+    doc_starts = None
+    if at_document_start:
+        doc_starts = torch.zeros(1, EXTREME_SHAPE["T"], dtype=torch.bool)
+        doc_starts[0, [40, 100]] = True
+    got, want = extreme_case(minus_inf, doc_starts)
+    assert all(torch.isfinite(x).all() for x in got)
+    assert_close(got, want, EXTREME_TOL)
+    assert (got[5][:, [40, 100]] == 0).all()  # dg at a -inf decay: exp'(-inf) = 0
+
+
+# ---------------------------------------------------------------------------------------
 # FLA's own reference
 # ---------------------------------------------------------------------------------------
 

@@ -57,9 +57,9 @@ Document starts
 ---------------
 A start at t drops a_t and the projection: S_t = beta_t k_t v_t^T. That is the
 recurrence with a_t = 0, so every decay product spanning a start is 0. It is
-*not* implemented by setting g = -inf (cumulative sums would lose precision):
-the document id d_t masks the decays above. D is zero between tokens of
-different documents, gamma is zero after the first start in the chunk (the
+*not* implemented by setting g = -inf (-inf - -inf would be NaN): the document
+id d_t masks the decays above, and g at a start is set to 0 (it is unused).
+D is zero between tokens of different documents, gamma is zero after the first start in the chunk (the
 carried-in state is forgotten), lam is zero before the last start (those writes
 do not reach the next chunk), and gamma_{C-1} = 0 if the chunk holds a start.
 Every exp() above is of a difference of G inside one document, so no reset
@@ -81,14 +81,18 @@ dW = -du H^T, dU = du; through the WY products to T^T dW, T^T dU (giving dK,
 dV, dbeta, dgamma); through the UT transform dA = -T^T dT T^T with
 dT = dW (beta gamma K)^T + dU (beta V)^T, i.e. dA = -(T^T dW) W^T - (T^T dU) U^T
 (strictly lower part; dT itself is never formed); through A to dK, dbeta, dD.
-The decay gradients become dG_t (dD[t, s] D[t, s] adds to G_t and subtracts
-from G_s, dgamma_t gamma_t adds to G_t, dlam_s lam_s adds to G_{C-1} and
-subtracts from G_s), and dg_j is the sum of dG_t over the t >= j of the chunk
-that belong to j's document (with documents, summed per document so that no
-gradient crosses a document start, not even rounding errors; g at a start is
-unused and gets exactly 0).
+The decay gradients go straight to g: g_j enters exactly the decays that span
+j (D[t, s] with s < j <= t, gamma_t with t >= j, lam_s with s < j), so dg_j is
+the sum of dD D, dgamma gamma and dlam lam over those (prefix sums, no O(1)
+terms that cancel: under strong decay every such term is tiny and so is dg).
+A decay across a document start is exactly 0, so no gradient crosses a start
+and g at a start (unused) gets exactly 0.
 
-Precision: everything is accumulated in float32 (float64 for float64 inputs);
+Precision: everything is accumulated in float32 (float64 for float64 inputs),
+except the in-chunk cumulative log decay G, summed in float64 (it reaches
+-C |g|, where float32 would lose ~1e-4 of every decay product); each exponent is
+a float64 difference rounded once. g is clamped at -1000 (exp of any sum holding
+it is 0 in either dtype), so g = -inf (a_t = 0) stays finite.
 o is returned in v.dtype, the final state in the accumulation dtype.
 """
 
@@ -160,31 +164,47 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a, b)
 
 
+LOG_DECAY_FLOOR = -1000.0
+"""g is clamped from below here: exp() of any sum containing it is 0 in float32 and float64
+alike, so the clamp changes no result, and g = -inf (a_t = 0) gives no -inf - -inf = NaN."""
+
+
 def _chunk_decays(g_chunks: torch.Tensor, doc_id: torch.Tensor | None):
     """Decay factors of every chunk from the log decays g_chunks [N, BH, C].
+
+    G is summed in float64 (it reaches -C * |g|, e.g. -640 for g = -10, where a
+    float32 sum would be off by ~1e-4 absolute, i.e. every decay product by 1e-4
+    relative) and every exponent is a float64 difference rounded once to the
+    accumulation dtype. g at a document start is unused (set to 0) and g is clamped
+    at ``LOG_DECAY_FLOOR``, so g = -inf anywhere gives finite results.
 
     Returns
       decay_within_chunk  [N, BH, C, C]  D[t, s] = exp(G_t - G_s) if s <= t, same document; else 0
       decay_from_start    [N, BH, C]     gamma_t = exp(G_t) if no document start in 0..t; else 0
       decay_to_end        [N, BH, C]     lam_s = exp(G_last - G_s) if same document as last; else 0
-      causal_same_doc     [N, BH, C, C] bool (s <= t and same document), or None without documents
     """
+    acc = g_chunks.dtype
     C = g_chunks.shape[-1]
-    G = g_chunks.cumsum(-1)  # [N, BH, C]
-    causal = torch.ones(C, C, dtype=torch.bool, device=G.device).tril()  # [C, C]
-    causal_same_doc = None
+    g64 = g_chunks.to(torch.float64).clamp(min=LOG_DECAY_FLOOR)
     if doc_id is not None:
-        causal_same_doc = causal & (doc_id[..., :, None] == doc_id[..., None, :])  # [N, BH, C, C]
+        g64.masked_fill_(_document_starts(doc_id), 0.0)
+    G = g64.cumsum(-1)  # [N, BH, C] float64
+    causal = torch.ones(C, C, dtype=torch.bool, device=G.device).tril()  # [C, C]
+    if doc_id is not None:
+        causal = causal & (doc_id[..., :, None] == doc_id[..., None, :])  # [N, BH, C, C]
     # Masked entries become exp(-inf) = 0 exactly; the -inf never enters a sum.
-    decay_within_chunk = (G[..., :, None] - G[..., None, :]).masked_fill_(
-        ~(causal if causal_same_doc is None else causal_same_doc), float("-inf")
-    ).exp_()
-    decay_from_start = G.exp()  # [N, BH, C]
-    decay_to_end = (G[..., -1:] - G).exp_()  # [N, BH, C]
+    decay_within_chunk = (G[..., :, None] - G[..., None, :]).masked_fill_(~causal, float("-inf")).to(acc).exp_()
+    decay_from_start = G.to(acc).exp()  # [N, BH, C] (not in place: G may be that tensor)
+    decay_to_end = (G[..., -1:] - G).to(acc).exp_()  # [N, BH, C]
     if doc_id is not None:
         decay_from_start.mul_(doc_id == 0)
         decay_to_end.mul_(doc_id == doc_id[..., -1:])
-    return decay_within_chunk, decay_from_start, decay_to_end, causal_same_doc
+    return decay_within_chunk, decay_from_start, decay_to_end
+
+
+def _document_starts(doc_id: torch.Tensor) -> torch.Tensor:
+    """[N, BH, C] document ids -> bool, True where a document starts (the id steps up)."""
+    return torch.diff(doc_id, dim=-1, prepend=torch.zeros_like(doc_id[..., :1])) != 0
 
 
 def _wy_representation(k_chunks, v_chunks, beta_chunks, decay_within_chunk, decay_from_start):
@@ -236,7 +256,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         else:
             states[0] = initial_state.reshape(B * H, K, V)
 
-        D, gamma, lam, _ = _chunk_decays(g_chunks, doc_id)
+        D, gamma, lam = _chunk_decays(g_chunks, doc_id)
         _, _, W_and_U = _wy_representation(k_chunks, v_chunks, beta_chunks, D, gamma)
         W, U = W_and_U[..., :K], W_and_U[..., K:]  # [N, BH, C, K], [N, BH, C, V] (views)
         gamma_last = gamma[..., -1, None, None]  # [N, BH, 1, 1]
@@ -271,7 +291,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         N, BH, C, _ = q_chunks.shape
 
         # Recompute the intra-chunk quantities (cheap, batched) instead of saving them.
-        D, gamma, lam, causal_same_doc = _chunk_decays(g_chunks, doc_id)
+        D, gamma, lam = _chunk_decays(g_chunks, doc_id)
         T_inv, kkT_D, W_and_U = _wy_representation(k_chunks, v_chunks, beta_chunks, D, gamma)
         W, U = W_and_U[..., :K], W_and_U[..., K:]
         new_values = torch.baddbmm(_flat(U), _flat(W), _flat(state_in_chunks), alpha=-1).view(N, BH, C, V)  # u
@@ -349,18 +369,20 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         d_kkT = d_A.mul_(D).mul_(beta_chunks[..., :, None])  # d(K K^T), strictly lower
         _flat(d_k).baddbmm_(_flat(d_kkT + d_kkT.transpose(-1, -2)), _flat(k_chunks))
 
-        # Decays -> G (cumulative log decay) -> g:
-        #   D[t, s] = exp(G_t - G_s), gamma_t = exp(G_t), lam_s = exp(G_last - G_s).
-        d_lam.mul_(lam)
-        d_G = d_D_times_D.sum(-1) - d_D_times_D.sum(-2) + d_gamma.mul_(gamma) - d_lam
-        d_G[..., -1] += d_lam.sum(-1)
-        # g_j enters exactly the G_t with t >= j of its own document: dg_j = sum of those dG_t.
-        if causal_same_doc is None:
-            d_g = d_G.flip(-1).cumsum(-1).flip(-1)  # [N, BH, C]
-        else:  # summing per document keeps gradients across a document start exactly 0
-            d_g = (causal_same_doc.transpose(-1, -2).to(acc) @ d_G[..., None]).squeeze(-1)
-            # a_t is dropped at a start: its g has no effect (the sum above is 0 up to rounding).
-            d_g.masked_fill_(torch.diff(doc_id, dim=-1, prepend=torch.zeros_like(doc_id[..., :1])) != 0, 0.0)
+        # Decays -> g. With G_t = g_0 + ... + g_t, g_j enters D[t, s] for s < j <= t, gamma_t for
+        # t >= j and lam_s for s < j, so
+        #   dg_j = sum_{s < j <= t} dD[t, s] D[t, s] + sum_{t >= j} dgamma_t gamma_t + sum_{s < j} dlam_s lam_s.
+        # Each sum holds only terms whose decay spans j (no O(1) terms that cancel: going through
+        # dG_t and a reverse cumsum would subtract the diagonal dD[t, t] terms, off by 1.8x relative
+        # at g = -20 in float32). Across a document start every such decay is exactly 0, so no
+        # gradient crosses a start and g at a start (unused) gets exactly 0.
+        # First sum: row prefix sums P[t, s] = sum_{s' <= s} dD[t, s'] D[t, s'], then for j = s + 1
+        # the column sum of P[t, j - 1] over t >= j, i.e. over the strictly lower part.
+        crossing = d_D_times_D.cumsum_(-1).tril_(-1).sum(-2)  # [N, BH, C]: column s -> dg_{s+1}
+        del d_D_times_D
+        d_lam_lam = d_lam.mul_(lam)
+        d_g = (d_gamma.mul_(gamma)).flip(-1).cumsum(-1).flip(-1)  # sum_{t >= j} dgamma_t gamma_t
+        d_g[..., 1:] += crossing[..., :-1] + d_lam_lam[..., :-1].cumsum(-1)
 
         d_q.mul_(scale)  # q_chunks had the scale folded in
         return (
