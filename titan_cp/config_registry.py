@@ -8,10 +8,20 @@ TorchTitan 0.3.0's native entry point finds these by ``--module titan_cp``
 
 Each function returns a complete ``Trainer.Config`` for one flavor; the TOML
 front end (:mod:`titan_cp.toml_config`, ``train.py``) starts from the same
-function (chosen by ``[model] flavor``) and applies the file on top.
+function (chosen by ``[model] name`` and ``[model] flavor``, see
+:data:`MODEL_FAMILIES`) and applies the file on top.
+
+Where a new model family plugs in: add one :class:`ModelFamily` to
+:data:`MODEL_FAMILIES` (``[model] name`` -> the family's flavors and a
+``config_for_flavor(flavor) -> Trainer.Config``), or call
+:func:`register_model_family` from the family's own package. Nothing else in
+the TOML front end or ``train.py`` knows model names.
 
 Defaults shared by all flavors (reasons in :mod:`titan_cp.compat`):
 ``parallelism.spmd_backend = "partial_dtensor"``,
+``checkpoint.initial_load_model_only = False`` (TorchTitan's default ``True``
+only matters with an ``initial_load_path``, and warns on every run without
+one: set both when loading model weights only),
 ``training.disable_cuda_graphs = True`` (a replayed graph would skip the
 Python-side CP byte counters), ``parallelism.context_parallel_load_balancer =
 None`` (TorchTitan then hands CP rank r the contiguous segment r, which is
@@ -25,6 +35,9 @@ entry point runs on CPU too) and registers the shipped dataset.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.loss import CrossEntropyLoss
 from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
@@ -35,6 +48,7 @@ from torchtitan.trainer import Trainer
 
 from titan_cp import compat
 from titan_cp.data import TOKENIZER_PATH, register_datasets, tiny_corpus_config
+from titan_cp.errors import ConfigError, unknown_choice_message
 from titan_cp.metrics import TitanCPMetricsProcessor
 
 compat.apply()
@@ -52,7 +66,6 @@ LAYOUT_TO_LOAD_BALANCER: dict[str, str | None] = {"contiguous": None, "zigzag": 
 
 def load_balancer_for_layout(layout: str) -> str | None:
     from titan_cp.cp.layout import LAYOUTS
-    from titan_cp.kernels import unknown_choice_message
 
     if layout not in LAYOUT_TO_LOAD_BALANCER:
         raise ValueError(unknown_choice_message("parallelism.cp_layout", layout, LAYOUTS))
@@ -107,7 +120,9 @@ def _config(
             spmd_backend="partial_dtensor",
             context_parallel_load_balancer=load_balancer_for_layout(layout),
         ),
-        checkpoint=CheckpointManager.Config(interval=checkpoint_interval, last_save_model_only=False),
+        checkpoint=CheckpointManager.Config(
+            interval=checkpoint_interval, last_save_model_only=False, initial_load_model_only=False
+        ),
         activation_checkpoint=activation_checkpoint,
         compile=CompileConfig(enable=False),
     )
@@ -197,12 +212,7 @@ CONFIG_FOR_FLAVOR = {
 
 
 def config_for_flavor(flavor: str) -> Trainer.Config:
-    """The registry config of ``flavor``; flavors without a function get the debug defaults."""
-    from titan_cp.kernels import unknown_choice_message
-    from titan_cp.model import FLAVORS
-
-    if flavor not in FLAVORS:
-        raise ValueError(unknown_choice_message("model.flavor", flavor, FLAVORS))
+    """The GDN config of ``flavor``; flavors without a function get the debug defaults."""
     fn = CONFIG_FOR_FLAVOR.get(flavor)
     if fn is not None:
         return fn()
@@ -212,8 +222,56 @@ def config_for_flavor(flavor: str) -> Trainer.Config:
     return config
 
 
+@dataclass(frozen=True)
+class ModelFamily:
+    """One ``[model] name``: its flavors and the ``Trainer.Config`` each starts from.
+
+    ``config_for_flavor(flavor)`` is called with a flavor from ``flavors`` only
+    (the front end rejects others, naming ``model.flavor``); ``[model]`` keys
+    other than ``name``/``flavor`` then set fields of the returned
+    ``config.model_spec.model``.
+    """
+
+    config_for_flavor: Callable[[str], Trainer.Config]
+    flavors: Sequence[str]
+    default_flavor: str
+
+
+def _gdn_flavors() -> tuple[str, ...]:
+    from titan_cp.model import FLAVORS
+
+    return FLAVORS
+
+
+# [model] name -> its family. THE place a new model plugs into the TOML front end.
+MODEL_FAMILIES: dict[str, ModelFamily] = {
+    "gdn": ModelFamily(config_for_flavor=config_for_flavor, flavors=_gdn_flavors(), default_flavor="debug"),
+}
+
+
+def register_model_family(name: str, family: ModelFamily) -> None:
+    """Add (or replace) the family behind ``[model] name = "<name>"``."""
+    MODEL_FAMILIES[name] = family
+
+
+def family_config(name: str, flavor: str | None = None) -> Trainer.Config:
+    """The starting ``Trainer.Config`` of ``[model] name`` / ``flavor`` (the family's default flavor if None)."""
+    if name not in MODEL_FAMILIES:
+        raise ConfigError(unknown_choice_message("model.name", name, MODEL_FAMILIES))
+    family = MODEL_FAMILIES[name]
+    flavor = family.default_flavor if flavor is None else flavor
+    if flavor not in family.flavors:
+        raise ConfigError(unknown_choice_message("model.flavor", flavor, family.flavors)
+                          + f" (flavors of model.name = {name!r})")
+    return family.config_for_flavor(flavor)
+
+
 __all__ = [
     "CONFIG_FOR_FLAVOR",
+    "MODEL_FAMILIES",
+    "ModelFamily",
+    "family_config",
+    "register_model_family",
     "LAYOUT_TO_LOAD_BALANCER",
     "config_for_flavor",
     "gdn_1_3b",

@@ -56,8 +56,7 @@ except ImportError:  # pragma: no cover
     import tomllib as tomli  # type: ignore[no-redef]
 
 
-class ConfigError(ValueError):
-    """A job configuration problem, found at start-up; the message names the field and the fix."""
+from titan_cp.errors import ConfigError
 
 
 JOB_KEYS = ("config_file", "dump_folder", "hf_assets_path", "description")
@@ -376,10 +375,6 @@ def _apply_model(config, values: dict[str, Any], parallel_values: dict[str, Any]
         if key not in fields:
             raise _unknown_key("model", key, valid, origin_of(key))
         overrides[key] = _check_value("model", key, value, fields[key], origin_of(key))
-    name = values.get("name", "gdn")
-    if name != "gdn":
-        raise ConfigError(f"{origin_of('name')}: model.name = {name!r}; titan_cp trains 'gdn' models only "
-                          f"(pick the shape with model.flavor).")
     for key in PARALLELISM_EXTRA_KEYS:  # [parallelism] cp_exchange / cp_layout live on the model config
         if key in parallel_values:
             value = _check_value("parallelism", key, parallel_values[key], str, p_origin_of(key))
@@ -515,16 +510,18 @@ def build_config(
     check_runtime: bool = True,
 ):
     """Trainer.Config from parsed TOML values and CLI overrides; validated (see :func:`validate`)."""
-    from titan_cp.config_registry import config_for_flavor, load_balancer_for_layout
+    from titan_cp.config_registry import family_config, load_balancer_for_layout
 
     merged, origin_for = _merge(file_values or {}, list(overrides), source)
     model_values = merged.get("model", {})
-    flavor = model_values.get("flavor", "debug")
-    flavor = _check_value("model", "flavor", flavor, str, origin_for("model")("flavor"))
+    name = _check_value("model", "name", model_values.get("name", "gdn"), str, origin_for("model")("name"))
+    flavor = model_values.get("flavor")
+    if flavor is not None:
+        flavor = _check_value("model", "flavor", flavor, str, origin_for("model")("flavor"))
     try:
-        config = config_for_flavor(flavor)
-    except ValueError as e:
-        raise ConfigError(f"{origin_for('model')('flavor')}: {e}") from e
+        config = family_config(name, flavor)
+    except ConfigError as e:
+        raise ConfigError(f"{origin_for('model')('flavor' if 'flavor' in str(e).split('=')[0] else 'name')}: {e}") from e
 
     _apply_job(config, merged.get("job", {}), origin_for("job"))
     parallel_values = merged.get("parallelism", {})
