@@ -7,7 +7,7 @@ on P ranks (one process each, started here) and reports per rank:
 
     seq len, tokens per rank, model (parameter) memory, peak memory,
     activation memory, status (ok / OOM / skipped), reduction vs CP = 1,
-    and the analytic estimate (titan_cp.estimator) with its error.
+    and the analytic estimate (titan_cp.analysis.memory) with its error.
 
 How memory is measured
 ----------------------
@@ -29,7 +29,7 @@ static terms are taken with ``fsdp_over_cp=False`` to match), no optimizer
 step runs (no optimizer states), gradients are fp32.
 
 The estimate uses the calibration profile of the kernel that runs
-(:data:`titan_cp.estimator.KERNEL_PROFILES`). ``--max_gib`` bounds the whole
+(:func:`titan_cp.analysis.profiles.kernel_profile`). ``--max_gib`` bounds the whole
 run (all ranks of one P share this machine on CPU): rows whose estimate
 exceeds it are skipped rather than risking the machine.
 
@@ -448,31 +448,17 @@ def _memory_rank(rank, P, device, margs: ModelArgs, seq_lens, batch, loss_chunks
 # --------------------------------------------------------------------------- estimator
 
 
-def estimator_shape(margs: ModelArgs):
-    from titan_cp.estimator import GDNShape
-
-    c = margs.config()
-    return GDNShape("benchmark", dim=c.dim, n_layers=c.n_layers, n_heads=c.num_heads, head_dim=c.head_dim,
-                    expand_v=c.expand_v, n_v_heads=c.num_v_heads, conv_size=c.conv_size, mlp_hidden=c.hidden_dim,
-                    vocab=c.vocab_size, tied=c.tie_embeddings)
-
-
 def estimate_row(margs: ModelArgs, L: int, P: int, batch: int, loss_chunks: int):
-    from titan_cp.estimator import (
-        Parallelism,
-        TrainSetup,
-        estimate_memory,
-        kernel_profile,
-    )
+    from titan_cp.analysis.memory import Parallelism, TrainSetup, estimate_memory
+    from titan_cp.analysis.profiles import kernel_profile
 
     c = margs.config()
     dt = {"float32": "fp32", "bfloat16": "bf16", "float64": "fp32"}[margs.dtype]
-    shape = estimator_shape(margs)
-    prof = kernel_profile(c.kernel, shape, dt)
+    prof = kernel_profile(c.kernel, c, dt)
     setup = TrainSetup(seq_len=L, batch=batch, param_dtype=dt, act_dtype=dt, grad_dtype=dt, optimizer_states=0,
                        loss_chunks=loss_chunks, cp_exchange=margs.exchange, cp_layout=margs.layout, **prof.setup)
     par = Parallelism(cp=P, fsdp_over_cp=False)
-    return estimate_memory(shape, setup, par, calibration=prof.calibration)
+    return estimate_memory(c, setup, par, calibration=prof.calibration)
 
 
 # --------------------------------------------------------------------------- main

@@ -1,12 +1,14 @@
 #!/usr/bin/env python
-"""Per-rank memory estimate (titan_cp/estimator.py) for a GDN LM under FSDP x TP x CP.
+"""Per-rank memory estimate (titan_cp/analysis/memory.py) for a GDN LM under FSDP x TP x CP.
 
     python scripts/estimate_memory.py --shape 1.3B --seq-len 65536 --dp 8 --cp 4
     python scripts/estimate_memory.py --shape 340M --cp 8 --ac full --budget-gib 80   # + longest seq that fits
-    python scripts/estimate_memory.py --dim 256 --n-layers 4 --n-heads 2 --head-dim 64 --vocab 2000 --seq-len 2048 --act-dtype fp32
+    python scripts/estimate_memory.py --shape debug --n-layers 4 --num-heads 2 --vocab-size 2000 --seq-len 2048 --act-dtype fp32
     python scripts/estimate_memory.py --shape 340M --seq-len 8192 --terms --json mem.json
 
-Every term and its formula is documented in titan_cp/estimator.py.
+``--shape`` is a named shape (340M, 1.3B, 7B-like) or any model flavor (configs/*.toml);
+the model flags override its fields (names of ``GDNModel.Config``).
+Every term and its formula is documented in titan_cp/analysis/memory.py.
 ``--calibrate name=factor`` scales one activation term (repeatable).
 """
 
@@ -15,33 +17,33 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from titan_cp.estimator import (
+from titan_cp.analysis.memory import (
     AC_MODES,
     DTYPE_BYTES,
-    PRESET_SHAPES,
-    GDNShape,
     Parallelism,
     TrainSetup,
     estimate_memory,
     format_bytes,
     max_seq_len,
-    param_counts,
 )
+from titan_cp.analysis.shape import SHAPE_SOURCES, Dims, named_shape, param_counts
+
+MODEL_FIELDS = (("dim", int), ("n_layers", int), ("num_heads", int), ("head_dim", int), ("expand_v", float),
+                ("num_v_heads", int), ("conv_size", int), ("hidden_dim", int), ("vocab_size", int))
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     m = p.add_argument_group("model (a preset, optionally overridden field by field)")
-    m.add_argument("--shape", default="340M", help=f"preset {sorted(PRESET_SHAPES)} (default 340M)")
-    for name, typ in (("dim", int), ("n-layers", int), ("n-heads", int), ("head-dim", int), ("expand-v", float),
-                      ("n-v-heads", int), ("conv-size", int), ("mlp-hidden", int), ("vocab", int)):
-        m.add_argument(f"--{name}", type=typ)
-    m.add_argument("--tied", action="store_true", help="tie embedding and lm_head")
+    m.add_argument("--shape", default="340M", help=f"{sorted(SHAPE_SOURCES)} or a model flavor (default 340M)")
+    for name, typ in MODEL_FIELDS:
+        m.add_argument(f"--{name.replace('_', '-')}", type=typ)
+    m.add_argument("--tie-embeddings", action="store_true", help="tie embedding and lm_head")
     t = p.add_argument_group("training")
     t.add_argument("--seq-len", type=int, default=8192)
     t.add_argument("--batch", type=int, default=1, help="local batch (rows) per DP rank")
@@ -67,22 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def shape_from_args(a) -> GDNShape:
-    base = PRESET_SHAPES.get(a.shape)
-    if base is None:
-        raise SystemExit(f"--shape '{a.shape}' is not one of {sorted(PRESET_SHAPES)}")
-    over = {k: getattr(a, k) for k in ("dim", "n_layers", "n_heads", "head_dim", "expand_v", "n_v_heads",
-                                       "conv_size", "mlp_hidden", "vocab") if getattr(a, k) is not None}
-    if a.tied:
-        over["tied"] = True
-    if over:
-        base = replace(base, name=f"custom (from {base.name})", source="custom", **over)
-    return base
+def shape_from_args(a):
+    """(name, ``GDNModel.Config``) of ``--shape`` with the model-field flags applied."""
+    over = {k: getattr(a, k) for k, _ in MODEL_FIELDS if getattr(a, k) is not None}
+    if a.tie_embeddings:
+        over["tie_embeddings"] = True
+    try:
+        model = named_shape(a.shape, **over)
+    except ValueError as e:
+        raise SystemExit(f"--shape: {e}") from None
+    return (f"custom (from {a.shape})" if over else a.shape), model
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    shape = shape_from_args(a)
+    name, model = shape_from_args(a)
+    shape = Dims.of(model)
     par = Parallelism(a.dp, a.tp, a.cp, not a.no_sequence_parallel)
     setup = TrainSetup(
         seq_len=a.seq_len, batch=a.batch, param_dtype=a.param_dtype, act_dtype=a.act_dtype,
@@ -94,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     for item in a.calibrate:
         k, _, v = item.partition("=")
         cal[k] = float(v)
-    est = estimate_memory(shape, setup, par, cal, a.activation_scale)
-    counts = param_counts(shape)
-    print(f"{shape.name}: dim {shape.dim}, {shape.n_layers} layers, {shape.n_heads} heads x K {shape.K}, "
+    est = estimate_memory(model, setup, par, cal, a.activation_scale)
+    counts = param_counts(model)
+    print(f"{name}: dim {shape.dim}, {shape.n_layers} layers, {shape.H} heads x K {shape.K}, "
           f"V {shape.V}, MLP {shape.hidden}, vocab {shape.vocab}; {counts['total'] / 1e6:.1f}M parameters")
     print(f"seq_len {setup.seq_len} x batch {setup.batch}, dp {par.dp} tp {par.tp} cp {par.cp}, "
           f"params {setup.param_dtype}, activations {setup.act_dtype}, AC {setup.ac}: "
@@ -113,11 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.terms:
         for name, v in est.layer_terms.items():
             print(f"    {name:18s} {format_bytes(v):>12s}  {v / est.tokens_per_rank:10,.1f} B/token")
-    out = {"shape": asdict(shape), "parallelism": asdict(par), "setup": asdict(setup), "calibration": cal,
+    out = {"name": name, "shape": asdict(shape), "parallelism": asdict(par), "setup": asdict(setup), "calibration": cal,
            "param_counts": counts, "estimate": est.as_dict()}
     if a.budget_gib:
         budget = a.budget_gib * 2**30
-        best = max_seq_len(budget, shape, setup, par, cal, a.activation_scale)
+        best = max_seq_len(budget, model, setup, par, cal, a.activation_scale)
         out["max_seq_len"] = best
         out["budget_bytes"] = budget
         print(f"longest seq_len within {a.budget_gib:g} GiB: {best:,}" + (" (none fits)" if best == 0 else ""))

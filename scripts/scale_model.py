@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Print the analytic CP scale model (titan_cp/scale_model.py) for GDN shapes.
+"""Print the analytic CP scale model (titan_cp/analysis/scale_model.py) for GDN shapes.
 
 For P = 2 .. 1024 CP ranks (powers of two), at a fixed number of tokens per
 rank and at a fixed global sequence length, it prints each exchange strategy's
@@ -7,12 +7,12 @@ per-layer fwd + bwd time (allgather, logscan, alltoall; ring attention as a
 reference) next to the block's compute, and the first P where each strategy's
 exchange exceeds ``--hide-fraction`` of compute. The formulas (bytes, rounds,
 link model, GDN chunk FLOPs) are in the module docstring of
-titan_cp.scale_model.
+titan_cp.analysis.scale_model.
 
     python scripts/scale_model.py                       # plain-text tables
     python scripts/scale_model.py --markdown > docs/scale_model.md
     python scripts/scale_model.py --json scale.json --gpus-per-node 1 --inter-bw 25
-    python scripts/scale_model.py --shape 340M --shape mine:2048,24,8,128,2
+    python scripts/scale_model.py --shape 340M --shape 1.3B:dim=2048,n_layers=24,num_heads=8,head_dim=128
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from titan_cp.estimator import PRESET_SHAPES, parse_shape
-from titan_cp.scale_model import (
+from titan_cp.analysis.scale_model import (
     Compute,
     Network,
     Workload,
@@ -34,11 +33,12 @@ from titan_cp.scale_model import (
     powers_of_two,
     run_model,
 )
+from titan_cp.analysis.shape import SHAPE_SOURCES, named_shape, parse_shape
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", action="append", help=f"preset {sorted(PRESET_SHAPES)} or name:dim,layers,heads,head_dim[,expand_v[,vocab]]; repeatable (default: all presets)")
+    p.add_argument("--shape", action="append", help=f"{sorted(SHAPE_SOURCES)} or a model flavor, optionally with model-field overrides name:field=value,...; repeatable (default: {sorted(SHAPE_SOURCES)})")
     p.add_argument("--tokens-per-rank", type=int, default=8192, help="tokens per rank in the fixed-per-rank sweep (default 8192)")
     p.add_argument("--global-len", type=int, default=1 << 20, help="global sequence length in the fixed-L sweep (default 1M)")
     p.add_argument("--min-p", type=int, default=2)
@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    shapes = [parse_shape(s) for s in a.shape] if a.shape else list(PRESET_SHAPES.values())
+    shapes = [parse_shape(s) for s in a.shape] if a.shape else [(n, named_shape(n)) for n in SHAPE_SOURCES]
     net = Network(a.inter_bw * 1e9, a.inter_latency * 1e-6, a.intra_bw * 1e9, a.intra_latency * 1e-6,
                   a.gpus_per_node, a.allgather_algo)
     comp = Compute(a.matmul_tflops, a.kernel_tflops, a.fold_tflops, a.bwd_factor, a.kernel_bwd_factor, a.chunk_size)

@@ -13,23 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from titan_cp.estimator import (
-    PRESET_SHAPES,
-    GDNShape,
+from titan_cp.analysis.memory import (
     Parallelism,
     TrainSetup,
     estimate_memory,
     layer_activation_terms,
-    layer_param_counts,
     max_seq_len,
-    param_counts,
-    parse_shape,
 )
+from titan_cp.analysis.shape import Dims, fla_mlp_hidden, layer_param_counts, named_shape, param_counts, parse_shape
+from titan_cp.model import GDNModel, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # dim 8, 2 layers, H = Hv = 2 heads, K = 4, V = 8 (Dk = 8, Dv = 16), conv 4, MLP 16, vocab 10
-TINY = GDNShape("tiny", dim=8, n_layers=2, n_heads=2, head_dim=4, expand_v=2.0, mlp_hidden=16, vocab=10)
+TINY = GDNModel.Config(dim=8, n_layers=2, num_heads=2, head_dim=4, expand_v=2.0, hidden_dim=16, vocab_size=10)
+PRESETS = {name: named_shape(name) for name in ("340M", "1.3B", "7B-like")}
 
 
 def test_param_count_by_hand():
@@ -50,20 +48,33 @@ def test_param_count_by_hand():
     c = param_counts(TINY)
     assert c["layer"] == sum(layer_param_counts(TINY).values()) == 1084
     assert c["total"] == 2 * 1084 + 10 * 8 + 8 + 8 * 10 == 2336
-    assert param_counts(replace(TINY, tied=True))["total"] == 2336 - 80
+    assert param_counts(replace(TINY, tie_embeddings=True))["total"] == 2336 - 80
     assert c["tp_replicated"] == 2 * (8 + 8 + 8) + 8
 
 
 def test_fla_mlp_rule_and_presets():
-    assert PRESET_SHAPES["340M"].hidden == 2816  # int(1024 * 4 * 2/3) = 2730 -> 2816
-    assert PRESET_SHAPES["1.3B"].hidden == 5632
-    assert PRESET_SHAPES["7B-like"].hidden == 11008
-    assert PRESET_SHAPES["340M"].V == 512 and PRESET_SHAPES["340M"].key_dim == 1536
-    assert 1.3e9 < param_counts(PRESET_SHAPES["1.3B"])["total"] < 1.45e9
-    s = parse_shape("mine:512,4,4,64,1.5,1000")
-    assert (s.dim, s.n_layers, s.n_heads, s.head_dim, s.V, s.vocab) == (512, 4, 4, 64, 96, 1000)
+    assert PRESETS["340M"].hidden_dim == fla_mlp_hidden(1024) == 2816  # int(1024 * 4 * 2/3) = 2730 -> 2816
+    assert PRESETS["1.3B"].hidden_dim == fla_mlp_hidden(2048) == 5632
+    assert PRESETS["7B-like"].hidden_dim == 11008
+    assert Dims.of(PRESETS["340M"]).V == 512 and Dims.of(PRESETS["340M"]).key_dim == 1536
+    assert 1.3e9 < param_counts(PRESETS["1.3B"])["total"] < 1.45e9
+    name, s = parse_shape("340M:dim=512,n_layers=4,num_heads=4,head_dim=64,expand_v=1.5,vocab_size=1000")
+    d = Dims.of(s)
+    assert (d.dim, d.n_layers, d.H, d.K, d.V, d.vocab) == (512, 4, 4, 64, 96, 1000) and name.startswith("340M:")
     with pytest.raises(ValueError, match="340M"):
         parse_shape("nope")
+    with pytest.raises(ValueError, match="layer_pattern"):
+        Dims.of(model_config("debug_hybrid"))
+
+
+def test_param_counts_match_the_built_model():
+    """The analytic counts are those of the model the config builds (on meta: no memory)."""
+    for config in (model_config("debug"), model_config("340M", num_v_heads=12)):
+        with torch.device("meta"):
+            model = config.build()
+        assert param_counts(config)["total"] == sum(p.numel() for p in model.parameters())
+        block = model.layers["0"]
+        assert param_counts(config)["layer"] == sum(p.numel() for p in block.parameters())
 
 
 # ----------------------------------------------------------------------------- a reference block
@@ -86,8 +97,9 @@ class _Kernel(torch.autograd.Function):
 class _Block(nn.Module):
     """The block of the module docstring in plain PyTorch ops."""
 
-    def __init__(self, s: GDNShape):
+    def __init__(self, config: GDNModel.Config):
         super().__init__()
+        s = Dims.of(config)
         d, Dk, Dv, Hv = s.dim, s.key_dim, s.value_dim, s.Hv
         self.s = s
         self.attention_norm, self.ffn_norm = nn.RMSNorm(d), nn.RMSNorm(d)
@@ -109,8 +121,8 @@ class _Block(nn.Module):
     def forward(self, x):
         s, (B, T, _) = self.s, x.shape
         xn = self.attention_norm(x)
-        q = self._conv(self.q_conv, self.q_proj(xn)).view(B, T, s.n_heads, s.K)
-        k = self._conv(self.k_conv, self.k_proj(xn)).view(B, T, s.n_heads, s.K)
+        q = self._conv(self.q_conv, self.q_proj(xn)).view(B, T, s.H, s.K)
+        k = self._conv(self.k_conv, self.k_proj(xn)).view(B, T, s.H, s.K)
         v = self._conv(self.v_conv, self.v_proj(xn)).view(B, T, s.Hv, s.V)
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         beta = torch.sigmoid(self.b_proj(xn))
@@ -144,19 +156,23 @@ def test_reference_block_params_match_formula():
     assert sum(p.numel() for p in blk.parameters()) == param_counts(TINY)["layer"]
 
 
-@pytest.mark.parametrize("shape", [TINY, GDNShape("gva", 16, 1, 2, 8, 1.5, n_v_heads=4, mlp_hidden=40)])
+GVA = GDNModel.Config(dim=16, n_layers=1, num_heads=2, head_dim=8, expand_v=1.5, num_v_heads=4, hidden_dim=40)
+
+
+@pytest.mark.parametrize("shape", [TINY, GVA])
 def test_activation_terms_match_autograd(shape):
     """Default per-layer counts = what autograd saves for the plain-PyTorch block (fp32)."""
     torch.manual_seed(0)
     T = 256
     blk = _Block(shape)
     measured = _saved_bytes(blk, torch.randn(1, T, shape.dim, requires_grad=True))
+    d = Dims.of(shape)
     setup = TrainSetup(seq_len=T, act_dtype="fp32", kernel_saved_per_head_token=0)
     est = estimate_memory(shape, setup, Parallelism())
     # the only difference: the conv's padded output keeps (conv-1) extra positions
     assert est.layer_activation_bytes == pytest.approx(measured, rel=0.01)
-    terms = {t.name: t.elems_per_token for t in layer_activation_terms(shape, setup, Parallelism())}
-    d, H, Hv, Dk, Dv, hid = shape.dim, shape.n_heads, shape.Hv, shape.key_dim, shape.value_dim, shape.hidden
+    terms = {t.name: t.elems_per_token for t in layer_activation_terms(d, setup, Parallelism())}
+    d, H, Hv, Dk, Dv, hid = d.dim, d.H, d.Hv, d.key_dim, d.value_dim, d.hidden
     act = sum(e for n, e in terms.items() if n not in ("attn_norm_rstd", "ffn_norm_rstd", "qk_l2_norms", "gates"))
     assert act == 6 * d + 8 * Dk + 9 * Dv + 4 * hid
     assert terms["gates"] + terms["qk_l2_norms"] + terms["attn_norm_rstd"] + terms["ffn_norm_rstd"] == 5 * Hv + 4 * H + 2
@@ -181,7 +197,7 @@ def test_hand_computed_estimate():
 
 
 def test_scaling_with_parallelism():
-    s = PRESET_SHAPES["1.3B"]
+    s = PRESETS["1.3B"]
     base = estimate_memory(s, TrainSetup(seq_len=16384))
     double = estimate_memory(s, TrainSetup(seq_len=32768))
     assert double.activations == pytest.approx(2 * base.activations)
@@ -207,7 +223,7 @@ def test_scaling_with_parallelism():
 
 
 def test_max_seq_len():
-    s = PRESET_SHAPES["340M"]
+    s = PRESETS["340M"]
     par = Parallelism(dp=2, cp=4)
     setup = TrainSetup(seq_len=0)
     budget = 40 * 2**30
@@ -230,7 +246,13 @@ def test_cli(tmp_path):
     )
     assert "TOTAL (peak)" in proc.stdout and "mlp_hidden" in proc.stdout
     data = json.loads(out.read_text())
-    assert data["param_counts"]["total"] == param_counts(PRESET_SHAPES["340M"])["total"]
+    assert data["param_counts"]["total"] == param_counts(PRESETS["340M"])["total"]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "estimate_memory.py"), "--shape", "debug", "--num-heads", "2",
+         "--vocab-size", "2000", "--seq-len", "2048", "--act-dtype", "fp32"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )
+    assert "dim 64, 2 layers, 2 heads x K 16" in proc.stdout and "vocab 2000" in proc.stdout
     assert data["max_seq_len"] > 8192 and data["calibration"] == {"mlp_hidden": 0.9}
 
 
@@ -278,11 +300,9 @@ _CAL_MODEL = dict(dim=48, n_layers=2, num_heads=2, num_v_heads=4, head_dim=16, e
 
 
 def _torch_profile_estimate(T: int, P: int):
-    from titan_cp.estimator import kernel_profile
+    from titan_cp.analysis.profiles import kernel_profile
 
-    m = _CAL_MODEL
-    shape = GDNShape("cal", m["dim"], m["n_layers"], m["num_heads"], m["head_dim"], m["expand_v"],
-                     n_v_heads=m["num_v_heads"], mlp_hidden=m["hidden_dim"], vocab=m["vocab_size"])
+    shape = model_config("debug", kernel="torch", **_CAL_MODEL)
     prof = kernel_profile("torch", shape, "fp32")
     setup = TrainSetup(seq_len=T, act_dtype="fp32", **prof.setup)
     est = estimate_memory(shape, setup, Parallelism(cp=P, fsdp_over_cp=False), calibration=prof.calibration)
@@ -308,7 +328,7 @@ def test_torch_kernel_profile_matches_the_real_model_under_cp():
 
 
 def test_replicated_params_buffers_and_grads_at_peak():
-    s = PRESET_SHAPES["340M"]
+    s = PRESETS["340M"]
     setup = TrainSetup(seq_len=8192)
     sharded = estimate_memory(s, setup, Parallelism(cp=4))
     replicated = estimate_memory(s, setup, Parallelism(cp=4, fsdp_over_cp=False))

@@ -10,16 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from titan_cp.estimator import PRESET_SHAPES, GDNShape
-from titan_cp.scale_model import (
+from titan_cp.analysis.flops import gdn_chunk_flops_per_token, training_flops_per_token
+from titan_cp.analysis.scale_model import (
     STRATEGIES,
     Compute,
     Network,
     Workload,
     allgather_exchange,
     alltoall_exchange,
-    gdn_chunk_flops_per_token,
     layer_compute_s,
     layer_flops_per_token,
     logscan_exchange,
@@ -32,11 +32,14 @@ from titan_cp.scale_model import (
     summary_bytes,
     sweep,
 )
+from titan_cp.analysis.shape import Dims, named_shape
+from titan_cp.model import GDNModel, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # H = 2 key/value heads, K = 4, V = 8: Dk = 8, Dv = 16
-TINY = GDNShape("tiny", dim=8, n_layers=1, n_heads=2, head_dim=4, expand_v=2.0, mlp_hidden=16, vocab=10)
+TINY = Dims.of(GDNModel.Config(dim=8, n_layers=1, num_heads=2, head_dim=4, expand_v=2.0, hidden_dim=16, vocab_size=10))
+PRESET_SHAPES = {name: Dims.of(named_shape(name)) for name in ("340M", "1.3B", "7B-like")}
 # every hop at 1 GB/s, 1 us: easy arithmetic
 FLAT = Network(inter_bw=1e9, inter_latency=1e-6, intra_bw=1e9, intra_latency=1e-6, gpus_per_node=1)
 
@@ -91,7 +94,7 @@ def test_logscan_by_hand():
 
 
 def test_alltoall_by_hand_and_linear_in_length():
-    four = GDNShape("four", dim=8, n_layers=1, n_heads=4, head_dim=4, expand_v=2.0, mlp_hidden=16)
+    four = Dims.of(GDNModel.Config(dim=8, n_layers=1, num_heads=4, head_dim=4, expand_v=2.0, hidden_dim=16))
     ex = alltoall_exchange(four, 4, 100, FLAT)
     # in: q,k (2 * 16) + v (32) + a,b (2 * 4) = 72 values; out: o = 32 values; bf16; 3/4 leaves the rank
     assert ex.bytes_fwd == ex.bytes_bwd == pytest.approx(0.75 * 100 * (72 + 32) * 2)
@@ -123,6 +126,28 @@ def test_gdn_chunk_flops_formula():
     # 6 C K + 4 C V + 6 K V + C^2 / 3
     assert gdn_chunk_flops_per_token(128, 128, 64) == pytest.approx(49152 + 32768 + 98304 + 4096 / 3)
     assert gdn_chunk_flops_per_token(256, 512, 64) == pytest.approx(98304 + 131072 + 786432 + 4096 / 3)
+
+
+def test_mfu_flops_and_scale_model_flops_agree_on_340m():
+    """The training log's MFU (get_nparams_and_flops) and the scale model count the same FLOPs.
+
+    Scale model: fwd FLOPs of every block (projections, convs, MLP, the chunked delta rule) and
+    lm_head, times 3 for a training step; MFU: 6 x matmul params + 3 x the delta rule. They may
+    differ only by the norm weights, A_log and dt_bias (counted as params by MFU, not as matmuls).
+    """
+    config = model_config("340M")
+    with torch.device("meta"):
+        model = config.build()
+    nparams, mfu_flops = config.get_nparams_and_flops(model, 8192)
+    d = Dims.of(config)
+    scale_fwd = d.n_layers * sum(layer_flops_per_token(d).values()) + 2 * d.dim * d.vocab
+    non_matmul = d.n_layers * (2 * d.dim + d.V + 2 * d.Hv) + d.dim
+    assert mfu_flops == pytest.approx(3 * scale_fwd + 6 * non_matmul, abs=1)
+    assert mfu_flops == pytest.approx(3 * scale_fwd, rel=2e-4)  # the old model.py count: +3.5%
+    # the kernel term both use is the chunked count: 6 C K + 4 C V + 6 K V + C^2 / 3 per value head
+    kernel = 3 * d.n_layers * d.Hv * gdn_chunk_flops_per_token(256, 512, 64)
+    assert mfu_flops - 6 * (nparams - d.vocab * d.dim) == pytest.approx(kernel, abs=1)
+    assert training_flops_per_token(config, 0, 8192) == pytest.approx(kernel)
 
 
 def test_default_kernel_rate_reproduces_fla_pr_691():
@@ -196,7 +221,7 @@ def test_stops_hiding_at():
 
 
 def test_markdown_and_cli(tmp_path):
-    result = run_model([TINY], [2, 4], 1024, 8192, 0.1)
+    result = run_model([("tiny", TINY)], [2, 4], 1024, 8192, 0.1)
     md = markdown(result)
     assert "| P | tokens/rank | compute |" in md and "First P" in md
     out = tmp_path / "scale.json"
@@ -206,7 +231,7 @@ def test_markdown_and_cli(tmp_path):
     )
     assert "### 340M" in proc.stdout and "### 7B-like" in proc.stdout
     data = json.loads(out.read_text())
-    assert [m["shape"]["name"] for m in data["models"]] == ["340M", "1.3B", "7B-like"]
+    assert [m["name"] for m in data["models"]] == ["340M", "1.3B", "7B-like"]
     rows = data["models"][0]["modes"]["fixed_tokens_per_rank"]["rows"]
     assert [r["P"] for r in rows] == [2, 4, 8, 16, 32, 64]
     assert rows[1]["exchanges"]["allgather"]["bytes_fwd"] == 3 * 6 * 256 * 768 * 4

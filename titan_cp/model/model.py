@@ -102,21 +102,14 @@ class GDNModel(BaseModel):
             check_parallel_layout(self, config.parallelism, config.training.seq_len)
 
         def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
-            """Parameters and training FLOPs per token (6 x matmul params + the delta rule's chunk work)."""
+            """Parameters and training FLOPs per token (``titan_cp.analysis.flops``: 6 x matmul params
+            + the chunked delta rule + attention)."""
+            from titan_cp.analysis.flops import training_flops_per_token
+
             nparams = sum(p.numel() for p in model.parameters())
             embedding = sum(p.numel() for p in model.tok_embeddings.parameters())
             matmul_params = nparams - embedding if not self.tie_embeddings else nparams
-            hv = self.num_v_heads or self.num_heads
-            K, V = self.head_dim, int(self.head_dim * self.expand_v)
-            chunk = 64
-            # Per token per head, forward, chunked delta rule: intra-chunk q k^T / k k^T (2 C K),
-            # the UT transform (C^2 / 2 amortised ~ C), state read/write (4 K V), w/u (2 C (K + V)).
-            delta_rule = 2 * (2 * chunk * K + chunk + 4 * K * V + 2 * chunk * (K + V))
-            types = self.layer_types()
-            # Attention scores and values, TorchTitan's convention (12 x layers x heads x head_dim x L).
-            attention = 12 * types.count("A") * self.attn_num_heads * self.attn_head_dim * seq_len
-            flops_per_token = 6 * matmul_params + 3 * types.count("G") * hv * delta_rule + attention
-            return nparams, int(flops_per_token)
+            return nparams, int(training_flops_per_token(self, matmul_params, seq_len))
 
     def __init__(self, config: Config):
         super().__init__()

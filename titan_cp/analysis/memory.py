@@ -1,7 +1,9 @@
 """Analytic per-rank memory estimate for a Gated DeltaNet LM trained with FSDP x TP x CP.
 
-The model (one block, repeated ``n_layers`` times; H key heads of dim K, Hv
-value heads of dim V = K * expand_v, Dk = H*K, Dv = Hv*V)::
+The model is a ``GDNModel.Config`` (``titan_cp.model.model_config(flavor)``;
+sizes read by :class:`titan_cp.analysis.shape.Dims`): one block, repeated
+``n_layers`` times; H key heads of dim K, Hv value heads of dim V = K * expand_v,
+Dk = H*K, Dv = Hv*V::
 
     x -> RMSNorm -> GatedDeltaNet -> + x -> RMSNorm -> SwiGLU MLP -> + ...
     GatedDeltaNet: q,k = SiLU(conv4(q_proj x)), SiLU(conv4(k_proj x))   dim -> Dk
@@ -71,7 +73,7 @@ summaries, the identity start state, S_start).
 
 These counts describe the block in plain PyTorch with FLA's kernel. What a given
 kernel and titan_cp's own layer code really save is a *profile*:
-:func:`kernel_profile` returns the TrainSetup fields and per-term factors for a
+:func:`titan_cp.analysis.profiles.kernel_profile` returns the TrainSetup fields and per-term factors for a
 kernel (``torch``: measured with scripts/benchmark_memory.py, within a few percent
 of the tracked-allocator peak on CPU; see docs/benchmarks.md).
 
@@ -108,6 +110,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+from titan_cp.analysis.shape import Dims, param_counts
+
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 
 
@@ -118,139 +122,6 @@ def dtype_bytes(name: str | int) -> int:
         return DTYPE_BYTES[name]
     except KeyError:
         raise ValueError(f"dtype = '{name}' is not one of {sorted(DTYPE_BYTES)}") from None
-
-
-# ----------------------------------------------------------------------------- shapes
-
-
-@dataclass(frozen=True)
-class GDNShape:
-    """Shape of a Gated DeltaNet LM (FLA's ``GatedDeltaNetConfig`` naming)."""
-
-    name: str
-    dim: int
-    n_layers: int
-    n_heads: int  # H: query/key heads
-    head_dim: int  # K: key head dim
-    expand_v: float = 2.0  # V = head_dim * expand_v
-    n_v_heads: int | None = None  # Hv: value heads (GVA); None = n_heads
-    conv_size: int = 4
-    mlp_hidden: int | None = None  # None: FLA's rule from hidden_ratio
-    hidden_ratio: float = 4.0
-    vocab: int = 32000
-    tied: bool = False
-    source: str = ""
-
-    @property
-    def K(self) -> int:
-        return self.head_dim
-
-    @property
-    def V(self) -> int:
-        return int(self.head_dim * self.expand_v)
-
-    @property
-    def Hv(self) -> int:
-        return self.n_v_heads or self.n_heads
-
-    @property
-    def key_dim(self) -> int:
-        return self.n_heads * self.K
-
-    @property
-    def value_dim(self) -> int:
-        return self.Hv * self.V
-
-    @property
-    def hidden(self) -> int:
-        """SwiGLU hidden size; FLA's GatedMLP rule: int(dim * ratio * 2/3) rounded up to 256."""
-        if self.mlp_hidden is not None:
-            return self.mlp_hidden
-        h = int(self.dim * self.hidden_ratio * 2 / 3)
-        return 256 * ((h + 255) // 256)
-
-
-PRESET_SHAPES: dict[str, GDNShape] = {
-    "340M": GDNShape(
-        "340M", dim=1024, n_layers=21, n_heads=6, head_dim=256, expand_v=2.0,
-        source="FLA/flame configs/gated_deltanet_340M.json (hidden 1024, 21 layers, 6 heads x 256, "
-        "expand_v 2, vocab 32000, untied); counts ~0.51B parameters",
-    ),
-    "1.3B": GDNShape(
-        "1.3B", dim=2048, n_layers=21, n_heads=6, head_dim=256, expand_v=2.0,
-        source="FLA/flame configs/gated_deltanet_1B.json (= FLA GatedDeltaNetConfig defaults: "
-        "hidden 2048, 21 layers, 6 heads x 256, expand_v 2)",
-    ),
-    "7B-like": GDNShape(
-        "7B-like", dim=4096, n_layers=32, n_heads=16, head_dim=256, expand_v=2.0,
-        source="ASSUMPTION, no published GDN config: hidden 4096, 32 layers, 16 heads x 256, "
-        "expand_v 2, FLA MLP rule; counts ~8.9B parameters",
-    ),
-}
-
-
-def parse_shape(spec: str) -> GDNShape:
-    """A preset name, or ``name:dim,n_layers,n_heads,head_dim[,expand_v[,vocab]]``."""
-    if spec in PRESET_SHAPES:
-        return PRESET_SHAPES[spec]
-    if ":" not in spec:
-        raise ValueError(
-            f"shape '{spec}' is not one of {sorted(PRESET_SHAPES)} nor 'name:dim,n_layers,n_heads,head_dim[,expand_v[,vocab]]'"
-        )
-    name, rest = spec.split(":", 1)
-    vals = rest.split(",")
-    if not 4 <= len(vals) <= 6:
-        raise ValueError(f"shape '{spec}': want dim,n_layers,n_heads,head_dim[,expand_v[,vocab]]")
-    dim, n_layers, n_heads, head_dim = (int(v) for v in vals[:4])
-    expand_v = float(vals[4]) if len(vals) > 4 else 2.0
-    vocab = int(vals[5]) if len(vals) > 5 else 32000
-    return GDNShape(name, dim, n_layers, n_heads, head_dim, expand_v, vocab=vocab, source="custom")
-
-
-# ----------------------------------------------------------------------------- parameters
-
-
-def layer_param_counts(shape: GDNShape) -> dict[str, int]:
-    """Parameters of one block, by module (bias-free linears, bias-free depthwise convs)."""
-    d, Dk, Dv, Hv = shape.dim, shape.key_dim, shape.value_dim, shape.Hv
-    return {
-        "attention_norm": d,
-        "q_proj": d * Dk,
-        "k_proj": d * Dk,
-        "v_proj": d * Dv,
-        "a_proj": d * Hv,
-        "b_proj": d * Hv,
-        "g_proj": d * Dv,
-        "convs": shape.conv_size * (2 * Dk + Dv),  # depthwise: one kernel per channel
-        "A_log_dt_bias": 2 * Hv,
-        "o_norm": shape.V,  # one weight of size V shared by the heads (FLA, Qwen3.5)
-        "o_proj": Dv * d,
-        "ffn_norm": d,
-        "mlp": 3 * d * shape.hidden,  # w1, w3: d -> hidden; w2: hidden -> d
-    }
-
-
-# modules whose parameters TP does not shard
-_REPLICATED_UNDER_TP = ("attention_norm", "o_norm", "ffn_norm", "final_norm")
-
-
-def param_counts(shape: GDNShape) -> dict[str, int]:
-    """Totals: per layer, all layers, embedding, final norm, lm_head, total, tp-replicated part."""
-    layer = layer_param_counts(shape)
-    layer_total = sum(layer.values())
-    embedding = shape.vocab * shape.dim
-    lm_head = 0 if shape.tied else shape.dim * shape.vocab
-    total = shape.n_layers * layer_total + embedding + shape.dim + lm_head
-    replicated = shape.n_layers * sum(layer[k] for k in _REPLICATED_UNDER_TP if k in layer) + shape.dim
-    return {
-        "layer": layer_total,
-        "layers": shape.n_layers * layer_total,
-        "embedding": embedding,
-        "final_norm": shape.dim,
-        "lm_head": lm_head,
-        "total": total,
-        "tp_replicated": replicated,
-    }
 
 
 # ----------------------------------------------------------------------------- setup
@@ -312,16 +183,16 @@ class ActTerm:
         return self.elems_per_token * self.bytes_per_elem / div
 
 
-def _state_width(shape: GDNShape, setup: TrainSetup, par: Parallelism) -> int:
+def _state_width(shape: Dims, setup: TrainSetup, par: Parallelism) -> int:
     """Value width the kernel runs at: V, or V + K with the CP [v | 0] trick."""
     return shape.V + (shape.K if (par.cp > 1 and setup.cp_extra) else 0)
 
 
-def layer_activation_terms(shape: GDNShape, setup: TrainSetup, par: Parallelism) -> list[ActTerm]:
+def layer_activation_terms(shape: Dims, setup: TrainSetup, par: Parallelism) -> list[ActTerm]:
     """Saved-for-backward tensors of one block without checkpointing (see the module docstring)."""
     a = dtype_bytes(setup.act_dtype)
     f = 4
-    d, H, Hv, K, Dk, Dv, hid = shape.dim, shape.n_heads, shape.Hv, shape.K, shape.key_dim, shape.value_dim, shape.hidden
+    d, H, Hv, K, Dk, Dv, hid = shape.dim, shape.H, shape.Hv, shape.K, shape.key_dim, shape.value_dim, shape.hidden
     C = setup.chunk_size
     Vk = _state_width(shape, setup, par)
     terms = [
@@ -352,7 +223,7 @@ def layer_activation_terms(shape: GDNShape, setup: TrainSetup, par: Parallelism)
     return terms
 
 
-def cp_state_buffer_bytes(shape: GDNShape, setup: TrainSetup, par: Parallelism) -> float:
+def cp_state_buffer_bytes(shape: Dims, setup: TrainSetup, par: Parallelism) -> float:
     """Per-layer CP buffers that do not scale with tokens, kept for the backward (state passing).
 
     allgather: the gathered summaries [P, B, n, Hv, K, K + V] (the fold's M_s live in it);
@@ -368,12 +239,12 @@ def cp_state_buffer_bytes(shape: GDNShape, setup: TrainSetup, par: Parallelism) 
     return 4.0 * (summaries + rows * Hv * K * (V + K) + rows * Hv * K * V)
 
 
-def checkpointed_layer_terms(shape: GDNShape, setup: TrainSetup) -> list[ActTerm]:
+def checkpointed_layer_terms(shape: Dims, setup: TrainSetup) -> list[ActTerm]:
     """What a block keeps under full AC: its input."""
     return [ActTerm("ac_block_input", shape.dim, dtype_bytes(setup.act_dtype), "sp", "checkpointed block input")]
 
 
-def model_activation_terms(shape: GDNShape, setup: TrainSetup) -> list[ActTerm]:
+def model_activation_terms(shape: Dims, setup: TrainSetup) -> list[ActTerm]:
     """Saved tensors outside the blocks, alive until the backward reaches them."""
     a = dtype_bytes(setup.act_dtype)
     return [
@@ -427,13 +298,14 @@ def _terms_bytes(terms: list[ActTerm], par: Parallelism, tokens: float, calibrat
 
 
 def estimate_memory(
-    shape: GDNShape,
+    model,
     setup: TrainSetup,
     par: Parallelism = Parallelism(),
     calibration: dict[str, float] | None = None,
     activation_scale: float = 1.0,
 ) -> MemoryEstimate:
-    """Per-rank peak memory in bytes (see the module docstring for every term)."""
+    """Per-rank peak memory in bytes of ``model`` (a ``GDNModel.Config``; module docstring for every term)."""
+    shape = Dims.of(model)
     if setup.ac not in AC_MODES:
         raise ValueError(f"ac = '{setup.ac}' is not one of {list(AC_MODES)}")
     if setup.seq_len % par.cp:
@@ -442,7 +314,7 @@ def estimate_memory(
     tokens = setup.batch * setup.seq_len // par.cp
 
     # static
-    counts = param_counts(shape)
+    counts = param_counts(model)
     n_rep = counts["tp_replicated"]
     n_local = ((counts["total"] - n_rep) / par.tp + n_rep) / par.fsdp
     pb = dtype_bytes(setup.param_dtype)
@@ -503,7 +375,7 @@ def estimate_memory(
 
 def max_seq_len(
     budget_bytes: float,
-    shape: GDNShape,
+    model,
     setup: TrainSetup | None = None,
     par: Parallelism = Parallelism(),
     calibration: dict[str, float] | None = None,
@@ -521,7 +393,7 @@ def max_seq_len(
 
     def fits(n_steps: int) -> bool:
         s = replace(setup, seq_len=n_steps * step)
-        return estimate_memory(shape, s, par, calibration, activation_scale).total <= budget_bytes
+        return estimate_memory(model, s, par, calibration, activation_scale).total <= budget_bytes
 
     if not fits(1):
         return 0
@@ -544,70 +416,3 @@ def format_bytes(n: float) -> str:
         if abs(n) >= div:
             return f"{n / div:.2f} {unit}"
     return f"{n:.0f} B"
-
-
-# ----------------------------------------------------------------------------- kernel calibration
-
-
-@dataclass(frozen=True)
-class KernelProfile:
-    """What one GDN kernel (and titan_cp's model code around it) saves: TrainSetup fields + term factors.
-
-    ``setup`` goes into :class:`TrainSetup`, ``calibration`` into
-    :func:`estimate_memory`. ``measured`` says what the factors were checked against.
-    """
-
-    name: str
-    setup: dict
-    calibration: dict
-    measured: str
-
-
-def _torch_kernel_profile(shape: GDNShape | None, act_dtype: str) -> KernelProfile:
-    """titan_cp's ``torch`` chunk kernel (kernels/chunk.py) inside titan_cp's GatedDeltaNet.
-
-    Counted with saved_tensors_hooks on the real model (scripts/benchmark_memory.py), per token per layer:
-
-    - the kernel saves fp32 chunk-layout copies of q, k (repeated to Hv heads), v, g, beta and
-      the state entering every chunk [T/C + 1, Hv, K, Vk]; no WY matrix
-      (``kernel_saved_per_head_token = 0``, ``kernel_saves_states``). ``kernel_inputs`` is scaled
-      to those fp32 copies: 4 Hv (2K + V) bytes instead of a (2 Dk + Dv).
-    - ``qk_silu_out``: the SiLU output of the fused q|k|v conv is one storage and the L2 norm keeps
-      all of it alive: (2 Dk + Dv) / (2 Dk).
-    - ``qk_l2_norms``: one rsqrt per head for q and for k (2 H, not 4 H): 0.5.
-    - ``gates``: a + dt_bias, softplus, sigmoid(b), the kernel's g and beta copies, o-norm rstd:
-      6 Hv instead of 5 Hv: 1.2.
-    - ``cp_extra`` (CP only): the kernel's fp32 v copy is K wider (4 Hv K) and q M is a view of the
-      whole [o | q M] kernel output (a Hv (V + K)): (4 K + a (V + K)) / (2 a K) times 2 Hv K a.
-      The wider chunk states are the ``kernel_states`` term at Vk = V + K.
-    - transient (fitted to the tracked-allocator peak on CPU, fp32, dim 256 / 4 x 64 heads,
-      CP 1..8, 256..16384 tokens per rank): the peak falls in the last block's MLP backward,
-      where the backward workspace is about 0.1 of a layer's activations (``workspace`` 0.21 x
-      ``workspace_fraction`` 0.5), the kernel's chunk-state workspace is not at the peak
-      (``kernel_workspace`` 0), and of the gradients only lm_head's and the final norm's
-      exist yet (``grads_at_peak`` 0.2 for this shape; small next to activations at any real length).
-    """
-    a = dtype_bytes(act_dtype)
-    cal = {"qk_l2_norms": 0.5, "gates": 1.2, "workspace": 0.21, "kernel_workspace": 0.0, "grads_at_peak": 0.2}
-    if shape is not None:
-        H, Hv, K, V = shape.n_heads, shape.Hv, shape.K, shape.V
-        cal["qk_silu_out"] = (2 * shape.key_dim + shape.value_dim) / (2 * shape.key_dim)
-        cal["kernel_inputs"] = 4 * Hv * (2 * K + V) / (a * (2 * H * K + Hv * V))
-        cal["cp_extra"] = (4 * K + a * (V + K)) / (2 * a * K)
-    return KernelProfile(
-        "torch", {"kernel_saved_per_head_token": 0.0, "kernel_saves_states": True}, cal,
-        "CPU, fp32, torch 2.13: saved-tensor tally and tracked-allocator peak of scripts/benchmark_memory.py "
-        "(docs/benchmarks.md); bf16 factors derived, not measured",
-    )
-
-
-def kernel_profile(kernel: str, shape: GDNShape | None = None, act_dtype: str = "fp32") -> KernelProfile:
-    """The calibration profile of ``model.kernel`` for ``shape`` (some factors depend on the head shapes).
-
-    ``torch``: measured (see :func:`_torch_kernel_profile`). ``triton`` (FLA) and others: the
-    TrainSetup defaults (FLA saves the WY matrix A, C per head per token, and recomputes the
-    chunk states), not yet checked against a GPU measurement.
-    """
-    if kernel == "torch":
-        return _torch_kernel_profile(shape, act_dtype)
-    return KernelProfile(kernel, {}, {}, "uncalibrated: TrainSetup defaults (FLA's chunk kernel)")

@@ -54,15 +54,9 @@ Matmul FLOPs per token, forward (per rank, divided by TP):
     proj   = 2 dim (2 Dk + 2 Dv + 2 Hv) + 2 Dv dim      q,k,v,g,a,b and o_proj
     conv   = 2 conv (2 Dk + Dv)                         depthwise short convs
     mlp    = 6 dim hidden                               SwiGLU w1, w3, w2
-GDN chunk kernel (FLA's WY / UT-transform chunk algorithm), forward, per head
-per chunk of C tokens:
-    A = beta K K^T                    2 C^2 K
-    (I + A)^-1 (triangular solve)     C^3 / 3
-    w = A (beta k), u = A (beta v)    2 C^2 K + 2 C^2 V
-    per chunk state pass: v' = u - w S, S <- a S + k^T v'      4 C K V
-    o = q S + (q k^T * mask) v'       2 C K V + 2 C^2 K + 2 C^2 V
-  => per token per head:  F_gdn(K, V, C) = 6 C K + 4 C V + 6 K V + C^2 / 3
-     (K = 256, V = 512, C = 64: 1.018 MFLOP; K = V = 128: 0.182 MFLOP)
+GDN chunk kernel: ``F_gdn(K, V, C) = 6 C K + 4 C V + 6 K V + C^2 / 3`` per token per
+value head, forward (derived step by step in ``titan_cp/analysis/flops.py``, the
+formula the training log's MFU uses too; K = 256, V = 512, C = 64: 1.017 MFLOP).
 Backward = ``bwd_factor`` x forward for matmuls (2) and ``kernel_bwd_factor`` x
 for the kernel (2.5: it recomputes the state pass). Time = matmul FLOPs /
 ``matmul_tflops`` + kernel FLOPs / ``kernel_tflops``. Defaults: 400 TFLOP/s
@@ -87,7 +81,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from titan_cp.estimator import PRESET_SHAPES, GDNShape
+from titan_cp.analysis.flops import gdn_chunk_flops_per_token
+from titan_cp.analysis.shape import SHAPE_SOURCES, Dims
 
 STRATEGIES = ("allgather", "logscan", "alltoall")
 REFERENCE = "ring_attn"
@@ -98,11 +93,6 @@ def scan_rounds(p: int) -> int:
     if p < 1:
         raise ValueError(f"P must be >= 1, got {p}")
     return (p - 1).bit_length()
-
-
-def gdn_chunk_flops_per_token(K: int, V: int, C: int = 64) -> float:
-    """Forward FLOPs of the chunked gated delta rule per token per head (see module docstring)."""
-    return 6 * C * K + 4 * C * V + 6 * K * V + C * C / 3
 
 
 @dataclass(frozen=True)
@@ -160,7 +150,7 @@ class Exchange:
 # ----------------------------------------------------------------------------- compute
 
 
-def layer_flops_per_token(shape: GDNShape, C: int = 64, tp: int = 1) -> dict[str, float]:
+def layer_flops_per_token(shape: Dims, C: int = 64, tp: int = 1) -> dict[str, float]:
     """Forward FLOPs per token of one block on one rank, by part."""
     d, Dk, Dv, Hv = shape.dim, shape.key_dim, shape.value_dim, shape.Hv
     return {
@@ -171,7 +161,7 @@ def layer_flops_per_token(shape: GDNShape, C: int = 64, tp: int = 1) -> dict[str
     }
 
 
-def layer_compute_s(shape: GDNShape, tokens: float, comp: Compute = Compute(), wl: Workload = Workload()) -> float:
+def layer_compute_s(shape: Dims, tokens: float, comp: Compute = Compute(), wl: Workload = Workload()) -> float:
     """fwd + bwd seconds of one block for ``tokens`` tokens per row on one rank."""
     f = layer_flops_per_token(shape, comp.chunk_size, wl.tp)
     n = tokens * wl.batch
@@ -180,7 +170,7 @@ def layer_compute_s(shape: GDNShape, tokens: float, comp: Compute = Compute(), w
     return matmul + kernel
 
 
-def cp_compute_overhead_s(shape: GDNShape, tokens: float, comp: Compute = Compute(), wl: Workload = Workload()) -> float:
+def cp_compute_overhead_s(shape: Dims, tokens: float, comp: Compute = Compute(), wl: Workload = Workload()) -> float:
     """Extra fwd + bwd kernel time of summary CP: width V + K instead of V, plus (q M) S."""
     K, V, C = shape.K, shape.V, comp.chunk_size
     extra = gdn_chunk_flops_per_token(K, V + K, C) - gdn_chunk_flops_per_token(K, V, C) + 2 * K * V
@@ -191,20 +181,20 @@ def cp_compute_overhead_s(shape: GDNShape, tokens: float, comp: Compute = Comput
 # ----------------------------------------------------------------------------- exchanges
 
 
-def summary_bytes(shape: GDNShape, wl: Workload = Workload()) -> float:
+def summary_bytes(shape: Dims, wl: Workload = Workload()) -> float:
     """[S_local | M] of one rank, all batch rows: Hv/TP * K * (K + V) * state_bytes * batch."""
     return shape.Hv / wl.tp * shape.K * (shape.K + shape.V) * wl.state_bytes * wl.batch
 
 
-def dstate_bytes(shape: GDNShape, wl: Workload = Workload()) -> float:
+def dstate_bytes(shape: Dims, wl: Workload = Workload()) -> float:
     return shape.Hv / wl.tp * shape.K * shape.V * wl.state_bytes * wl.batch
 
 
-def halo_bytes(shape: GDNShape, wl: Workload = Workload()) -> float:
+def halo_bytes(shape: Dims, wl: Workload = Workload()) -> float:
     return (shape.conv_size - 1) * (2 * shape.key_dim + shape.value_dim) / wl.tp * wl.act_bytes * wl.batch
 
 
-def _halo_s(shape: GDNShape, P: int, net: Network, wl: Workload) -> float:
+def _halo_s(shape: Dims, P: int, net: Network, wl: Workload) -> float:
     if P <= 1:
         return 0.0
     bw, lat = net.link(P)  # the slowest neighbour hop: inter-node once P spans nodes
@@ -223,7 +213,7 @@ def _allgather_s(P: int, chunk: float, net: Network) -> float:
     raise ValueError(f"allgather_algo = '{net.allgather_algo}' is not one of ['ring', 'tree']")
 
 
-def allgather_exchange(shape: GDNShape, P: int, net: Network = Network(), comp: Compute = Compute(),
+def allgather_exchange(shape: Dims, P: int, net: Network = Network(), comp: Compute = Compute(),
                        wl: Workload = Workload()) -> Exchange:
     s, ds = summary_bytes(shape, wl), dstate_bytes(shape, wl)
     steps = 0 if P <= 1 else (P - 1 if net.allgather_algo == "ring" else scan_rounds(P))
@@ -233,7 +223,7 @@ def allgather_exchange(shape: GDNShape, P: int, net: Network = Network(), comp: 
                     comm, fold_flops / (comp.fold_tflops * 1e12))
 
 
-def logscan_exchange(shape: GDNShape, P: int, net: Network = Network(), comp: Compute = Compute(),
+def logscan_exchange(shape: Dims, P: int, net: Network = Network(), comp: Compute = Compute(),
                      wl: Workload = Workload()) -> Exchange:
     s = summary_bytes(shape, wl)
     r = scan_rounds(P)
@@ -244,7 +234,7 @@ def logscan_exchange(shape: GDNShape, P: int, net: Network = Network(), comp: Co
                     comm, combine_flops / (comp.fold_tflops * 1e12))
 
 
-def alltoall_values_per_token(shape: GDNShape) -> tuple[int, int]:
+def alltoall_values_per_token(shape: Dims) -> tuple[int, int]:
     """(values in: q,k,v,a,b pre-conv; values out: o) per token."""
     return 2 * shape.key_dim + shape.value_dim + 2 * shape.Hv, shape.value_dim
 
@@ -261,11 +251,11 @@ def _alltoall_s(P: int, bytes_per_rank_total: float, net: Network) -> float:
     return (P - 1) * lat + max(intra, inter)
 
 
-def alltoall_exchange(shape: GDNShape, P: int, tokens: float, net: Network = Network(),
+def alltoall_exchange(shape: Dims, P: int, tokens: float, net: Network = Network(),
                       wl: Workload = Workload()) -> Exchange:
     ways = P * wl.tp
-    if shape.n_heads % ways or shape.Hv % ways:
-        return Exchange("alltoall", False, note=f"heads {shape.n_heads} not divisible by CP*TP = {ways}")
+    if shape.H % ways or shape.Hv % ways:
+        return Exchange("alltoall", False, note=f"heads {shape.H} not divisible by CP*TP = {ways}")
     vin, vout = alltoall_values_per_token(shape)
     n = tokens * wl.batch * wl.act_bytes / wl.tp
     b_in, b_out = n * vin, n * vout
@@ -275,7 +265,7 @@ def alltoall_exchange(shape: GDNShape, P: int, tokens: float, net: Network = Net
                     2 * (P > 1), 2 * (P > 1), 2 * one_way, 0.0)
 
 
-def ring_attention_exchange(shape: GDNShape, P: int, tokens: float, net: Network = Network(),
+def ring_attention_exchange(shape: Dims, P: int, tokens: float, net: Network = Network(),
                             wl: Workload = Workload()) -> Exchange:
     kv = (wl.ref_kv_dim or shape.dim) / wl.tp
     step = tokens * wl.batch * 2 * kv * wl.act_bytes
@@ -301,9 +291,10 @@ class Row:
         return self.exchanges[strategy].time_s / self.compute_s
 
 
-def sweep(shape: GDNShape, Ps: list[int], *, tokens_per_rank: float | None = None, global_len: float | None = None,
+def sweep(shape: Dims, Ps: list[int], *, tokens_per_rank: float | None = None, global_len: float | None = None,
           net: Network = Network(), comp: Compute = Compute(), wl: Workload = Workload()) -> list[Row]:
-    """One row per P, either at fixed tokens per rank or at fixed global length."""
+    """One row per P, either at fixed tokens per rank or at fixed global length (``shape``: Dims or model config)."""
+    shape = Dims.of(shape)
     if (tokens_per_rank is None) == (global_len is None):
         raise ValueError("give exactly one of tokens_per_rank, global_len")
     rows = []
@@ -341,16 +332,17 @@ def powers_of_two(lo: int = 2, hi: int = 1024) -> list[int]:
     return out
 
 
-def run_model(shapes: list[GDNShape], Ps: list[int], tokens_per_rank: int, global_len: int, hide_fraction: float,
+def run_model(shapes: list[tuple[str, object]], Ps: list[int], tokens_per_rank: int, global_len: int, hide_fraction: float,
               net: Network = Network(), comp: Compute = Compute(), wl: Workload = Workload()) -> dict:
-    """Everything the CLI prints, as plain data (the JSON output)."""
+    """Everything the CLI prints, as plain data (the JSON output); ``shapes``: (name, ``GDNModel.Config``)."""
     out = {
         "network": asdict(net), "compute": asdict(comp), "workload": asdict(wl),
         "hide_fraction": hide_fraction, "tokens_per_rank": tokens_per_rank, "global_len": global_len,
         "models": [],
     }
-    for shape in shapes:
-        entry = {"shape": asdict(shape) | {"K": shape.K, "V": shape.V, "hidden": shape.hidden},
+    for name, model in shapes:
+        shape = Dims.of(model)
+        entry = {"name": name, "source": SHAPE_SOURCES.get(name, ""), "shape": asdict(shape),
                  "summary_bytes": summary_bytes(shape, wl), "modes": {}}
         for mode, kw in (("fixed_tokens_per_rank", {"tokens_per_rank": tokens_per_rank}),
                          ("fixed_global_len", {"global_len": global_len})):
@@ -408,11 +400,11 @@ def markdown(result: dict) -> str:
         s = m["shape"]
         lines += [
             "",
-            (f"### {s['name']}: dim {s['dim']}, {s['n_layers']} layers, {s['n_heads']} heads, K {s['K']}, V {s['V']}, "
+            (f"### {m['name']}: dim {s['dim']}, {s['n_layers']} layers, {s['H']} heads, K {s['K']}, V {s['V']}, "
             f"MLP {s['hidden']}; summary {m['summary_bytes'] / 2**20:.2f} MiB per rank per layer"),
         ]
-        if s.get("source"):
-            lines.append(f"\n_{s['source']}_")
+        if m["source"]:
+            lines.append(f"\n_{m['source']}_")
         for mode, title in (("fixed_tokens_per_rank", f"fixed {_fmt_tokens(result['tokens_per_rank'])} tokens per rank"),
                             ("fixed_global_len", f"fixed global length {_fmt_tokens(result['global_len'])}")):
             rows = m["modes"][mode]["_rows"]
@@ -443,7 +435,7 @@ def markdown(result: dict) -> str:
                 P, why = stops_hiding_at(rows, st, X)
                 cells.append(">max" if P is None else f"{P} ({why})")
             extra = rows[0].cp_compute_overhead_s / rows[0].compute_s
-            lines.append(f"| {m['shape']['name']} | {mode.replace('_', ' ')} | " + " | ".join(cells)
+            lines.append(f"| {m['name']} | {mode.replace('_', ' ')} | " + " | ".join(cells)
                          + f" | +{100 * extra:.0f}% |")
     return "\n".join(lines) + "\n"
 
@@ -457,5 +449,3 @@ def jsonable(result: dict) -> dict:
     ]
     return out
 
-
-DEFAULT_SHAPES = list(PRESET_SHAPES.values())

@@ -1,0 +1,150 @@
+"""Model shapes for the estimator and the scale model: ``GDNModel.Config``, read one way.
+
+The analysis reads the model's own config (``titan_cp.model.model_config(flavor)``
+or any ``GDNModel.Config``); :class:`Dims` names the derived sizes once:
+H key heads of dim K, Hv value heads of dim V = K * expand_v, Dk = H K, Dv = Hv V.
+
+Named shapes (:data:`SHAPES`): the ``340M`` and ``1.3B`` flavors (FLA's
+published GDN configs) and ``7B-like`` (an assumption: no GDN of that size is
+published; the 1.3B flavor widened to hidden 4096, 32 layers, 16 heads x 256,
+FLA's MLP rule).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Sizes derived from a ``GDNModel.Config`` (``Dims.of(config)``)."""
+
+    dim: int
+    n_layers: int
+    H: int  # key heads
+    Hv: int  # value heads
+    K: int  # key head dim
+    V: int  # value head dim
+    conv_size: int
+    hidden: int  # SwiGLU hidden size
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def of(cls, config) -> "Dims":
+        """The sizes of ``config`` (a ``GDNModel.Config``; a ``Dims`` is returned as is)."""
+        if isinstance(config, Dims):
+            return config
+        if "A" in config.layer_types():
+            raise ValueError(
+                f"model.layer_pattern = '{config.layer_pattern}': the analysis models GDN blocks only; "
+                "use an all-GDN config (layer_pattern = '')."
+            )
+        return cls(
+            dim=config.dim, n_layers=config.n_layers, H=config.num_heads,
+            Hv=config.num_v_heads or config.num_heads, K=config.head_dim,
+            V=int(config.head_dim * config.expand_v), conv_size=config.conv_size,
+            hidden=config.hidden_dim, vocab=config.vocab_size, tied=config.tie_embeddings,
+        )
+
+    @property
+    def key_dim(self) -> int:
+        return self.H * self.K
+
+    @property
+    def value_dim(self) -> int:
+        return self.Hv * self.V
+
+
+def fla_mlp_hidden(dim: int, hidden_ratio: float = 4.0) -> int:
+    """FLA's GatedMLP hidden size: int(dim * ratio * 2/3) rounded up to a multiple of 256."""
+    h = int(dim * hidden_ratio * 2 / 3)
+    return 256 * ((h + 255) // 256)
+
+
+SHAPE_SOURCES = {
+    "340M": "FLA/flame configs/gated_deltanet_340M.json (hidden 1024, 21 layers, 6 heads x 256, "
+            "expand_v 2, vocab 32000, untied); counts ~0.51B parameters",
+    "1.3B": "FLA/flame configs/gated_deltanet_1B.json (= FLA GatedDeltaNetConfig defaults: "
+            "hidden 2048, 21 layers, 6 heads x 256, expand_v 2)",
+    "7B-like": "ASSUMPTION, no published GDN config: hidden 4096, 32 layers, 16 heads x 256, "
+               "expand_v 2, FLA MLP rule; counts ~8.9B parameters",
+}
+
+
+def named_shape(name: str, **overrides):
+    """The ``GDNModel.Config`` of a named shape (:data:`SHAPE_SOURCES`) or any model flavor."""
+    from titan_cp.model import model_config
+
+    if name == "7B-like":
+        return model_config("1.3B", dim=4096, n_layers=32, num_heads=16, hidden_dim=fla_mlp_hidden(4096), **overrides)
+    return model_config(name, **overrides)
+
+
+def parse_shape(spec: str) -> tuple[str, object]:
+    """``name`` or ``name:field=value,...`` (model fields) -> (name, ``GDNModel.Config``).
+
+    ``name`` is a shape of :data:`SHAPE_SOURCES` or a model flavor, e.g.
+    ``340M:num_heads=8,head_dim=128``.
+    """
+    name, _, rest = spec.partition(":")
+    overrides = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"shape '{spec}': want name or name:field=value,... (model fields), got '{item}'")
+        overrides[key] = _parse_value(value)
+    return (spec if overrides else name), named_shape(name, **overrides)
+
+
+def _parse_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def layer_param_counts(model) -> dict[str, int]:
+    """Parameters of one block of ``model`` (a ``GDNModel.Config``), by module (bias-free linears and convs)."""
+    d = Dims.of(model)
+    return {
+        "attention_norm": d.dim,
+        "q_proj": d.dim * d.key_dim,
+        "k_proj": d.dim * d.key_dim,
+        "v_proj": d.dim * d.value_dim,
+        "a_proj": d.dim * d.Hv,
+        "b_proj": d.dim * d.Hv,
+        "g_proj": d.dim * d.value_dim,
+        "convs": d.conv_size * (2 * d.key_dim + d.value_dim),  # depthwise: one kernel per channel
+        "A_log_dt_bias": 2 * d.Hv,
+        "o_norm": d.V,  # one weight of size V shared by the heads (FLA, Qwen3.5)
+        "o_proj": d.value_dim * d.dim,
+        "ffn_norm": d.dim,
+        "mlp": 3 * d.dim * d.hidden,  # w1, w3: dim -> hidden; w2: hidden -> dim
+    }
+
+
+# modules whose parameters TP does not shard
+_REPLICATED_UNDER_TP = ("attention_norm", "o_norm", "ffn_norm", "final_norm")
+
+
+def param_counts(model) -> dict[str, int]:
+    """Totals of ``model``: per layer, all layers, embedding, final norm, lm_head, total, tp-replicated part."""
+    d = Dims.of(model)
+    layer = layer_param_counts(model)
+    layer_total = sum(layer.values())
+    embedding = d.vocab * d.dim
+    lm_head = 0 if d.tied else d.dim * d.vocab
+    total = d.n_layers * layer_total + embedding + d.dim + lm_head
+    replicated = d.n_layers * sum(layer[k] for k in _REPLICATED_UNDER_TP if k in layer) + d.dim
+    return {
+        "layer": layer_total,
+        "layers": d.n_layers * layer_total,
+        "embedding": embedding,
+        "final_norm": d.dim,
+        "lm_head": lm_head,
+        "total": total,
+        "tp_replicated": replicated,
+    }
