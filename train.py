@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tt_train.ConfigManager = _ParsedConfig
     tt_train.main()
+    from titan_cp.hf.checkpoints import complete_hf_save
+
+    complete_hf_save(config)  # checkpoint.last_save_in_hf: config.json + tokenizer next to the safetensors
     return 0
 
 

@@ -74,6 +74,7 @@ def load_balancer_for_layout(layout: str) -> str | None:
 
 def model_spec(flavor: str, **overrides) -> ModelSpec:
     """The ``ModelSpec`` of a GDN flavor (``titan_cp.model.FLAVORS``) with model-field overrides."""
+    from titan_cp.hf.adapter import FLAStateDictAdapter
     from titan_cp.model import model_config
     from titan_cp.parallelize import parallelize_gdn
 
@@ -84,7 +85,7 @@ def model_spec(flavor: str, **overrides) -> ModelSpec:
         parallelize_fn=parallelize_gdn,
         pipelining_fn=None,
         post_optimizer_build_fn=None,
-        state_dict_adapter=None,
+        state_dict_adapter=FLAStateDictAdapter,  # checkpoint.initial_load_in_hf / last_save_in_hf: FLA's format
     )
 
 
