@@ -294,6 +294,45 @@ def test_minus_infinity_log_decay(at_document_start):
 
 
 # ---------------------------------------------------------------------------------------
+# The segment summary of context parallelism (outputs, q M, S_local, M in one pass)
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_documents", [False, True], ids=["one_document", "documents"])
+def test_with_transition_matches_padded_values_in_the_recurrence(with_documents):
+    """Reference: the recurrence with values [v | 0] from state [0 | I] (float64) returns
+    outputs [o | q M] and final state [S_local | M]; outputs and every gradient must match."""
+    from titan_cp.kernels.chunk import chunk_gated_delta_rule_with_transition
+
+    B, T, H, K, V = 2, 37, 2, 4, 6
+    inputs, _ = make_inputs(B=B, T=T, H=H, K=K, V=V, seed=6)
+    q, k, v, g, beta, _ = inputs
+    doc_starts = doc_starts_cases(B, T)["several_per_chunk"] if with_documents else None
+    gen = torch.Generator().manual_seed(7)
+    weights = [torch.randn(*shape, generator=gen, dtype=torch.float64)
+               for shape in ((B, T, H, V), (B, T, H, K), (B, H, K, V), (B, H, K, K))]
+
+    def chunk_summary(q, k, v, g, beta):
+        return chunk_gated_delta_rule_with_transition(q, k, v, g, beta, doc_starts=doc_starts, chunk_size=8)
+
+    def recurrent_summary(q, k, v, g, beta):
+        v_padded = torch.cat([v, v.new_zeros(B, T, H, K)], -1)
+        start = torch.cat([torch.zeros(B, H, K, V, dtype=v.dtype), torch.eye(K, dtype=v.dtype).expand(B, H, K, K)], -1)
+        o, final = recurrent_gated_delta_rule(q, k, v_padded, g, beta, initial_state=start,
+                                              output_final_state=True, doc_starts=doc_starts)
+        return o[..., :V], o[..., V:], final[..., :V], final[..., V:]
+
+    results = []
+    for summary in (chunk_summary, recurrent_summary):
+        xs = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
+        outs = summary(*xs)
+        sum((out * w).sum() for out, w in zip(outs, weights)).backward()
+        results.append([out.detach() for out in outs] + [x.grad for x in xs])
+    names = ("o", "q_transition", "S_local", "M", "dq", "dk", "dv", "dg", "dbeta")
+    assert_close(results[0], results[1], 1e-10, names=names)
+
+
+# ---------------------------------------------------------------------------------------
 # FLA's own reference
 # ---------------------------------------------------------------------------------------
 

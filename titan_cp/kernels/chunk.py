@@ -207,6 +207,11 @@ def _document_starts(doc_id: torch.Tensor) -> torch.Tensor:
     return torch.diff(doc_id, dim=-1, prepend=torch.zeros_like(doc_id[..., :1])) != 0
 
 
+def _pad_values(U: torch.Tensor, width: int) -> torch.Tensor:
+    """[..., V] -> [..., width]: zero columns for the transition (U of a zero value is 0)."""
+    return U if U.shape[-1] == width else F.pad(U, (0, width - U.shape[-1]))
+
+
 def _wy_representation(k_chunks, v_chunks, beta_chunks, decay_within_chunk, decay_from_start):
     """UT transform and WY representation of every chunk.
 
@@ -235,9 +240,10 @@ def _wy_representation(k_chunks, v_chunks, beta_chunks, decay_within_chunk, deca
 
 class _ChunkGatedDeltaRule(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, initial_state, doc_starts, scale, chunk_size):
+    def forward(ctx, q, k, v, g, beta, initial_state, doc_starts, scale, chunk_size, with_transition):
         B, T, H, K = q.shape
         V = v.shape[-1]
+        Vw = V + K if with_transition else V  # state width: [S | M] with the transition columns
         acc = torch.promote_types(q.dtype, torch.float32)
         C = chunk_size
 
@@ -250,63 +256,72 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         N = q_chunks.shape[0]
 
         # states[n] = H_n, the state entering chunk n; states[N] is the final state.
-        states = q_chunks.new_empty(N + 1, B * H, K, V)
+        states = q_chunks.new_empty(N + 1, B * H, K, Vw)
         if initial_state is None:
-            states[0] = 0
+            states[0, :, :, :V] = 0
         else:
-            states[0] = initial_state.reshape(B * H, K, V)
+            states[0, :, :, :V] = initial_state.reshape(B * H, K, V)
+        if with_transition:  # [H | I]: the identity columns carry the transition M
+            states[0, :, :, V:] = torch.eye(K, dtype=acc, device=states.device)
 
         D, gamma, lam = _chunk_decays(g_chunks, doc_id)
         _, _, W_and_U = _wy_representation(k_chunks, v_chunks, beta_chunks, D, gamma)
-        W, U = W_and_U[..., :K], W_and_U[..., K:]  # [N, BH, C, K], [N, BH, C, V] (views)
+        W, U = W_and_U[..., :K], _pad_values(W_and_U[..., K:], Vw)  # [N, BH, C, K], [N, BH, C, Vw]
         gamma_last = gamma[..., -1, None, None]  # [N, BH, 1, 1]
         k_to_end_T = (k_chunks * lam[..., None]).transpose(-1, -2).contiguous()  # K^T diag(lam) [N, BH, K, C]
 
         # The chunk recurrence (3), the only sequential part:
         #   u_n = U_n - W_n H_n,   H_{n+1} = gamma_last_n H_n + K_n^T diag(lam_n) u_n
-        new_values = torch.empty_like(v_chunks)  # u   [N, BH, C, V]
+        new_values = U.new_empty(U.shape)  # u   [N, BH, C, Vw]
         for n in range(N):
             torch.baddbmm(U[n], W[n], states[n], alpha=-1, out=new_values[n])
             torch.mul(states[n], gamma_last[n], out=states[n + 1]).baddbmm_(k_to_end_T[n], new_values[n])
-        state_in_chunks = states[:N]  # [N, BH, K, V]
-        final_state = states[N].reshape(B, H, K, V).clone()  # a separate tensor: users may modify it
+        state_in_chunks = states[:N]  # [N, BH, K, Vw]
+        final_state = states[N].reshape(B, H, K, Vw).clone()  # a separate tensor: users may modify it
 
         # Outputs (2), all chunks at once: O = diag(gamma) Q H + (Q K^T * D) u.
         qk = (q_chunks @ k_chunks.transpose(-1, -2)).mul_(D)  # [N, BH, C, C], zero above the diagonal
-        o_chunks = qk @ new_values  # [N, BH, C, V]
+        o_chunks = qk @ new_values  # [N, BH, C, Vw]
         _flat(o_chunks).baddbmm_(_flat(q_chunks * gamma[..., None]), _flat(state_in_chunks))
-        o = _from_chunks(o_chunks, B, H, T, v.dtype)
+        o = _from_chunks(o_chunks[..., :V], B, H, T, v.dtype)
+        q_transition = _from_chunks(o_chunks[..., V:], B, H, T, acc) if with_transition else None
 
         ctx.save_for_backward(q_chunks, k_chunks, v_chunks, g_chunks, beta_chunks, state_in_chunks, doc_id)
-        ctx.meta = (B, T, H, K, V, scale, q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype,
+        ctx.meta = (B, T, H, K, V, Vw, scale, q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype,
                     None if initial_state is None else initial_state.dtype)
-        return o, final_state
+        return o, final_state, q_transition
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, d_o, d_final_state):
+    def backward(ctx, d_o, d_final_state, d_q_transition):
         q_chunks, k_chunks, v_chunks, g_chunks, beta_chunks, state_in_chunks, doc_id = ctx.saved_tensors
-        B, T, H, K, V, scale, q_dtype, k_dtype, v_dtype, g_dtype, beta_dtype, h0_dtype = ctx.meta
+        B, T, H, K, V, Vw, scale, q_dtype, k_dtype, v_dtype, g_dtype, beta_dtype, h0_dtype = ctx.meta
         acc = q_chunks.dtype
         N, BH, C, _ = q_chunks.shape
 
         # Recompute the intra-chunk quantities (cheap, batched) instead of saving them.
         D, gamma, lam = _chunk_decays(g_chunks, doc_id)
         T_inv, kkT_D, W_and_U = _wy_representation(k_chunks, v_chunks, beta_chunks, D, gamma)
-        W, U = W_and_U[..., :K], W_and_U[..., K:]
-        new_values = torch.baddbmm(_flat(U), _flat(W), _flat(state_in_chunks), alpha=-1).view(N, BH, C, V)  # u
+        W, U = W_and_U[..., :K], W_and_U[..., K:]  # U [N, BH, C, V]: the transition columns have no values
+        new_values = torch.baddbmm(
+            _flat(_pad_values(U, Vw)), _flat(W), _flat(state_in_chunks), alpha=-1
+        ).view(N, BH, C, Vw)  # u
         qk = (q_chunks @ k_chunks.transpose(-1, -2)).mul_(D)  # Q K^T * D   [N, BH, C, C]
         gamma_last = gamma[..., -1, None, None]  # [N, BH, 1, 1]
         k_to_end = k_chunks * lam[..., None]  # diag(lam) K   [N, BH, C, K]
         q_from_start = q_chunks * gamma[..., None]  # diag(gamma) Q   [N, BH, C, K]
 
-        d_o_chunks = v_chunks.new_zeros(v_chunks.shape) if d_o is None else _to_chunks(d_o, C, acc)  # [N, BH, C, V]
+        d_o_chunks = q_chunks.new_zeros(N, BH, C, Vw)  # d[o | q M]   [N, BH, C, Vw]
+        if d_o is not None:
+            d_o_chunks[..., :V] = _to_chunks(d_o, C, acc)
+        if d_q_transition is not None:
+            d_o_chunks[..., V:] = _to_chunks(d_q_transition, C, acc)
         # d_states[n] = dH_n (d_states[N] = gradient of the final state, d_states[0] of initial_state).
-        d_states = q_chunks.new_empty(N + 1, BH, K, V)
+        d_states = q_chunks.new_empty(N + 1, BH, K, Vw)
         if d_final_state is None:
             d_states[N] = 0
         else:
-            d_states[N] = d_final_state.reshape(BH, K, V)
+            d_states[N] = d_final_state.reshape(BH, K, Vw)
 
         # Reverse chunk recurrence:
         #   du_n = (Q K^T * D)^T dO_n + diag(lam) K dH_{n+1}
@@ -319,7 +334,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
             torch.mul(d_states[n + 1], gamma_last[n], out=d_states[n])
             d_states[n].add_(d_state_from_o[n]).baddbmm_(W_T[n], d_new_values[n], alpha=-1)
         d_state_out_chunks = d_states[1:]  # gradient of the state leaving chunk n   [N, BH, K, V]
-        d_initial_state = d_states[0].clone()  # [BH, K, V]
+        d_initial_state = d_states[0, :, :, :V].clone()  # [BH, K, V] (the identity columns are constant)
         del d_state_from_o, q_from_start, k_to_end, W_T  # (del: keeps the peak memory down)
 
         # Through the outputs (2): O = diag(gamma) Q H + (Q K^T * D) u.
@@ -345,7 +360,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         T_inv_T = T_inv.transpose(-1, -2)
         minus_d_W = d_new_values @ state_in_chunks.transpose(-1, -2)  # -dW   [N, BH, C, K]
         d_k_scaled = (T_inv_T @ minus_d_W).neg_()  # T^T dW = d(diag(beta gamma) K)   [N, BH, C, K]
-        d_v_scaled = T_inv_T @ d_new_values  # T^T dU = d(diag(beta) V)   [N, BH, C, V]
+        d_v_scaled = T_inv_T @ d_new_values[..., :V]  # T^T dU = d(diag(beta) V)   [N, BH, C, V]
         del minus_d_W, d_new_values, T_inv, T_inv_T
         # Through the UT transform: dA = -T^T dT T^T with dT = dW (beta gamma K)^T + dU (beta V)^T,
         # i.e. dA = -(T^T dW) W^T - (T^T dU) U^T, strictly lower.
@@ -395,6 +410,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -424,8 +440,42 @@ def chunk_gated_delta_rule(
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"gated delta rule: chunk_size must be a positive int, got {chunk_size!r}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    o, final_state = _ChunkGatedDeltaRule.apply(q, k, v, g, beta, initial_state, doc_starts, scale, chunk_size)
+    o, final_state, _ = _ChunkGatedDeltaRule.apply(
+        q, k, v, g, beta, initial_state, doc_starts, scale, chunk_size, False
+    )
     return o, (final_state if output_final_state else None)
 
 
-__all__ = ["chunk_gated_delta_rule"]
+def chunk_gated_delta_rule_with_transition(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    doc_starts: torch.Tensor | None = None,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The segment summary of context parallelism, in one pass: outputs from a zero state,
+    the final state and the segment's transition.
+
+    The recurrence is linear in the state, so the state entering every chunk is carried
+    as [H | P] with P [K, K] the transition since the segment start (P = I at the start,
+    values 0 in those columns): the chunk loop runs at width V + K, the WY factors and
+    dU stay at width V (the transition columns have no values). With S the true incoming
+    state, the outputs are o_t + (q_t P_t) S (``q_transition`` is scale q_t P_t).
+
+    Returns o_local [B, T, H, V] (dtype of v), q_transition [B, T, H, K], S_local
+    [B, H, K, V] and M [B, H, K, K] (the accumulation dtype: float32, float64 for float64).
+    """
+    check_inputs(q, k, v, g, beta, None, doc_starts)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    o, final_state, q_transition = _ChunkGatedDeltaRule.apply(
+        q, k, v, g, beta, None, doc_starts, scale, chunk_size, True
+    )
+    V = v.shape[-1]
+    return o, q_transition, final_state[..., :V], final_state[..., V:]
+
+
+__all__ = ["chunk_gated_delta_rule", "chunk_gated_delta_rule_with_transition"]
