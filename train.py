@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
             return config
 
     tt_train.ConfigManager = _ParsedConfig
+    from titan_cp.run_logging import init_logger
+
+    tt_train.init_logger = init_logger  # TorchTitan's, then rank-0 logging (titan_cp.run_logging)
     tt_train.main()
     from titan_cp.hf.checkpoints import complete_hf_save
 

@@ -27,7 +27,8 @@ Python-side CP byte counters), ``parallelism.context_parallel_load_balancer =
 None`` (TorchTitan then hands CP rank r the contiguous segment r, which is
 ``cp_layout = "contiguous"``; ``"headtail"`` is exactly ``"zigzag"``, see
 :func:`load_balancer_for_layout`), the shipped tokenizer/corpus and
-:class:`titan_cp.metrics.TitanCPMetricsProcessor`.
+:class:`titan_cp.metrics.TitanCPMetricsProcessor` and
+:class:`titan_cp.checkpoint.VerifiedCheckpointManager` (checksum manifests).
 
 Importing this module applies :func:`titan_cp.compat.apply` (so the native
 entry point runs on CPU too) and registers the shipped dataset.
@@ -38,7 +39,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from torchtitan.components.checkpoint import CheckpointManager
 from torchtitan.components.loss import CrossEntropyLoss
 from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
 from torchtitan.config import CompileConfig, ParallelismConfig, TrainingConfig
@@ -47,11 +47,14 @@ from torchtitan.protocols.model_spec import ModelSpec
 from torchtitan.trainer import Trainer
 
 from titan_cp import compat
+from titan_cp.checkpoint import VerifiedCheckpointManager
 from titan_cp.data import TOKENIZER_PATH, register_datasets, tiny_corpus_config
 from titan_cp.errors import ConfigError, unknown_choice_message
 from titan_cp.metrics import TitanCPMetricsProcessor
+from titan_cp.run_logging import rank_zero_logging
 
 compat.apply()
+rank_zero_logging()
 register_datasets()
 
 # cp_layout -> TorchTitan's parallelism.context_parallel_load_balancer. The
@@ -121,7 +124,7 @@ def _config(
             spmd_backend="partial_dtensor",
             context_parallel_load_balancer=load_balancer_for_layout(layout),
         ),
-        checkpoint=CheckpointManager.Config(
+        checkpoint=VerifiedCheckpointManager.Config(
             interval=checkpoint_interval, last_save_model_only=False, initial_load_model_only=False
         ),
         activation_checkpoint=activation_checkpoint,
