@@ -1,8 +1,8 @@
 """Checkpoint integrity, one metrics record per step, rank-0 logging and max_loss under CP.
 
 Unit tests on files first; then two shared torchrun launches on 2 CPU ranks
-(CP = 2, GDN debug flavor, 2 layers, seq_len 128, 6 steps, a checkpoint every
-step, TensorBoard on):
+(CP = 2, GDN debug flavor, 2 layers, seq_len 128, 6 steps, an async
+checkpoint every step, TensorBoard on):
 
 1. an uninterrupted run;
 2. a copy of its dump folder whose newest checkpoints are damaged three ways
@@ -120,6 +120,7 @@ def _launch(dump: Path) -> str:
         "--training.steps", str(STEPS),
         "--training.local_batch_size", "4",
         "--checkpoint.interval", "1",
+        "--checkpoint.async_mode", "async",  # manifests of async saves: written when the save is awaited
         "--metrics.enable_tensorboard",
         "--job.dump_folder", str(dump),
     ]
