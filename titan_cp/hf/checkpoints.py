@@ -189,3 +189,23 @@ def load_model(checkpoint: str | Path, *, config_file: str | Path | None = None,
     model = build_model(model_config, device)
     load_dcp_into(model, path)
     return model.eval(), path
+
+
+def tokenizer_folder(weights: str | Path, config_file: str | Path | None = None) -> Path:
+    """The tokenizer of a checkpoint: its own files (HF folder), else the training config's, else the shipped one."""
+    from titan_cp.data import TOKENIZER_PATH
+
+    if (Path(weights) / "tokenizer.json").is_file():
+        return Path(weights)
+    if config_file is not None:
+        return Path(model_config_from_train_config(config_file)[1].hf_assets_path)
+    return TOKENIZER_PATH
+
+
+def add_checkpoint_args(parser) -> None:
+    """``--checkpoint`` / ``--config_file`` / ``--flavor`` / ``--kernel`` of the evaluate and generate commands."""
+    parser.add_argument("--checkpoint", required=True,
+                        help="FLA HF folder, DCP step-N folder, or a run's checkpoint folder (its latest step)")
+    parser.add_argument("--config_file", help="the training TOML (the model shape of a DCP checkpoint)")
+    parser.add_argument("--flavor", help="the model flavor of a DCP checkpoint, instead of --config_file")
+    parser.add_argument("--kernel", default="torch", help="gated delta rule kernel: torch (CPU/GPU) or triton (GPU)")

@@ -110,14 +110,20 @@ class Attention(nn.Module):
             index = shard_sequence(index, 0, cp.rank, P, cp.layout)
         return index.expand(B, T)
 
-    def forward(self, x_BTD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
+    def project_qkv(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor):
+        """q [B, T, Hq, D], k, v [B, T, Hkv, D] with RoPE at ``positions_BT`` (also used by decoding)."""
         B, T, _ = x_BTD.shape
         D = self.head_dim
         q_BTHD = self.wq(x_BTD).view(B, T, -1, D)  # local heads under TP
         k_BTHD = self.wk(x_BTD).view(B, T, -1, D)
         v_BTHD = self.wv(x_BTD).view(B, T, -1, D)
-        cos, sin = rope_cos_sin(self._positions(seq, B, T, x_BTD.device), D, self.rope_theta)
-        q_BTHD, k_BTHD = apply_rope(q_BTHD, cos, sin), apply_rope(k_BTHD, cos, sin)
+        cos, sin = rope_cos_sin(positions_BT, D, self.rope_theta)
+        return apply_rope(q_BTHD, cos, sin), apply_rope(k_BTHD, cos, sin), v_BTHD
+
+    def forward(self, x_BTD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        D = self.head_dim
+        q_BTHD, k_BTHD, v_BTHD = self.project_qkv(x_BTD, self._positions(seq, B, T, x_BTD.device))
 
         cp = self.cp
         group, layout = None, "contiguous"

@@ -182,12 +182,12 @@ class GatedDeltaNet(nn.Module):
             dt.mul_(math.log(dt_max) - math.log(dt_min)).add_(math.log(dt_min)).exp_().clamp_(min=dt_floor)
             dt.add_(torch.log(-torch.expm1(-dt)))  # inverse softplus
 
-    def forward(self, x_BTD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
-        B, T, _ = x_BTD.shape
+    def mixing_inputs(self, x_BTD: torch.Tensor, doc_starts_BT: torch.Tensor | None = None) -> GDNMixingInputs:
+        """The token-local part before sequence mixing: projections, beta, g (also used by decoding)."""
         beta_BTH = self.b_proj(x_BTD).float().sigmoid()
         A_log, dt_bias = local_tensor(self.A_log), local_tensor(self.dt_bias)
         g_BTH = -A_log.float().exp() * F.softplus(self.a_proj(x_BTD).float() + dt_bias.float())
-        inputs = GDNMixingInputs(
+        return GDNMixingInputs(
             q_BTC=self.q_proj(x_BTD),
             k_BTC=self.k_proj(x_BTD),
             v_BTC=self.v_proj(x_BTD),
@@ -198,12 +198,20 @@ class GatedDeltaNet(nn.Module):
             v_conv_weight=local_tensor(self.v_conv1d.weight),
             head_dim=self.head_dim,
             head_v_dim=self.head_v_dim,
-            doc_starts_BT=seq.doc_starts,
+            doc_starts_BT=doc_starts_BT,
         )
-        o_BTHV = mix_sequence(inputs, kernel=self.kernel, cp=self.cp, layer_name=self.layer_name)
+
+    def output(self, o_BTHV: torch.Tensor, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The token-local part after sequence mixing: gated RMSNorm and o_proj."""
+        B, T, _ = x_BTD.shape
         gate_BTHV = self.g_proj(x_BTD).view(B, T, -1, self.head_v_dim)
         y_BTHV = self.o_norm(o_BTHV, gate_BTHV)
         return self.o_proj(y_BTHV.reshape(B, T, -1))
+
+    def forward(self, x_BTD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
+        inputs = self.mixing_inputs(x_BTD, seq.doc_starts)
+        o_BTHV = mix_sequence(inputs, kernel=self.kernel, cp=self.cp, layer_name=self.layer_name)
+        return self.output(o_BTHV, x_BTD)
 
 
 class GDNBlock(nn.Module):
