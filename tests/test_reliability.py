@@ -124,7 +124,8 @@ def _launch(dump: Path) -> str:
         "--metrics.enable_tensorboard",
         "--job.dump_folder", str(dump),
     ]
-    proc = subprocess.run(cmd, cwd=dump.parent, env=_env(), capture_output=True, text=True, timeout=900)
+    env = {**_env(), "LOG_RANK": "0"}  # the default: rank 0 logs everything, other ranks warnings only
+    proc = subprocess.run(cmd, cwd=dump.parent, env=env, capture_output=True, text=True, timeout=900)
     log = proc.stdout + proc.stderr
     (dump.parent / f"{dump.name}.log").write_text(log)
     assert proc.returncode == 0, f"run in {dump} failed (rc {proc.returncode}):\n{log[-6000:]}"
