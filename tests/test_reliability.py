@@ -82,6 +82,20 @@ def test_manifest_catches_each_kind_of_damage(tmp_path):
     assert check_files(str(ckpt), manifest, ["__1_0.distcp"]) == []
 
 
+def test_explicitly_named_damaged_checkpoint_is_refused(tmp_path):
+    """checkpoint.initial_load_path / load_step naming a damaged folder: an error naming the file, no load."""
+    from titan_cp.checkpoint import CheckpointCorrupted, VerifiedCheckpointManager
+
+    ckpt = tmp_path / "step-2"
+    _fake_checkpoint(ckpt)
+    write_manifest(str(ckpt), 2)
+    _write_random_bytes(ckpt / "__1_0.distcp")
+    manager = VerifiedCheckpointManager.__new__(VerifiedCheckpointManager)  # only dcp_load's check is exercised
+    manager._verified = set()
+    with pytest.raises(CheckpointCorrupted, match=re.escape(str(ckpt / "__1_0.distcp"))):
+        manager.dcp_load({}, str(ckpt), from_hf=False, from_quantized=False)
+
+
 def test_step_jsonl_keeps_one_record_per_step(tmp_path):
     path = tmp_path / "metrics.jsonl"
     first = StepJsonl(str(path))
@@ -258,3 +272,14 @@ def test_rank_filter_passes_warnings_from_every_rank():
     warning = record(logging.WARNING)
     assert quiet.filter(warning) and warning.getMessage() == "[rank 1] msg"
     assert loud.filter(record(logging.INFO)) and RankFilter(3, None).filter(record(logging.INFO))
+    # the step line comes from the rank holding the loss (the last stage under PP) only
+    from titan_cp.run_logging import STEP_LINE_ATTR, set_step_line_rank
+
+    step_line = record(logging.INFO)
+    setattr(step_line, STEP_LINE_ATTR, True)
+    try:
+        set_step_line_rank(1)
+        assert RankFilter(1, {0}).filter(step_line) and not RankFilter(0, {0}).filter(step_line)
+    finally:
+        set_step_line_rank(0)
+    assert RankFilter(0, {0}).filter(step_line) and not RankFilter(1, {0}).filter(step_line)

@@ -42,6 +42,9 @@ It also fixes what TorchTitan 0.3.0 gets wrong or leaves out under titan_cp:
   YYYYmmdd-HHMMSS[-k]``, created by rank 0 (``-2``, ``-3``, ... if a run
   started in the same second) and broadcast, instead of TorchTitan's
   per-minute name that two runs can share.
+- Rank-0 logging (:mod:`titan_cp.run_logging`): the step line is marked so
+  that it shows from the rank holding the loss (the last pipeline stage under
+  PP) and only there.
 - A heartbeat watchdog per rank (:mod:`titan_cp.watchdog`) that names a rank
   that stopped (``metrics.watchdog_silence_seconds``).
 """
@@ -69,6 +72,7 @@ from torchtitan.components.metrics import (
 from torchtitan.tools.logging import logger
 
 from titan_cp.cp.stats import comm_stats
+from titan_cp.run_logging import STEP_LINE_ATTR, set_step_line_rank
 
 
 
@@ -90,6 +94,8 @@ class TitanCPMetricsProcessor(MetricsProcessor):
         self._jsonl = StepJsonl(os.path.join(dump_folder, config.jsonl_file)) if config.jsonl_file else None
         self._total_steps = ((config_dict or {}).get("training") or {}).get("steps")
         self._first_log: tuple[int, float] | None = None  # (step, time) of this run's first log
+        pp_schedule = kwargs.get("pp_schedule", "1F1B")
+        set_step_line_rank(_get_metrics_rank(parallel_dims=self.parallel_dims, pp_schedule=pp_schedule))
         self._watchdog = None
         if config.watchdog_silence_seconds > 0 and dist.is_available() and dist.is_initialized():
             from titan_cp.watchdog import HeartbeatWatchdog
@@ -214,6 +220,7 @@ class _StepLineRewrite(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.msg, str) and self.old in record.msg and "loss:" in record.msg:
             record.msg = record.msg.replace(self.old, self.new, 1) + self.suffix
+            setattr(record, STEP_LINE_ATTR, True)  # shown from the loss-holding rank only
         return True
 
     def __enter__(self):

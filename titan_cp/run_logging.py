@@ -9,6 +9,11 @@ handlers that lets through
   warning use: ``LOG_RANK=0,3`` also shows rank 3, ``LOG_RANK=all`` every rank);
 - records of level WARNING and above on all other ranks, prefixed with the rank.
 
+TorchTitan's step line (loss, grad norm, ...) is the exception: it is shown
+from the rank that holds the loss (rank 0; under pipeline parallelism the
+first rank of the last stage, which :class:`titan_cp.metrics.TitanCPMetricsProcessor`
+sets through :func:`set_step_line_rank`) and from no other rank.
+
 The rank is ``RANK`` from the environment (torchrun sets it before Python
 starts), so the filter is in place before the process group exists.
 ``train.py`` installs it right after TorchTitan's ``init_logger`` (which
@@ -30,13 +35,26 @@ def logging_ranks() -> set[int] | None:
     return {int(r) for r in raw.split(",") if r.strip()}
 
 
+_step_line_rank = 0
+STEP_LINE_ATTR = "titan_cp_step_line"  # set on TorchTitan's step-line records by titan_cp.metrics
+
+
+def set_step_line_rank(rank: int) -> None:
+    """The rank whose step lines are shown (the rank that holds the loss)."""
+    global _step_line_rank
+    _step_line_rank = rank
+
+
 class RankFilter(logging.Filter):
     def __init__(self, rank: int, ranks: set[int] | None):
         super().__init__("titan_cp.rank_filter")
         self.rank = rank
-        self.verbose = ranks is None or rank in ranks
+        self.all_ranks = ranks is None
+        self.verbose = self.all_ranks or rank in ranks
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, STEP_LINE_ATTR, False):
+            return self.rank == _step_line_rank or self.all_ranks
         if self.verbose:
             return True
         if record.levelno < logging.WARNING:
@@ -64,4 +82,4 @@ def init_logger() -> None:
     rank_zero_logging()
 
 
-__all__ = ["RankFilter", "init_logger", "logging_ranks", "rank_zero_logging"]
+__all__ = ["RankFilter", "init_logger", "logging_ranks", "rank_zero_logging", "set_step_line_rank"]
