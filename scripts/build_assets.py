@@ -4,6 +4,8 @@ Everything is produced offline and deterministically (fixed seeds), so the
 default CPU run needs no network:
 
     titan_cp/assets/data/tiny_corpus.jsonl     one {"text": ...} document per line
+    titan_cp/assets/data/tiny_corpus_validation.jsonl  held-out documents (another seed, none
+                                               equal to a training document): validation, evaluation
     titan_cp/assets/tokenizer/tokenizer.json   byte-level BPE, vocab 1024
     titan_cp/assets/tokenizer/tokenizer_config.json  bos/eos for TorchTitan's HuggingFaceTokenizer
 
@@ -151,13 +153,18 @@ def main() -> None:
     p.add_argument("--docs", type=int, default=800)
     p.add_argument("--vocab", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val_docs", type=int, default=100)
+    p.add_argument("--val_seed", type=int, default=1)
     args = p.parse_args()
 
     texts = build_corpus(args.docs, args.seed)
+    seen = set(texts)
+    held_out = [t for t in build_corpus(args.val_docs, args.val_seed) if t not in seen]
     data_dir = args.out / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    with open(data_dir / "tiny_corpus.jsonl", "w") as f:
-        f.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    for name, docs in (("tiny_corpus.jsonl", texts), ("tiny_corpus_validation.jsonl", held_out)):
+        with open(data_dir / name, "w") as f:
+            f.writelines(json.dumps({"text": t}) + "\n" for t in docs)
 
     tok_dir = args.out / "tokenizer"
     tok_dir.mkdir(parents=True, exist_ok=True)

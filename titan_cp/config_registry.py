@@ -48,7 +48,7 @@ from torchtitan.trainer import Trainer
 
 from titan_cp import compat
 from titan_cp.checkpoint import VerifiedCheckpointManager
-from titan_cp.data import TOKENIZER_PATH, register_datasets, tiny_corpus_config
+from titan_cp.data import TOKENIZER_PATH, VALIDATION_STEPS, register_datasets, tiny_corpus_config, validation_config
 from titan_cp.errors import ConfigError, unknown_choice_message
 from titan_cp.metrics import TitanCPMetricsProcessor
 from titan_cp.run_logging import rank_zero_logging
@@ -130,7 +130,10 @@ def _config(
         activation_checkpoint=activation_checkpoint,
         compile=CompileConfig(enable=False),
     )
+    # --validator.enable: loss on the shipped held-out documents, no network (TorchTitan's default is c4).
     config.validator.enable = False
+    config.validator.dataloader = validation_config()
+    config.validator.steps = VALIDATION_STEPS
     return config
 
 

@@ -8,7 +8,16 @@ Two sources, both selectable from TOML (``[dataloader] dataset = ...``):
     dataset table, and read by TorchTitan's own ``HuggingFaceTextDataLoader``:
     same packing, positions, dp split and checkpoint state as TorchTitan's c4
     path, no network. The tokenizer is ``titan_cp/assets/tokenizer``
-    (``hf_assets_path``).
+    (``hf_assets_path``). ``dataset_path`` may point the same loader at any
+    local ``.jsonl`` file (one ``{"text": ...}`` per line) or a plain-text file
+    (one document).
+
+``tiny_corpus_validation``
+    Held-out documents of the same grammar
+    (``titan_cp/assets/data/tiny_corpus_validation.jsonl``, another seed, none
+    equal to a training document): the validator's default
+    (:func:`validation_config`, ``--validator.enable``) and
+    ``python -m titan_cp.evaluate``'s default text.
 
 ``synthetic``
     :class:`SyntheticDataLoader`: documents of random or patterned tokens,
@@ -55,29 +64,41 @@ from torchtitan.components.tokenizer import BaseTokenizer
 ASSETS = Path(__file__).resolve().parent / "assets"
 TOKENIZER_PATH = ASSETS / "tokenizer"
 CORPUS_PATH = ASSETS / "data" / "tiny_corpus.jsonl"
+VALIDATION_PATH = ASSETS / "data" / "tiny_corpus_validation.jsonl"
 TINY_CORPUS = "tiny_corpus"
+TINY_CORPUS_VALIDATION = "tiny_corpus_validation"
+# Validation batches per validation (TorchTitan's -1, "until the data ends", can hang when data-parallel
+# ranks get unequal shares; a fixed count cycles the held-out set instead).
+VALIDATION_STEPS = 5
 
 
-def _read_jsonl(path: str):
+def _read_documents(path: str):
+    """A local text dataset: ``.jsonl`` = one ``{"text": ...}`` per line, any other file = one document."""
     from datasets import Dataset
 
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"dataloader.dataset_path = '{path}' does not exist")
     with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        if str(path).endswith(".jsonl"):
+            rows = [json.loads(line) for line in f if line.strip()]
+        else:
+            rows = [{"text": f.read()}]
     # An in-memory map-style dataset: no HF cache directory, no lock files
     # shared between ranks, resumable by index (TorchTitan's skip()).
     return Dataset.from_list(rows)
 
 
 def register_datasets() -> None:
-    """Add ``tiny_corpus`` to TorchTitan's dataset table (idempotent)."""
+    """Add ``tiny_corpus`` and ``tiny_corpus_validation`` to TorchTitan's dataset table (idempotent)."""
     from torchtitan.hf_datasets import DatasetConfig, text_datasets
 
-    if TINY_CORPUS not in text_datasets.DATASETS:
-        text_datasets.DATASETS[TINY_CORPUS] = DatasetConfig(
-            path=str(CORPUS_PATH),
-            loader=_read_jsonl,
-            sample_processor=lambda sample: sample["text"],
-        )
+    for name, path in ((TINY_CORPUS, CORPUS_PATH), (TINY_CORPUS_VALIDATION, VALIDATION_PATH)):
+        if name not in text_datasets.DATASETS:
+            text_datasets.DATASETS[name] = DatasetConfig(
+                path=str(path),
+                loader=_read_documents,
+                sample_processor=lambda sample: sample["text"],
+            )
 
 
 def tiny_corpus_config(**kwargs):
@@ -86,6 +107,14 @@ def tiny_corpus_config(**kwargs):
 
     register_datasets()
     return HuggingFaceTextDataLoader.Config(dataset=TINY_CORPUS, **kwargs)
+
+
+def validation_config(**kwargs):
+    """TorchTitan's text dataloader config reading the held-out documents (the validator's default)."""
+    from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
+
+    register_datasets()
+    return HuggingFaceTextDataLoader.Config(dataset=TINY_CORPUS_VALIDATION, infinite=False, **kwargs)
 
 
 # --- synthetic data --------------------------------------------------------------------------
@@ -246,6 +275,9 @@ __all__ = [
     "ASSETS",
     "CORPUS_PATH",
     "TINY_CORPUS",
+    "TINY_CORPUS_VALIDATION",
+    "VALIDATION_PATH",
+    "VALIDATION_STEPS",
     "TOKENIZER_PATH",
     "SyntheticDataLoader",
     "SyntheticDataset",
@@ -253,4 +285,5 @@ __all__ = [
     "register_datasets",
     "synthetic_row",
     "tiny_corpus_config",
+    "validation_config",
 ]
