@@ -10,7 +10,7 @@ VerifiedCheckpointManager.Config(...)``), nothing patched:
 
 - **Save.** Before a save, rank 0 removes the folder's old ``manifest.json``;
   after it (all ranks past a barrier, so every rank's files are on disk),
-  rank 0 writes ``manifest.json`` = ``{"step": N, "files": {path: {"size",
+  the ranks checksum a share of the files each and rank 0 writes ``manifest.json`` = ``{"step": N, "files": {path: {"size",
   "sha256"}}}`` over every file of the folder (DCP's ``__r_k.distcp`` shards
   and ``.metadata``, or HF safetensors), to a temporary name, fsynced, then
   renamed: a folder has a manifest only if its save finished. Async saves
@@ -76,10 +76,16 @@ def checkpoint_files(folder: str) -> list[str]:
     return sorted(out)
 
 
-def write_manifest(folder: str, step: int) -> str:
-    """Checksum every file of ``folder`` into ``folder/manifest.json`` (atomic: temp file, fsync, rename)."""
-    files = {rel: {"size": os.path.getsize(os.path.join(folder, rel)), "sha256": sha256_of(os.path.join(folder, rel))}
-             for rel in checkpoint_files(folder)}
+def file_entries(folder: str, names: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """(name, {"size", "sha256"}) of each of ``names`` in ``folder``."""
+    return [(rel, {"size": os.path.getsize(os.path.join(folder, rel)), "sha256": sha256_of(os.path.join(folder, rel))})
+            for rel in names]
+
+
+def write_manifest(folder: str, step: int, files: dict[str, dict[str, Any]] | None = None) -> str:
+    """Write ``folder/manifest.json`` (atomic: temp file, fsync, rename) from ``files`` (default: checksum all)."""
+    if files is None:
+        files = dict(file_entries(folder, checkpoint_files(folder)))
     path = os.path.join(folder, MANIFEST)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
@@ -122,6 +128,19 @@ def check_files(folder: str, manifest: dict[str, Any], names: list[str]) -> list
     return problems
 
 
+def split_over_ranks(work, items: list) -> list:
+    """``work(items[rank::world])`` on every rank, the result lists concatenated over ranks, on every rank.
+
+    A collective under a process group (call it on all ranks with the same ``items``); ``work(items)`` without.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, work(items[rank::world]))
+        return [x for part in gathered for x in part]
+    return work(items)
+
+
 def verify_checkpoint(folder: str) -> list[str] | None:
     """Problems of a checkpoint folder ([] = good); None if it has no manifest.
 
@@ -132,13 +151,7 @@ def verify_checkpoint(folder: str) -> list[str] | None:
     manifest = read_manifest(folder)
     if manifest is None:
         return None
-    names = sorted(manifest["files"])
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        rank, world = dist.get_rank(), dist.get_world_size()
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, check_files(folder, manifest, names[rank::world]))
-        return sorted(p for part in gathered for p in part)
-    return check_files(folder, manifest, names)
+    return sorted(split_over_ranks(lambda names: check_files(folder, manifest, names), sorted(manifest["files"])))
 
 
 def _barrier() -> None:
@@ -187,8 +200,10 @@ class VerifiedCheckpointManager(CheckpointManager):
 
     def _finish_manifest(self, step: int) -> None:
         _barrier()  # every rank's files are written
+        folder = self._create_checkpoint_id(step)
+        files = dict(split_over_ranks(lambda names: file_entries(folder, names), checkpoint_files(folder)))
         if _is_rank0():
-            write_manifest(self._create_checkpoint_id(step), step)
+            write_manifest(folder, step, files)
         _barrier()  # nobody proceeds (and maybe purges or reloads) before the manifest exists
 
     # --- load ------------------------------------------------------------------------------
@@ -234,7 +249,9 @@ __all__ = [
     "VerifiedCheckpointManager",
     "check_files",
     "checkpoint_files",
+    "file_entries",
     "read_manifest",
+    "split_over_ranks",
     "verify_checkpoint",
     "write_manifest",
 ]

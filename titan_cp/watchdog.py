@@ -19,6 +19,14 @@ thread needs only the GIL, which torch releases inside its ops), so the error
 singles out ranks whose whole process stopped or died. Pick ``silence_s``
 below ``comm.train_timeout_seconds`` so the name is printed before the
 collectives fail (titan_cp's default: 60 s vs TorchTitan's 100 s).
+
+Tested in ``tests/test_watchdog.py`` (2 ranks, one SIGSTOPs itself). Checked
+by hand with the trainer: ``torchrun --nproc_per_node=2 train.py
+--job.config_file train_configs/cp2.toml --training.steps 200
+--comm.train_timeout_seconds 30 --metrics.watchdog_silence_seconds 10``, then
+``kill -STOP`` of rank 1's process after step 5: 10 s later rank 0 logged
+"rank 1 (host ..., pid ...) has sent no heartbeat for 10 s ...", and at 30 s
+its collective failed with gloo's "Timed out waiting 30000ms".
 """
 
 from __future__ import annotations
