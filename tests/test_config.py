@@ -184,10 +184,10 @@ def test_optional_none_and_activation_checkpoint():
 
 
 def test_dp_shard_rest_resolves():
-    from titan_cp.toml_config import resolve_degrees
+    from titan_cp.validate import resolve_degrees
 
     config = build("[parallelism]\ncontext_parallel_degree = 2\ntensor_parallel_degree = 2\n", world_size=8)
-    assert resolve_degrees(config.parallelism, 8) == {"dp_replicate": 1, "dp_shard": 2, "cp": 2, "tp": 2, "pp": 1}
+    assert resolve_degrees(config, 8) == {"dp_replicate": 1, "dp_shard": 2, "cp": 2, "tp": 2, "pp": 1}
 
 
 def test_triton_kernel_rejected_at_runtime_on_cpu():

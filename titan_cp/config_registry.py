@@ -52,28 +52,11 @@ from titan_cp.data import TOKENIZER_PATH, VALIDATION_STEPS, register_datasets, t
 from titan_cp.errors import ConfigError, unknown_choice_message
 from titan_cp.metrics import TitanCPMetricsProcessor
 from titan_cp.run_logging import rank_zero_logging
+from titan_cp.validate import load_balancer_for_layout
 
 compat.apply()
 rank_zero_logging()
 register_datasets()
-
-# cp_layout -> TorchTitan's parallelism.context_parallel_load_balancer. The
-# trainer shards inputs/labels/positions along the sequence with
-# torch's _context_parallel_shard: with no load balancer rank r gets the r-th of
-# P equal chunks (titan_cp "contiguous"); _HeadTailLoadBalancer reorders the
-# sequence as [seg 0, seg 2P-1, seg 1, seg 2P-2, ...] before chunking, so rank r
-# gets segments r and 2P-1-r in that order (titan_cp "zigzag", checked in
-# tests/test_train_runs.py::test_trainer_sharding_matches_layout).
-LAYOUT_TO_LOAD_BALANCER: dict[str, str | None] = {"contiguous": None, "zigzag": "headtail"}
-
-
-def load_balancer_for_layout(layout: str) -> str | None:
-    from titan_cp.cp.layout import LAYOUTS
-
-    if layout not in LAYOUT_TO_LOAD_BALANCER:
-        raise ValueError(unknown_choice_message("parallelism.cp_layout", layout, LAYOUTS))
-    return LAYOUT_TO_LOAD_BALANCER[layout]
-
 
 def model_spec(flavor: str, **overrides) -> ModelSpec:
     """The ``ModelSpec`` of a GDN flavor (``titan_cp.model.FLAVORS``) with model-field overrides."""
@@ -286,6 +269,5 @@ __all__ = [
     "gdn_340m",
     "gdn_debug",
     "gdn_debug_hybrid",
-    "load_balancer_for_layout",
     "model_spec",
 ]

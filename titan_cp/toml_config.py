@@ -1,271 +1,95 @@
 """TOML front end: ``--job.config_file X.toml [--section.field value ...]`` -> ``Trainer.Config``.
 
-TorchTitan 0.3.0 dropped TOML (configs are Python functions plus tyro CLI
-overrides); titan_cp keeps the TOML workflow on top of them:
+TorchTitan 0.3.0 has no TOML: a job is a config function (``--module M
+--config fn``) plus ``--section.field value`` overrides that its tyro-based
+``ConfigManager`` parses and type-checks. This module flattens TOML into
+exactly that and lets TorchTitan's ``ConfigManager`` do the parsing:
 
-1. ``[model] flavor`` picks the registry config function
-   (:data:`titan_cp.config_registry.CONFIG_FOR_FLAVOR`, default ``"debug"``);
-2. every other table sets fields of that ``Trainer.Config`` (names mirror
-   TorchTitan's config: ``[training] seq_len`` is ``config.training.seq_len``);
-3. ``--section.field value`` on the command line overrides the file (values are
+1. ``[model] name`` / ``flavor`` pick the starting config
+   (:data:`titan_cp.config_registry.MODEL_FAMILIES`; default ``"gdn"`` and its
+   default flavor);
+2. the keys TorchTitan's command line cannot set change that start: the other
+   ``[model]`` keys (model hyper-parameters, parsed by tyro on the model's own
+   ``Config``), ``[parallelism] cp_exchange`` / ``cp_layout`` (fields of the
+   model config; ``cp_layout`` also picks ``context_parallel_load_balancer``)
+   and ``[dataloader] dataset`` (picks the loader's config class);
+3. every other key becomes one ``ConfigManager`` override:
+   ``[training] steps = 3`` -> ``--training.steps 3``, ``true`` -> a flag,
+   ``[optimizer] lr`` -> ``--optimizer.param_groups.0.optimizer_kwargs.lr``,
+   ``[job] dump_folder`` -> ``--dump_folder``, ``[activation_checkpoint]
+   mode`` -> its subcommand;
+4. ``--section.field value`` on the command line overrides the file (values are
    TOML literals: ``3``, ``1e-3``, ``true``, ``"x"``, ``[1, 2]``; bare words are
    strings; a flag with no value is ``true``);
-4. everything is validated before any process group exists; every problem
-   raises :class:`ConfigError` naming the field and the fix.
+5. :func:`titan_cp.validate.validate` checks the result.
 
-Sections (``titan_cp/toml_config.py:SECTIONS``)::
+What stays titan_cp's own is what TorchTitan's parser does not say well:
+unknown sections and keys ("did you mean"), where each value came from (file
+and table, or the command line), and tyro's failures turned into a
+:class:`ConfigError` that names the field and the expected type.
+
+Sections::
 
     [job]        config_file, dump_folder, hf_assets_path, description
-    [model]      flavor, name, kernel, doc_masking and any GDNModel.Config field
-                 (n_layers, dim, num_heads, head_dim, vocab_size, ...) as overrides
-    [training]   TorchTitan TrainingConfig (local_batch_size, seq_len, steps, ...)
-    [parallelism] TorchTitan ParallelismConfig (data_parallel_shard_degree,
-                 context_parallel_degree, tensor_parallel_degree, ...) plus
-                 titan_cp's cp_exchange ("allgather" | "logscan" | "alltoall")
-                 and cp_layout ("contiguous" | "zigzag"); both are stored on
-                 the model config, and cp_layout also sets TorchTitan's
-                 context_parallel_load_balancer (None | "headtail")
+    [model]      name, flavor and any field of the family's model Config
+                 (GDN: n_layers, dim, num_heads, head_dim, kernel, doc_masking, ...)
+    [parallelism] TorchTitan's ParallelismConfig plus cp_exchange
+                 ("allgather" | "logscan" | "alltoall") and cp_layout ("contiguous" | "zigzag")
     [optimizer]  name ("AdamW" | "Adam"), lr, betas, eps, weight_decay, implementation
-    [lr_scheduler] warmup_steps, decay_ratio, decay_type, min_lr_factor, ...
-    [checkpoint] TorchTitan checkpoint fields (enable, interval, folder, load_step, ...)
-    [metrics]    log_freq, enable_tensorboard, ..., log_per_rank, jsonl_file
     [activation_checkpoint] mode ("none" | "selective" | "full" | "memory_budget") + its fields
     [dataloader] (alias [data]) dataset ("tiny_corpus" | "synthetic" | a TorchTitan
-                 dataset) + that loader's fields (synthetic: kind, vocab_size,
-                 mean_doc_len, seed)
-    [compile] [comm] [debug] [profiler] [validator]   TorchTitan's, field by field
+                 dataset) + that loader's fields (synthetic: kind, vocab_size, mean_doc_len, seed)
+    [training] [lr_scheduler] [checkpoint] [metrics] [compile] [comm] [debug]
+    [profiler] [validator] ...   any section of TorchTitan's Trainer.Config, field by field
 
 ``None`` for an optional field is written ``"none"``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import difflib
+import io
 import os
 import sys
-import types
-import typing
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any
 
-try:  # Python 3.11+ ships tomllib; tomli is the same parser (and a declared dependency)
-    import tomli
-except ImportError:  # pragma: no cover
-    import tomllib as tomli  # type: ignore[no-redef]
+import tomli
 
+from titan_cp.errors import ConfigError, suggest, unknown_choice_message
 
-from titan_cp.errors import ConfigError
-
-
-JOB_KEYS = ("config_file", "dump_folder", "hf_assets_path", "description")
 SECTION_ALIASES = {"data": "dataloader"}
-# Trainer.Config sections that map field-by-field onto TorchTitan's dataclasses.
-GENERIC_SECTIONS = ("training", "lr_scheduler", "checkpoint", "metrics", "compile", "comm", "debug",
-                    "profiler", "validator")
-SPECIAL_SECTIONS = ("job", "model", "parallelism", "optimizer", "activation_checkpoint", "dataloader")
-SECTIONS = SPECIAL_SECTIONS + GENERIC_SECTIONS
-MODEL_SPECIAL_KEYS = ("flavor", "name")
-MODEL_HIDDEN_FIELDS = ("param_init", "sharding_config")
-PARALLELISM_EXTRA_KEYS = ("cp_exchange", "cp_layout")
-OPTIMIZER_KEYS = ("name", "lr", "betas", "eps", "weight_decay", "implementation")
-OPTIMIZER_NAMES = ("AdamW", "Adam")
+JOB_KEYS = {"config_file": None, "description": None, "dump_folder": "dump_folder",
+            "hf_assets_path": "hf_assets_path"}  # key -> ConfigManager path (None: not passed on)
+OPTIMIZER_KEYS = {
+    "name": "optimizer.param_groups.0.optimizer_name",
+    "lr": "optimizer.param_groups.0.optimizer_kwargs.lr",
+    "betas": "optimizer.param_groups.0.optimizer_kwargs.betas",
+    "eps": "optimizer.param_groups.0.optimizer_kwargs.eps",
+    "weight_decay": "optimizer.param_groups.0.optimizer_kwargs.weight_decay",
+    "implementation": "optimizer.implementation",
+}
 AC_MODES = ("none", "selective", "full", "memory_budget")
-# parallelize_gdn uses DTensor TP and the "fsdp" mesh, which exist under this backend only.
-SUPPORTED_SPMD_BACKENDS = ("partial_dtensor",)
+MODEL_KEYS = ("name", "flavor")  # [model] keys that pick the config function
+CP_KEYS = ("cp_exchange", "cp_layout")  # [parallelism] keys stored on the model config
+MODEL_HIDDEN_FIELDS = ("param_init", "sharding_config")
 
 
-# --- small helpers ----------------------------------------------------------------------------
+@dataclass
+class Setting:
+    """One ``section.key = value`` from the TOML file or the command line."""
 
+    section: str
+    key: str  # dotted below the section for nested tables, e.g. "dataloader.dataset" in [validator]
+    value: Any
+    origin: str  # "x.toml [training] steps" or "command line --training.steps"
 
-def _suggest(word: str, choices: Sequence[str]) -> str:
-    choices = [str(c) for c in choices]
-    same_case = [c for c in choices if c.lower() == str(word).lower()]
-    close = same_case or difflib.get_close_matches(str(word), choices, n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
-
-
-def _choice_message(field: str, value: Any, choices: Sequence[Any]) -> str:
-    """Like titan_cp.kernels.unknown_choice_message, with case-insensitive matches first."""
-    return f"{field} = {value!r} is not one of {sorted(map(str, choices))}.{_suggest(str(value), choices)}"
-
-
-def _unknown_key(where: str, key: str, choices: Sequence[str], origin: str) -> ConfigError:
-    return ConfigError(
-        f"{origin}: unknown key '{key}' in [{where}].{_suggest(key, choices)} "
-        f"Valid keys of [{where}]: {', '.join(sorted(choices))}."
-    )
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is typing.Annotated:
-        return _type_name(typing.get_args(tp)[0])
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (Union, types.UnionType):
-        return " | ".join("none" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if origin is not None:
-        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
-        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
-    return getattr(tp, "__name__", str(tp))
-
-
-class _TypeMismatch(Exception):
-    pass
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """``value`` (from TOML) as type ``tp``, or raise _TypeMismatch."""
-    if tp is Any or tp is typing.Any:
-        return value
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Annotated:
-        return _coerce(value, args[0])
-    if origin is typing.ClassVar:
-        raise _TypeMismatch
-    if origin in (Union, types.UnionType):
-        if type(None) in args and isinstance(value, str) and value.lower() in ("none", "null"):
-            return None
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a)
-            except _TypeMismatch:
-                continue
-        raise _TypeMismatch
-    if origin is Literal:
-        if value in args:
-            return value
-        raise _TypeMismatch
-    if tp is type(None):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        raise _TypeMismatch
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _TypeMismatch
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _TypeMismatch
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise _TypeMismatch
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _TypeMismatch
-    if origin in (list, Sequence) or tp is list:
-        if isinstance(value, str) and args and args[0] is str:
-            value = [v for v in value.split(",") if v]  # TorchTitan's "A,B,C" CLI form
-        if not isinstance(value, list):
-            raise _TypeMismatch
-        return [_coerce(v, args[0]) for v in value] if args else list(value)
-    if origin is tuple or tp is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise _TypeMismatch
-        if args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise _TypeMismatch
-            return tuple(_coerce(v, a) for v, a in zip(value, args))
-        return tuple(_coerce(v, args[0]) for v in value) if args else tuple(value)
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise _TypeMismatch
-        return dict(value)
-    if isinstance(tp, type) and not _is_dataclass_type(tp) and isinstance(value, tp):
-        return value
-    raise _TypeMismatch
-
-
-def _literal_choices(tp: Any) -> tuple | None:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Annotated:
-        return _literal_choices(args[0])
-    if origin is Literal:
-        return args
-    if origin in (Union, types.UnionType):
-        for a in args:
-            c = _literal_choices(a)
-            if c:
-                return c + (("none",) if type(None) in args else ())
-    return None
-
-
-def _check_value(section: str, key: str, value: Any, tp: Any, origin: str) -> Any:
-    try:
-        return _coerce(value, tp)
-    except _TypeMismatch:
-        pass
-    choices = _literal_choices(tp)
-    if choices and isinstance(value, str):
-        raise ConfigError(f"{origin}: {_choice_message(f'{section}.{key}', value, choices)}")
-    hint = ""
-    if isinstance(value, str) and tp in (int, float, bool):
-        hint = f" Write it without quotes, e.g. {key} = {value.strip() or '...'}."
-    raise ConfigError(
-        f"{origin}: {section}.{key} = {value!r} has type {type(value).__name__}, "
-        f"expected {_type_name(tp)}.{hint}"
-    )
-
-
-def _settable_fields(cls: type, hidden: Sequence[str] = ()) -> dict[str, Any]:
-    """Init fields of a config dataclass that TOML may set, name -> resolved type."""
-    try:
-        hints = typing.get_type_hints(cls, include_extras=True)
-    except (NameError, TypeError):  # unresolved forward references: fall back to raw annotations
-        hints = {}
-    out = {}
-    for f in dataclasses.fields(cls):
-        if not f.init or f.name.startswith("_") or f.name in hidden:
-            continue
-        tp = hints.get(f.name, f.type)
-        if typing.get_origin(tp) is typing.Annotated and any(
-            "Suppress" in repr(m) for m in typing.get_args(tp)[1:]
-        ):
-            continue
-        out[f.name] = tp
-    return out
-
-
-def _replace(obj: Any, section: str, changes: dict[str, Any], origin_of) -> Any:
-    """``dataclasses.replace`` (re-running __post_init__); errors become ConfigError."""
-    if not changes:
-        return obj
-    try:
-        return dataclasses.replace(obj, **changes)
-    except (ValueError, TypeError, AssertionError) as e:
-        keys = ", ".join(f"{section}.{k}" for k in changes)
-        raise ConfigError(f"{origin_of(next(iter(changes)))}: invalid [{section}] ({keys}): {e}") from e
-
-
-def _apply_dataclass_section(obj: Any, section: str, values: dict[str, Any], origin_of,
-                             extra_keys: Sequence[str] = ()) -> Any:
-    fields = _settable_fields(type(obj))
-    changes: dict[str, Any] = {}
-    for key, value in values.items():
-        if key in extra_keys:
-            continue
-        if key not in fields:
-            raise _unknown_key(section, key, list(fields) + list(extra_keys), origin_of(key))
-        tp = fields[key]
-        current = getattr(obj, key)
-        if isinstance(value, dict) and dataclasses.is_dataclass(current):
-            # a nested table, e.g. [validator.dataloader]
-            changes[key] = _apply_dataclass_section(current, f"{section}.{key}", value,
-                                                    lambda k, _o=origin_of, _k=key: _o(f"{_k}.{k}"))
-            continue
-        changes[key] = _check_value(section, key, value, tp, origin_of(key))
-    return _replace(obj, section, changes, origin_of)
+    @property
+    def field(self) -> str:
+        return f"{self.section}.{self.key}"
 
 
 # --- reading TOML and the command line --------------------------------------------------------
@@ -282,9 +106,7 @@ def load_toml(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return tomli.loads(text)
     except tomli.TOMLDecodeError as e:
-        line = getattr(e, "lineno", None)
-        col = getattr(e, "colno", None)
-        msg = getattr(e, "msg", str(e))
+        line, col, msg = getattr(e, "lineno", None), getattr(e, "colno", None), getattr(e, "msg", str(e))
         loc = f"{path}:{line}:{col}" if line is not None else str(path)
         raise ConfigError(f"{loc}: malformed TOML: {msg}. Fix the syntax at that line.") from e
 
@@ -301,8 +123,7 @@ def split_args(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str, An
     """``argv`` -> (config_file, [(section, key, value), ...]) in command-line order."""
     config_file = None
     overrides: list[tuple[str, str, Any]] = []
-    i = 0
-    argv = list(argv)
+    argv, i = list(argv), 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
@@ -322,144 +143,76 @@ def split_args(argv: Sequence[str]) -> tuple[str | None, list[tuple[str, str, An
         section, dot, key = name.partition(".")
         if not dot or not key:
             raise ConfigError(f"command line: '--{name}' is not of the form --section.field "
-                              f"(sections: {', '.join(SECTIONS)}).")
+                              f"(e.g. --training.steps 10).")
         overrides.append((section, key, parse_cli_value(raw)))
     return config_file, overrides
 
 
-# --- building Trainer.Config ------------------------------------------------------------------
+def _settings(file_values: dict[str, Any], overrides: Sequence[tuple[str, str, Any]], source: str) -> list[Setting]:
+    """File values, then command-line values (later ones win), nested tables as dotted keys."""
+    out: list[Setting] = []
 
+    def add(section: str, key: str, value: Any, origin: str) -> None:
+        if isinstance(value, dict):  # a nested table, e.g. [validator.dataloader]
+            for k, v in value.items():
+                add(section, f"{key}.{k}", v, origin)
+        else:
+            out.append(Setting(SECTION_ALIASES.get(section, section), key, value, origin))
 
-def _merge(file_values: dict[str, Any], overrides: list[tuple[str, str, Any]], source: str):
-    """Merge file and CLI values; returns (values, origin_of(section, key) -> str)."""
-    merged: dict[str, dict[str, Any]] = {}
-    origins: dict[tuple[str, str], str] = {}
     for section, table in file_values.items():
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: top-level key '{section}' must be a table like "
-                              f"[{section}]; put it under one of: {', '.join(SECTIONS)}.")
-        canonical = SECTION_ALIASES.get(section, section)
+                              f"[{section}]; put it under a section such as [training].")
         for key, value in table.items():
-            merged.setdefault(canonical, {})[key] = value
-            origins[(canonical, key)] = f"{source} [{section}] {key}"
+            add(section, key, value, f"{source} [{section}] {key}")
     for section, key, value in overrides:
-        canonical = SECTION_ALIASES.get(section, section)
-        head, _, rest = key.partition(".")
-        if rest:  # --validator.dataloader.dataset x -> nested table
-            merged.setdefault(canonical, {}).setdefault(head, {})[rest] = value
+        out.append(Setting(SECTION_ALIASES.get(section, section), key, value, f"command line --{section}.{key}"))
+    return out
+
+
+# --- the pieces of TorchTitan's config that a key addresses -----------------------------------
+
+
+def _fields(obj: Any, hidden: Sequence[str] = ()) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj) if f.init and not f.name.startswith("_") and f.name not in hidden}
+
+
+def _lookup(obj: Any, path: str) -> Any:
+    """``obj.a.b`` for ``path = "a.b"`` (list indices and dict keys too)."""
+    for part in path.split("."):
+        if isinstance(obj, dict):
+            obj = obj[part]
+        elif isinstance(obj, list):
+            obj = obj[int(part)]
         else:
-            merged.setdefault(canonical, {})[key] = value
-        origins[(canonical, head)] = f"command line --{section}.{key}"
-    for section, table in merged.items():
-        if section not in SECTIONS:
-            first = next(iter(table), "")
-            where = origins.get((section, first), source)
-            raise ConfigError(f"{where}: unknown section [{section}].{_suggest(section, SECTIONS)} "
-                              f"Valid sections: {', '.join(SECTIONS)}.")
-
-    def origin_for(section: str):
-        return lambda key: origins.get((section, key.split(".")[0]), f"[{section}] {key}")
-
-    return merged, origin_for
+            obj = getattr(obj, part)
+    return obj
 
 
-def _apply_model(config, values: dict[str, Any], parallel_values: dict[str, Any], origin_of, p_origin_of):
-    from titan_cp.model.model import GDNModel
-
-    fields = _settable_fields(GDNModel.Config, hidden=MODEL_HIDDEN_FIELDS)
-    valid = list(fields) + list(MODEL_SPECIAL_KEYS)
-    overrides: dict[str, Any] = {}
-    for key, value in values.items():
-        if key in MODEL_SPECIAL_KEYS:
-            continue
-        if key not in fields:
-            raise _unknown_key("model", key, valid, origin_of(key))
-        overrides[key] = _check_value("model", key, value, fields[key], origin_of(key))
-    for key in PARALLELISM_EXTRA_KEYS:  # [parallelism] cp_exchange / cp_layout live on the model config
-        if key in parallel_values:
-            value = _check_value("parallelism", key, parallel_values[key], str, p_origin_of(key))
-            if key in overrides and overrides[key] != value:
-                raise ConfigError(f"{p_origin_of(key)}: parallelism.{key} = {value!r} contradicts "
-                                  f"model.{key} = {overrides[key]!r}; set it in one place ([parallelism]).")
-            overrides[key] = value
-    if overrides:
-        spec = config.model_spec
-        try:  # keep what the flavor's config function chose (e.g. kernel = "triton"), change the rest
-            model = dataclasses.replace(spec.model, **overrides)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"[model]: {e}") from e
-        config.model_spec = dataclasses.replace(spec, model=model)
-        if hasattr(config.loss, "global_vocab_size"):
-            config.loss.global_vocab_size = model.vocab_size
+def _expected_type(root: Any, path: str) -> str:
+    """The annotation of the field at ``path`` (for messages), or the type of its current value."""
+    head, _, last = path.rpartition(".")
+    try:
+        parent = _lookup(root, head) if head else root
+        if dataclasses.is_dataclass(parent):
+            tp = _fields(parent)[last].type
+            return tp if isinstance(tp, str) else tp.__name__ if isinstance(tp, type) else repr(tp).replace("typing.", "")
+        return type(_lookup(root, path)).__name__
+    except (AttributeError, KeyError, IndexError, ValueError):
+        return "another type"
 
 
-def _apply_optimizer(config, values: dict[str, Any], origin_of):
-    from torchtitan.components.optimizer import OptimizersContainer
-
-    for key in values:
-        if key not in OPTIMIZER_KEYS:
-            raise _unknown_key("optimizer", key, OPTIMIZER_KEYS, origin_of(key))
-    if not values:
+def _check_key(setting: Setting, valid: Sequence[str], obj: Any = None) -> None:
+    """``setting.key`` is a valid key of its section (one level into nested dataclasses)."""
+    head, _, rest = setting.key.partition(".")
+    if head in valid:
+        sub = getattr(obj, head, None) if obj is not None else None
+        if rest and dataclasses.is_dataclass(sub):
+            _check_key(Setting(setting.field.rpartition(".")[0], rest, setting.value, setting.origin),
+                       list(_fields(sub)), sub)
         return
-    groups = config.optimizer.param_groups
-    if len(groups) != 1 or groups[0].pattern != r".*":
-        raise ConfigError(f"{origin_of(next(iter(values)))}: [optimizer] can only edit a single catch-all "
-                          f"param group; this flavor has {len(groups)} groups (edit the config function).")
-    group = groups[0]
-    kwargs = dict(group.optimizer_kwargs)
-    name = group.optimizer_name
-    types_ = {"lr": float, "eps": float, "weight_decay": float, "betas": tuple[float, float]}
-    for key, value in values.items():
-        if key == "name":
-            name = _check_value("optimizer", key, value, str, origin_of(key))
-            if name not in OPTIMIZER_NAMES:
-                raise ConfigError(f"{origin_of(key)}: {_choice_message('optimizer.name', name, OPTIMIZER_NAMES)}")
-        elif key in types_:
-            kwargs[key] = _check_value("optimizer", key, value, types_[key], origin_of(key))
-    impl_tp = _settable_fields(OptimizersContainer.Config)["implementation"]
-    changes = {}
-    if "implementation" in values:
-        changes["implementation"] = _check_value("optimizer", "implementation", values["implementation"],
-                                                 impl_tp, origin_of("implementation"))
-    new_group = dataclasses.replace(group, optimizer_name=name, optimizer_kwargs=kwargs)
-    changes["param_groups"] = [new_group]
-    config.optimizer = _replace(config.optimizer, "optimizer", changes, origin_of)
-
-
-def _ac_class(mode: str):
-    from torchtitan.distributed.activation_checkpoint import (
-        FullAC,
-        MemoryBudgetAC,
-        SelectiveAC,
-    )
-
-    return {"selective": SelectiveAC.Config, "full": FullAC.Config, "memory_budget": MemoryBudgetAC.Config}[mode]
-
-
-def _apply_activation_checkpoint(config, values: dict[str, Any], origin_of):
-    if not values:
-        return
-    current = config.activation_checkpoint
-    if "mode" in values:
-        mode = _check_value("activation_checkpoint", "mode", values["mode"], Literal[AC_MODES], origin_of("mode"))
-    else:
-        mode = "none" if current is None else next(
-            (m for m in AC_MODES[1:] if type(current) is _ac_class(m)), "selective")
-    rest = {k: v for k, v in values.items() if k != "mode"}
-    if mode == "none":
-        if rest:
-            key = next(iter(rest))
-            raise ConfigError(f"{origin_of(key)}: activation_checkpoint.{key} has no effect with mode = 'none'; "
-                              f"remove it or set mode to one of {list(AC_MODES[1:])}.")
-        config.activation_checkpoint = None
-        return
-    cls = _ac_class(mode)
-    obj = current if type(current) is cls else cls()
-    allowed = list(_settable_fields(cls)) + ["mode"]
-    for key in rest:
-        if key not in allowed:
-            raise _unknown_key("activation_checkpoint", key, allowed, origin_of(key))
-    config.activation_checkpoint = _apply_dataclass_section(obj, "activation_checkpoint", rest, origin_of)
+    raise ConfigError(f"{setting.origin}: unknown key '{head}' in [{setting.section}].{suggest(head, valid)} "
+                      f"Valid keys of [{setting.section}]: {', '.join(sorted(valid))}.")
 
 
 def dataloader_config_for(dataset: str):
@@ -473,255 +226,262 @@ def dataloader_config_for(dataset: str):
         return SyntheticDataLoader.Config()
     if dataset.lower() in DATASETS:
         return HuggingFaceTextDataLoader.Config(dataset=dataset)
-    raise ValueError(f"dataloader.dataset = {dataset!r} is not one of "
-                     f"{['synthetic', *sorted(DATASETS)]}.{_suggest(dataset, ['synthetic', *DATASETS])}")
+    raise ConfigError(unknown_choice_message("dataloader.dataset", dataset, ["synthetic", *DATASETS]))
 
 
-def _apply_dataloader(config, values: dict[str, Any], origin_of):
-    if not values:
-        return
-    obj = config.dataloader
-    if "dataset" in values:
-        dataset = _check_value("dataloader", "dataset", values["dataset"], str, origin_of("dataset"))
-        if dataset != getattr(obj, "dataset", None):
+def _ac_config(mode: str):
+    from torchtitan.distributed.activation_checkpoint import FullAC, MemoryBudgetAC, SelectiveAC
+
+    return {"selective": SelectiveAC.Config, "full": FullAC.Config, "memory_budget": MemoryBudgetAC.Config}[mode]()
+
+
+def _ac_mode(config) -> str:
+    current = config.activation_checkpoint
+    return next((m for m in AC_MODES[1:] if current is not None and type(current) is type(_ac_config(m))), "none")
+
+
+# --- turning values into tyro tokens, and tyro's failures into ConfigErrors --------------------
+
+
+def _literal(value: Any) -> str:
+    return "None" if isinstance(value, str) and value.lower() in ("none", "null") else str(value)
+
+
+def _tokens(path: str, value: Any) -> list[str]:
+    """``--path value`` as tyro reads it: booleans as flags, lists as several values (str lists as A,B)."""
+    if isinstance(value, bool):
+        head, dot, last = path.rpartition(".")
+        return [f"--{path}"] if value else [f"--{head}{dot}no-{last}"]
+    if isinstance(value, list):
+        if value and all(isinstance(v, str) for v in value):
+            return [f"--{path}", ",".join(value)]
+        return [f"--{path}", *map(_literal, value)]
+    return [f"--{path}", _literal(value)]
+
+
+def _tyro_reason(output: str) -> str:
+    """The message of a tyro error box, without its title and help text."""
+    lines = [ln.strip(" │╭╮╰╯") for ln in output.splitlines()]
+    lines = [ln for ln in lines if ln.strip() and ln.strip("─- ")]
+    body = []
+    for ln in lines[1:]:  # lines[0] is the title ("Value error", "Invalid choice", ...)
+        if ln.startswith(("Argument helptext", "For full helptext", "Perhaps you meant", "Available subcommands")):
+            break
+        body.append(ln.strip())
+    return " ".join(body) or output.strip()
+
+
+def _run_tyro(parse, tokens: list[str]) -> tuple[Any, str | None]:
+    """``parse(tokens)`` -> (result, None), or (None, tyro's reason) when tyro rejects them."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
+            return parse(tokens), None
+    except SystemExit:
+        return None, _tyro_reason(out.getvalue())
+
+
+def _parse(parse, items: list[tuple[Setting, str, list[str]]], root: Any, source: str, tail: Sequence[str] = ()):
+    """``parse`` all items' tokens (+ ``tail``); on failure name the first item that fails on its own."""
+    result, reason = _run_tyro(parse, [t for _, _, tokens in items for t in tokens] + list(tail))
+    if reason is None:
+        for setting, path, _ in items:  # a quoted number is a string in TOML: say so
+            value = _lookup(result, path)
+            if (isinstance(setting.value, str) and isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and _literal(setting.value) != "None"):
+                raise ConfigError(
+                    f"{setting.origin}: {setting.field} = {setting.value!r} has type str, expected "
+                    f"{_expected_type(root, path)}. Write it without quotes, e.g. "
+                    f"{setting.key} = {setting.value.strip() or '...'}.")
+        return result
+    for setting, path, tokens in items:
+        _, alone = _run_tyro(parse, tokens + list(tail))
+        if alone is not None:  # a parse error of this flag (not a cross-field check) gets the expected type
+            expected = f" (expected {_expected_type(root, path)})" if "--" in alone or "Unrecognized" in alone else ""
+            raise ConfigError(f"{setting.origin}: {setting.field} = {setting.value!r} is rejected{expected}: {alone}")
+    raise ConfigError(f"{source}: TorchTitan's config parser rejects these settings together: {reason}")
+
+
+# --- the job ----------------------------------------------------------------------------------
+
+_ACTIVE_JOB: TomlJob | None = None
+
+
+def toml_job():
+    """The config function ``ConfigManager`` runs for the active TOML job (``--config toml_job``)."""
+    assert _ACTIVE_JOB is not None, "titan_cp.toml_config.toml_job: call TomlJob.activate() first"
+    return _ACTIVE_JOB.base_config()
+
+
+@dataclass
+class TomlJob:
+    """A TOML file plus command-line overrides, as TorchTitan's ``ConfigManager`` will see them."""
+
+    settings: list[Setting]
+    source: str = "<config>"
+
+    def _last(self, section: str, key: str) -> Setting | None:
+        return next((s for s in reversed(self.settings) if (s.section, s.key) == (section, key)), None)
+
+    def _of(self, section: str, skip: Sequence[str] = ()) -> list[Setting]:
+        return [s for s in self.settings if s.section == section and s.key not in skip]
+
+    def base_config(self):
+        """The family's config for ``[model] name/flavor`` with the keys TorchTitan's CLI cannot set."""
+        from titan_cp.config_registry import family_config
+        from titan_cp.validate import LAYOUT_TO_LOAD_BALANCER
+
+        name, flavor = self._last("model", "name"), self._last("model", "flavor")
+        for s in (name, flavor):
+            if s is not None and not isinstance(s.value, str):
+                raise ConfigError(f"{s.origin}: {s.field} = {s.value!r} must be a string (e.g. \"debug\").")
+        try:
+            config = family_config(name.value if name else "gdn", flavor.value if flavor else None)
+        except ConfigError as e:
+            where = flavor if flavor is not None and "model.flavor" in str(e) else name
+            raise ConfigError(f"{where.origin}: {e}" if where else str(e)) from e
+
+        dataset = self._last("dataloader", "dataset")
+        if dataset is not None and dataset.value != getattr(config.dataloader, "dataset", None):
             try:
-                obj = dataloader_config_for(dataset)
-            except ValueError as e:
-                raise ConfigError(f"{origin_of('dataset')}: {e}") from e
-    rest = {k: v for k, v in values.items() if k != "dataset"}
-    config.dataloader = _apply_dataclass_section(obj, "dataloader", rest, origin_of)
+                config.dataloader = dataloader_config_for(str(dataset.value))
+            except ConfigError as e:
+                raise ConfigError(f"{dataset.origin}: {e}") from e
+
+        model = config.model_spec.model
+        model_fields = _fields(model, MODEL_HIDDEN_FIELDS)
+        items = []
+        for s in self._of("model", MODEL_KEYS):
+            _check_key(s, list(model_fields))
+            items.append((s, s.key, _tokens(s.key, s.value)))
+        for key in CP_KEYS:
+            s, in_model = self._last("parallelism", key), self._last("model", key)
+            if s is None:
+                continue
+            if key not in model_fields:
+                raise ConfigError(f"{s.origin}: parallelism.{key} does not apply to model.name = "
+                                  f"{config.model_spec.name!r} (its model config has no {key}); remove it.")
+            if in_model is not None and in_model.value != s.value:
+                raise ConfigError(f"{s.origin}: parallelism.{key} = {s.value!r} contradicts model.{key} = "
+                                  f"{in_model.value!r}; set it in one place ([parallelism]).")
+            items.append((s, key, _tokens(key, s.value)))
+        if items:
+            import tyro
+            from torchtitan.config.manager import custom_registry
+
+            def parse(tokens):
+                return tyro.cli(type(model), args=tokens, default=model, registry=custom_registry)
+
+            model = _parse(parse, items, model, self.source)
+            config.model_spec = dataclasses.replace(config.model_spec, model=model)
+            if hasattr(config.loss, "global_vocab_size") and hasattr(model, "vocab_size"):
+                config.loss.global_vocab_size = model.vocab_size
+            layout = getattr(model, "cp_layout", None)
+            if layout in LAYOUT_TO_LOAD_BALANCER:
+                config.parallelism.context_parallel_load_balancer = LAYOUT_TO_LOAD_BALANCER[layout]
+        return config
+
+    def _manager_items(self, base) -> tuple[list[tuple[Setting, str, list[str]]], list[str]]:
+        """(setting, ConfigManager path, tokens) for every key ConfigManager parses; AC tokens last."""
+        sections = {f for f in _fields(base) if dataclasses.is_dataclass(getattr(base, f))}
+        sections = (sections | {"activation_checkpoint"}) - {"model_spec"}
+        items, ac_tokens = [], []
+        for s in self.settings:
+            if s.section == "model" or (s.section, s.key) == ("dataloader", "dataset"):
+                continue
+            if s.section == "job":
+                _check_key(s, list(JOB_KEYS))
+                if JOB_KEYS[s.key]:
+                    items.append((s, JOB_KEYS[s.key], _tokens(JOB_KEYS[s.key], s.value)))
+            elif s.section == "optimizer":
+                _check_key(s, list(OPTIMIZER_KEYS))
+                groups = base.optimizer.param_groups
+                if len(groups) != 1 or groups[0].pattern != r".*":
+                    raise ConfigError(f"{s.origin}: [optimizer] can only edit a single catch-all param group; "
+                                      f"this config has {len(groups)} groups (edit its config function).")
+                items.append((s, OPTIMIZER_KEYS[s.key], _tokens(OPTIMIZER_KEYS[s.key], s.value)))
+            elif s.section == "activation_checkpoint":
+                mode = self._last("activation_checkpoint", "mode")
+                mode = mode.value if mode is not None else _ac_mode(base)
+                if s.key == "mode":
+                    if mode not in AC_MODES:
+                        raise ConfigError(f"{s.origin}: {unknown_choice_message(s.field, mode, AC_MODES)}")
+                    ac_tokens.insert(0, f"activation-checkpoint:{mode.replace('_', '-')}")
+                    continue
+                if mode == "none":
+                    raise ConfigError(f"{s.origin}: {s.field} has no effect with mode = 'none'; "
+                                      f"remove it or set mode to one of {list(AC_MODES[1:])}.")
+                _check_key(s, ["mode", *_fields(_ac_config(mode))])
+                ac_tokens += _tokens(s.field, s.value)
+            elif s.section in sections:
+                if s.section == "parallelism" and s.key in CP_KEYS:
+                    continue
+                obj = getattr(base, s.section)
+                extra = CP_KEYS if s.section == "parallelism" else ("dataset",) if s.section == "dataloader" else ()
+                _check_key(s, sorted({*_fields(obj), *extra}), obj)
+                items.append((s, s.field, _tokens(s.field, s.value)))
+            else:
+                raise ConfigError(f"{s.origin}: unknown section [{s.section}].{suggest(s.section, sorted(sections))} "
+                                  f"Valid sections: {', '.join(['job', 'model', *sorted(sections)])}.")
+        if ac_tokens and not ac_tokens[0].startswith("activation-checkpoint:"):
+            ac_tokens.insert(0, f"activation-checkpoint:{_ac_mode(base).replace('_', '-')}")
+        return items, ac_tokens
+
+    def manager_args(self) -> list[str]:
+        """``ConfigManager.parse_args`` arguments for this job (needs :meth:`activate` in the process)."""
+        items, ac_tokens = self._manager_items(self.base_config())
+        return ["--module", __name__, "--config", "toml_job", *[t for _, _, ts in items for t in ts], *ac_tokens]
+
+    def activate(self) -> None:
+        """Make ``--module titan_cp.toml_config --config toml_job`` build this job."""
+        global _ACTIVE_JOB
+        _ACTIVE_JOB = self
+
+    def build(self, *, world_size: int | None = None, check_runtime: bool = True):
+        """The validated ``Trainer.Config``, parsed by TorchTitan's ``ConfigManager``."""
+        from torchtitan.config import ConfigManager
+
+        from titan_cp.validate import validate
+
+        base = self.base_config()
+        items, ac_tokens = self._manager_items(base)
+        self.activate()
+        head = ["--module", __name__, "--config", "toml_job"]
+        config = _parse(lambda tokens: ConfigManager().parse_args(head + tokens), items, base, self.source, ac_tokens)
+        validate(config, world_size=world_size, check_runtime=check_runtime)
+        return config
 
 
-def _apply_job(config, values: dict[str, Any], origin_of):
-    for key, value in values.items():
-        if key not in JOB_KEYS:
-            raise _unknown_key("job", key, JOB_KEYS, origin_of(key))
-        value = _check_value("job", key, value, str, origin_of(key))
-        if key in ("dump_folder", "hf_assets_path"):
-            setattr(config, key, value)
+def job_from_args(argv: Sequence[str] | None = None) -> TomlJob:
+    """``train.py``'s arguments (``--job.config_file X.toml`` + ``--section.field value``) as a job."""
+    config_file, overrides = split_args(sys.argv[1:] if argv is None else list(argv))
+    file_values = load_toml(config_file) if config_file else {}
+    source = config_file or "<defaults>"
+    return TomlJob(_settings(file_values, overrides, source), source)
 
 
-def build_config(
-    file_values: dict[str, Any] | None = None,
-    overrides: Sequence[tuple[str, str, Any]] = (),
-    *,
-    source: str = "<config>",
-    world_size: int | None = None,
-    check_runtime: bool = True,
-):
-    """Trainer.Config from parsed TOML values and CLI overrides; validated (see :func:`validate`)."""
-    from titan_cp.config_registry import family_config, load_balancer_for_layout
-
-    merged, origin_for = _merge(file_values or {}, list(overrides), source)
-    model_values = merged.get("model", {})
-    name = _check_value("model", "name", model_values.get("name", "gdn"), str, origin_for("model")("name"))
-    flavor = model_values.get("flavor")
-    if flavor is not None:
-        flavor = _check_value("model", "flavor", flavor, str, origin_for("model")("flavor"))
-    try:
-        config = family_config(name, flavor)
-    except ConfigError as e:
-        raise ConfigError(f"{origin_for('model')('flavor' if 'flavor' in str(e).split('=')[0] else 'name')}: {e}") from e
-
-    _apply_job(config, merged.get("job", {}), origin_for("job"))
-    parallel_values = merged.get("parallelism", {})
-    _apply_model(config, model_values, parallel_values, origin_for("model"), origin_for("parallelism"))
-    config.parallelism = _apply_dataclass_section(
-        config.parallelism, "parallelism", parallel_values, origin_for("parallelism"),
-        extra_keys=PARALLELISM_EXTRA_KEYS,
-    )
-    layout = getattr(config.model_spec.model, "cp_layout", "contiguous")
-    try:
-        wanted_lb = load_balancer_for_layout(layout)
-    except ValueError as e:
-        raise ConfigError(f"{origin_for('parallelism')('cp_layout')}: {e}") from e
-    if (
-        "context_parallel_load_balancer" in parallel_values
-        and config.parallelism.context_parallel_load_balancer != wanted_lb
-    ):
-        raise ConfigError(
-            f"{origin_for('parallelism')('context_parallel_load_balancer')}: "
-            f"parallelism.context_parallel_load_balancer = "
-            f"{config.parallelism.context_parallel_load_balancer!r} does not match "
-            f"parallelism.cp_layout = {layout!r} (which needs {wanted_lb!r}); set only cp_layout."
-        )
-    config.parallelism.context_parallel_load_balancer = wanted_lb
-    _apply_optimizer(config, merged.get("optimizer", {}), origin_for("optimizer"))
-    _apply_activation_checkpoint(config, merged.get("activation_checkpoint", {}), origin_for("activation_checkpoint"))
-    _apply_dataloader(config, merged.get("dataloader", {}), origin_for("dataloader"))
-    for section in GENERIC_SECTIONS:
-        if section in merged:
-            obj = getattr(config, section)
-            setattr(config, section, _apply_dataclass_section(obj, section, merged[section], origin_for(section)))
-    try:  # re-run Trainer.Config.__post_init__ (TorchTitan's own cross-field checks)
-        config = dataclasses.replace(config)
-    except (ValueError, AssertionError) as e:
-        raise ConfigError(f"{source}: {e}") from e
-    validate(config, world_size=world_size, check_runtime=check_runtime)
-    return config
-
-
-# --- validation -------------------------------------------------------------------------------
-
-
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def resolve_degrees(parallelism, world_size: int) -> dict[str, int]:
-    """Parallel degrees with ``data_parallel_shard_degree = -1`` resolved; ConfigError if impossible."""
-    p = parallelism
-    named = {
-        "parallelism.data_parallel_replicate_degree": p.data_parallel_replicate_degree,
-        "parallelism.context_parallel_degree": p.context_parallel_degree,
-        "parallelism.tensor_parallel_degree": p.tensor_parallel_degree,
-        "parallelism.pipeline_parallel_degree": p.pipeline_parallel_degree,
-    }
-    for field, v in named.items():
-        if v < 1:
-            raise ConfigError(f"{field} = {v} must be >= 1 (1 disables that parallelism).")
-    others = 1
-    for v in named.values():
-        others *= v
-    dp_shard = p.data_parallel_shard_degree
-    layout = (f"dp_replicate {p.data_parallel_replicate_degree} x dp_shard {dp_shard} x "
-              f"cp {p.context_parallel_degree} x tp {p.tensor_parallel_degree}"
-              + (f" x pp {p.pipeline_parallel_degree}" if p.pipeline_parallel_degree > 1 else ""))
-    if dp_shard == -1:
-        if world_size % others:
-            raise ConfigError(
-                f"parallelism: {layout} cannot fill WORLD_SIZE = {world_size}: "
-                f"dp_replicate x cp x tp{' x pp' if p.pipeline_parallel_degree > 1 else ''} = {others} "
-                f"does not divide {world_size}. Launch a multiple of {others} ranks "
-                f"(torchrun --nproc_per_node) or lower those degrees."
-            )
-        dp_shard = world_size // others
-    elif dp_shard < 1:
-        raise ConfigError(f"parallelism.data_parallel_shard_degree = {dp_shard}; use -1 (the remaining ranks) or >= 1.")
-    if dp_shard * others != world_size:
-        raise ConfigError(
-            f"parallelism: {layout} = {dp_shard * others} ranks, but WORLD_SIZE = {world_size}. "
-            f"The degrees must multiply to the number of ranks: launch "
-            f"torchrun --nproc_per_node={dp_shard * others}, or set "
-            f"parallelism.data_parallel_shard_degree = -1 to use the remaining ranks."
-        )
-    return {
-        "dp_replicate": p.data_parallel_replicate_degree,
-        "dp_shard": dp_shard,
-        "cp": p.context_parallel_degree,
-        "tp": p.tensor_parallel_degree,
-        "pp": p.pipeline_parallel_degree,
-    }
-
-
-def _head_fields(model) -> dict[str, int]:
-    """Head counts TP must divide: GDN heads always, attention heads only if the model has attention layers."""
-    has_attention = "A" in (getattr(model, "layer_pattern", "") or "")
-    out = {}
-    for f in dataclasses.fields(model):
-        v = getattr(model, f.name)
-        if "heads" not in f.name or not isinstance(v, int) or isinstance(v, bool):
-            continue
-        if f.name.startswith("attn_") and not has_attention:
-            continue
-        out[f.name] = v
-    return out
-
-
-def validate(config, *, world_size: int | None = None, check_runtime: bool = True) -> dict[str, int]:
-    """Start-up checks (no process group needed); returns the resolved degrees.
-
-    World size (``WORLD_SIZE`` unless given), TP-divisible heads, CP-divisible
-    ``seq_len`` (titan_cp segments and TorchTitan's own 2 x CP [x TP with SP]
-    rule), known kernel / exchange / layout and, with ``check_runtime``, that
-    the kernel can run here (e.g. ``triton`` needs a GPU).
-    """
-    from titan_cp.cp.layout import LAYOUTS, check_divisible
-    from titan_cp.kernels import KERNEL_NAMES, get_kernel, unknown_choice_message
-
-    ws = world_size_from_env() if world_size is None else world_size
-    degrees = resolve_degrees(config.parallelism, ws)
-    model = config.model_spec.model
-    kernel = getattr(model, "kernel", None)
-    if kernel is not None and kernel not in KERNEL_NAMES:
-        raise ConfigError(unknown_choice_message("model.kernel", kernel, KERNEL_NAMES))
-    exchange = getattr(model, "cp_exchange", None)
-    if exchange is not None:
-        from titan_cp.cp.context import EXCHANGES
-
-        if exchange not in EXCHANGES:
-            raise ConfigError(unknown_choice_message("parallelism.cp_exchange", exchange, EXCHANGES))
-    layout = getattr(model, "cp_layout", "contiguous")
-    if layout not in LAYOUTS:
-        raise ConfigError(unknown_choice_message("parallelism.cp_layout", layout, LAYOUTS))
-
-    if config.parallelism.spmd_backend not in SUPPORTED_SPMD_BACKENDS:
-        raise ConfigError(
-            f"parallelism.spmd_backend = {config.parallelism.spmd_backend!r} is not supported by titan_cp: "
-            f"parallelize_gdn shards with DTensor on the meshes of the 'partial_dtensor' backend "
-            f"(e.g. the 'fsdp' = dp_shard x cp mesh). Set parallelism.spmd_backend = \"partial_dtensor\"."
-        )
-    tp, cp = degrees["tp"], degrees["cp"]
-    for field, heads in _head_fields(model).items():
-        if heads % tp:
-            divisors = [d for d in range(1, heads + 1) if heads % d == 0]
-            raise ConfigError(
-                f"model.{field} = {heads} is not divisible by parallelism.tensor_parallel_degree = {tp}: "
-                f"TP shards heads. Use a TP degree in {divisors} or change model.{field}."
-            )
-    seq_len = config.training.seq_len
-    if cp > 1:
-        try:
-            check_divisible(seq_len, cp, layout)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-        sp = tp if config.parallelism.enable_sequence_parallel else 1
-        divisor = 2 * cp * sp
-        if seq_len % divisor:
-            raise ConfigError(
-                f"training.seq_len = {seq_len} must be divisible by {divisor} "
-                f"(TorchTitan shards sequences for CP in 2 x cp = {2 * cp} pieces"
-                + (f", times tp = {tp} for sequence parallelism" if sp > 1 else "")
-                + f"). Use a multiple of {divisor}, e.g. {(seq_len // divisor + 1) * divisor}."
-            )
-    try:  # the model's own layout rules (e.g. alltoall needs heads % (tp x cp))
-        from titan_cp.model.model import check_parallel_layout
-    except ImportError:
-        check_parallel_layout = None
-    if check_parallel_layout is not None:
-        try:
-            check_parallel_layout(model, config.parallelism, seq_len)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
-    if check_runtime and kernel is not None:
-        try:
-            get_kernel(kernel)
-        except Exception as e:  # e.g. triton without a GPU
-            raise ConfigError(f"model.kernel = '{kernel}' cannot run here: {e}. "
-                              f"Use model.kernel = 'torch' on CPU.") from e
-    return degrees
+def build_config(file_values: dict[str, Any] | None = None, overrides: Sequence[tuple[str, str, Any]] = (), *,
+                 source: str = "<config>", world_size: int | None = None, check_runtime: bool = True):
+    """Validated ``Trainer.Config`` from parsed TOML values and ``(section, key, value)`` overrides."""
+    job = TomlJob(_settings(file_values or {}, overrides, source), source)
+    return job.build(world_size=world_size, check_runtime=check_runtime)
 
 
 def config_from_args(argv: Sequence[str] | None = None, *, world_size: int | None = None,
                      check_runtime: bool = True):
     """``train.py``'s parser: ``--job.config_file X.toml`` + ``--section.field value`` overrides."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    config_file, overrides = split_args(argv)
-    file_values = load_toml(config_file) if config_file else {}
-    source = config_file or "<defaults>"
-    return build_config(file_values, overrides, source=source, world_size=world_size,
-                        check_runtime=check_runtime)
+    return job_from_args(argv).build(world_size=world_size, check_runtime=check_runtime)
 
 
 __all__ = [
-    "SECTIONS",
     "ConfigError",
+    "TomlJob",
     "build_config",
     "config_from_args",
     "dataloader_config_for",
+    "job_from_args",
     "load_toml",
     "parse_cli_value",
-    "resolve_degrees",
     "split_args",
-    "validate",
+    "toml_job",
 ]

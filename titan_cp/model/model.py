@@ -24,41 +24,7 @@ from torchtitan.protocols.model import BaseModel
 from titan_cp.cp.context import CPContext
 from titan_cp.cp.layout import shard_sequence
 from titan_cp.model.layers import GatedDeltaNet, GDNBlock, RMSNorm, SequenceInfo
-
-
-def check_parallel_layout(model: "GDNModel.Config", parallelism, seq_len: int) -> None:
-    """Heads divisible by TP (and CP x TP for alltoall), seq_len by CP segments, known kernel/strategy."""
-    from titan_cp.cp.context import EXCHANGES
-    from titan_cp.cp.layout import check_divisible
-    from titan_cp.kernels import KERNEL_NAMES, unknown_choice_message
-
-    if model.kernel not in KERNEL_NAMES:
-        raise ValueError(unknown_choice_message("model.kernel", model.kernel, KERNEL_NAMES))
-    if model.cp_exchange not in EXCHANGES:
-        raise ValueError(unknown_choice_message("parallelism.cp_exchange", model.cp_exchange, EXCHANGES))
-    tp, cp = parallelism.tensor_parallel_degree, parallelism.context_parallel_degree
-    hv = model.num_v_heads or model.num_heads
-    for field, heads in (("model.num_heads", model.num_heads), ("model.num_v_heads", hv)):
-        if heads % tp:
-            raise ValueError(
-                f"{field} = {heads} is not divisible by parallelism.tensor_parallel_degree = {tp}; "
-                f"TP shards GDN heads, so pick a TP degree that divides {heads}."
-            )
-        if model.cp_exchange == "alltoall" and heads % (tp * cp):
-            raise ValueError(
-                f"{field} = {heads} is not divisible by TP x CP = {tp} x {cp} required by "
-                "parallelism.cp_exchange = 'alltoall'; use cp_exchange = 'allgather' or 'logscan'."
-            )
-    if "A" in model.layer_types():
-        for field, heads in (("model.attn_num_heads", model.attn_num_heads),
-                             ("model.attn_num_kv_heads", model.attn_num_kv_heads)):
-            if heads % tp:
-                raise ValueError(
-                    f"{field} = {heads} is not divisible by parallelism.tensor_parallel_degree = {tp}; "
-                    f"TP shards attention heads, so pick a TP degree that divides {heads}."
-                )
-    if cp > 1:
-        check_divisible(seq_len, cp, model.cp_layout)
+from titan_cp.validate import validate
 
 
 class GDNModel(BaseModel):
@@ -76,7 +42,7 @@ class GDNModel(BaseModel):
         norm_eps: float = 1e-6
         tie_embeddings: bool = False
         kernel: str = "torch"  # titan_cp.kernels.KERNEL_NAMES
-        # Context parallelism (set from the job config by update_from_config / the TOML front end).
+        # Context parallelism (set by the config function or the TOML front end; checked by titan_cp.validate).
         cp_exchange: str = "allgather"  # titan_cp.cp.context.EXCHANGES
         cp_layout: str = "contiguous"  # titan_cp.cp.layout.LAYOUTS
         doc_masking: bool = True  # reset state + conv history at document starts (positions == 0)
@@ -98,8 +64,8 @@ class GDNModel(BaseModel):
             return [pattern[i % len(pattern)] for i in range(self.n_layers)]
 
         def update_from_config(self, *, config, **kwargs) -> None:
-            """Reject layouts this model cannot run (before any weights exist)."""
-            check_parallel_layout(self, config.parallelism, config.training.seq_len)
+            """Reject jobs this model cannot run, before any weights exist (:func:`titan_cp.validate.validate`)."""
+            validate(config, check_runtime=False)
 
         def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
             """Parameters and training FLOPs per token (``titan_cp.analysis.flops``: 6 x matmul params
