@@ -282,3 +282,116 @@ def test_compat_apply_is_idempotent_and_patches_cpu_gaps():
         stats = metrics.build_device_memory_monitor().get_peak_stats()
         assert 0 < stats.max_reserved_gib < 1024
         assert utils.get_peak_flops("cpu") == compat.CPU_PEAK_FLOPS_PER_THREAD * torch.get_num_threads()
+
+
+# --- bad input that used to run, or die deep: each fails at start-up, naming the field and a fix that works ----
+
+NUMBER_ROWS = [
+    ("steps_zero", "[training]\nsteps = 0\n", r"training.steps = 0 must be >= 1"),
+    ("steps_negative", "[training]\nsteps = -1\n", r"training.steps = -1 must be >= 1"),
+    ("lr_negative", "[optimizer]\nlr = -1e-3\n", r"optimizer.lr = -0.001 must be a positive number"),
+    ("local_batch_size_zero", "[training]\nlocal_batch_size = 0\n", r"training.local_batch_size = 0 must be >= 1"),
+    ("logscan_zigzag", "[parallelism]\ncontext_parallel_degree = 2\ncp_exchange = \"logscan\"\ncp_layout = \"zigzag\"\n",
+     r"parallelism.cp_exchange = 'logscan' needs parallelism.cp_layout = 'contiguous'"),
+]
+
+
+@pytest.mark.parametrize("case", NUMBER_ROWS, ids=[c[0] for c in NUMBER_ROWS])
+def test_bad_numbers_and_names_fail_at_start_up(case):
+    _, toml_text, pattern = case
+    world = 2 if "context_parallel_degree = 2" in toml_text else 1
+    with pytest.raises(ConfigError, match=pattern):
+        build(toml_text, world_size=world)
+
+
+def test_missing_dataset_and_tokenizer_paths_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"dataloader.dataset_path = '.*nope.jsonl' does not exist"):
+        build(f'[dataloader]\ndataset_path = "{tmp_path / "nope.jsonl"}"\n')
+    with pytest.raises(ConfigError, match=r"job.hf_assets_path = '.*no_tokenizer' does not exist.*tokenizer"):
+        build(f'[job]\nhf_assets_path = "{tmp_path / "no_tokenizer"}"\n')
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"job.hf_assets_path = '.*empty' holds none of \['tokenizer.json'"):
+        build(f'[job]\nhf_assets_path = "{tmp_path / "empty"}"\n')
+
+
+def test_checkpoint_folder_is_checked_writable(tmp_path):
+    (tmp_path / "checkpoint").write_text("a file where the checkpoint folder should be")
+    with pytest.raises(ConfigError, match=r"checkpoint.folder = 'checkpoint'.*is a file, not a folder"):
+        build(f'[job]\ndump_folder = "{tmp_path}"\n[checkpoint]\nenable = true\n')
+    if os.geteuid() == 0:  # root writes into read-only folders; /proc refuses new files even to root
+        read_only = Path("/proc/titan_cp_outputs")
+    else:
+        read_only = tmp_path / "read_only"
+        read_only.mkdir()
+        read_only.chmod(0o555)
+    with pytest.raises(ConfigError, match=r"checkpoint.folder = 'checkpoint'.*is not writable"):
+        build(f'[job]\ndump_folder = "{read_only}"\n[checkpoint]\nenable = true\n')
+    assert build(f'[job]\ndump_folder = "{tmp_path / "fresh"}"\n[checkpoint]\nenable = true\n').checkpoint.enable
+    assert not (tmp_path / "fresh").exists()  # checking creates nothing
+
+
+def _fixes(message: str) -> list[str]:
+    """The TOML lines a message suggests ("set parallelism.x = v", "e.g. A or B" for seq_len)."""
+    fixes = [f"[{s}]\n{k} = {v}\n" for s, k, v in re.findall(r"set (\w+)\.(\w+) = (-?\d+)", message)]
+    m = re.search(r"training.seq_len = \d+ .*e\.g\. (\d+)(?: or (\d+))?", message)
+    return fixes + ([f"[training]\nseq_len = {v}\n" for v in m.groups() if v] if m else [])
+
+
+@pytest.mark.parametrize("seq_len,layout", [(513, "contiguous"), (513, "zigzag"), (514, "contiguous"), (6, "zigzag")])
+def test_suggested_seq_len_passes_every_rule(seq_len, layout):
+    base = f"[parallelism]\ncontext_parallel_degree = 2\ncp_layout = \"{layout}\"\n"
+    with pytest.raises(ConfigError) as info:
+        build(base + f"[training]\nseq_len = {seq_len}\n", world_size=2)
+    fixes = _fixes(str(info.value))
+    assert fixes, str(info.value)
+    for fix in fixes:
+        build(base + fix, world_size=2)  # every suggested value passes the segments AND TorchTitan's 2 x cp rule
+
+
+@pytest.mark.parametrize("toml_text,world_size", [
+    ("[parallelism]\ndata_parallel_shard_degree = 1\ncontext_parallel_degree = 4\n", 2),  # cp 4 on 2 ranks
+    ("[parallelism]\ncontext_parallel_degree = 4\n", 2),
+    ("[parallelism]\ncontext_parallel_degree = 2\ntensor_parallel_degree = 2\n", 2),
+])
+def test_world_size_suggestions_work(toml_text, world_size):
+    with pytest.raises(ConfigError) as info:
+        build(toml_text, world_size=world_size)
+    message = str(info.value)
+    nproc = int(re.search(r"--nproc_per_node=(\d+)", message).group(1))
+    build(toml_text, world_size=nproc)  # launching that many ranks works
+    fixes = _fixes(message)
+    assert fixes, f"no config change suggested for {world_size} ranks: {message}"
+    for fix in fixes:
+        merged = tomli.loads(toml_text)
+        for section, table in tomli.loads(fix).items():
+            merged.setdefault(section, {}).update(table)
+        build_config(merged, source="test.toml", world_size=world_size, check_runtime=False)
+
+
+def test_native_entry_point_validates_in_update_from_config(monkeypatch):
+    """`-m torchtitan.train --module titan_cp` runs the same checks where TorchTitan calls the model config."""
+    from torchtitan.config import ConfigManager
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = ConfigManager().parse_args(["--module", "titan_cp", "--config", "gdn_debug",
+                                         "--parallelism.context_parallel_degree", "2", "--training.seq_len", "510"])
+    with pytest.raises(ConfigError, match=r"training.seq_len = 510 is not divisible by 4"):
+        config.model_spec.model.update_from_config(config=config)
+
+
+def test_launcher_reports_one_clean_line(tmp_path):
+    """`python train.py --nproc_per_node=2` with a bad config: exit 2, one line, no traceback, no stray warning."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    for key in ("WORLD_SIZE", "RANK", "TORCHELASTIC_RUN_ID"):
+        env.pop(key, None)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--nproc_per_node=2", "--job.config_file",
+         str(TRAIN_CONFIGS / "cp2.toml"), "--parallelism.context_parallel_degree", "4"],
+        check=False, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    output = proc.stdout + proc.stderr
+    assert output.count("titan_cp config error") == 1, output[-2000:]
+    assert "set parallelism.context_parallel_degree = 2" in output
+    for noise in ("Traceback", "ChildFailedError", "initial_load_model_only"):
+        assert noise not in output, output[-2000:]

@@ -132,7 +132,7 @@ def _degree_fixes(config, degrees: dict[str, int], world_size: int) -> list[str]
     for key, field in _DEGREE_FIELDS.items():
         if key != "dp_shard" and degrees[key] == 1:
             continue  # do not switch on a parallelism the config does not use
-        options = [-1, *range(world_size, 0, -1)] if key == "dp_shard" else range(world_size, 1, -1)
+        options = [-1, *range(world_size, 0, -1)] if key == "dp_shard" else range(world_size, 0, -1)
         for value in options:
             trial = _fill({**degrees, key: value}, world_size)
             if value == degrees[key] or trial is None:
