@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         nproc, argv = split_launcher_args(argv)
         job = job_from_args(argv)
-        job.build(world_size=nproc if nproc and not under_torchrun else None)
+        config = job.build(world_size=nproc if nproc and not under_torchrun else None)
     except (ConfigError, ValueError) as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"titan_cp config error: {e}", file=sys.stderr)

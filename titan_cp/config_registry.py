@@ -20,13 +20,14 @@ the TOML front end or ``train.py`` knows model names.
 Defaults shared by all flavors (reasons in :mod:`titan_cp.compat`):
 ``parallelism.spmd_backend = "partial_dtensor"``,
 ``checkpoint.initial_load_model_only = False`` (TorchTitan's default ``True``
-only matters with an ``initial_load_path``, and warns on every run without
-one: set both when loading model weights only),
+only matters with an ``initial_load_path`` and warns on every run without one;
+the TOML front end sets it back to ``True`` when a file gives an initial load
+without it; on the native command line pass both),
 ``training.disable_cuda_graphs = True`` (a replayed graph would skip the
 Python-side CP byte counters), ``parallelism.context_parallel_load_balancer =
 None`` (TorchTitan then hands CP rank r the contiguous segment r, which is
 ``cp_layout = "contiguous"``; ``"headtail"`` is exactly ``"zigzag"``, see
-:func:`load_balancer_for_layout`), the shipped tokenizer/corpus and
+:func:`titan_cp.validate.load_balancer_for_layout`), the shipped tokenizer/corpus and
 :class:`titan_cp.metrics.TitanCPMetricsProcessor` and
 :class:`titan_cp.checkpoint.VerifiedCheckpointManager` (checksum manifests).
 

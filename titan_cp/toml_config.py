@@ -3,53 +3,44 @@
 TorchTitan 0.3.0 has no TOML: a job is a config function (``--module M
 --config fn``) plus ``--section.field value`` overrides that its tyro-based
 ``ConfigManager`` parses and type-checks. This module flattens TOML into
-exactly that and lets TorchTitan's ``ConfigManager`` do the parsing:
+exactly that and lets ``ConfigManager`` parse it:
 
 1. ``[model] name`` / ``flavor`` pick the starting config
-   (:data:`titan_cp.config_registry.MODEL_FAMILIES`; default ``"gdn"`` and its
-   default flavor);
-2. the keys TorchTitan's command line cannot set change that start: the other
-   ``[model]`` keys (model hyper-parameters, parsed by tyro on the model's own
-   ``Config``), ``[parallelism] cp_exchange`` / ``cp_layout`` (fields of the
-   model config; ``cp_layout`` also picks ``context_parallel_load_balancer``)
-   and ``[dataloader] dataset`` (picks the loader's config class);
-3. every other key becomes one ``ConfigManager`` override:
-   ``[training] steps = 3`` -> ``--training.steps 3``, ``true`` -> a flag,
-   ``[optimizer] lr`` -> ``--optimizer.param_groups.0.optimizer_kwargs.lr``,
-   ``[job] dump_folder`` -> ``--dump_folder``, ``[activation_checkpoint]
-   mode`` -> its subcommand;
+   (:data:`titan_cp.config_registry.MODEL_FAMILIES`; default ``"gdn"``);
+2. keys TorchTitan's command line cannot set change that start: other
+   ``[model]`` keys (parsed by tyro on the model's ``Config``), ``[parallelism]
+   cp_exchange`` / ``cp_layout`` (model fields; ``cp_layout`` also picks
+   ``context_parallel_load_balancer``) and ``[dataloader] dataset`` (the
+   loader's config class);
+3. every other key becomes a ``ConfigManager`` override: ``[training] steps =
+   3`` -> ``--training.steps 3`` (``true`` -> a flag), ``[optimizer] lr`` ->
+   ``--optimizer.param_groups.0.optimizer_kwargs.lr``, ``[job] dump_folder``
+   -> ``--dump_folder``, ``[activation_checkpoint] mode`` -> its subcommand;
 4. ``--section.field value`` on the command line overrides the file (values are
    TOML literals: ``3``, ``1e-3``, ``true``, ``"x"``, ``[1, 2]``; bare words are
-   strings; a flag with no value is ``true``);
+   strings; a flag with no value is ``true``; ``"none"`` is None);
 5. :func:`titan_cp.validate.validate` checks the result.
 
-What stays titan_cp's own is what TorchTitan's parser does not say well:
-unknown sections and keys ("did you mean"), where each value came from (file
-and table, or the command line), and tyro's failures turned into a
-:class:`ConfigError` that names the field and the expected type.
+titan_cp keeps only what TorchTitan's parser does not say well: unknown
+sections and keys ("did you mean"), where a value came from, and tyro's
+failures as a :class:`ConfigError` naming the field and the expected type.
 
 Sections::
 
     [job]        config_file, dump_folder, hf_assets_path, description
-    [model]      name, flavor and any field of the family's model Config
-                 (GDN: n_layers, dim, num_heads, head_dim, kernel, doc_masking, ...)
-    [parallelism] TorchTitan's ParallelismConfig plus cp_exchange
-                 ("allgather" | "logscan" | "alltoall") and cp_layout ("contiguous" | "zigzag")
+    [model]      name, flavor, any field of the family's model Config (GDN: n_layers, kernel, ...)
+    [parallelism] TorchTitan's fields + cp_exchange ("allgather" | "logscan" | "alltoall")
+                 and cp_layout ("contiguous" | "zigzag")
     [optimizer]  name ("AdamW" | "Adam"), lr, betas, eps, weight_decay, implementation
     [activation_checkpoint] mode ("none" | "selective" | "full" | "memory_budget") + its fields
-    [dataloader] (alias [data]) dataset ("tiny_corpus" | "synthetic" | a TorchTitan
-                 dataset) + that loader's fields (synthetic: kind, vocab_size, mean_doc_len, seed)
-    [training] [lr_scheduler] [checkpoint] [metrics] [compile] [comm] [debug]
-    [profiler] [validator] ...   any section of TorchTitan's Trainer.Config, field by field
-
-``None`` for an optional field is written ``"none"``.
+    [dataloader] (alias [data]) dataset ("tiny_corpus" | "synthetic" | a TorchTitan dataset)
+                 + that loader's fields (synthetic: kind, vocab_size, mean_doc_len, seed)
+    [training] [lr_scheduler] [checkpoint] [metrics] [validator] ...  any Trainer.Config section
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import os
 import sys
 from collections.abc import Sequence
@@ -60,6 +51,7 @@ from typing import Any
 import tomli
 
 from titan_cp.errors import ConfigError, suggest, unknown_choice_message
+from titan_cp.tyro_args import Setting, fields_of, parse_settings, tokens
 
 SECTION_ALIASES = {"data": "dataloader"}
 JOB_KEYS = {"config_file": None, "description": None, "dump_folder": "dump_folder",
@@ -76,20 +68,6 @@ AC_MODES = ("none", "selective", "full", "memory_budget")
 MODEL_KEYS = ("name", "flavor")  # [model] keys that pick the config function
 CP_KEYS = ("cp_exchange", "cp_layout")  # [parallelism] keys stored on the model config
 MODEL_HIDDEN_FIELDS = ("param_init", "sharding_config")
-
-
-@dataclass
-class Setting:
-    """One ``section.key = value`` from the TOML file or the command line."""
-
-    section: str
-    key: str  # dotted below the section for nested tables, e.g. "dataloader.dataset" in [validator]
-    value: Any
-    origin: str  # "x.toml [training] steps" or "command line --training.steps"
-
-    @property
-    def field(self) -> str:
-        return f"{self.section}.{self.key}"
 
 
 # --- reading TOML and the command line --------------------------------------------------------
@@ -173,35 +151,6 @@ def _settings(file_values: dict[str, Any], overrides: Sequence[tuple[str, str, A
 # --- the pieces of TorchTitan's config that a key addresses -----------------------------------
 
 
-def _fields(obj: Any, hidden: Sequence[str] = ()) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(obj) if f.init and not f.name.startswith("_") and f.name not in hidden}
-
-
-def _lookup(obj: Any, path: str) -> Any:
-    """``obj.a.b`` for ``path = "a.b"`` (list indices and dict keys too)."""
-    for part in path.split("."):
-        if isinstance(obj, dict):
-            obj = obj[part]
-        elif isinstance(obj, list):
-            obj = obj[int(part)]
-        else:
-            obj = getattr(obj, part)
-    return obj
-
-
-def _expected_type(root: Any, path: str) -> str:
-    """The annotation of the field at ``path`` (for messages), or the type of its current value."""
-    head, _, last = path.rpartition(".")
-    try:
-        parent = _lookup(root, head) if head else root
-        if dataclasses.is_dataclass(parent):
-            tp = _fields(parent)[last].type
-            return tp if isinstance(tp, str) else tp.__name__ if isinstance(tp, type) else repr(tp).replace("typing.", "")
-        return type(_lookup(root, path)).__name__
-    except (AttributeError, KeyError, IndexError, ValueError):
-        return "another type"
-
-
 def _check_key(setting: Setting, valid: Sequence[str], obj: Any = None) -> None:
     """``setting.key`` is a valid key of its section (one level into nested dataclasses)."""
     head, _, rest = setting.key.partition(".")
@@ -209,7 +158,7 @@ def _check_key(setting: Setting, valid: Sequence[str], obj: Any = None) -> None:
         sub = getattr(obj, head, None) if obj is not None else None
         if rest and dataclasses.is_dataclass(sub):
             _check_key(Setting(setting.field.rpartition(".")[0], rest, setting.value, setting.origin),
-                       list(_fields(sub)), sub)
+                       list(fields_of(sub)), sub)
         return
     raise ConfigError(f"{setting.origin}: unknown key '{head}' in [{setting.section}].{suggest(head, valid)} "
                       f"Valid keys of [{setting.section}]: {', '.join(sorted(valid))}.")
@@ -238,68 +187,6 @@ def _ac_config(mode: str):
 def _ac_mode(config) -> str:
     current = config.activation_checkpoint
     return next((m for m in AC_MODES[1:] if current is not None and type(current) is type(_ac_config(m))), "none")
-
-
-# --- turning values into tyro tokens, and tyro's failures into ConfigErrors --------------------
-
-
-def _literal(value: Any) -> str:
-    return "None" if isinstance(value, str) and value.lower() in ("none", "null") else str(value)
-
-
-def _tokens(path: str, value: Any) -> list[str]:
-    """``--path value`` as tyro reads it: booleans as flags, lists as several values (str lists as A,B)."""
-    if isinstance(value, bool):
-        head, dot, last = path.rpartition(".")
-        return [f"--{path}"] if value else [f"--{head}{dot}no-{last}"]
-    if isinstance(value, list):
-        if value and all(isinstance(v, str) for v in value):
-            return [f"--{path}", ",".join(value)]
-        return [f"--{path}", *map(_literal, value)]
-    return [f"--{path}", _literal(value)]
-
-
-def _tyro_reason(output: str) -> str:
-    """The message of a tyro error box, without its title and help text."""
-    lines = [ln.strip(" │╭╮╰╯") for ln in output.splitlines()]
-    lines = [ln for ln in lines if ln.strip() and ln.strip("─- ")]
-    body = []
-    for ln in lines[1:]:  # lines[0] is the title ("Value error", "Invalid choice", ...)
-        if ln.startswith(("Argument helptext", "For full helptext", "Perhaps you meant", "Available subcommands")):
-            break
-        body.append(ln.strip())
-    return " ".join(body) or output.strip()
-
-
-def _run_tyro(parse, tokens: list[str]) -> tuple[Any, str | None]:
-    """``parse(tokens)`` -> (result, None), or (None, tyro's reason) when tyro rejects them."""
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
-            return parse(tokens), None
-    except SystemExit:
-        return None, _tyro_reason(out.getvalue())
-
-
-def _parse(parse, items: list[tuple[Setting, str, list[str]]], root: Any, source: str, tail: Sequence[str] = ()):
-    """``parse`` all items' tokens (+ ``tail``); on failure name the first item that fails on its own."""
-    result, reason = _run_tyro(parse, [t for _, _, tokens in items for t in tokens] + list(tail))
-    if reason is None:
-        for setting, path, _ in items:  # a quoted number is a string in TOML: say so
-            value = _lookup(result, path)
-            if (isinstance(setting.value, str) and isinstance(value, (int, float)) and not isinstance(value, bool)
-                    and _literal(setting.value) != "None"):
-                raise ConfigError(
-                    f"{setting.origin}: {setting.field} = {setting.value!r} has type str, expected "
-                    f"{_expected_type(root, path)}. Write it without quotes, e.g. "
-                    f"{setting.key} = {setting.value.strip() or '...'}.")
-        return result
-    for setting, path, tokens in items:
-        _, alone = _run_tyro(parse, tokens + list(tail))
-        if alone is not None:  # a parse error of this flag (not a cross-field check) gets the expected type
-            expected = f" (expected {_expected_type(root, path)})" if "--" in alone or "Unrecognized" in alone else ""
-            raise ConfigError(f"{setting.origin}: {setting.field} = {setting.value!r} is rejected{expected}: {alone}")
-    raise ConfigError(f"{source}: TorchTitan's config parser rejects these settings together: {reason}")
 
 
 # --- the job ----------------------------------------------------------------------------------
@@ -349,11 +236,11 @@ class TomlJob:
                 raise ConfigError(f"{dataset.origin}: {e}") from e
 
         model = config.model_spec.model
-        model_fields = _fields(model, MODEL_HIDDEN_FIELDS)
+        model_fields = fields_of(model, MODEL_HIDDEN_FIELDS)
         items = []
         for s in self._of("model", MODEL_KEYS):
             _check_key(s, list(model_fields))
-            items.append((s, s.key, _tokens(s.key, s.value)))
+            items.append((s, s.key, tokens(s.key, s.value)))
         for key in CP_KEYS:
             s, in_model = self._last("parallelism", key), self._last("model", key)
             if s is None:
@@ -364,7 +251,7 @@ class TomlJob:
             if in_model is not None and in_model.value != s.value:
                 raise ConfigError(f"{s.origin}: parallelism.{key} = {s.value!r} contradicts model.{key} = "
                                   f"{in_model.value!r}; set it in one place ([parallelism]).")
-            items.append((s, key, _tokens(key, s.value)))
+            items.append((s, key, tokens(key, s.value)))
         if items:
             import tyro
             from torchtitan.config.manager import custom_registry
@@ -372,7 +259,7 @@ class TomlJob:
             def parse(tokens):
                 return tyro.cli(type(model), args=tokens, default=model, registry=custom_registry)
 
-            model = _parse(parse, items, model, self.source)
+            model = parse_settings(parse, items, model, self.source)
             config.model_spec = dataclasses.replace(config.model_spec, model=model)
             if hasattr(config.loss, "global_vocab_size") and hasattr(model, "vocab_size"):
                 config.loss.global_vocab_size = model.vocab_size
@@ -383,7 +270,7 @@ class TomlJob:
 
     def _manager_items(self, base) -> tuple[list[tuple[Setting, str, list[str]]], list[str]]:
         """(setting, ConfigManager path, tokens) for every key ConfigManager parses; AC tokens last."""
-        sections = {f for f in _fields(base) if dataclasses.is_dataclass(getattr(base, f))}
+        sections = {f for f in fields_of(base) if dataclasses.is_dataclass(getattr(base, f))}
         sections = (sections | {"activation_checkpoint"}) - {"model_spec"}
         items, ac_tokens = [], []
         for s in self.settings:
@@ -392,14 +279,14 @@ class TomlJob:
             if s.section == "job":
                 _check_key(s, list(JOB_KEYS))
                 if JOB_KEYS[s.key]:
-                    items.append((s, JOB_KEYS[s.key], _tokens(JOB_KEYS[s.key], s.value)))
+                    items.append((s, JOB_KEYS[s.key], tokens(JOB_KEYS[s.key], s.value)))
             elif s.section == "optimizer":
                 _check_key(s, list(OPTIMIZER_KEYS))
                 groups = base.optimizer.param_groups
                 if len(groups) != 1 or groups[0].pattern != r".*":
                     raise ConfigError(f"{s.origin}: [optimizer] can only edit a single catch-all param group; "
                                       f"this config has {len(groups)} groups (edit its config function).")
-                items.append((s, OPTIMIZER_KEYS[s.key], _tokens(OPTIMIZER_KEYS[s.key], s.value)))
+                items.append((s, OPTIMIZER_KEYS[s.key], tokens(OPTIMIZER_KEYS[s.key], s.value)))
             elif s.section == "activation_checkpoint":
                 mode = self._last("activation_checkpoint", "mode")
                 mode = mode.value if mode is not None else _ac_mode(base)
@@ -411,18 +298,24 @@ class TomlJob:
                 if mode == "none":
                     raise ConfigError(f"{s.origin}: {s.field} has no effect with mode = 'none'; "
                                       f"remove it or set mode to one of {list(AC_MODES[1:])}.")
-                _check_key(s, ["mode", *_fields(_ac_config(mode))])
-                ac_tokens += _tokens(s.field, s.value)
+                _check_key(s, ["mode", *fields_of(_ac_config(mode))])
+                ac_tokens += tokens(s.field, s.value)
             elif s.section in sections:
                 if s.section == "parallelism" and s.key in CP_KEYS:
                     continue
                 obj = getattr(base, s.section)
                 extra = CP_KEYS if s.section == "parallelism" else ("dataset",) if s.section == "dataloader" else ()
-                _check_key(s, sorted({*_fields(obj), *extra}), obj)
-                items.append((s, s.field, _tokens(s.field, s.value)))
+                _check_key(s, sorted({*fields_of(obj), *extra}), obj)
+                items.append((s, s.field, tokens(s.field, s.value)))
             else:
                 raise ConfigError(f"{s.origin}: unknown section [{s.section}].{suggest(s.section, sorted(sections))} "
                                   f"Valid sections: {', '.join(['job', 'model', *sorted(sections)])}.")
+        given = {s.key for s in self.settings if s.section == "checkpoint"}
+        if given & {"initial_load_path", "initial_load_in_hf"} and "initial_load_model_only" not in given:
+            # TorchTitan's default: an initial load reads model weights only (the config functions set
+            # False so that TorchTitan does not warn about it on every run without an initial load).
+            s = Setting("checkpoint", "initial_load_model_only", True, "TorchTitan's default with an initial load")
+            items.append((s, s.field, tokens(s.field, True)))
         if ac_tokens and not ac_tokens[0].startswith("activation-checkpoint:"):
             ac_tokens.insert(0, f"activation-checkpoint:{_ac_mode(base).replace('_', '-')}")
         return items, ac_tokens
@@ -447,7 +340,7 @@ class TomlJob:
         items, ac_tokens = self._manager_items(base)
         self.activate()
         head = ["--module", __name__, "--config", "toml_job"]
-        config = _parse(lambda tokens: ConfigManager().parse_args(head + tokens), items, base, self.source, ac_tokens)
+        config = parse_settings(lambda tokens: ConfigManager().parse_args(head + tokens), items, base, self.source, ac_tokens)
         validate(config, world_size=world_size, check_runtime=check_runtime)
         return config
 
