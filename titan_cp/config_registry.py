@@ -260,15 +260,14 @@ def family_config(name: str, flavor: str | None = None) -> Trainer.Config:
 __all__ = [
     "CONFIG_FOR_FLAVOR",
     "MODEL_FAMILIES",
-    "ModelFamily",
-    "family_config",
-    "register_model_family",
-    "LAYOUT_TO_LOAD_BALANCER",
     "config_for_flavor",
+    "family_config",
     "gdn_1_3b",
     "gdn_1_3b_hybrid",
     "gdn_340m",
     "gdn_debug",
     "gdn_debug_hybrid",
     "model_spec",
+    "ModelFamily",
+    "register_model_family",
 ]

@@ -12,7 +12,8 @@
 Every message names the field (``section.field``) and a fix that passes
 every rule here (e.g. a suggested ``seq_len`` satisfies the CP segments and
 TorchTitan's 2 x cp sharding at once). Modules deeper down (``CPContext``,
-``get_kernel``) keep only a cheap guard.
+``get_kernel``) raise with the same field names (``titan_cp.errors``), and
+the CP layout/exchange rule is ``CPContext``'s own, called from here.
 
 Rules, in order: parallel degrees multiply to the world size; model names
 (kernel, cp_exchange, cp_layout and their combination); the load balancer
@@ -30,7 +31,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from titan_cp.cp.context import EXCHANGES
+from titan_cp.cp.context import CPContext
 from titan_cp.cp.layout import LAYOUTS, num_segments
 from titan_cp.errors import ConfigError, unknown_choice_message
 from titan_cp.kernels import KERNEL_NAMES
@@ -57,16 +58,15 @@ def world_size_from_env() -> int:
 
 
 def check_cp_choices(layout: str, exchange: str) -> None:
-    """``parallelism.cp_layout`` / ``cp_exchange`` are known and work together."""
-    if layout not in LAYOUTS:
-        raise ConfigError(unknown_choice_message("parallelism.cp_layout", layout, LAYOUTS))
-    if exchange not in EXCHANGES:
-        raise ConfigError(unknown_choice_message("parallelism.cp_exchange", exchange, EXCHANGES))
-    if exchange == "logscan" and layout != "contiguous":
-        raise ConfigError(
-            "parallelism.cp_exchange = 'logscan' needs parallelism.cp_layout = 'contiguous' "
-            "(the scan runs over ranks in sequence order); use cp_exchange = 'allgather' with 'zigzag'."
-        )
+    """``parallelism.cp_layout`` / ``cp_exchange`` are known and work together (e.g. no logscan + zigzag).
+
+    The rule and its message live with the CP code that depends on them
+    (``CPContext``); here they run before any process group exists.
+    """
+    try:
+        CPContext(group=None, layout=layout, exchange=exchange)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def load_balancer_for_layout(layout: str) -> str | None:
