@@ -291,6 +291,8 @@ NUMBER_ROWS = [
     ("steps_negative", "[training]\nsteps = -1\n", r"training.steps = -1 must be >= 1"),
     ("lr_negative", "[optimizer]\nlr = -1e-3\n", r"optimizer.lr = -0.001 must be a positive number"),
     ("local_batch_size_zero", "[training]\nlocal_batch_size = 0\n", r"training.local_batch_size = 0 must be >= 1"),
+    ("model_shape", "[model]\nnum_v_heads = 5\n", r"model.num_v_heads = 5 must be a multiple of model.num_heads = 4"),
+    ("layer_pattern", "[model]\nlayer_pattern = \"GX\"\n", r"model.layer_pattern = 'GX' may only contain"),
     ("logscan_zigzag", "[parallelism]\ncontext_parallel_degree = 2\ncp_exchange = \"logscan\"\ncp_layout = \"zigzag\"\n",
      r"parallelism.cp_exchange = 'logscan' needs parallelism.cp_layout = 'contiguous'"),
 ]

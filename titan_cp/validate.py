@@ -20,8 +20,8 @@ Rules, in order: parallel degrees multiply to the world size; model names
 matches the layout; heads divisible by TP (and TP x CP for ``alltoall``);
 ``seq_len`` divisible by the CP segments and TorchTitan's pieces; training
 and optimizer numbers (steps, batch, lr, betas); paths (tokenizer, dataset,
-a writable checkpoint folder); with ``check_runtime`` that the kernel runs
-here.
+a writable checkpoint folder); the model builds on the meta device (its
+layers' own shape rules); with ``check_runtime`` that the kernel runs here.
 """
 
 from __future__ import annotations
@@ -295,12 +295,24 @@ def _check_paths(config) -> None:
             )
 
 
+def _check_model_builds(model) -> None:
+    """The model config builds (on the meta device: no memory, no weights); its layers name the field."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model.build()
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
 # --- all of it ---------------------------------------------------------------------------------
 
 
 def validate(config, *, world_size: int | None = None, check_runtime: bool = True) -> dict[str, int]:
     """Every start-up check (no process group needed); returns the resolved parallel degrees."""
     _check_training(config)
+    _check_model_builds(config.model_spec.model)
     degrees = resolve_degrees(config, world_size_from_env() if world_size is None else world_size)
     _check_names(config)
     _check_heads(config.model_spec.model, degrees["tp"], degrees["cp"])
