@@ -23,9 +23,10 @@ import builtins, sys
 _import = builtins.__import__
 def _wrong_layout(name, *args, **kwargs):
     module = _import(name, *args, **kwargs)
-    table = getattr(sys.modules.get("titan_cp.config_registry"), "LAYOUT_TO_LOAD_BALANCER", None)
-    if table is not None and table.get("contiguous") is None:
-        table["contiguous"] = "headtail"
+    for home in ("titan_cp.validate", "titan_cp.config_registry"):  # wherever the table lives
+        table = getattr(sys.modules.get(home), "LAYOUT_TO_LOAD_BALANCER", None)
+        if table is not None and table.get("contiguous") is None:
+            table["contiguous"] = "headtail"
     return module
 builtins.__import__ = _wrong_layout
 '''
