@@ -256,8 +256,8 @@ class TomlJob:
             import tyro
             from torchtitan.config.manager import custom_registry
 
-            def parse(tokens):
-                return tyro.cli(type(model), args=tokens, default=model, registry=custom_registry)
+            def parse(args: list[str]):
+                return tyro.cli(type(model), args=args, default=model, registry=custom_registry)
 
             model = parse_settings(parse, items, model, self.source)
             config.model_spec = dataclasses.replace(config.model_spec, model=model)
@@ -272,7 +272,7 @@ class TomlJob:
         """(setting, ConfigManager path, tokens) for every key ConfigManager parses; AC tokens last."""
         sections = {f for f in fields_of(base) if dataclasses.is_dataclass(getattr(base, f))}
         sections = (sections | {"activation_checkpoint"}) - {"model_spec"}
-        items, ac_tokens = [], []
+        items, ac_tokens, ac_mode = [], [], None
         for s in self.settings:
             if s.section == "model" or (s.section, s.key) == ("dataloader", "dataset"):
                 continue
@@ -290,15 +290,16 @@ class TomlJob:
             elif s.section == "activation_checkpoint":
                 mode = self._last("activation_checkpoint", "mode")
                 mode = mode.value if mode is not None else _ac_mode(base)
+                if s.key == "mode" and mode not in AC_MODES:
+                    raise ConfigError(f"{s.origin}: {unknown_choice_message(s.field, mode, AC_MODES)}")
                 if s.key == "mode":
-                    if mode not in AC_MODES:
-                        raise ConfigError(f"{s.origin}: {unknown_choice_message(s.field, mode, AC_MODES)}")
-                    ac_tokens.insert(0, f"activation-checkpoint:{mode.replace('_', '-')}")
+                    ac_mode = mode
                     continue
                 if mode == "none":
                     raise ConfigError(f"{s.origin}: {s.field} has no effect with mode = 'none'; "
                                       f"remove it or set mode to one of {list(AC_MODES[1:])}.")
                 _check_key(s, ["mode", *fields_of(_ac_config(mode))])
+                ac_mode = mode
                 ac_tokens += tokens(s.field, s.value)
             elif s.section in sections:
                 if s.section == "parallelism" and s.key in CP_KEYS:
@@ -316,8 +317,8 @@ class TomlJob:
             # False so that TorchTitan does not warn about it on every run without an initial load).
             s = Setting("checkpoint", "initial_load_model_only", True, "TorchTitan's default with an initial load")
             items.append((s, s.field, tokens(s.field, True)))
-        if ac_tokens and not ac_tokens[0].startswith("activation-checkpoint:"):
-            ac_tokens.insert(0, f"activation-checkpoint:{_ac_mode(base).replace('_', '-')}")
+        if ac_mode is not None:  # tyro's subcommand for the AC class, then that class's fields
+            ac_tokens.insert(0, f"activation-checkpoint:{ac_mode.replace('_', '-')}")
         return items, ac_tokens
 
     def manager_args(self) -> list[str]:
@@ -340,7 +341,8 @@ class TomlJob:
         items, ac_tokens = self._manager_items(base)
         self.activate()
         head = ["--module", __name__, "--config", "toml_job"]
-        config = parse_settings(lambda tokens: ConfigManager().parse_args(head + tokens), items, base, self.source, ac_tokens)
+        config = parse_settings(lambda args: ConfigManager().parse_args(head + args), items, base, self.source,
+                                ac_tokens)
         validate(config, world_size=world_size, check_runtime=check_runtime)
         return config
 
