@@ -381,19 +381,34 @@ def test_native_entry_point_validates_in_update_from_config(monkeypatch):
         config.model_spec.model.update_from_config(config=config)
 
 
+def _launch_train_py(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` as a user runs it (no torchrun variables in the environment)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
+        env.pop(key, None)
+    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], check=False, capture_output=True,
+                          text=True, env=env, timeout=600, cwd=cwd)
+
+
 def test_launcher_reports_one_clean_line(tmp_path):
     """`python train.py --nproc_per_node=2` with a bad config: exit 2, one line, no traceback, no stray warning."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    for key in ("WORLD_SIZE", "RANK", "TORCHELASTIC_RUN_ID"):
-        env.pop(key, None)
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "--nproc_per_node=2", "--job.config_file",
-         str(TRAIN_CONFIGS / "cp2.toml"), "--parallelism.context_parallel_degree", "4"],
-        check=False, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path,
-    )
+    proc = _launch_train_py(["--nproc_per_node=2", "--job.config_file", str(TRAIN_CONFIGS / "cp2.toml"),
+                             "--parallelism.context_parallel_degree", "4"], tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     output = proc.stdout + proc.stderr
     assert output.count("titan_cp config error") == 1, output[-2000:]
     assert "set parallelism.context_parallel_degree = 2" in output
     for noise in ("Traceback", "ChildFailedError", "initial_load_model_only"):
         assert noise not in output, output[-2000:]
+
+
+def test_launcher_trains(tmp_path):
+    """The README's form, `python train.py --nproc_per_node=N`, starts the ranks and trains (1 rank, 2 tiny steps)."""
+    proc = _launch_train_py(["--nproc_per_node=1", "--job.config_file", str(TRAIN_CONFIGS / "debug_cpu.toml"),
+                             "--training.steps", "2", "--training.seq_len", "64", "--model.n_layers", "1",
+                             "--job.dump_folder", str(tmp_path / "out"), "--metrics.enable_tensorboard", "false"],
+                            tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert re.search(r"step:\s*2\b", output), output[-4000:]
+    assert "initial_load_model_only" not in output
