@@ -13,7 +13,7 @@ default      strong scaling (fixed global L, CP = 1, 2, 4, 8) and weak scaling
              communication, the exchange's local math (fold / scan combine),
              the kernel's extra work ([v | 0]: value width V + K) and the rest
              (output correction, halo conv, concatenations).
-             Bytes per GDN layer (fwd + bwd, from titan_cp.cp.stats.comm_stats)
+             Bytes per GDN layer (fwd + bwd, from titan_cp.cp.comm.comm_stats)
              at several L, next to what ring attention would send for an
              attention layer of the same width (MHA, kv width = dim).
 --strategies allgather / logscan / alltoall side by side at P = 2, 4, 8 in one run:
@@ -126,10 +126,11 @@ class Timers:
             return [_TimedWork(w) for w in timers.region("comm", original)(ops)]
 
         dist.batch_isend_irecv = batch
-        from titan_cp.cp import alltoall, exchange, halo
+        from titan_cp.cp import comm, halo, state_passing
         from titan_cp.kernels import chunk
 
-        for cls in (exchange._AllGatherExchange, exchange._LogScanExchange, halo._HaloExchange, alltoall._AllToAll):
+        for cls in (state_passing._AllGatherExchange, state_passing._LogScanExchange, halo._HaloExchange,
+                    comm.AllToAll):
             for m in ("forward", "backward"):
                 setattr(cls, m, staticmethod(self.region("exchange", getattr(cls, m))))
         for m in ("forward", "backward"):
@@ -182,7 +183,7 @@ def timed_steps(model, inputs, labels, global_tokens, timers: Timers, warmup: in
 
 def comm_per_layer():
     """comm_stats records grouped by layer: {layer: {kind: (sent, received, rounds)}}."""
-    from titan_cp.cp.stats import comm_stats
+    from titan_cp.cp.comm import comm_stats
 
     out = defaultdict(dict)
     for (layer, kind), r in comm_stats.records.items():
@@ -250,7 +251,7 @@ def core_probe(cores: int) -> dict:
 def _scaling_rank(rank, P, device, margs: ModelArgs, runs, warmup, repeats, loss_chunks, batch, bytes_lens,
                   same_load_max_p):
     """runs: list of (label, L). Returns per run the timings of cp and (P > 1) of the shard alone."""
-    from titan_cp.cp.stats import comm_stats
+    from titan_cp.cp.comm import comm_stats
 
     timers = Timers(device)
     timers.install()
@@ -283,7 +284,7 @@ def _scaling_rank(rank, P, device, margs: ModelArgs, runs, warmup, repeats, loss
 
 def _strategies_rank(rank, P, device, margs: ModelArgs, strategies, L, warmup, repeats, loss_chunks, batch):
     """All strategies on the same model and shard, interleaved step by step (load changes hit them alike)."""
-    from titan_cp.cp.stats import comm_stats
+    from titan_cp.cp.comm import comm_stats
 
     timers = Timers(device)
     timers.install()
@@ -308,7 +309,7 @@ def _strategies_rank(rank, P, device, margs: ModelArgs, strategies, L, warmup, r
 
 
 def _hybrid_rank(rank, P, device, margs: ModelArgs, layouts, L, warmup, repeats, loss_chunks, batch):
-    from titan_cp.cp.stats import comm_stats
+    from titan_cp.cp.comm import comm_stats
 
     timers = Timers(device)
     timers.install()

@@ -745,7 +745,7 @@ def _free(device):
 
 def measure_model(args, device, spec, dtype) -> list[dict]:
     from titan_cp.cp.context import CPContext
-    from titan_cp.cp.stats import comm_stats
+    from titan_cp.cp.comm import comm_stats
     from titan_cp.parallelize import apply_cp
 
     cuda = torch.device(device).type == "cuda"
@@ -817,12 +817,12 @@ def measure_model(args, device, spec, dtype) -> list[dict]:
 
 
 def titan_cp_gdn_op(kernel_name, cp):
-    """Steps c-d of titan_cp.cp.mixing.mix_state_passing (kernel + exchange + correction), no conv.
+    """Steps c-d of titan_cp.cp.state_passing.mix_state_passing (kernel + exchange + correction), no conv.
 
     Mirrors mixing.py: values [v | 0], initial state [0 | I], final [S_local | M],
     exchange_states, o = o_local + (q M) S_start.
     """
-    from titan_cp.cp.exchange import exchange_states
+    from titan_cp.cp.state_passing import exchange_states
     from titan_cp.kernels import get_kernel
 
     kernel = get_kernel(kernel_name)

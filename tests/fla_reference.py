@@ -7,7 +7,7 @@ tokens (one process for several models: FLA's import and the interpreter's start
 FLA model (seeded FLA init), ``save_pretrained``s it and saves FLA's mean cross-entropy loss.
 
 FLA's Triton kernels run under ``TRITON_INTERPRET=1`` with titan_cp's shim
-(:func:`titan_cp.kernels.triton.install_interpreter_shim`), FLA's fused
+(tests/triton_interpreter.py), FLA's fused
 cross-entropy (GPU only) is off, and FLA's attention layer gets a stand-in for
 ``flash_attn`` (a CUDA-only package): ``flash_attn_func`` as PyTorch's causal
 SDPA with grouped kv heads, which is what flash-attn computes for
@@ -47,7 +47,7 @@ def flash_attn_func(q, k, v, causal=True, window_size=(-1, -1), **kwargs):
 
 def setup_fla() -> None:
     """Interpreter shim (before FLA's kernels are decorated), then the flash_attn stand-in."""
-    from titan_cp.kernels.triton import install_interpreter_shim
+    from triton_interpreter import install_interpreter_shim
 
     install_interpreter_shim()
     import fla.layers.attn

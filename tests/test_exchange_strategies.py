@@ -1,6 +1,6 @@
 """The three exchange strategies at P = 2, 5, 8: exact against one rank, and their traffic laws.
 
-From the counters (titan_cp.cp.stats), bytes received per rank per layer in the
+From the counters (titan_cp.cp.comm), bytes received per rank per layer in the
 forward: allgather = (P-1) summaries, logscan = ceil(log2 P) summaries (at the
 last rank), alltoall grows linearly with L. A summary is B*H*K*(K+V) floats.
 """
@@ -17,7 +17,7 @@ from distributed import run_on_ranks
 from test_cp import FP32_REL, layer_errors, make_layer
 from titan_cp.cp.context import CPContext
 from titan_cp.cp.layout import shard_sequence
-from titan_cp.cp.stats import comm_stats
+from titan_cp.cp.comm import comm_stats
 from titan_cp.model.layers import SequenceInfo
 
 

@@ -112,7 +112,7 @@ def test_loopback_group_simulates_one_rank():
 def test_titan_cp_cp_runs_on_a_loopback_group():
     """The measure section's premise: titan_cp's CP layer runs for rank r of P in one process."""
     from titan_cp.cp.context import CPContext
-    from titan_cp.cp.stats import comm_stats
+    from titan_cp.cp.comm import comm_stats
     from titan_cp.model.layers import GatedDeltaNet, SequenceInfo
 
     torch.manual_seed(0)
@@ -130,7 +130,7 @@ def test_titan_cp_cp_runs_on_a_loopback_group():
 
 # ------------------------------------------------------------- FLA's op-level CP under the interpreter
 # The measure section times FLA's op-level CP (fla.ops.cp) for rank r of P on a LoopbackGroup.
-# Under Triton's interpreter (titan_cp.kernels.triton.install_interpreter_shim) that code path
+# Under Triton's interpreter (tests/triton_interpreter.py) that code path
 # runs on CPU, and with loopback data (every rank sends what this rank has) FLA's CP and
 # titan_cp's CP must give the same output and gradients for a middle rank: both fold r copies
 # of this shard's summary forward and P-1-r copies of its state gradient backward. (Not for the
@@ -188,7 +188,7 @@ def test_fla_op_level_cp_equals_titan_cp_on_loopback_under_the_interpreter():
 
 
 if __name__ == "__main__" and "--fla-cp" in sys.argv:
-    from titan_cp.kernels.triton import install_interpreter_shim
+    from triton_interpreter import install_interpreter_shim
 
     install_interpreter_shim()
     _fla_cp_main()

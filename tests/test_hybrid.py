@@ -23,7 +23,7 @@ from distributed import run_on_ranks
 
 from titan_cp.cp.context import CPContext
 from titan_cp.cp.layout import shard_sequence
-from titan_cp.cp.stats import comm_stats
+from titan_cp.cp.comm import comm_stats
 from titan_cp.model import model_config
 from titan_cp.parallelize import apply_cp
 from titan_cp.model.attention import Attention

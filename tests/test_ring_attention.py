@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from titan_cp.cp import layout as cp_layout
 from titan_cp.cp.ring_attention import block_counts, plan_step, ring_attention
-from titan_cp.cp.stats import comm_stats
+from titan_cp.cp.comm import comm_stats
+from titan_cp.cp.context import CPContext
 
 try:  # tests/ is on sys.path when pytest collects it without a package
     from distributed import run_on_ranks
@@ -81,7 +82,7 @@ def _run_case(rank, P, group, layout, seg, *, docs=None, dtype=torch.float32, se
 
     ql, kl, vl = (shard(t).requires_grad_() for t in (q, k, v))
     docs_local = cp_layout.shard_sequence(doc_ids, 1, rank, P, layout) if doc_ids is not None else None
-    out = ring_attention(ql, kl, vl, group=group, layout=layout, scale=scale, doc_ids=docs_local,
+    out = ring_attention(ql, kl, vl, CPContext(group=group, layout=layout), scale=scale, doc_ids=docs_local,
                          layer_name=f"case.{layout}")
     assert out.dtype == dtype and out.shape == ql.shape
     grads = torch.autograd.grad(out, (ql, kl, vl), shard(dout))
@@ -132,7 +133,7 @@ def _rank_main(rank: int, P: int) -> dict:
     bad = torch.randn(B, HQ, 7, D)
     bad_kv = torch.randn(B, HKV, 7, D)
     try:
-        ring_attention(bad, bad_kv, bad_kv, group=world, layout="zigzag")
+        ring_attention(bad, bad_kv, bad_kv, CPContext(group=world, layout="zigzag"))
     except ValueError as e:
         bad_input_message = str(e)
     else:
@@ -182,7 +183,7 @@ def test_single_process_equals_causal_attention(layout):
     dout = torch.randn(B, HQ, 12, D, generator=gen)
     comm_stats.reset()
     for doc_ids in (None, torch.tensor([[0] * 5 + [1] * 7, [0] * 11 + [1]])):
-        out = ring_attention(q, k, v, group=None, layout=layout, doc_ids=doc_ids)
+        out = ring_attention(q, k, v, CPContext(group=None, layout=layout), doc_ids=doc_ids)
         ref = _reference(q, k, v, doc_ids)
         grads = torch.autograd.grad(out, (q, k, v), dout)
         ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
@@ -214,10 +215,10 @@ def test_plan_covers_each_causal_block_once(P, layout):
 def test_bad_input_names_the_field():
     q, kv = torch.randn(1, 4, 7, 8), torch.randn(1, 2, 7, 8)
     with pytest.raises(ValueError, match=r"q\.shape\[2\] = 7.*zigzag"):
-        ring_attention(q, kv, kv, group=None, layout="zigzag")
+        ring_attention(q, kv, kv, CPContext(group=None, layout="zigzag"))
     with pytest.raises(ValueError, match=r"q\.shape\[1\] = 4 .*k\.shape\[1\] = 3"):
-        ring_attention(q, torch.randn(1, 3, 7, 8), torch.randn(1, 3, 7, 8), group=None)
+        ring_attention(q, torch.randn(1, 3, 7, 8), torch.randn(1, 3, 7, 8), None)
     with pytest.raises(ValueError, match="doc_ids"):
-        ring_attention(q, kv, kv, group=None, doc_ids=torch.zeros(1, 6, dtype=torch.long))
+        ring_attention(q, kv, kv, None, doc_ids=torch.zeros(1, 6, dtype=torch.long))
     with pytest.raises(ValueError, match="parallelism.cp_layout"):
-        ring_attention(q, kv, kv, group=None, layout="zigzig")
+        ring_attention(q, kv, kv, CPContext(group=None, layout="zigzig"))

@@ -219,7 +219,7 @@ def test_per_rank_metrics_logged(runs):
     for rank in range(2):
         assert rec[f"memory/peak(GiB)/rank{rank}"] > 0
         assert f"cp/bytes_sent_per_step/rank{rank}" in rec
-    assert rec["cp/bytes_sent_per_step/max"] > 0, "CP layers recorded no traffic in titan_cp.cp.stats.comm_stats"
+    assert rec["cp/bytes_sent_per_step/max"] > 0, "CP layers recorded no traffic in titan_cp.cp.comm.comm_stats"
     ref = runs.layout("ref")
     assert ref[2]["cp/bytes_sent_per_step/max"] == 0
 

@@ -206,7 +206,7 @@ def test_triton_matches_torch_kernel_on_gpu(dtype):
 
 # ----------------------------------------------------------------------- FLA under the interpreter
 # FLA's real Triton kernels on CPU through TRITON_INTERPRET=1 plus a two-patch shim
-# (titan_cp.kernels.triton.install_interpreter_shim). Verified with the versions below; other
+# (tests/triton_interpreter.py). Verified with the versions below; other
 # versions skip (the shim patches Triton internals). Runs in a subprocess: the interpreter must be
 # chosen before FLA's kernels are decorated, and the patches are process-global.
 INTERPRET_VERIFIED = {"triton": "3.9.", "fla-core": "0.6.0"}
@@ -233,7 +233,7 @@ def _interpret_main() -> None:
     """Subprocess body: FLA's kernels (interpreted) vs the recurrent kernel; prints JSON errors."""
     import json
 
-    from titan_cp.kernels.triton import fla_gated_delta_rule_anywhere, install_interpreter_shim
+    from triton_interpreter import fla_gated_delta_rule_anywhere, install_interpreter_shim
 
     install_interpreter_shim()
     report = {}

@@ -54,7 +54,7 @@ Items:
 7. CUDA graphs: TorchTitan captures fwd+bwd in a CUDA graph unless
    ``training.disable_cuda_graphs``. On CPU it already falls back to eager; on
    GPU a replayed graph would skip the Python-side CP byte counters
-   (:mod:`titan_cp.cp.stats`), so titan_cp's configs set
+   (:mod:`titan_cp.cp.comm`), so titan_cp's configs set
    ``disable_cuda_graphs = True`` (config, not patched here).
 8. MFU: ``tools/utils.py: get_peak_flops`` runs ``lspci`` and, for an
    unknown device, falls back to the A100's 312 TFLOP/s. On CPU we return

@@ -6,7 +6,7 @@ The hook is TorchTitan's own ``MetricsProcessor`` (the trainer calls
 (``Trainer.Config.metrics = TitanCPMetricsProcessor.Config(...)``); no Trainer
 subclass and nothing copied from TorchTitan. :meth:`TitanCPMetricsProcessor.log`
 
-1. reads :data:`titan_cp.cp.stats.comm_stats` (``total()``), divides by the
+1. reads :data:`titan_cp.cp.comm.comm_stats` (``total()``), divides by the
    steps since the last log and ``reset()``-s it;
 2. reads this rank's peak memory from TorchTitan's memory monitor (on CPU
    :class:`titan_cp.compat.CpuMemoryMonitor`: peak RSS);
@@ -71,7 +71,7 @@ from torchtitan.components.metrics import (
 )
 from torchtitan.tools.logging import logger
 
-from titan_cp.cp.stats import comm_stats
+from titan_cp.cp.comm import comm_stats
 from titan_cp.run_logging import STEP_LINE_ATTR, set_step_line_rank
 
 

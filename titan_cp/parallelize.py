@@ -22,7 +22,7 @@ Layout of a GDN block under TP (degree t; H key heads, Hv value heads):
 Under TP every layer sees only its local heads; GDN needs nothing else because
 heads never interact. Under CP every sequence-mixing layer gets a
 :class:`~titan_cp.cp.context.CPContext` on the ``cp`` mesh dim: GDN layers
-pass chunk states (cp/exchange.py) or go head-parallel (cp/alltoall.py);
+pass chunk states (cp/state_passing.py) or go head-parallel (cp/head_parallel.py);
 attention layers run ring attention. TorchTitan's own SDPA context
 parallelism is never applied. A sequence-mixing module titan_cp does not know
 makes the run refuse to start (never silently without CP).

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from titan_cp.cp.comm import all_gather_list
 from titan_cp.cp.layout import LAYOUTS, num_segments, rank_of_segment, segments_of_rank
+from titan_cp.errors import unknown_choice_message
 
 EXCHANGES = ("allgather", "logscan", "alltoall")
 
@@ -17,8 +19,9 @@ class CPContext:
     """Context parallelism over ``group``; every rank holds the segments ``layout`` gives it.
 
     ``exchange`` picks how GDN layers pass state across segments:
-    ``allgather`` / ``logscan`` (state passing, titan_cp.cp.exchange) or
-    ``alltoall`` (head-parallel, titan_cp.cp.alltoall).
+    ``allgather`` / ``logscan`` (state passing, titan_cp.cp.state_passing) or
+    ``alltoall`` (head-parallel, titan_cp.cp.head_parallel). ``group`` None
+    is a single rank (no communication; the layout still cuts its segments).
     """
 
     group: dist.ProcessGroup
@@ -28,8 +31,6 @@ class CPContext:
     checked_signatures: set = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
-        from titan_cp.kernels import unknown_choice_message
-
         if self.layout not in LAYOUTS:
             raise ValueError(unknown_choice_message("parallelism.cp_layout", self.layout, LAYOUTS))
         if self.exchange not in EXCHANGES:
@@ -42,11 +43,11 @@ class CPContext:
 
     @property
     def size(self) -> int:
-        return dist.get_world_size(self.group)
+        return 1 if self.group is None else dist.get_world_size(self.group)
 
     @property
     def rank(self) -> int:
-        return dist.get_rank(self.group)
+        return 0 if self.group is None else dist.get_rank(self.group)
 
     @property
     def n_segments(self) -> int:
@@ -73,9 +74,7 @@ class CPContext:
         key = (layer_name, signature)
         if key in self.checked_signatures:
             return
-        mine = torch.tensor(signature, dtype=torch.int64)
-        everyone = [torch.empty_like(mine) for _ in range(self.size)]
-        dist.all_gather(everyone, mine, group=self.group)
+        everyone = all_gather_list(torch.tensor(signature, dtype=torch.int64), self.group, self.size)
         rows = [tuple(t.tolist()) for t in everyone]
         if any(row != rows[0] for row in rows):
             raise ValueError(

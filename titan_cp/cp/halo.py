@@ -17,10 +17,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
+from titan_cp.cp.comm import exchange_p2p
 from titan_cp.cp.context import CPContext
-from titan_cp.cp.stats import comm_stats
 
 
 def _edges(cp: CPContext, hops: int):
@@ -39,23 +38,6 @@ def _tag(dest_segment: int, hop: int, hops: int) -> int:
     return dest_segment * (hops + 1) + hop
 
 
-def _p2p(cp: CPContext, outgoing: list[tuple[torch.Tensor, int, int]], incoming: list[tuple[torch.Tensor, int, int]]):
-    """Send/receive (tensor, peer group rank, tag) lists in one batch; self-edges are copied."""
-    ops = []
-    local_sends = {tag: t for t, peer, tag in outgoing if peer == cp.rank}
-    for t, peer, tag in outgoing:
-        if peer != cp.rank:
-            ops.append(dist.P2POp(dist.isend, t.contiguous(), cp.global_rank(peer), group=cp.group, tag=tag))
-    for buf, peer, tag in incoming:
-        if peer == cp.rank:
-            buf.copy_(local_sends[tag])
-        else:
-            ops.append(dist.P2POp(dist.irecv, buf, cp.global_rank(peer), group=cp.group, tag=tag))
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-
-
 class _HaloExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tail_BNWC: torch.Tensor, cp: CPContext, hops: int, layer_name: str) -> torch.Tensor:
@@ -65,13 +47,9 @@ class _HaloExchange(torch.autograd.Function):
         outgoing = [(tail_BNWC[:, i], cp.holder(dest), _tag(dest, j, hops)) for i, j, dest in sends]
         buffers = [(tail_BNWC.new_empty(B, w, C), cp.holder(src), _tag(cp.local_segments[i], j, hops))
                    for i, j, src in recvs]
-        _p2p(cp, outgoing, buffers)
+        exchange_p2p(cp, outgoing, buffers, layer_name, "halo_fwd")
         for (i, j, _), (buf, _, _) in zip(recvs, buffers):
             halo[:, i, hops - j] = buf
-        remote_sends = sum(1 for _, _, d in sends if cp.holder(d) != cp.rank)
-        remote_recvs = sum(1 for _, _, s in recvs if cp.holder(s) != cp.rank)
-        piece = B * w * C * tail_BNWC.element_size()
-        comm_stats.add(layer_name, "halo_fwd", sent=remote_sends * piece, received=remote_recvs * piece, rounds=1)
         ctx.cp, ctx.hops, ctx.layer_name = cp, hops, layer_name
         return halo.reshape(B, N, hops * w, C)
 
@@ -86,14 +64,10 @@ class _HaloExchange(torch.autograd.Function):
         outgoing = [(grad_halo[:, i, hops - j], cp.holder(src), _tag(src, j, hops)) for i, j, src in recvs]
         buffers = [(grad_halo.new_empty(B, w, C), cp.holder(dest), _tag(cp.local_segments[i], j, hops))
                    for i, j, dest in sends]
-        _p2p(cp, outgoing, buffers)
+        exchange_p2p(cp, outgoing, buffers, ctx.layer_name, "halo_bwd")
         grad_tail = grad_halo.new_zeros(B, N, w, C)
         for (i, _, _), (buf, _, _) in zip(sends, buffers):
             grad_tail[:, i] += buf
-        piece = B * w * C * grad_halo.element_size()
-        remote = sum(1 for _, _, s in recvs if cp.holder(s) != cp.rank)
-        comm_stats.add(ctx.layer_name, "halo_bwd", sent=remote * piece,
-                       received=sum(1 for _, _, d in sends if cp.holder(d) != cp.rank) * piece, rounds=1)
         return grad_tail, None, None, None
 
 

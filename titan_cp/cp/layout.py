@@ -18,6 +18,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from titan_cp.cp.comm import all_gather_list
+from titan_cp.errors import unknown_choice_message
+
 LAYOUTS = ("contiguous", "zigzag")
 
 
@@ -26,8 +29,6 @@ def num_segments(cp_size: int, layout: str) -> int:
         return cp_size
     if layout == "zigzag":
         return 2 * cp_size
-    from titan_cp.kernels import unknown_choice_message
-
     raise ValueError(unknown_choice_message("parallelism.cp_layout", layout, LAYOUTS))
 
 
@@ -67,10 +68,7 @@ def shard_sequence(x: torch.Tensor, dim: int, rank: int, cp_size: int, layout: s
 
 def unshard_sequence(local: torch.Tensor, dim: int, group: dist.ProcessGroup | None, layout: str) -> torch.Tensor:
     """All-gather every rank's shard and put the segments back in sequence order."""
-    cp_size = dist.get_world_size(group)
-    parts = [torch.empty_like(local) for _ in range(cp_size)]
-    dist.all_gather(parts, local.contiguous(), group=group)
-    return reassemble(parts, dim, layout)
+    return reassemble(all_gather_list(local, group, dist.get_world_size(group)), dim, layout)
 
 
 def reassemble(parts: list[torch.Tensor], dim: int, layout: str) -> torch.Tensor:

@@ -65,9 +65,9 @@ Communication per call (E = element size of k/v, N = B * Hkv * Tloc * D):
     forward:  P-1 rounds, per rank sent = received = (P-1) * (2 N E + 8 B Tloc [doc_ids])
     backward: P rounds,   per rank sent = received = (P-1) * 2 N E + P * 2 N * 4
 
-recorded in :data:`titan_cp.cp.stats.comm_stats` as (layer_name, "ring_fwd")
-and (layer_name, "ring_bwd"). With P = 1 (group None or of size 1) nothing is
-sent or recorded and the result is plain causal attention.
+recorded in :data:`titan_cp.cp.comm.comm_stats` as (layer_name, "ring_fwd")
+and (layer_name, "ring_bwd"). With P = 1 (``cp`` None, or a context of one
+rank) nothing is sent or recorded and the result is plain causal attention.
 
 The block math lives in :func:`block_attention_forward` and
 :func:`block_attention_backward` (plain PyTorch, float32 accumulation); a GPU
@@ -83,10 +83,10 @@ from collections import Counter
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from titan_cp.cp import layout as cp_layout
-from titan_cp.cp.stats import comm_stats
+from titan_cp.cp.comm import Ring
+from titan_cp.cp.context import CPContext
 
 __all__ = [
     "ring_attention",
@@ -249,44 +249,6 @@ def _docs_disjoint(q_doc: torch.Tensor, k_doc: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------
-# Ring communication
-# ---------------------------------------------------------------------------
-
-
-class _Ring:
-    def __init__(self, group: dist.ProcessGroup):
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.size = dist.get_world_size(group)
-        self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
-        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
-
-    def shift(self, tensors: list[tuple[torch.Tensor, int]]) -> "_Pending":
-        """Send each (tensor, tag) to the next rank, receive same-shaped ones from the previous."""
-        ops, received = [], []
-        for tensor, tag in tensors:
-            buf = torch.empty_like(tensor)
-            ops.append(dist.P2POp(dist.isend, tensor, self.next, self.group, tag))
-            ops.append(dist.P2POp(dist.irecv, buf, self.prev, self.group, tag))
-            received.append(buf)
-        return _Pending(dist.batch_isend_irecv(ops), received)
-
-
-class _Pending:
-    def __init__(self, works, received):
-        self.works, self.received = works, received
-
-    def wait(self) -> list[torch.Tensor]:
-        for w in self.works:
-            w.wait()
-        return self.received
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
-# ---------------------------------------------------------------------------
 # Autograd function
 # ---------------------------------------------------------------------------
 
@@ -303,11 +265,10 @@ def _merge(out_acc, lse_acc, out_b, lse_b, sl: slice) -> None:
 
 class _RingAttentionFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, doc_ids, group, layout, scale, layer_name):
-        P = 1 if group is None else dist.get_world_size(group)
-        rank = 0 if group is None else dist.get_rank(group)
-        ring = _Ring(group) if P > 1 else None
-        q_segments = cp_layout.segments_of_rank(rank, P, layout)
+    def forward(ctx, q, k, v, doc_ids, cp: CPContext, scale, layer_name):
+        P, layout = cp.size, cp.layout
+        ring = Ring(cp) if P > 1 else None
+        q_segments = cp_layout.segments_of_rank(cp.rank, P, layout)
         seg = q.shape[2] // len(q_segments)
 
         kv = torch.stack([k, v]).contiguous()
@@ -316,14 +277,12 @@ class _RingAttentionFn(torch.autograd.Function):
         lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
         plans: list[list[BlockTask]] = []
         key_docs: list[torch.Tensor | None] = []
-        sent = 0
         for i in range(P):
-            src = (rank - i) % P
+            src = (cp.rank - i) % P
             pending = None
             if i < P - 1:
                 payload = [(kv, _TAG_KV)] + ([(doc, _TAG_DOC)] if doc is not None else [])
                 pending = ring.shift(payload)
-                sent += sum(_nbytes(t) for t, _ in payload)
             tasks, skipped = plan_step(q_segments, cp_layout.segments_of_rank(src, P, layout))
             kept = []
             for t in tasks:
@@ -351,31 +310,29 @@ class _RingAttentionFn(torch.autograd.Function):
                 if doc is not None:
                     doc = received[1]
         if P > 1:
-            comm_stats.add(layer_name, "ring_fwd", sent=sent, received=sent, rounds=P - 1)
+            ring.record(layer_name, "ring_fwd", rounds=P - 1)
 
         out = out_acc.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse_acc)
         ctx.plans, ctx.key_docs, ctx.doc_ids = plans, key_docs, doc_ids
-        ctx.group, ctx.P, ctx.seg, ctx.scale, ctx.layer_name = group, P, seg, scale, layer_name
+        ctx.cp, ctx.P, ctx.seg, ctx.scale, ctx.layer_name = cp, P, seg, scale, layer_name
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         P, seg, scale = ctx.P, ctx.seg, ctx.scale
-        ring = _Ring(ctx.group) if P > 1 else None
+        ring = Ring(ctx.cp) if P > 1 else None
         delta = (dout.float() * out.float()).sum(dim=-1)  # [B, Hq, Tloc]
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v]).contiguous()
         dkv_shape = (2,) + tuple(k.shape)
         dkv = None
         dkv_pending = None
-        sent = 0
         for i in range(P):
             kv_pending = None
             if i < P - 1:
                 kv_pending = ring.shift([(kv, _TAG_KV)])
-                sent += _nbytes(kv)
             block_dkv = None
             for t in ctx.plans[i]:
                 qs, ks = slice(t.q_lo * seg, t.q_hi * seg), slice(t.k_lo * seg, t.k_hi * seg)
@@ -404,13 +361,12 @@ class _RingAttentionFn(torch.autograd.Function):
                     dkv += block_dkv
             if P > 1:
                 dkv_pending = ring.shift([(dkv, _TAG_DKV)])
-                sent += _nbytes(dkv)
             if kv_pending is not None:
                 kv = kv_pending.wait()[0]
         if P > 1:
             dkv = dkv_pending.wait()[0]  # our own block's accumulator, back after P hops
-            comm_stats.add(ctx.layer_name, "ring_bwd", sent=sent, received=sent, rounds=P)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None, None
+            ring.record(ctx.layer_name, "ring_bwd", rounds=P)
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None
 
 
 # ---------------------------------------------------------------------------
@@ -419,8 +375,6 @@ class _RingAttentionFn(torch.autograd.Function):
 
 
 def _check_inputs(q, k, v, doc_ids, P: int, layout: str) -> None:
-    if layout not in cp_layout.LAYOUTS:
-        cp_layout.num_segments(P, layout)  # raises the standard unknown-choice error
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"ring_attention: {name} must be [B, H, T, D], got shape {tuple(t.shape)}")
@@ -462,29 +416,27 @@ def ring_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    cp: CPContext | None,
     *,
-    group: dist.ProcessGroup | None,
-    layout: str = "contiguous",
     scale: float | None = None,
     doc_ids: torch.Tensor | None = None,
     layer_name: str = "attention",
 ) -> torch.Tensor:
-    """Causal (optionally document-masked) attention over a sequence sharded across ``group``.
+    """Causal (optionally document-masked) attention over a sequence sharded across ``cp.group``.
 
     q [B, Hq, Tloc, D], k/v [B, Hkv, Tloc, D] are this rank's segments of the
-    sequence per ``layout`` (see :mod:`titan_cp.cp.layout`); Hq must be a
-    multiple of Hkv. ``group`` None (or of size 1) means no context parallelism.
+    sequence per ``cp.layout`` (see :mod:`titan_cp.cp.layout`); Hq must be a
+    multiple of Hkv. ``cp`` None (or a context of one rank) means no context
+    parallelism.
     ``scale`` defaults to 1/sqrt(D). ``doc_ids`` [B, Tloc] (integer, globally
     non-decreasing along the sequence) restricts attention to earlier tokens of
     the same document. Returns out [B, Hq, Tloc, D] in q's dtype; differentiable
     in q, k, v. Communication is recorded under ``layer_name``.
     """
-    P = 1 if group is None else dist.get_world_size(group)
-    _check_inputs(q, k, v, doc_ids, P, layout)
+    cp = cp if cp is not None else CPContext(group=None)
+    _check_inputs(q, k, v, doc_ids, cp.size, cp.layout)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if doc_ids is not None:
         doc_ids = doc_ids.to(torch.int64)
-    if P == 1:
-        group = None
-    return _RingAttentionFn.apply(q, k, v, doc_ids, group, layout, float(scale), layer_name)
+    return _RingAttentionFn.apply(q, k, v, doc_ids, cp, float(scale), layer_name)

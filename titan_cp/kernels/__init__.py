@@ -1,32 +1,13 @@
-"""One interface to the gated delta rule, several implementations chosen by name.
+"""The gated delta rule behind one interface, several implementations chosen by name.
 
-The gated delta rule (GDN) keeps a matrix state ``S`` of shape [K, V] per head
-and, for every token t (q_t, k_t: [K]; v_t: [V]; a_t = exp(g_t); beta_t),
+The recurrence, the tensor layouts and the signature every kernel implements
+are in :mod:`titan_cp.kernels.interface` (:class:`GatedDeltaRuleKernel`,
+:func:`check_inputs`). In short, per head with state S [K, V]:
 
-    S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+    S_t = a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,   a_t = exp(g_t)
     o_t = scale * S_t^T q_t
 
-A document start at t (``doc_starts[b, t]`` True) forgets everything before it:
-the first factor is dropped, S_t = beta_t k_t v_t^T. ``initial_state`` is
-S_{-1}, the state each row continues from; a document start at t = 0 drops it
-too. Document starts are how packed sequences and context-parallel shards that
-begin a new document are expressed: the state never leaks across them.
-
-Every kernel has the signature of :func:`gated_delta_rule`:
-
-    o, final_state = kernel(q, k, v, g, beta, scale=..., initial_state=...,
-                            output_final_state=..., doc_starts=...)
-
-    q, k:          [B, T, H, K]  (q, k already L2-normalised by the layer)
-    v:             [B, T, H, V]
-    g:             [B, T, H]     log decay, g <= 0
-    beta:          [B, T, H]     in (0, 1)
-    initial_state: [B, H, K, V]  float32 or None (zeros)
-    doc_starts:    [B, T] bool   or None (one document per row)
-    o:             [B, T, H, V]  dtype of v
-    final_state:   [B, H, K, V]  float32, or None unless output_final_state
-
-Kernels (``model.kernel`` in the config):
+Kernels (``model.kernel`` in the config, :func:`get_kernel` by name):
 
 - ``torch``: chunked WY/UT-transform algorithm in plain PyTorch with a
   hand-written backward (kernels/chunk.py). Runs anywhere; the CPU default.
@@ -38,118 +19,23 @@ Kernels (``model.kernel`` in the config):
 
 from __future__ import annotations
 
-import difflib
-from typing import Protocol
-
-import torch
-
-KERNEL_NAMES = ("torch", "recurrent", "triton")
-
-
-class GatedDeltaRuleKernel(Protocol):
-    def __call__(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        g: torch.Tensor,
-        beta: torch.Tensor,
-        *,
-        scale: float | None = None,
-        initial_state: torch.Tensor | None = None,
-        output_final_state: bool = False,
-        doc_starts: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
-
-
-def unknown_choice_message(field: str, value: str, choices) -> str:
-    """The error text for a config value outside its valid choices."""
-    close = difflib.get_close_matches(str(value), list(choices), n=1)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return f"{field} = '{value}' is not one of {sorted(choices)}.{hint}"
-
-
-def check_inputs(q, k, v, g, beta, initial_state=None, doc_starts=None) -> None:
-    """Validate shapes and dtypes; raise ValueError naming the offending tensor."""
-    if q.dim() != 4:
-        raise ValueError(f"gated delta rule: q must be [B, T, H, K], got shape {tuple(q.shape)}")
-    B, T, H, K = q.shape
-    expected = {
-        "k": (k, (B, T, H, K)),
-        "g": (g, (B, T, H)),
-        "beta": (beta, (B, T, H)),
-    }
-    for name, (tensor, shape) in expected.items():
-        if tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"gated delta rule: {name} has shape {tuple(tensor.shape)}, expected {shape} "
-                f"from q [B, T, H, K] = {tuple(q.shape)}"
-            )
-    if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H):
-        raise ValueError(
-            f"gated delta rule: v has shape {tuple(v.shape)}, expected [B, T, H, V] = "
-            f"({B}, {T}, {H}, V) from q {tuple(q.shape)}"
-        )
-    V = v.shape[-1]
-    for name, tensor in (("k", k), ("v", v)):
-        if tensor.dtype != q.dtype:
-            raise ValueError(
-                f"gated delta rule: q, k, v must share one dtype; q is {q.dtype}, {name} is {tensor.dtype}"
-            )
-    for name, tensor in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
-        if not tensor.is_floating_point():
-            raise ValueError(f"gated delta rule: {name} must be floating point, got {tensor.dtype}")
-        if tensor.device != q.device:
-            raise ValueError(f"gated delta rule: {name} is on {tensor.device}, q on {q.device}")
-    if initial_state is not None:
-        if tuple(initial_state.shape) != (B, H, K, V):
-            raise ValueError(
-                f"gated delta rule: initial_state has shape {tuple(initial_state.shape)}, "
-                f"expected [B, H, K, V] = {(B, H, K, V)}"
-            )
-        if not initial_state.is_floating_point() or initial_state.device != q.device:
-            raise ValueError(
-                f"gated delta rule: initial_state must be a floating-point tensor on {q.device} "
-                f"(float32 recommended), got {initial_state.dtype} on {initial_state.device}"
-            )
-    if doc_starts is not None:
-        if tuple(doc_starts.shape) != (B, T) or doc_starts.dtype != torch.bool or doc_starts.device != q.device:
-            raise ValueError(
-                f"gated delta rule: doc_starts must be a bool tensor [B, T] = {(B, T)} on {q.device}, "
-                f"got {doc_starts.dtype} {tuple(doc_starts.shape)} on {doc_starts.device}"
-            )
+from titan_cp.errors import unknown_choice_message
+from titan_cp.kernels.chunk import chunk_gated_delta_rule
+from titan_cp.kernels.interface import KERNEL_NAMES, GatedDeltaRuleKernel, check_inputs
+from titan_cp.kernels.recurrent import recurrent_gated_delta_rule
+from titan_cp.kernels.triton import check_triton_available, triton_gated_delta_rule
 
 
 def get_kernel(name: str) -> GatedDeltaRuleKernel:
-    """Return the kernel called ``name``; a clear error for unknown or unusable ones."""
+    """Return the kernel called ``name`` (``model.kernel``); a clear error for unknown or unusable ones."""
     if name == "torch":
-        from .chunk import chunk_gated_delta_rule
-
         return chunk_gated_delta_rule
     if name == "recurrent":
-        from .recurrent import recurrent_gated_delta_rule
-
         return recurrent_gated_delta_rule
     if name == "triton":
-        from .triton import triton_gated_delta_rule, check_triton_available
-
         check_triton_available()
         return triton_gated_delta_rule
     raise ValueError(unknown_choice_message("model.kernel", name, KERNEL_NAMES))
 
 
-def gated_delta_rule(
-    q, k, v, g, beta, *, kernel: str = "torch", **kwargs
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the gated delta rule with the kernel named ``kernel``."""
-    return get_kernel(kernel)(q, k, v, g, beta, **kwargs)
-
-
-__all__ = [
-    "KERNEL_NAMES",
-    "GatedDeltaRuleKernel",
-    "check_inputs",
-    "get_kernel",
-    "gated_delta_rule",
-    "unknown_choice_message",
-]
+__all__ = ["KERNEL_NAMES", "GatedDeltaRuleKernel", "check_inputs", "get_kernel"]

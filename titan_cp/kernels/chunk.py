@@ -103,7 +103,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from . import check_inputs
+from titan_cp.kernels.interface import check_inputs
 
 # --------------------------------------------------------------------------------------
 # Layout helpers: [B, T, H, D] <-> [N, B*H, C, D] (N chunks of C tokens; chunk n

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import check_inputs
+from titan_cp.kernels.interface import check_inputs
 
 
 def recurrent_gated_delta_rule(

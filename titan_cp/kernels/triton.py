@@ -28,10 +28,10 @@ argument, so CPU tests run it with a recurrent stand-in for FLA's kernel
 flow through FLA's backward and the index ops here by autograd.
 
 Flags passed to FLA: ``use_qk_l2norm_in_kernel=False`` (our layer normalises q
-and k itself, titan_cp.cp.mixing.l2norm), ``use_beta_sigmoid_in_kernel=False``
+and k itself, titan_cp.gdn_ops.l2norm), ``use_beta_sigmoid_in_kernel=False``
 (beta is already a probability), ``use_gate_in_kernel=False`` (g is already
 ``-exp(A_log) * softplus(a + dt_bias)``), ``state_v_first=False`` ([K, V]
-states, our layout). The context-parallel call of titan_cp.cp.mixing (values
+states, our layout). The context-parallel call of titan_cp.cp.state_passing (values
 [v | 0] of width V + K, initial state [0 | I], final state [S_local | M]) needs
 nothing else: FLA tiles V in blocks of BV (any V), and K <= 256.
 
@@ -42,8 +42,8 @@ inputs ``tl.dot`` runs in TF32 on Ampere and newer (Triton's default; FLA
 forces IEEE only on older GPUs, and its UT-transform solve asks for TF32
 explicitly); ``TRITON_F32_DEFAULT=ieee`` gives full fp32 dots.
 
-CPU testing: :func:`install_interpreter_shim` makes FLA's real kernels run
-under ``TRITON_INTERPRET=1`` (tiny shapes; tests/test_triton_kernel.py).
+CPU testing: tests/triton_interpreter.py makes FLA's real kernels run under
+``TRITON_INTERPRET=1`` (tiny shapes; tests/test_triton_kernel.py).
 
 Other FLA switches worth knowing on a GPU machine: FLA dispatches
 ``chunk_gated_delta_rule`` to the FlashQLA backend when the ``flash_qla``
@@ -64,7 +64,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import check_inputs
+from titan_cp.kernels.interface import check_inputs
 
 FLA_VERSION = "0.6.0"
 CONFIG_HINT = (
@@ -235,7 +235,8 @@ def gated_delta_rule_via_varlen(
     return o, (row_final_states(final, layout) if output_final_state else None)
 
 
-def _fla_varlen(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, cu_seqlens_cpu):
+def fla_varlen(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, cu_seqlens_cpu):
+    """FLA's chunk_gated_delta_rule as a :data:`VarlenKernel`, with the flags of the module docstring."""
     fla_chunk = _import_fla_chunk()
     o, final = fla_chunk(
         q, k, v, g, beta,
@@ -271,76 +272,9 @@ def triton_gated_delta_rule(
     if initial_state is not None:
         initial_state = initial_state.float()
     return gated_delta_rule_via_varlen(
-        _fla_varlen, q, k, v, g, beta,
+        fla_varlen, q, k, v, g, beta,
         scale=scale, initial_state=initial_state, output_final_state=output_final_state, doc_starts=doc_starts,
     )
-
-
-# --------------------------------------------------------------------------------------
-# Testing only: FLA's Triton kernels on CPU through Triton's interpreter.
-# --------------------------------------------------------------------------------------
-
-
-def install_interpreter_shim() -> None:
-    """Make FLA 0.6.0's chunk_gated_delta_rule run under ``TRITON_INTERPRET=1`` on CPU (tiny shapes).
-
-    For tests (tests/test_triton_kernel.py runs it in a subprocess); never
-    needed on a GPU. Call it before anything imports FLA, in a process whose
-    environment has ``TRITON_INTERPRET=1`` (set here if it is not): Triton
-    picks the interpreter when FLA's kernels are decorated at import. Two
-    patches, both to Triton (verified with triton 3.9.0 + fla-core 0.6.0):
-
-    1. ``Autotuner.run`` keeps only the first config of an autotuned kernel:
-       without a driver the autotuner cannot benchmark ("0 active drivers"),
-       and every config computes the same result.
-    2. The interpreter's AST rewriter makes the induction variable of a
-       dynamic ``range`` / ``tl.range`` loop a Triton tensor, as compiled
-       Triton does. Without it FLA's chunk_delta_h.py fails at
-       ``i_t_int64 = i_t.to(tl.int64)`` (chunk_gated_delta_rule_fwd_kernel_h_blockdim64,
-       fla/ops/common/chunk_delta_h.py:176): "InterpreterError:
-       AttributeError(\"'int' object has no attribute 'to'\")".
-       ``tl.static_range`` loops keep Python ints.
-    """
-    import ast
-    import os
-
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    from triton.runtime import interpreter
-    from triton.runtime.autotuner import Autotuner
-
-    if getattr(Autotuner, "_titan_cp_shim", False):
-        return
-    original_run = Autotuner.run
-
-    def run_first_config(self, *args, **kwargs):
-        if len(self.configs) > 1:
-            self.configs = self.configs[:1]
-        return original_run(self, *args, **kwargs)
-
-    def visit_For(self, node):
-        node = self.generic_visit(node)
-        it = node.iter
-        dynamic = isinstance(it, ast.Call) and (
-            (isinstance(it.func, ast.Name) and it.func.id == "range")
-            or (isinstance(it.func, ast.Attribute) and it.func.attr == "range")
-        )
-        if dynamic and isinstance(node.target, ast.Name):
-            # "i = i" as the loop body's first statement: visit_Assign turns it into a tensor.
-            rebind = ast.Assign(targets=[ast.Name(id=node.target.id, ctx=ast.Store())],
-                                value=ast.Name(id=node.target.id, ctx=ast.Load()))
-            node.body.insert(0, self.visit_Assign(rebind))
-        return node
-
-    Autotuner.run = run_first_config
-    interpreter.ASTTransformer.visit_For = visit_For
-    Autotuner._titan_cp_shim = True
-
-
-def fla_gated_delta_rule_anywhere(q, k, v, g, beta, **kwargs):
-    """:func:`triton_gated_delta_rule` without the CUDA check (for the interpreter test on CPU)."""
-    if kwargs.get("initial_state") is not None:
-        kwargs["initial_state"] = kwargs["initial_state"].float()
-    return gated_delta_rule_via_varlen(_fla_varlen, q, k, v, g, beta, **kwargs)
 
 
 __all__ = [
@@ -348,9 +282,8 @@ __all__ = [
     "FLA_VERSION",
     "VarlenLayout",
     "check_triton_available",
-    "fla_gated_delta_rule_anywhere",
+    "fla_varlen",
     "gated_delta_rule_via_varlen",
-    "install_interpreter_shim",
     "row_final_states",
     "segment_initial_states",
     "triton_gated_delta_rule",

@@ -35,7 +35,7 @@ import math
 import torch
 
 from titan_cp.cp.context import CPContext, dtype_code
-from titan_cp.cp.exchange import exchange_states
+from titan_cp.cp.state_passing import exchange_states
 from titan_cp.cp.ring_attention import ring_attention as _ring_attention
 from titan_cp.errors import ConfigError
 from titan_cp.kernels import check_inputs, get_kernel
@@ -145,7 +145,4 @@ def ring_attention(
     defaults to D ** -0.5. Differentiable in q, k, v.
     """
     scale = 1.0 / math.sqrt(q_BHTD.shape[-1]) if scale is None else scale
-    group = None if cp is None or cp.size == 1 else cp.group
-    layout = "contiguous" if cp is None else cp.layout
-    return _ring_attention(q_BHTD, k_BHTD, v_BHTD, group=group, layout=layout, scale=scale,
-                           doc_ids=doc_ids_BT, layer_name=name)
+    return _ring_attention(q_BHTD, k_BHTD, v_BHTD, cp, scale=scale, doc_ids=doc_ids_BT, layer_name=name)

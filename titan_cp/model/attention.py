@@ -126,9 +126,7 @@ class Attention(nn.Module):
         q_BTHD, k_BTHD, v_BTHD = self.project_qkv(x_BTD, self._positions(seq, B, T, x_BTD.device))
 
         cp = self.cp
-        group, layout = None, "contiguous"
         if cp is not None and cp.size > 1:
-            group, layout = cp.group, cp.layout
             cp.check_same_everywhere(
                 self.layer_name,
                 (dtype_code(q_BTHD.dtype), B, T, q_BTHD.shape[2], k_BTHD.shape[2], D, int(seq.doc_ids is not None)),
@@ -138,8 +136,7 @@ class Attention(nn.Module):
             q_BTHD.transpose(1, 2),
             k_BTHD.transpose(1, 2),
             v_BTHD.transpose(1, 2),
-            group=group,
-            layout=layout,
+            cp,
             doc_ids=seq.doc_ids,
             layer_name=self.layer_name,
         )

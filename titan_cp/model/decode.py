@@ -9,7 +9,7 @@ Gated DeltaNet layer (constant size, O(1) work per token)
     state         [B, Hv, K, V] float32, the delta-rule state S after the last token
 
     q, k, v = convs over [conv_history | new tokens] (the CP halo path of
-              :mod:`titan_cp.cp.mixing`, with the history as the halo)
+              :mod:`titan_cp.gdn_ops`, with the history as the halo)
     o, S    = gated_delta_rule(q, k, v, g, beta, initial_state=S)
               (the model's chunk kernel for a prompt, the one-step recurrence for T = 1:
                S <- exp(g) (I - beta k k^T) S + beta k v^T,  o = K^-1/2 S^T q)
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from titan_cp.cp.mixing import _conv_qkv
+from titan_cp.gdn_ops import conv_qkv
 from titan_cp.kernels import get_kernel
 from titan_cp.model.attention import Attention
 from titan_cp.model.layers import GatedDeltaNet
@@ -68,7 +68,7 @@ def _gdn_cached(layer: GatedDeltaNet, x_BTD: torch.Tensor, cache: GDNCache | Non
     B, T, C = x_BTC.shape
     W = inputs.q_conv_weight.shape[-1]
     history_BWC = x_BTC.new_zeros(B, W - 1, C) if cache is None else cache.conv_history_BWC
-    q, k, v = _conv_qkv(inputs, history_BWC)
+    q, k, v = conv_qkv(inputs, history_BWC)
     kernel = get_kernel("recurrent" if T == 1 else layer.kernel)
     o_BTHV, state = kernel(q, k, v, inputs.g_BTH, inputs.beta_BTH,
                            initial_state=None if cache is None else cache.state_BHKV, output_final_state=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import tomli
 
-from titan_cp.kernels import unknown_choice_message
+from titan_cp.errors import unknown_choice_message
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 FLAVORS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))

@@ -10,7 +10,7 @@ dim, H key heads, Hv value heads, K key head dim, V value head dim.
 Under tensor parallelism the projections are head-sharded and the layer sees
 only its local heads: head counts are always read from tensor shapes, never
 from the config. Under context parallelism T is this rank's shard and all
-sequence mixing goes through :func:`titan_cp.cp.mixing.mix_sequence`.
+sequence mixing goes through :func:`titan_cp.cp.mix_sequence`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from titan_cp.cp.context import CPContext
-from titan_cp.cp.mixing import GDNMixingInputs, mix_sequence
+from titan_cp.cp import CPContext, mix_sequence
+from titan_cp.gdn_ops import GDNMixingInputs
 from titan_cp.utils import local_tensor
 
 
@@ -89,7 +89,7 @@ class ShortConv(nn.Module):
     """Depthwise causal conv weights (FLA's ShortConvolution, no bias, SiLU applied by the caller).
 
     Only holds ``weight`` [C, 1, W]; the convolution itself (with the CP halo and
-    document resets) is :func:`titan_cp.cp.mixing.causal_short_conv`.
+    document resets) is :func:`titan_cp.gdn_ops.causal_short_conv`.
     """
 
     def __init__(self, channels: int, kernel_size: int):

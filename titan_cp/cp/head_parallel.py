@@ -4,7 +4,7 @@ Each rank holds L/P tokens of all (local-TP) heads. One all-to-all turns that
 into all L tokens of H/P heads: rank r sends the channels of head group j of
 its tokens to rank j, receives head group r of every rank's tokens and puts
 the segments back in sequence order (any layout). The convs and the delta
-rule then run on full sequences (:func:`titan_cp.cp.mixing.mix_local`), and a
+rule then run on full sequences (:func:`titan_cp.gdn_ops.mix_local`), and a
 second all-to-all returns the outputs to sequence shards.
 
 Cost per rank and layer (forward): (P-1)/P of its L/P tokens x
@@ -16,39 +16,13 @@ says which. Backward: the same two all-to-alls with the gradients.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 
+from titan_cp.cp.comm import AllToAll, all_gather_list
 from titan_cp.cp.context import CPContext
 from titan_cp.cp.layout import reassemble, shard_sequence
-from titan_cp.cp.stats import comm_stats
-
-if TYPE_CHECKING:
-    from titan_cp.cp.mixing import GDNMixingInputs
-
-
-def _all_to_all(x_P: torch.Tensor, cp: CPContext, layer_name: str, kind: str) -> torch.Tensor:
-    x_P = x_P.contiguous()
-    out = torch.empty_like(x_P)
-    dist.all_to_all_single(out, x_P, group=cp.group)
-    nbytes = x_P[0].numel() * x_P.element_size() * (cp.size - 1)
-    comm_stats.add(layer_name, kind, sent=nbytes, received=nbytes, rounds=1)
-    return out
-
-
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single over dim 0 ([P, ...] chunks, chunk j to rank j); it is its own inverse."""
-
-    @staticmethod
-    def forward(ctx, x_P: torch.Tensor, cp: CPContext, layer_name: str, kind: str):
-        ctx.cp, ctx.layer_name, ctx.kind = cp, layer_name, kind
-        return _all_to_all(x_P, cp, layer_name, kind + "_fwd")
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_to_all(grad, ctx.cp, ctx.layer_name, ctx.kind + "_bwd"), None, None, None
+from titan_cp.gdn_ops import GDNMixingInputs, mix_local
 
 
 def _seq_to_heads(tensors: list[torch.Tensor], cp: CPContext, layer_name: str) -> list[torch.Tensor]:
@@ -57,7 +31,7 @@ def _seq_to_heads(tensors: list[torch.Tensor], cp: CPContext, layer_name: str) -
     B, T = tensors[0].shape[:2]
     widths = [t.shape[-1] // P for t in tensors]
     packed = torch.cat([t.reshape(B, T, P, -1) for t in tensors], dim=-1)  # [B, T, P, sum w]
-    received = _AllToAll.apply(packed.permute(2, 0, 1, 3), cp, layer_name, "alltoall_in")  # [P src, B, T, sum w]
+    received = AllToAll.apply(packed.permute(2, 0, 1, 3), cp, layer_name, "alltoall_in")  # [P src, B, T, sum w]
     full = reassemble(list(received.unbind(0)), dim=1, layout=cp.layout)  # [B, L, sum w]
     return list(full.split(widths, dim=-1))
 
@@ -66,14 +40,12 @@ def _heads_to_seq(o_BLC: torch.Tensor, cp: CPContext, layer_name: str) -> torch.
     """[B, L, C / P] of this rank's head group -> [B, T_local, C] of all heads."""
     P = cp.size
     shards = torch.stack([shard_sequence(o_BLC, 1, r, P, cp.layout) for r in range(P)])  # [P dest, B, T, w]
-    received = _AllToAll.apply(shards, cp, layer_name, "alltoall_out")  # [P head group, B, T, w]
+    received = AllToAll.apply(shards, cp, layer_name, "alltoall_out")  # [P head group, B, T, w]
     return received.permute(1, 2, 0, 3).flatten(2)
 
 
-def mix_head_parallel(inp: "GDNMixingInputs", kernel: str, cp: CPContext, layer_name: str) -> torch.Tensor:
+def mix_head_parallel(inp: GDNMixingInputs, kernel: str, cp: CPContext, layer_name: str) -> torch.Tensor:
     """Convs + delta rule for this rank's head group on the full sequence. Returns o [B, T_local, Hv, V]."""
-    from titan_cp.cp.mixing import mix_local
-
     P = cp.size
     H = inp.q_BTC.shape[-1] // inp.head_dim
     Hv = inp.v_BTC.shape[-1] // inp.head_v_dim
@@ -89,9 +61,7 @@ def mix_head_parallel(inp: "GDNMixingInputs", kernel: str, cp: CPContext, layer_
     g, beta = _seq_to_heads([inp.g_BTH, inp.beta_BTH], cp, layer_name)
     starts = None
     if inp.doc_starts_BT is not None:
-        parts = [torch.empty_like(inp.doc_starts_BT) for _ in range(P)]
-        dist.all_gather(parts, inp.doc_starts_BT.contiguous(), group=cp.group)
-        starts = reassemble(parts, dim=1, layout=cp.layout)
+        starts = reassemble(all_gather_list(inp.doc_starts_BT, cp.group, P), dim=1, layout=cp.layout)
     r = cp.rank
 
     def head_slice(weight: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,31 @@
-"""The GDN state exchange: every segment's true incoming state from shard summaries.
+"""State-passing CP for GDN: shard summaries, their exchange, the corrected outputs.
 
-The math
---------
+Everything in a GDN layer is token-local except the short convs and the gated
+delta rule (titan_cp/gdn_ops.py). With a state-passing strategy
+(``parallelism.cp_exchange = 'allgather' | 'logscan'``) each rank:
+
+  a. cuts its tokens into its segments (1 for contiguous, 2 for zigzag) and
+     treats each segment as a row: [B, T, ...] -> [B * n_local, T_seg, ...];
+  b. gets the W-1 pre-conv tokens before each segment (cp/halo.py) and runs
+     the conv on [halo | segment];
+  c. runs the kernel ONCE per segment with values [v | 0] (width V + K) and
+     initial state [0 | I]. Because the delta rule acts on every state column
+     independently and linearly, this one call returns
+        final state  [S_local | M]          (zero-start state, transition)
+        outputs      [o_local | q_t M_<=t]  (scale included)
+     using nothing but the kernel interface (initial state in, final out);
+  d. exchanges the summaries (below) to get each segment's true incoming
+     state S_start, and corrects the outputs:
+        o_t = o_local_t + (q_t M_<=t) S_start.
+  Autograd does the rest: the kernel's backward, the exchange's reverse fold,
+  the halo's reverse send.
+
+Document starts (packed sequences) reset both the conv history and the state
+(``doc_starts``); a segment with a document start has M = 0, so no state
+crosses it.
+
+The exchange math
+-----------------
 Cut a sequence into segments 0..n-1 (in sequence order; see cp/layout.py for
 which rank holds which). Inside segment s the gated delta rule is affine in
 the state it starts from (every column of S evolves independently and
@@ -42,19 +66,22 @@ Strategies (``parallelism.cp_exchange``)
   and received per round. Backward: the mirrored (suffix) scan of (M^T, G).
 
 Summaries travel in float32 (float64 for float64 inputs). The head-parallel
-``alltoall`` strategy does not use summaries; it lives in cp/alltoall.py.
+``alltoall`` strategy does not use summaries; it lives in cp/head_parallel.py.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
-import torch.distributed as dist
 
-from titan_cp.cp.context import CPContext
+from titan_cp.cp.comm import all_gather_stacked, exchange_p2p
+from titan_cp.cp.context import CPContext, dtype_code
+from titan_cp.cp.halo import exchange_halo
 from titan_cp.cp.layout import segments_of_rank
-from titan_cp.cp.stats import comm_stats
+from titan_cp.gdn_ops import GDNMixingInputs, conv_qkv
+from titan_cp.kernels import get_kernel
 
 
 def compose(
@@ -74,18 +101,12 @@ def exclusive_fold(Ms: list[torch.Tensor], Ss: list[torch.Tensor]) -> list[torch
     return starts
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 # --------------------------------------------------------------------------- allgather
 
 
-def _all_gather_segments(local_BNX: torch.Tensor, cp: CPContext) -> list[torch.Tensor]:
+def _all_gather_segments(local_BNX: torch.Tensor, cp: CPContext, layer_name: str, kind: str) -> list[torch.Tensor]:
     """All-gather [B, n_local, ...] from every rank; return per-segment tensors in sequence order."""
-    gathered = local_BNX.new_empty((cp.size * local_BNX.shape[0], *local_BNX.shape[1:]))
-    dist.all_gather_single(gathered, local_BNX.contiguous(), group=cp.group)
-    gathered = gathered.view(cp.size, *local_BNX.shape)
+    gathered = all_gather_stacked(local_BNX, cp, layer_name, kind)  # [P, B, n_local, ...]
     per_segment: list[torch.Tensor | None] = [None] * cp.n_segments
     for rank in range(cp.size):
         for i, seg in enumerate(segments_of_rank(rank, cp.size, cp.layout)):
@@ -98,13 +119,11 @@ class _AllGatherExchange(torch.autograd.Function):
     def forward(ctx, M_BNHKK, S_BNHKV, cp: CPContext, layer_name: str):
         payload = torch.cat([M_BNHKK, S_BNHKV], dim=-1)
         K = M_BNHKK.shape[-1]
-        per_segment = _all_gather_segments(payload, cp)
+        per_segment = _all_gather_segments(payload, cp, layer_name, "state_fwd")
         Ms = [p[..., :K] for p in per_segment]
         Ss = [p[..., K:] for p in per_segment]
         starts = exclusive_fold(Ms, Ss)
         mine = torch.stack([starts[s] for s in cp.local_segments], dim=1)
-        comm_stats.add(layer_name, "state_fwd", sent=_nbytes(payload) * (cp.size - 1),
-                       received=_nbytes(payload) * (cp.size - 1), rounds=1)
         ctx.save_for_backward(*Ms, mine)
         ctx.cp, ctx.layer_name = cp, layer_name
         return mine
@@ -113,9 +132,7 @@ class _AllGatherExchange(torch.autograd.Function):
     def backward(ctx, grad_start_BNHKV):
         cp: CPContext = ctx.cp
         *Ms, mine_starts = ctx.saved_tensors
-        grads = _all_gather_segments(grad_start_BNHKV, cp)  # G_s for every segment
-        comm_stats.add(ctx.layer_name, "state_bwd", sent=_nbytes(grad_start_BNHKV) * (cp.size - 1),
-                       received=_nbytes(grad_start_BNHKV) * (cp.size - 1), rounds=1)
+        grads = _all_gather_segments(grad_start_BNHKV, cp, ctx.layer_name, "state_bwd")  # G_s of every segment
         # Equation (3): the fold in reverse with elements (M^T, G).
         n = cp.n_segments
         grad_end = [None] * n
@@ -144,27 +161,19 @@ def _exclusive_scan_over_ranks(
     pos = P - 1 - me if reverse else me  # position along the scan direction
 
     def rank_at(position: int) -> int:
-        return cp.global_rank(P - 1 - position if reverse else position)
+        return P - 1 - position if reverse else position
 
     K = M.shape[-1]
     incl_M, incl_S = M, S
-    excl_M = torch.eye(K, dtype=M.dtype).expand_as(M)
+    excl_M = torch.eye(K, dtype=M.dtype, device=M.device).expand_as(M)
     excl_S = torch.zeros_like(S)
     for d in range(math.ceil(math.log2(P))):
         offset = 2**d
         payload = torch.cat([incl_M, incl_S], dim=-1).contiguous()
         received = torch.empty_like(payload)
-        ops = []
-        if pos + offset < P:
-            ops.append(dist.P2POp(dist.isend, payload, rank_at(pos + offset), group=cp.group))
-        if pos - offset >= 0:
-            ops.append(dist.P2POp(dist.irecv, received, rank_at(pos - offset), group=cp.group))
-        if ops:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
-        sent = _nbytes(payload) if pos + offset < P else 0
-        got = _nbytes(payload) if pos - offset >= 0 else 0
-        comm_stats.add(layer_name, kind, sent=sent, received=got, rounds=1)
+        outgoing = [(payload, rank_at(pos + offset), 0)] if pos + offset < P else []
+        incoming = [(received, rank_at(pos - offset), 0)] if pos - offset >= 0 else []
+        exchange_p2p(cp, outgoing, incoming, layer_name, kind)
         if pos - offset >= 0:
             earlier = (received[..., :K], received[..., K:])
             excl_M, excl_S = compose((excl_M, excl_S), earlier)
@@ -204,3 +213,69 @@ def exchange_states(M_BNHKK: torch.Tensor, S_BNHKV: torch.Tensor, cp: CPContext,
     if cp.exchange == "logscan":
         return _LogScanExchange.apply(M_BNHKK, S_BNHKV, cp, layer_name)
     raise ValueError(f"exchange_states: strategy '{cp.exchange}' does not pass states")
+
+
+# --------------------------------------------------------------------------- the layer's mixing
+
+
+def _as_segment_rows(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """[B, n * T_seg, ...] -> [B * n, T_seg, ...]: one row per local segment."""
+    if t is None:
+        return None
+    B, T = t.shape[:2]
+    return t.reshape(B * n, T // n, *t.shape[2:])
+
+
+def mix_state_passing(inp: GDNMixingInputs, kernel: str, cp: CPContext, layer_name: str) -> torch.Tensor:
+    """Steps a-d of the module docstring. Returns o [B, T_local, Hv, V]."""
+    B, T = inp.q_BTC.shape[:2]
+    n = len(cp.local_segments)
+    if T % n:
+        raise ValueError(
+            f"context parallel {layer_name}: this rank holds {T} tokens, not divisible into its {n} "
+            f"segments of layout '{cp.layout}'; shard the batch with titan_cp.cp.layout.shard_sequence."
+        )
+    rows = replace(
+        inp,
+        **{name: _as_segment_rows(getattr(inp, name), n)
+           for name in ("q_BTC", "k_BTC", "v_BTC", "g_BTH", "beta_BTH", "doc_starts_BT")},
+    )
+    T_seg = T // n
+    W = inp.q_conv_weight.shape[-1]
+    cp.check_same_everywhere(
+        layer_name,
+        (dtype_code(inp.q_BTC.dtype), B, T_seg, inp.q_BTC.shape[-1], inp.v_BTC.shape[-1]),
+        "(dtype, batch, segment length, key channels, value channels)",
+    )
+
+    # b. conv halo: pre-conv q|k|v plus a document-start channel, W-1 tokens per segment.
+    x = torch.cat([rows.q_BTC, rows.k_BTC, rows.v_BTC], dim=-1)
+    starts = rows.doc_starts_BT
+    if starts is not None:
+        x = torch.cat([x, starts.unsqueeze(-1).to(x.dtype)], dim=-1)
+    halo = exchange_halo(x.reshape(B, n, T_seg, -1), W - 1, cp, layer_name).reshape(B * n, W - 1, -1)
+    halo_starts = None
+    if starts is not None:
+        halo, halo_starts = halo[..., :-1], halo[..., -1] > 0.5
+    q, k, v = conv_qkv(rows, halo, halo_starts)
+
+    # c. one kernel call per segment with values [v | 0] from state [0 | I].
+    N, _, Hv, V = v.shape
+    K = q.shape[-1]
+    state_dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
+    v_aug = torch.cat([v, v.new_zeros(N, T_seg, Hv, K)], dim=-1)
+    identity_start = torch.zeros(N, Hv, K, V + K, dtype=state_dtype, device=v.device)
+    identity_start[..., V:] = torch.eye(K, dtype=state_dtype, device=v.device)
+    o_aug, final = get_kernel(kernel)(
+        q, k, v_aug, rows.g_BTH, rows.beta_BTH,
+        initial_state=identity_start, output_final_state=True, doc_starts=starts,
+    )
+    S_local, M = final[..., :V], final[..., V:]
+
+    # d. exchange summaries, correct the outputs with the true incoming state.
+    S_start = exchange_states(
+        M.reshape(B, n, Hv, K, K), S_local.reshape(B, n, Hv, K, V), cp, layer_name
+    ).reshape(N, Hv, K, V)
+    qM = o_aug[..., V:].to(state_dtype)
+    o = o_aug[..., :V] + torch.einsum("nthk,nhkv->nthv", qM, S_start).to(v.dtype)
+    return o.reshape(B, T, Hv, V)

@@ -1,0 +1,174 @@
+"""The package's shape: no import circle, CP traffic only in titan_cp/cp/, small files.
+
+- Import graph: every ``import`` of a titan_cp module inside titan_cp (module
+  level or inside a function: a function-local import must not hide a circle),
+  plus the implicit edge from a module to its parent packages' ``__init__``,
+  must form a DAG. And a fresh interpreter imports each layer first without
+  error (the order in which a circle would show).
+- torch.distributed collectives (all-gather, all-to-all, point-to-point, ...)
+  are called only in titan_cp/cp/ (comm.py does the calls), except the
+  allow-listed non-CP uses below.
+- No source file over 450 lines, except the kernels, whose length is their math.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "titan_cp"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def source_files() -> dict[str, Path]:
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported_modules(path: Path, modules: set[str]) -> set[str]:
+    """titan_cp modules ``path`` imports anywhere (``from x import y``: x.y if that is a module, else x)."""
+    own = module_name(path)
+    package = own if path.name == "__init__.py" else own.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
+        else:
+            continue
+        for name in names:
+            while name and name not in modules:  # "import a.b.c" where c is an attribute
+                name = name.rpartition(".")[0]
+            if name and name != own:
+                found.add(name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = source_files()
+    modules = set(files)
+    graph = {}
+    for name, path in files.items():
+        edges = imported_modules(path, modules)
+        # Importing a.b.c runs a/__init__ and a/b/__init__ first, unless they are this module's own
+        # ancestors (already being imported when this module runs).
+        ancestors = {name.rsplit(".", i)[0] for i in range(1, name.count(".") + 1)}
+        for target in list(edges):
+            parent = target.rpartition(".")[0]
+            while parent:
+                if parent not in ancestors and parent != name:
+                    edges.add(parent)
+                parent = parent.rpartition(".")[0]
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        stack.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_import_graph_has_no_circle():
+    graph = import_graph()
+    assert "titan_cp.cp.state_passing" in graph["titan_cp.cp"]  # the parser sees the edges
+    assert "titan_cp.cp" in graph["titan_cp.model.layers"]  # and the parent packages of what they import
+    cycle = find_cycle(graph)
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+@pytest.mark.parametrize("first", ["titan_cp.cp", "titan_cp.gdn_ops", "titan_cp.kernels", "titan_cp.model",
+                                   "titan_cp.cp.ring_attention", "titan_cp.model.layers"])
+def test_each_layer_imports_first_in_a_fresh_interpreter(first):
+    names = [first] + sorted(n for n in source_files() if n != first and not n.endswith("__main__"))
+    code = "import importlib, sys\nfor n in sys.argv[1:]:\n    importlib.import_module(n)\n"
+    proc = subprocess.run([sys.executable, "-c", code, *names], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+COLLECTIVES = (
+    r"all_gather\w*|all_reduce\w*|reduce_scatter\w*|all_to_all\w*|batch_isend_irecv|isend|irecv|send|recv"
+    r"|broadcast\w*|P2POp|gather|scatter|_functional_collectives|nn\.functional"
+)
+COLLECTIVE_CALL = re.compile(rf"\b(?:dist|torch\.distributed)\.(?:{COLLECTIVES})\b"
+                             rf"|from\s+torch\.distributed(?:\.nn)?(?:\.functional)?\s+import\s+[^\n]*\b(?:{COLLECTIVES})\b"
+                             r"|_functional_collectives")
+NOT_CP_TRAFFIC = {
+    "titan_cp/metrics.py": "all-gathers each rank's step metrics for the log (not CP traffic)",
+}
+
+
+def test_collective_regex_is_precise():
+    hits = ["dist.all_gather(parts, x)", "torch.distributed.batch_isend_irecv(ops)", "dist.P2POp(dist.isend, t, 1)",
+            "from torch.distributed import all_to_all_single", "funcol = torch.distributed._functional_collectives"]
+    misses = ["dist.get_world_size(group)", "dist.get_rank()", "dist.barrier()", "import torch.distributed as dist",
+              "comm.all_gather_list(x, group, P)", "dist.is_initialized()"]
+    assert all(COLLECTIVE_CALL.search(h) for h in hits)
+    assert not any(COLLECTIVE_CALL.search(m) for m in misses)
+
+
+def test_cp_traffic_only_in_cp_package():
+    offenders = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        if rel.startswith("titan_cp/cp/") or rel in NOT_CP_TRAFFIC:
+            continue
+        lines = [f"{i}: {line.strip()}" for i, line in enumerate(path.read_text().splitlines(), 1)
+                 if COLLECTIVE_CALL.search(line)]
+        if lines:
+            offenders[rel] = lines
+    assert not offenders, f"torch.distributed collectives outside titan_cp/cp/ (route them through cp/comm.py): {offenders}"
+    cp_callers = {p.name for p in (PACKAGE / "cp").glob("*.py") if COLLECTIVE_CALL.search(p.read_text())}
+    assert cp_callers == {"comm.py"}, f"inside cp/, only comm.py calls torch.distributed collectives: {cp_callers}"
+
+
+LONG_FILE_LINES = 450
+LONG_BY_MATH = {"titan_cp/kernels/chunk.py"}  # the chunked WY/UT algorithm, forward and hand-written backward
+CHECKED_FOR_LENGTH = ("titan_cp/cp", "titan_cp/kernels", "titan_cp/model", "tests")
+
+
+def test_no_file_is_too_long():
+    long = {}
+    paths = [PACKAGE / "gdn_ops.py", *(p for d in CHECKED_FOR_LENGTH for p in (REPO / d).rglob("*.py"))]
+    for path in sorted(paths):
+        rel = path.relative_to(REPO).as_posix()
+        n = len(path.read_text().splitlines())
+        if n > LONG_FILE_LINES and rel not in LONG_BY_MATH:
+            long[rel] = n
+    assert not long, f"files over {LONG_FILE_LINES} lines (split them by concern): {long}"
