@@ -3,8 +3,10 @@
 ``python tests/fla_reference.py logits <hf_folder> <tokens.pt> <out.pt> [<hf_folder> ...]`` loads each
 folder with ``fla.models.GatedDeltaNetForCausalLM.from_pretrained`` and saves its fp32 logits for the
 tokens (one process for several models: FLA's import and the interpreter's start are the slow part);
-``python tests/fla_reference.py tiny <out_folder> <tokens.pt> <labels.pt> <out.pt>`` makes a tiny
-FLA model (seeded FLA init), ``save_pretrained``s it and saves FLA's mean cross-entropy loss.
+``python tests/fla_reference.py loss <hf_folder> <batch.pt> <out.pt>`` saves FLA's mean cross-entropy
+of a packed batch (``tokens``, ``positions``, ``labels`` [B, T]): the rows are concatenated into one
+varlen sequence cut at every row start and document start (``cu_seqlens``, FLA's packed-documents
+mode), which is what titan_cp's document masking computes.
 
 FLA's Triton kernels run under ``TRITON_INTERPRET=1`` with titan_cp's shim
 (tests/triton_interpreter.py), FLA's fused
@@ -67,22 +69,21 @@ def _logits(*paths: str) -> None:
         torch.save(logits.float(), out_path)
 
 
-def _tiny(folder: str, tokens_path: str, labels_path: str, out_path: str) -> None:
-    from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+def _loss(folder: str, batch_path: str, out_path: str) -> None:
+    from fla.models import GatedDeltaNetForCausalLM
 
-    config = GatedDeltaNetConfig(hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=16, expand_v=2.0,
-                                 num_v_heads=4, intermediate_size=96, vocab_size=1024, fuse_cross_entropy=False,
-                                 tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = GatedDeltaNetForCausalLM(config).eval()
-    model.save_pretrained(folder)
-    tokens, labels = torch.load(tokens_path), torch.load(labels_path)
+    model = GatedDeltaNetForCausalLM.from_pretrained(folder, fuse_cross_entropy=False,
+                                                     torch_dtype=torch.float32).eval()
+    batch = torch.load(batch_path)
+    tokens, positions, labels = batch["tokens"], batch["positions"], batch["labels"]
+    starts = positions == 0
+    starts[:, 0] = True  # every row is its own sequence
+    cu_seqlens = torch.cat([starts.flatten().nonzero().flatten(), torch.tensor([tokens.numel()])]).to(torch.int32)
     with torch.no_grad():
-        logits = model(input_ids=tokens).logits.float()
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
-    torch.save(loss, out_path)
+        logits = model(input_ids=tokens.reshape(1, -1), cu_seqlens=cu_seqlens).logits.float()
+    torch.save(F.cross_entropy(logits[0], labels.flatten()), out_path)
 
 
 if __name__ == "__main__":
     setup_fla()
-    {"logits": _logits, "tiny": _tiny}[sys.argv[1]](*sys.argv[2:])
+    {"logits": _logits, "loss": _loss}[sys.argv[1]](*sys.argv[2:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -206,9 +207,17 @@ def _nproc_of(path: Path) -> int:
 
 
 @pytest.mark.parametrize("path", sorted(TRAIN_CONFIGS.glob("*.toml")), ids=lambda p: p.name)
-def test_train_configs_parse(path):
+def test_train_configs_parse(path, tmp_path):
     world = _nproc_of(path)
-    config = config_from_args(["--job.config_file", str(path)], world_size=world, check_runtime=False)
+    argv = ["--job.config_file", str(path)]
+    model = tomli.loads(path.read_text()).get("model", {})
+    if "hf_config" in model:  # the FLA checkpoint is the user's: stand in its flavor's shape
+        from titan_cp.hf.config import hf_config_from_model
+        from titan_cp.model import model_config
+
+        (tmp_path / "config.json").write_text(json.dumps(hf_config_from_model(model_config(model["flavor"]))))
+        argv += ["--model.hf_config", str(tmp_path / "config.json")]
+    config = config_from_args(argv, world_size=world, check_runtime=False)
     assert config.model_spec.name == "gdn"
     if "cp8" in path.name:
         assert config.parallelism.context_parallel_degree == 8

@@ -120,3 +120,24 @@ def test_unsupported_fla_options_are_refused():
         model_config_from_hf({**hybrid, "attn": {**hybrid["attn"], "window_size": 16}})
     with pytest.raises(ConfigError, match="head_dim = hidden_size / num_heads"):
         hf_config_from_model(model_config("debug_hybrid", attn_head_dim=8))
+
+
+def test_model_shape_from_hf_config_in_toml_and_config_function(tmp_path):
+    from titan_cp.config_registry import gdn_from_hf
+    from titan_cp.toml_config import config_from_args
+
+    shape = model_config("debug_hybrid", dim=96, num_heads=3, num_v_heads=6, hidden_dim=160, attn_num_heads=6,
+                         attn_num_kv_heads=3, layer_pattern="GA", n_layers=4, vocab_size=1024)
+    hf = hf_config_from_model(shape)
+    del hf["intermediate_size"]  # as some hub configs: FLA's rule from hidden_ratio (4) applies
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    expected = model_config("debug_hybrid", dim=96, num_heads=3, num_v_heads=6, hidden_dim=256, attn_num_heads=6,
+                            attn_num_kv_heads=3, layer_pattern="GA", n_layers=4, vocab_size=1024)
+    from_toml = config_from_args(["--model.hf_config", str(tmp_path / "config.json"), "--model.kernel", "recurrent"],
+                                 world_size=1).model_spec.model
+    from_function = gdn_from_hf(str(tmp_path / "config.json")).model_spec.model
+    for got in (from_toml, from_function):
+        assert same_shape(got, expected), got
+    assert from_toml.kernel == "recurrent" and from_toml.layer_types() == ["G", "A", "G", "A"]
+    with pytest.raises(ConfigError, match=r"model.hf_config.*no config.json"):
+        config_from_args(["--model.hf_config", str(tmp_path / "missing")], world_size=1)

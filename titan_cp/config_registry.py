@@ -192,6 +192,29 @@ def gdn_1_3b_hybrid() -> Trainer.Config:
     return config
 
 
+def gdn_from_hf(hf_config: str, flavor: str = "debug") -> Trainer.Config:
+    """``flavor``'s training defaults with the model shape of an FLA checkpoint's config.json.
+
+    The config-function form of ``[model] hf_config``, e.g. in your own config module::
+
+        def extend_340m():
+            config = gdn_from_hf("path/to/fla-gdn-340m", flavor="340M")
+            config.checkpoint.initial_load_path = "path/to/fla-gdn-340m"
+            config.checkpoint.initial_load_in_hf = True
+            config.checkpoint.initial_load_model_only = True
+            return config
+    """
+    import dataclasses
+
+    from titan_cp.hf.config import model_fields_from_hf, read_hf_config
+
+    config = config_for_flavor(flavor)
+    model = dataclasses.replace(config.model_spec.model, **model_fields_from_hf(read_hf_config(hf_config)))
+    config.model_spec = dataclasses.replace(config.model_spec, model=model)
+    config.loss = CrossEntropyLoss.Config(global_vocab_size=model.vocab_size)
+    return config
+
+
 # [model] flavor -> the config function the TOML front end starts from.
 CONFIG_FOR_FLAVOR = {
     "debug": gdn_debug,
@@ -267,6 +290,7 @@ __all__ = [
     "gdn_340m",
     "gdn_debug",
     "gdn_debug_hybrid",
+    "gdn_from_hf",
     "model_spec",
     "ModelFamily",
     "register_model_family",

@@ -28,7 +28,9 @@ failures as a :class:`ConfigError` naming the field and the expected type.
 Sections::
 
     [job]        config_file, dump_folder, hf_assets_path, description
-    [model]      name, flavor, any field of the family's model Config (GDN: n_layers, kernel, ...)
+    [model]      name, flavor, any field of the family's model Config (GDN: n_layers, kernel, ...);
+                 GDN: hf_config = "path" takes every shape field from an FLA checkpoint's
+                 config.json (flavor then only picks the training defaults)
     [parallelism] TorchTitan's fields + cp_exchange ("allgather" | "logscan" | "alltoall")
                  and cp_layout ("contiguous" | "zigzag")
     [optimizer]  name ("AdamW" | "Adam"), lr, betas, eps, weight_decay, implementation
@@ -65,7 +67,7 @@ OPTIMIZER_KEYS = {
     "implementation": "optimizer.implementation",
 }
 AC_MODES = ("none", "selective", "full", "memory_budget")
-MODEL_KEYS = ("name", "flavor")  # [model] keys that pick the config function
+MODEL_KEYS = ("name", "flavor", "hf_config")  # [model] keys that pick the config function and shape
 CP_KEYS = ("cp_exchange", "cp_layout")  # [parallelism] keys stored on the model config
 MODEL_HIDDEN_FIELDS = ("param_init", "sharding_config")
 
@@ -228,6 +230,21 @@ class TomlJob:
             where = flavor if flavor is not None and "model.flavor" in str(e) else name
             raise ConfigError(f"{where.origin}: {e}" if where else str(e)) from e
 
+        hf_config = self._last("model", "hf_config")
+        if hf_config is not None:  # every shape field from an FLA checkpoint's config.json; [model] keys override
+            from titan_cp.hf.config import model_fields_from_hf, read_hf_config
+
+            if config.model_spec.name != "gdn":
+                raise ConfigError(f"{hf_config.origin}: model.hf_config reads FLA gated_deltanet checkpoints; "
+                                  f"it needs model.name = 'gdn', not {config.model_spec.name!r}.")
+            try:
+                shape = model_fields_from_hf(read_hf_config(str(hf_config.value)))
+            except ConfigError as e:
+                raise ConfigError(f"{hf_config.origin}: {e}") from e
+            model = dataclasses.replace(config.model_spec.model, **shape)
+            config.model_spec = dataclasses.replace(config.model_spec, model=model)
+            config.loss.global_vocab_size = model.vocab_size
+
         dataset = self._last("dataloader", "dataset")
         if dataset is not None and dataset.value != getattr(config.dataloader, "dataset", None):
             try:
@@ -307,7 +324,10 @@ class TomlJob:
                 obj = getattr(base, s.section)
                 extra = CP_KEYS if s.section == "parallelism" else ("dataset",) if s.section == "dataloader" else ()
                 _check_key(s, sorted({*fields_of(obj), *extra}), obj)
-                items.append((s, s.field, tokens(s.field, s.value)))
+                value = s.value
+                if s.field == "checkpoint.initial_load_path" and isinstance(value, str) and value and "://" not in value:
+                    value = os.path.abspath(value)  # TorchTitan wants it absolute; TOML names it from the launch dir
+                items.append((s, s.field, tokens(s.field, value)))
             else:
                 raise ConfigError(f"{s.origin}: unknown section [{s.section}].{suggest(s.section, sorted(sections))} "
                                   f"Valid sections: {', '.join(['job', 'model', *sorted(sections)])}.")

@@ -23,7 +23,7 @@ negative eigenvalues, PowLU, attention residuals, sliding windows, qkv bias,
 q/k norm) raise :class:`titan_cp.errors.ConfigError` naming the field instead of
 loading into a different model. FLA's ``intermediate_size`` is always written
 explicitly: its default (``hidden_ratio``, rounded to 256) differs from
-titan_cp's flavors.
+titan_cp's flavors; reading a config.json without it applies FLA's rule.
 """
 
 from __future__ import annotations
@@ -97,10 +97,8 @@ def _shortest_period(pattern: str) -> str:
     return pattern
 
 
-def model_config_from_hf(hf: dict[str, Any], **overrides):
-    """``GDNModel.Config`` of an FLA ``gated_deltanet`` config dict, then field ``overrides`` (e.g. kernel)."""
-    from titan_cp.model.model import GDNModel
-
+def model_fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
+    """``GDNModel.Config`` field values of an FLA ``gated_deltanet`` config dict (every shape field)."""
     model_type = hf.get("model_type")
     if model_type != MODEL_TYPE:
         raise ConfigError(f"model.hf_config: model_type = {model_type!r}; titan_cp reads FLA Gated DeltaNet "
@@ -109,10 +107,11 @@ def model_config_from_hf(hf: dict[str, Any], **overrides):
         if key in hf and hf[key] not in allowed:
             raise ConfigError(f"model.hf_config: {key} = {hf[key]!r} is not supported by titan_cp's GDN layers "
                               f"(supported: {allowed[0]!r}).")
-    if hf.get("intermediate_size") is None:
-        raise ConfigError("model.hf_config: intermediate_size is missing; FLA derives it from hidden_ratio, "
-                          "write it explicitly into config.json (the checkpoint's mlp.gate_proj rows).")
     values = {field: hf[key] for key, field in FIELD_OF_KEY.items() if key in hf}
+    if hf.get("intermediate_size") is None:  # FLA's GatedMLP rule: 2/3 * hidden * ratio, rounded up to 256
+        ratio = hf.get("hidden_ratio") or 4
+        values["hidden_dim"] = 256 * -(-int(hf["hidden_size"] * ratio * 2 / 3) // 256)
+    values["layer_pattern"] = ""
     layers, spec = attention_layers(hf)
     if spec is not None:
         for key, allowed in ATTN_SUPPORTED_VALUES.items():
@@ -128,8 +127,14 @@ def model_config_from_hf(hf: dict[str, Any], **overrides):
             attn_head_dim=values["dim"] // spec["num_heads"],
             rope_theta=float(spec.get("rope_theta", 10000.0)),
         )
-    values.update(overrides)
-    return GDNModel.Config(**values)
+    return values
+
+
+def model_config_from_hf(hf: dict[str, Any], **overrides):
+    """``GDNModel.Config`` of an FLA ``gated_deltanet`` config dict, then field ``overrides`` (e.g. kernel)."""
+    from titan_cp.model.model import GDNModel
+
+    return GDNModel.Config(**{**model_fields_from_hf(hf), **overrides})
 
 
 def hf_config_from_model(config, *, bos_token_id: int | None = None, eos_token_id: int | None = None,
@@ -159,7 +164,7 @@ def hf_config_from_model(config, *, bos_token_id: int | None = None, eos_token_i
     else:
         hf["attn"] = None
     hf.update(attn_mode="chunk", use_gate=True, use_short_conv=True, allow_neg_eigval=False,
-              hidden_act="swish", output_gate_activation="swish", torch_dtype=dtype)
+              hidden_act="swish", output_gate_activation="swish", dtype=dtype)
     if bos_token_id is not None:
         hf["bos_token_id"] = bos_token_id
     if eos_token_id is not None:
