@@ -211,12 +211,14 @@ def test_train_configs_parse(path, tmp_path):
     world = _nproc_of(path)
     argv = ["--job.config_file", str(path)]
     model = tomli.loads(path.read_text()).get("model", {})
-    if "hf_config" in model:  # the FLA checkpoint is the user's: stand in its flavor's shape
+    if "hf_config" in model:  # the FLA checkpoint is the user's: a stand-in folder with its flavor's shape
+        from titan_cp.data import TOKENIZER_PATH
         from titan_cp.hf.config import hf_config_from_model
         from titan_cp.model import model_config
 
         (tmp_path / "config.json").write_text(json.dumps(hf_config_from_model(model_config(model["flavor"]))))
-        argv += ["--model.hf_config", str(tmp_path / "config.json")]
+        argv += ["--model.hf_config", str(tmp_path / "config.json"), "--job.hf_assets_path", str(TOKENIZER_PATH),
+                 "--checkpoint.initial_load_path", str(tmp_path)]
     config = config_from_args(argv, world_size=world, check_runtime=False)
     assert config.model_spec.name == "gdn"
     if "cp8" in path.name:
