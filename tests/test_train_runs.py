@@ -71,6 +71,7 @@ def _env() -> dict[str, str]:
     env.pop("WORLD_SIZE", None)
     env.pop("RANK", None)
     env.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    env["LOG_RANK"] = "all"  # every rank prints its step lines
     return env
 
 
@@ -113,7 +114,8 @@ class Runner:
             return self.done[name]
         dump = self.root / name
         cmd = [
-            "torchrun", "--standalone", f"--nproc_per_node={nproc}", str(REPO / "train.py"),
+            # --tee 3: every output line carries its rank ("[default<rank>]:")
+            "torchrun", "--standalone", f"--nproc_per_node={nproc}", "--tee", "3", str(REPO / "train.py"),
             "--job.config_file", str(REPO / "train_configs" / f"{config}.toml"),
             *_common_args(),
             *data,

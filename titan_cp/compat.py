@@ -64,6 +64,15 @@ Items:
    (``distributed/minimal_async_ep/kernels.py`` imports it at module level).
    Not patchable from here: install ``triton`` (CPU wheel is fine).
 
+10. Pipeline schedules: TorchTitan 0.3.0's trainer calls
+   ``pp_schedule.step(arg_mbs=..., kwarg_mbs=..., target_mbs=..., losses=...,
+   loss_kwargs=..., return_outputs=False)`` with microbatches it split itself
+   (the newer torch API); torch 2.13's ``step`` only takes the whole batch and
+   would treat those lists as model kwargs ("Expecting 4 arg_mbs but got 1").
+   We let ``step`` of the single- and multi-stage schedules accept the
+   pre-split form and hand it to their own ``_step_microbatches`` (what
+   ``step`` does after splitting). Can go when torch's ``step`` takes them.
+
 Nothing else is copied from TorchTitan: trainer loop, optimizer, LR schedule,
 DCP checkpoints and metrics are TorchTitan's own.
 """
@@ -290,6 +299,39 @@ def _patch_fsdp_divide_factor() -> None:
     FSDPModule.set_gradient_divide_factor = set_gradient_divide_factor
 
 
+# --- item 10: pipeline schedules take pre-split microbatches ------------------------------------
+
+
+def _patch_pipeline_step() -> None:
+    import inspect
+
+    from torch.distributed.pipelining.schedules import PipelineScheduleMulti, PipelineScheduleSingle
+
+    for cls in (PipelineScheduleSingle, PipelineScheduleMulti):
+        original = cls.step
+        if getattr(original, "_titan_cp_compat", False) or "arg_mbs" in inspect.signature(original).parameters:
+            continue
+
+        def step(self, *args, arg_mbs=None, kwarg_mbs=None, target_mbs=None, _original=original, **kwargs):
+            if arg_mbs is None and kwarg_mbs is None and target_mbs is None:
+                return _original(self, *args, **kwargs)
+            stages = self._stages if hasattr(self, "_stages") else [self._stage]
+            for stage in stages:
+                stage.has_backward = self._has_backward
+                stage.clear_runtime_states()
+            return_outputs = kwargs.get("return_outputs", True)
+            self._step_microbatches(arg_mbs, kwarg_mbs, target_mbs, kwargs.get("losses"), return_outputs,
+                                    loss_kwargs=kwargs.get("loss_kwargs"))
+            for stage in stages:
+                if stage.is_last and return_outputs:
+                    return self._merge_outputs(stage.output_chunks)
+            return None
+
+        step._titan_cp_compat = True  # type: ignore[attr-defined]
+        step.__wrapped__ = original  # type: ignore[attr-defined]
+        cls.step = step
+
+
 def apply() -> None:
     """Apply every workaround that this machine needs. Idempotent."""
     global _APPLIED
@@ -298,6 +340,7 @@ def apply() -> None:
     _patch_set_timeout()
     _patch_barrier()
     _patch_fsdp_divide_factor()
+    _patch_pipeline_step()
     if on_cpu():
         _patch_device_type()
         _patch_memory_monitor()

@@ -61,6 +61,8 @@ register_datasets()
 
 def model_spec(flavor: str, **overrides) -> ModelSpec:
     """The ``ModelSpec`` of a GDN flavor (``titan_cp.model.FLAVORS``) with model-field overrides."""
+    from torchtitan.distributed.pipeline_parallel import pipeline_llm
+
     from titan_cp.hf.adapter import FLAStateDictAdapter
     from titan_cp.model import model_config
     from titan_cp.parallelize import parallelize_gdn
@@ -70,7 +72,7 @@ def model_spec(flavor: str, **overrides) -> ModelSpec:
         flavor=flavor,
         model=model_config(flavor, **overrides),
         parallelize_fn=parallelize_gdn,
-        pipelining_fn=None,
+        pipelining_fn=pipeline_llm,  # TorchTitan's decoder split + schedules; checks: titan_cp/pipeline.py
         post_optimizer_build_fn=None,
         state_dict_adapter=FLAStateDictAdapter,  # checkpoint.initial_load_in_hf / last_save_in_hf: FLA's format
     )

@@ -15,7 +15,9 @@ subclass and nothing copied from TorchTitan. :meth:`TitanCPMetricsProcessor.log`
    ``cp/bytes_sent_per_step/rank{r}``, ``cp/bytes_received_per_step/rank{r}``,
    ``cp/rounds_per_step/rank{r}`` plus ``.../max`` over ranks, and hands over to
    TorchTitan's ``log`` (TensorBoard/W&B on the metrics rank, console line);
-4. on rank 0 appends one JSON line per logged step to
+4. on the metrics rank (rank 0; under pipeline parallelism the first rank of
+   the last stage, which holds the loss: TorchTitan's ``_get_metrics_rank``)
+   appends one JSON line per logged step to
    ``{dump_folder}/{jsonl_file}`` with the exact (repr) loss, grad norm, lr and
    the CP/memory figures: what the tests and scripts parse (the console line
    rounds the loss to 5 digits). The file holds one record per step: the
@@ -83,13 +85,16 @@ class TitanCPMetricsProcessor(MetricsProcessor):
         """Log per-rank peak memory and CP bytes/step (one all-gather per log step)."""
 
         jsonl_file: str | None = "metrics.jsonl"
-        """Rank 0 writes one JSON line per logged step here (relative to dump_folder); "" disables."""
+        """The metrics rank writes one JSON line per logged step here (relative to dump_folder); "" disables."""
 
         watchdog_silence_seconds: float = 60.0
         """Log an error naming a rank whose heartbeat stopped for this long (0 disables the watchdog)."""
 
     def __init__(self, config: Config, *, dump_folder: str = "./outputs", config_dict=None, **kwargs):
         super().__init__(config, dump_folder=dump_folder, config_dict=config_dict, **kwargs)
+        self._metrics_rank = _get_metrics_rank(
+            parallel_dims=kwargs["parallel_dims"], pp_schedule=kwargs.get("pp_schedule", "1F1B")
+        )
         self._last_logged_step = 0
         self._jsonl = StepJsonl(os.path.join(dump_folder, config.jsonl_file)) if config.jsonl_file else None
         self._total_steps = ((config_dict or {}).get("training") or {}).get("steps")
@@ -199,7 +204,7 @@ class TitanCPMetricsProcessor(MetricsProcessor):
         progress, eta = self._progress(step)
         with _StepLineRewrite(f"step: {step:2}  ", f"step: {progress}  ", eta):
             super().log(step, global_avg_loss, global_max_loss, grad_norm, extra_metrics=extra)
-        if self._jsonl is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        if self._jsonl is not None and (not dist.is_initialized() or dist.get_rank() == self._metrics_rank):
             record = {"step": step, "loss": global_avg_loss, "max_loss": global_max_loss, "grad_norm": grad_norm}
             record.update({k: v for k, v in extra.items() if isinstance(v, (int, float))})
             self._jsonl.write(record)

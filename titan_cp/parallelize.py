@@ -81,15 +81,14 @@ def _shard_param(module: nn.Module, name: str, mesh: DeviceMesh, placement) -> N
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
-    """The TP layout in the module docstring (no sequence parallelism)."""
-    parallelize_module(
-        model,
-        tp_mesh,
-        {
-            "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
-            "lm_head": ColwiseParallel(output_layouts=Replicate()),
-        },
-    )
+    """The TP layout in the module docstring (no sequence parallelism); skips units a pipeline stage lacks."""
+    edges = {
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate()),
+        "lm_head": ColwiseParallel(output_layouts=Replicate()),
+    }
+    edges = {name: style for name, style in edges.items() if getattr(model, name, None) is not None}
+    if edges:
+        parallelize_module(model, tp_mesh, edges)
     for block in model.layers.values():
         mixer = block.attention
         if getattr(mixer, "q_conv1d", None) is not None:  # Gated DeltaNet
@@ -111,7 +110,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         )
         for norm in (block.attention_norm, block.ffn_norm):
             _shard_param(norm, "weight", tp_mesh, Replicate())
-    _shard_param(model.norm, "weight", tp_mesh, Replicate())
+    if model.norm is not None:
+        _shard_param(model.norm, "weight", tp_mesh, Replicate())
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
@@ -122,6 +122,36 @@ def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
     """
     for layer_id, block in model.layers.named_children():
         model.layers.register_module(layer_id, torch.compile(block, backend=backend, fullgraph=False))
+
+
+def fsdp_mesh(parallel_dims) -> DeviceMesh:
+    """The data-parallel mesh FSDP shards over: ``fsdp`` (= dp_shard x cp), or HSDP's
+    ``["dp_replicate", "fsdp"]`` (replicas all-reduce, shards reduce-scatter), as TorchTitan's llama3/qwen3_5."""
+    names = ["dp_replicate", "fsdp"] if parallel_dims.dp_replicate_enabled else ["fsdp"]
+    return parallel_dims.get_mesh(names)
+
+
+def apply_fsdp(model: nn.Module, *, parallel_dims, training, parallelism) -> None:
+    """FSDP2 (HSDP when dp_replicate > 1) over :func:`fsdp_mesh` with TorchTitan's decoder wrapping.
+
+    Always applied, as TorchTitan does: with a mesh of size 1 it only installs
+    the mixed-precision policy. Works on a pipeline stage (``tok_embeddings``,
+    ``norm``, ``lm_head`` may be None). On gloo (CPU) FSDP's PREMUL_SUM reduce
+    becomes a plain SUM (:mod:`titan_cp.compat` item 5).
+    """
+    from torchtitan.config import TORCH_DTYPE_MAP
+    from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
+
+    apply_fsdp_to_decoder(
+        model,
+        fsdp_mesh(parallel_dims),
+        param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
+        reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
+        pp_enabled=parallel_dims.pp_enabled,
+        cpu_offload=training.enable_cpu_offload,
+        reshard_after_forward_policy=parallelism.fsdp_reshard_after_forward,
+        enable_symm_mem=getattr(parallelism, "enable_fsdp_symm_mem", False),
+    )
 
 
 def parallelize_gdn(
@@ -135,9 +165,6 @@ def parallelize_gdn(
     dump_folder: str,
 ):
     """TorchTitan's ``parallelize_fn`` for GDN models (see the module docstring)."""
-    from torchtitan.config import TORCH_DTYPE_MAP
-    from torchtitan.distributed.fsdp import apply_fsdp_to_decoder
-
     cp = None
     if parallel_dims.cp_enabled:
         cp = CPContext(
@@ -152,13 +179,5 @@ def parallelize_gdn(
         ac_config.build(dump_folder=dump_folder).apply(model)
     if compile_config is not None and compile_config.enable and "model" in compile_config.components:
         apply_compile(model, compile_config.backend)
-    apply_fsdp_to_decoder(
-        model,
-        parallel_dims.get_mesh("fsdp"),
-        param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
-        reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
-        pp_enabled=parallel_dims.pp_enabled,
-        cpu_offload=training.enable_cpu_offload,
-        reshard_after_forward_policy=parallelism.fsdp_reshard_after_forward,
-    )
+    apply_fsdp(model, parallel_dims=parallel_dims, training=training, parallelism=parallelism)
     return model

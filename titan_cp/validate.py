@@ -318,6 +318,10 @@ def validate(config, *, world_size: int | None = None, check_runtime: bool = Tru
     _check_heads(config.model_spec.model, degrees["tp"], degrees["cp"])
     _check_seq_len(config, degrees["cp"], degrees["tp"])
     _check_paths(config)
+    if hasattr(config.model_spec.model, "n_layers"):  # a GDN model: its pipeline split
+        from titan_cp.pipeline import check_pipeline_parallel
+
+        check_pipeline_parallel(config.model_spec.model, config.parallelism, config.training.local_batch_size)
     kernel = getattr(config.model_spec.model, "kernel", None)
     if check_runtime and kernel is not None:
         from titan_cp.kernels import get_kernel

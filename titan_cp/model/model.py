@@ -23,6 +23,7 @@ from torchtitan.protocols.model import BaseModel
 
 from titan_cp.cp.context import CPContext
 from titan_cp.cp.layout import shard_sequence
+from titan_cp.model.init import init_unit_in_full
 from titan_cp.model.layers import GatedDeltaNet, GDNBlock, RMSNorm, SequenceInfo
 from titan_cp.validate import validate
 
@@ -53,6 +54,9 @@ class GDNModel(BaseModel):
         attn_num_kv_heads: int = 2
         attn_head_dim: int = 64
         rope_theta: float = 10000.0
+        # Weights are a function of this seed and each unit's name only, the same on every
+        # layout (titan_cp/model/init.py); update_from_config sets it from debug.seed.
+        init_seed: int = 0
 
         def layer_types(self) -> list[str]:
             pattern = self.layer_pattern or "G"
@@ -63,9 +67,17 @@ class GDNModel(BaseModel):
                 )
             return [pattern[i % len(pattern)] for i in range(self.n_layers)]
 
+        @property
+        def layers(self) -> list[str]:
+            """One entry per layer: TorchTitan's pipelining counts ``len(model_config.layers)``."""
+            return self.layer_types()
+
         def update_from_config(self, *, config, **kwargs) -> None:
-            """Reject jobs this model cannot run, before any weights exist (:func:`titan_cp.validate.validate`)."""
+            """Reject jobs this model cannot run, before any weights exist (:func:`titan_cp.validate.validate`);
+            take the init seed from ``debug.seed``."""
             validate(config, check_runtime=False)
+            if config.debug.seed is not None:
+                self.init_seed = config.debug.seed
 
         def get_nparams_and_flops(self, model: nn.Module, seq_len: int) -> tuple[int, int]:
             """Parameters and training FLOPs per token (``titan_cp.analysis.flops``: 6 x matmul params
@@ -80,19 +92,48 @@ class GDNModel(BaseModel):
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleDict()
-        for layer_id, layer_type in enumerate(config.layer_types()):
-            mixer = self._build_mixer(config, layer_type)
-            mixer.layer_name = f"layers.{layer_id}.attention"
-            self.layers[str(layer_id)] = GDNBlock(
-                layer_id, mixer, config.dim, config.hidden_dim, config.norm_eps, config.n_layers
-            )
-        self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.tok_embeddings = self.build_unit(config, "tok_embeddings")
+        self.layers = nn.ModuleDict(
+            {str(i): self.build_unit(config, f"layers.{i}") for i in range(config.n_layers)}
+        )
+        self.norm = self.build_unit(config, "norm")
+        self.lm_head = self.build_unit(config, "lm_head")
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_embeddings.weight
         self.cp: CPContext | None = None  # set by parallelize_gdn together with every mixer's cp
+
+    @classmethod
+    def build_unit(cls, config: Config, name: str) -> nn.Module:
+        """One unit of the model by name: ``tok_embeddings``, ``layers.<i>``, ``norm``, ``lm_head``."""
+        if name == "tok_embeddings":
+            return nn.Embedding(config.vocab_size, config.dim)
+        if name == "norm":
+            return RMSNorm(config.dim, config.norm_eps)
+        if name == "lm_head":
+            return nn.Linear(config.dim, config.vocab_size, bias=False)
+        layer_id = int(name.removeprefix("layers."))
+        mixer = cls._build_mixer(config, config.layer_types()[layer_id])
+        mixer.layer_name = f"{name}.attention"
+        return GDNBlock(layer_id, mixer, config.dim, config.hidden_dim, config.norm_eps, config.n_layers)
+
+    def init_unit(self, name: str, unit: nn.Module) -> None:
+        """TorchTitan's init: normal embeddings, depth-scaled outputs, FLA's GDN-specific params."""
+        if name == "tok_embeddings":
+            nn.init.normal_(unit.weight)
+        elif name == "norm":
+            unit.reset_parameters()
+        elif name == "lm_head":
+            std = self.config.dim**-0.5
+            nn.init.trunc_normal_(unit.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        else:
+            unit.init_weights()
+
+    def units(self) -> list[tuple[str, nn.Module]]:
+        """The units this model (or pipeline stage: pruned units are None / absent) holds, in order."""
+        named = [("tok_embeddings", self.tok_embeddings)]
+        named += [(f"layers.{i}", block) for i, block in self.layers.items()]
+        named += [("norm", self.norm), ("lm_head", self.lm_head)]
+        return [(name, unit) for name, unit in named if unit is not None]
 
     @property
     def enable_weight_tying(self) -> bool:  # read by TorchTitan's FSDP wrapping
@@ -125,23 +166,29 @@ class GDNModel(BaseModel):
         """Submodules are plain ``nn.Module`` (classic TP/FSDP plans apply to them); nothing to verify."""
 
     def init_states(self, *, buffer_device: torch.device | None = None) -> None:
-        """TorchTitan's init: normal embeddings, depth-scaled outputs, FLA's GDN-specific params."""
-        nn.init.normal_(self.tok_embeddings.weight)
-        for block in self.layers.values():
-            block.init_weights()
-        self.norm.reset_parameters()
-        if not self.config.tie_embeddings:
-            std = self.config.dim**-0.5
-            nn.init.trunc_normal_(self.lm_head.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+        """Layout-invariant init (:mod:`titan_cp.model.init`): each unit built and initialised in full,
+        seeded by (``config.init_seed``, unit name), then copied into this rank's shards."""
+        for name, unit in self.units():
+            if name == "lm_head" and self.config.tie_embeddings:
+                continue  # the embedding's weight
+            init_unit_in_full(
+                unit,
+                name=name,
+                seed=self.config.init_seed,
+                build=lambda name=name: self.build_unit(self.config, name),
+                init=lambda full, name=name: self.init_unit(name, full),
+            )
 
     def sequence_info(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> SequenceInfo:
         """Global token index of this rank's tokens (from the CP layout), and document facts.
+
+        ``tokens`` is [B, T] (or a later pipeline stage's hidden states [B, T, D]).
 
         With packed documents ``positions`` restart at 0 at every document start;
         a document's id is the global index of its first token (index - position),
         the same on every rank without any communication.
         """
-        B, T = tokens.shape
+        B, T = tokens.shape[:2]
         cp: CPContext | None = self.cp
         index = torch.arange(T * (cp.size if cp else 1), device=tokens.device)
         if cp is not None and cp.size > 1:
@@ -158,10 +205,19 @@ class GDNModel(BaseModel):
         attention_masks=None,
         **kwargs,
     ) -> torch.Tensor:
-        """tokens [B, T] (this rank's shard under CP) -> logits [B, T, vocab]."""
-        seq = self.sequence_info(tokens, positions)
-        h = self.tok_embeddings(tokens)
+        """tokens [B, T] (this rank's shard under CP) -> logits [B, T, vocab].
+
+        A pipeline stage (TorchTitan's split prunes units to None) runs the units
+        it holds: without ``tok_embeddings`` its input is the previous stage's
+        hidden states [B, T, D]; without ``norm`` / ``lm_head`` it returns them.
+        ``positions`` reach every stage (the schedule forwards model kwargs).
+        """
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        seq = self.sequence_info(h, positions)
         for block in self.layers.values():
             h = block(h, seq)
-        h = self.norm(h)
-        return self.lm_head(h)
+        if self.norm is not None:
+            h = self.norm(h)
+        if self.lm_head is not None and not getattr(self, "_skip_lm_head", False):
+            h = self.lm_head(h)
+        return h
