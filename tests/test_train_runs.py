@@ -4,9 +4,9 @@ All runs share one tiny setup (GDN debug flavor, 2 layers, seq_len 128, global
 batch 4 rows, 6 steps, synthetic packed documents whose global batch does not
 depend on the data-parallel degree, fp32) and one initialisation: a seed
 checkpoint made once on one rank and loaded by every run
-(``checkpoint.initial_load_path``), because DTensor's RNG is not
-sharding-invariant on CPU ("DTensor random operators may not have complete
-support on cpu device mesh"), so a sharded init would differ from the 1-rank one.
+(``checkpoint.initial_load_path``), which exercises TorchTitan's seed-checkpoint
+path. (Fresh runs with the same seed start from the same weights on every
+layout too: ``tests/test_layouts.py``.)
 
 Runs are module-scoped and shared between assertions; the 8-rank layout is
 ``@pytest.mark.slow``.

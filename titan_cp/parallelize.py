@@ -1,8 +1,13 @@
-"""parallelize_gdn: TP + CP + activation checkpointing + compile + FSDP on one DeviceMesh.
+"""parallelize_gdn: TP + CP + activation checkpointing + compile + FSDP/HSDP on one DeviceMesh.
 
 The mesh comes from TorchTitan's ParallelDims: ``tp`` (tensor parallel),
 ``cp`` (context parallel) and ``fsdp`` (= dp_shard x cp: CP ranks hold the
-same weights, so FSDP shards over them too and reduces their gradients).
+same weights, so FSDP shards over them too and reduces their gradients);
+with ``dp_replicate`` > 1, HSDP over ``["dp_replicate", "fsdp"]``
+(:func:`apply_fsdp`). Under pipeline parallelism TorchTitan calls this once
+per stage (titan_cp/pipeline.py); a stage may lack ``tok_embeddings``,
+``norm`` or ``lm_head``. ``apply_cp``, ``apply_tp``, ``apply_compile`` and
+``apply_fsdp`` are the reusable pieces.
 
 Layout of a GDN block under TP (degree t; H key heads, Hv value heads):
 

@@ -116,14 +116,15 @@ class GDNModel(BaseModel):
         mixer.layer_name = f"{name}.attention"
         return GDNBlock(layer_id, mixer, config.dim, config.hidden_dim, config.norm_eps, config.n_layers)
 
-    def init_unit(self, name: str, unit: nn.Module) -> None:
-        """TorchTitan's init: normal embeddings, depth-scaled outputs, FLA's GDN-specific params."""
+    @staticmethod
+    def init_unit(config: Config, name: str, unit: nn.Module) -> None:
+        """TorchTitan's init of one unit: normal embeddings, depth-scaled outputs, FLA's GDN-specific params."""
         if name == "tok_embeddings":
             nn.init.normal_(unit.weight)
         elif name == "norm":
             unit.reset_parameters()
         elif name == "lm_head":
-            std = self.config.dim**-0.5
+            std = config.dim**-0.5
             nn.init.trunc_normal_(unit.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
         else:
             unit.init_weights()
@@ -176,7 +177,7 @@ class GDNModel(BaseModel):
                 name=name,
                 seed=self.config.init_seed,
                 build=lambda name=name: self.build_unit(self.config, name),
-                init=lambda full, name=name: self.init_unit(name, full),
+                init=lambda full, name=name: self.init_unit(self.config, name, full),
             )
 
     def sequence_info(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> SequenceInfo:
