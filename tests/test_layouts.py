@@ -45,7 +45,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from test_train_runs import STEPS, SYNTHETIC_DATA, Runner, _assert_close, _losses, needs_torchrun
+from test_train_runs import REPO, STEPS, SYNTHETIC_DATA, Runner, _assert_close, _losses, needs_torchrun
 
 REL_TOL = 1e-5
 PARAM_MEAN_REL_TOL = 1e-4
@@ -230,24 +230,25 @@ def test_init_is_the_same_on_tp_with_activation_checkpointing():
     assert not torch.equal(other.layers["0"].attention.q_proj.weight, want["layers.0.attention.q_proj.weight"])
 
 
-def _pp_config(**parallelism):
-    from titan_cp.toml_config import config_from_args
+def _pp_config(**settings):
+    """debug_cpu.toml on 2 ranks with pp 2, plus ``{"section.key": TOML value}`` settings, validated."""
+    from titan_cp.toml_config import build_config, load_toml
 
-    args = ["--job.config_file", "train_configs/debug_cpu.toml", "--parallelism.pipeline_parallel_degree", "2"]
-    for key, value in parallelism.items():
-        args += [f"--{key}", value]
-    return config_from_args(args, world_size=2)
+    values = load_toml(REPO / "train_configs" / "debug_cpu.toml")
+    values["parallelism"]["pipeline_parallel_degree"] = 2
+    for key, value in settings.items():
+        section, field = key.split(".")
+        values.setdefault(section, {})[field] = value
+    return build_config(values, source="debug_cpu.toml", world_size=2)
 
 
 @pytest.mark.parametrize("overrides,field", [
     ({"parallelism.pipeline_parallel_schedule": "ZBVZeroBubble"}, "parallelism.pipeline_parallel_schedule"),
     ({"parallelism.pipeline_parallel_schedule_csv": "s.csv"}, "parallelism.pipeline_parallel_schedule_csv"),
-    ({"model.tie_embeddings": "true"}, "model.tie_embeddings"),
-    ({"parallelism.module_fqns_per_model_part": '[["tok_embeddings", "layers.1"], ["layers.0", "norm", "lm_head"]]'},
-     "parallelism.module_fqns_per_model_part"),
-    ({"parallelism.pipeline_parallel_schedule": "Interleaved1F1B", "model.n_layers": "1"},
+    ({"model.tie_embeddings": True}, "model.tie_embeddings"),
+    ({"parallelism.pipeline_parallel_schedule": "Interleaved1F1B", "model.n_layers": 1},
      "parallelism.pipeline_parallel_degree"),
-    ({"training.local_batch_size": "1"}, "training.local_batch_size"),
+    ({"training.local_batch_size": 1}, "training.local_batch_size"),
 ])
 def test_pipeline_settings_titan_cp_cannot_run_are_rejected_at_start_up(overrides, field):
     with pytest.raises(ValueError, match=re.escape(field)):
@@ -255,13 +256,17 @@ def test_pipeline_settings_titan_cp_cannot_run_are_rejected_at_start_up(override
 
 
 def test_pipeline_stage_split_is_configurable():
-    """Automatic (TorchTitan's) and explicit splits pass; the explicit one is used as given."""
+    """TorchTitan's automatic split and an explicit one; a split that reorders units is refused."""
     from titan_cp.pipeline import stage_split
+    from titan_cp.validate import validate
 
-    auto = _pp_config()
-    assert stage_split(auto.model_spec.model, auto.parallelism) == [
+    config = _pp_config()
+    assert stage_split(config.model_spec.model, config.parallelism) == [
         ["tok_embeddings", "layers.0"], ["layers.1", "norm", "lm_head"]]
-    parts = '[["tok_embeddings"], ["layers.0", "layers.1", "norm", "lm_head"]]'
-    explicit = _pp_config(**{"parallelism.module_fqns_per_model_part": parts})
-    assert stage_split(explicit.model_spec.model, explicit.parallelism) == [
-        ["tok_embeddings"], ["layers.0", "layers.1", "norm", "lm_head"]]
+    parts = [["tok_embeddings"], ["layers.0", "layers.1", "norm", "lm_head"]]
+    config.parallelism.module_fqns_per_model_part = parts
+    validate(config, world_size=2)
+    assert stage_split(config.model_spec.model, config.parallelism) == parts
+    config.parallelism.module_fqns_per_model_part = [["tok_embeddings", "layers.1"], ["layers.0", "norm", "lm_head"]]
+    with pytest.raises(ValueError, match=re.escape("parallelism.module_fqns_per_model_part")):
+        validate(config, world_size=2)
