@@ -63,3 +63,22 @@ def test_greedy_generate_matches_argmax_of_full_forward():
             assert out[0, t] == model(out[:, :t])[0, -1].argmax()
     stopped = generate(model, prompt, max_new_tokens=5, eos_id=int(out[0, 10]))
     assert torch.equal(stopped, out[:, :11])  # stops right after the EOS token
+
+
+def test_generate_command_continues_the_prompt(tmp_path, capsys):
+    """`python -m titan_cp.generate` on a DCP checkpoint folder: [BOS] + prompt, greedy, decoded."""
+    from torchtitan.components.tokenizer import HuggingFaceTokenizer
+
+    from titan_cp.data import TOKENIZER_PATH
+    from titan_cp.generate import main
+    from titan_cp.hf.checkpoints import save_dcp
+
+    model = _model("debug")
+    save_dcp(model, tmp_path / "checkpoint" / "step-2")
+    assert main(["--checkpoint", str(tmp_path / "checkpoint"), "--flavor", "debug", "--prompt", "Dear Bram,",
+                 "--max_new_tokens", "8", "--temperature", "0"]) == 0
+    tokenizer = HuggingFaceTokenizer(tokenizer_path=str(TOKENIZER_PATH))
+    prompt = tokenizer.encode("Dear Bram,", add_bos=True, add_eos=False)
+    expected = generate(model, torch.tensor([prompt]), 8, eos_id=tokenizer.eos_id)[0, len(prompt):].tolist()
+    expected = [t for t in expected if t != tokenizer.eos_id]
+    assert capsys.readouterr().out == "Dear Bram," + tokenizer.decode(expected) + "\n"

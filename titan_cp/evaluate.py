@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"checkpoint": str(weights), "text": args.text, "tokens": n_tokens, "seq_len": args.seq_len,
               "cp": world, "loss": loss, "perplexity": math.exp(loss)}
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{weights}: {n_tokens} tokens of {args.text} in rows of {args.seq_len} (CP {world}): "
+        text = os.path.relpath(args.text) if not os.path.relpath(args.text).startswith("..") else args.text
+        print(f"{weights}: {n_tokens} tokens of {text} in rows of {args.seq_len} (CP {world}): "
               f"loss {loss:.4f} nats/token, perplexity {math.exp(loss):.3f}")
         if args.json:
             with open(args.json, "w") as f:

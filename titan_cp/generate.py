@@ -6,9 +6,9 @@
 The prompt is encoded like the training documents ([BOS] + text), prefilled
 with the chunk kernel, then continued one token at a time from the carried
 GDN state and conv history (O(1) per token) and, in hybrid models, a KV cache
-(:mod:`titan_cp.model.decode`). Greedy with ``--temperature 0`` (default),
-else sampled from the top ``--top_k`` tokens with ``--seed``. Generation stops
-at the end-of-text token or after ``--max_new_tokens``.
+(:mod:`titan_cp.model.decode`). Sampled from the ``--top_k`` most likely
+tokens at ``--temperature`` with ``--seed`` (greedy with ``--temperature 0``).
+Generation stops at the end-of-text token or after ``--max_new_tokens``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     add_checkpoint_args(parser)
     parser.add_argument("--prompt", default="", help="text to continue (default: start a document)")
     parser.add_argument("--max_new_tokens", type=int, default=60)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    parser.add_argument("--top_k", type=int, default=40, help="sample from the k most likely tokens (0 = all)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:

@@ -2,7 +2,8 @@
 
 Parameter names of :class:`GatedDeltaNet` follow FLA's ``fla.layers.GatedDeltaNet``
 one-to-one (q_proj, k_proj, v_proj, a_proj, b_proj, g_proj, q_conv1d, k_conv1d,
-v_conv1d, A_log, dt_bias, o_norm, o_proj), so FLA checkpoints map directly.
+v_conv1d, A_log, dt_bias, o_norm, o_proj); the block and model names are
+TorchTitan's and differ from FLA's (the renames: :mod:`titan_cp.hf.adapter`).
 
 Tensor names carry their layout: B batch, T (local) sequence length, D model
 dim, H key heads, Hv value heads, K key head dim, V value head dim.
