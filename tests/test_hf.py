@@ -44,6 +44,12 @@ def _model(flavor: str, seed: int = 0, **overrides) -> GDNModel:
     return model.eval()
 
 
+def _toml(tmp_path, model_section: str):
+    path = tmp_path / "train.toml"
+    path.write_text(f"[model]\n{model_section}\n")
+    return path
+
+
 def _fla_env() -> dict[str, str]:
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH", "")] if p)
@@ -141,3 +147,14 @@ def test_model_shape_from_hf_config_in_toml_and_config_function(tmp_path):
     assert from_toml.kernel == "recurrent" and from_toml.layer_types() == ["G", "A", "G", "A"]
     with pytest.raises(ConfigError, match=r"model.hf_config.*no config.json"):
         config_from_args(["--model.hf_config", str(tmp_path / "missing")], world_size=1)
+
+
+def test_dcp_checkpoint_with_another_shape_is_refused(tmp_path):
+    save_dcp(_model("debug_hybrid"), tmp_path / "step-1")
+    with pytest.raises(ConfigError, match="not the one that was trained"):  # layer 3 is attention there
+        load_model(tmp_path / "step-1", flavor="debug", **{})
+    save_dcp(_model("debug"), tmp_path / "step-2")
+    with pytest.raises(ConfigError, match=r"layers.0.attention.q_proj.weight is \(64, 64\) there but \(32, 64\)"):
+        load_model(tmp_path / "step-2", config_file=_toml(tmp_path, 'flavor = "debug"\nhead_dim = 8'))
+    with pytest.raises(ConfigError, match="pass the training config"):
+        load_model(tmp_path / "step-2")

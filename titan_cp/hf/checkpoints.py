@@ -123,29 +123,28 @@ def build_model(model_config, device: str | torch.device = "cpu"):
     return model
 
 
-def model_state_dict(model) -> dict[str, torch.Tensor]:
-    """The model's tensors by TorchTitan's checkpoint names (a tied head appears once, as the embedding)."""
-    state = model.state_dict()
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    return state
-
-
 def load_dcp_into(model, path: str | Path) -> None:
     """Load the model tensors of a TorchTitan DCP step folder (full or model-only) into ``model``."""
-    state = model_state_dict(model)
+    state = model.state_dict()  # TorchTitan's names; a tied head appears twice, as lm_head and the embedding
     metadata = dcp.FileSystemReader(str(path)).read_metadata()
-    missing = sorted(set(state) - set(metadata.state_dict_metadata))
-    if missing:
-        raise ConfigError(f"--checkpoint '{path}' has no tensor {missing[0]!r} (and {len(missing) - 1} more): "
-                          "the model shape given (--config_file/--flavor) is not the one that was trained.")
+    stored = metadata.state_dict_metadata
+    stored_model = {k for k in stored if re.match(r"(tok_embeddings|layers\.\d+|norm|lm_head)\.", k)}
+    for names, where in ((set(state) - set(stored), "has no tensor"), (stored_model - set(state), "has an extra tensor")):
+        if names:
+            raise ConfigError(f"--checkpoint '{path}' {where} {min(names)!r} (and {len(names) - 1} more): the model "
+                              "shape given (--config_file/--flavor) is not the one that was trained.")
+    for name, tensor in state.items():
+        if tuple(stored[name].size) != tuple(tensor.shape):
+            raise ConfigError(f"--checkpoint '{path}': {name} is {tuple(stored[name].size)} there but "
+                              f"{tuple(tensor.shape)} in the model shape given (--config_file/--flavor); pass the "
+                              "training config of that run.")
     dcp.load(state, checkpoint_id=str(path))
 
 
 def save_dcp(model, out: str | Path) -> Path:
     """A model-only DCP folder TorchTitan loads with ``checkpoint.initial_load_path`` (model only)."""
     out = Path(out)
-    dcp.save(model_state_dict(model), checkpoint_id=str(out))
+    dcp.save(model.state_dict(), checkpoint_id=str(out))
     return out
 
 
