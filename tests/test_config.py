@@ -227,7 +227,7 @@ def test_train_configs_parse(path, tmp_path):
         assert config.model_spec.model.kernel == "triton"
         assert config.training.mixed_precision_param == "bfloat16"
     else:
-        assert config.model_spec.model.kernel == "torch" and config.model_spec.flavor == "debug"
+        assert config.model_spec.model.kernel == "torch" and config.model_spec.flavor in ("debug", "debug_hybrid")
 
 
 def test_expected_train_configs_exist():

@@ -45,7 +45,7 @@ def test_plan_for_a_cpu_and_a_gpu_runner(tmp_path):
     # (data_parallel_shard_degree = -1) fills the 2 ranks with dp 2: global batch 8, its own
     assert runs["cp2"].reference is runs["tp2"].reference is not runs["debug_cpu"].reference
     assert runs["debug_cpu"].world == 2 and runs["debug_cpu"].global_batch == 8
-    assert sorted(len(r.members) for r in refs) == [1, 2]
+    assert runs["cp2"].reference.members == ["cp2", "tp2"] and runs["cp2"].reference in refs
 
     configs = plan.discover()
     plan.plan(configs, plan.Settings(8, "cuda", tmp_path))
@@ -54,6 +54,22 @@ def test_plan_for_a_cpu_and_a_gpu_runner(tmp_path):
     cmd = plan.run_command(plan.Settings(8, "cuda", tmp_path), gpu["gdn_340m_cp8"])
     assert cmd[cmd.index("--model.kernel") + 1] == "triton"
     assert cmd[cmd.index("--parallelism.data_parallel_shard_degree") + 1] == "1"
+
+
+@pytest.mark.parametrize("nproc, device", [(2, "cpu"), (8, "cuda")])
+def test_every_planned_launch_passes_the_config_checks(tmp_path, nproc, device):
+    """The smoke's overrides are valid for every config it would run (no launch: the front end only)."""
+    from titan_cp.toml_config import config_from_args
+
+    s = plan.Settings(nproc, device, tmp_path)
+    configs = plan.discover()
+    plan.plan(configs, s)
+    for c in (c for c in configs if not c.skip):
+        for cmd, ranks in ((plan.run_command(s, c), c.world), (plan.resume_command(s, c), c.world),
+                           (plan.reference_command(s, c.reference), 1), (plan.seed_command(s, c.reference), 1)):
+            args = cmd[cmd.index(str(plan.REPO / "train.py")) + 1:]
+            config = config_from_args(args, world_size=ranks, check_runtime=False)
+            assert config.training.steps == s.steps and config.checkpoint.enable, c.name
 
 
 def _smoke(out: Path, *extra: str, env_path: Path | None = None) -> subprocess.CompletedProcess:

@@ -218,7 +218,7 @@ def exchange_states(M_BNHKK: torch.Tensor, S_BNHKV: torch.Tensor, cp: CPContext,
 # --------------------------------------------------------------------------- the layer's mixing
 
 
-def _as_segment_rows(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
+def as_segment_rows(t: torch.Tensor | None, n: int) -> torch.Tensor | None:
     """[B, n * T_seg, ...] -> [B * n, T_seg, ...]: one row per local segment."""
     if t is None:
         return None
@@ -237,7 +237,7 @@ def mix_state_passing(inp: GDNMixingInputs, kernel: str, cp: CPContext, layer_na
         )
     rows = replace(
         inp,
-        **{name: _as_segment_rows(getattr(inp, name), n)
+        **{name: as_segment_rows(getattr(inp, name), n)
            for name in ("q_BTC", "k_BTC", "v_BTC", "g_BTH", "beta_BTH", "doc_starts_BT")},
     )
     T_seg = T // n
@@ -259,23 +259,48 @@ def mix_state_passing(inp: GDNMixingInputs, kernel: str, cp: CPContext, layer_na
         halo, halo_starts = halo[..., :-1], halo[..., -1] > 0.5
     q, k, v = conv_qkv(rows, halo, halo_starts)
 
-    # c. one kernel call per segment with values [v | 0] from state [0 | I].
-    N, _, Hv, V = v.shape
+    # c + d. one kernel call per segment, the summary exchange, the corrected outputs.
+    o = delta_rule_over_segments(q, k, v, rows.g_BTH, rows.beta_BTH, cp, kernel, layer_name, doc_starts=starts)
+    Hv, V = v.shape[2:]
+    return o.reshape(B, T, Hv, V)
+
+
+def delta_rule_over_segments(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    cp: CPContext,
+    kernel: str,
+    layer_name: str,
+    *,
+    doc_starts: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Steps c and d on segment rows: q, k [B n, T_seg, H, K], v [B n, T_seg, H, V] (n local segments).
+
+    One kernel call per row with values [v | 0] from state [S_0 | I] gives [o_local | q M] and
+    [S_local | M]; the exchange gives S_start; o = o_local + (q M) S_start. ``initial_state``
+    [B, H, K, V] is S_0 of segment 0 (folded into that segment's summary); the other segments
+    start from 0 * it, so every rank gets a gradient for it (zero except on segment 0's rank).
+    """
+    N, T_seg, H, V = v.shape
     K = q.shape[-1]
+    n = len(cp.local_segments)
+    B = N // n
     state_dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
-    v_aug = torch.cat([v, v.new_zeros(N, T_seg, Hv, K)], dim=-1)
-    identity_start = torch.zeros(N, Hv, K, V + K, dtype=state_dtype, device=v.device)
-    identity_start[..., V:] = torch.eye(K, dtype=state_dtype, device=v.device)
+    v_aug = torch.cat([v, v.new_zeros(N, T_seg, H, K)], dim=-1)
+    identity = torch.eye(K, dtype=state_dtype, device=v.device).expand(B, H, K, K)
+    initial = None if initial_state is None else initial_state.to(state_dtype)
+    zero = identity.new_zeros(B, H, K, V) if initial is None else initial * 0
+    start = torch.stack([torch.cat([initial if s == 0 and initial is not None else zero, identity], dim=-1)
+                         for s in cp.local_segments], dim=1).reshape(N, H, K, V + K)
     o_aug, final = get_kernel(kernel)(
-        q, k, v_aug, rows.g_BTH, rows.beta_BTH,
-        initial_state=identity_start, output_final_state=True, doc_starts=starts,
+        q, k, v_aug, g, beta, scale=scale, initial_state=start, output_final_state=True, doc_starts=doc_starts,
     )
     S_local, M = final[..., :V], final[..., V:]
-
-    # d. exchange summaries, correct the outputs with the true incoming state.
-    S_start = exchange_states(
-        M.reshape(B, n, Hv, K, K), S_local.reshape(B, n, Hv, K, V), cp, layer_name
-    ).reshape(N, Hv, K, V)
+    S_start = exchange_states(M.reshape(B, n, H, K, K), S_local.reshape(B, n, H, K, V), cp, layer_name)
     qM = o_aug[..., V:].to(state_dtype)
-    o = o_aug[..., :V] + torch.einsum("nthk,nhkv->nthv", qM, S_start).to(v.dtype)
-    return o.reshape(B, T, Hv, V)
+    return o_aug[..., :V] + torch.einsum("nthk,nhkv->nthv", qM, S_start.reshape(N, H, K, V)).to(v.dtype)

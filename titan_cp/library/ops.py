@@ -35,18 +35,10 @@ import math
 import torch
 
 from titan_cp.cp.context import CPContext, dtype_code
-from titan_cp.cp.state_passing import exchange_states
+from titan_cp.cp.state_passing import as_segment_rows, delta_rule_over_segments
 from titan_cp.cp.ring_attention import ring_attention as _ring_attention
 from titan_cp.errors import ConfigError
 from titan_cp.kernels import check_inputs, get_kernel
-
-
-def _segment_rows(x: torch.Tensor | None, n: int) -> torch.Tensor | None:
-    """[B, n * T_seg, ...] -> [B * n, T_seg, ...]: one row per local segment."""
-    if x is None:
-        return None
-    B, T = x.shape[:2]
-    return x.reshape(B * n, T // n, *x.shape[2:])
 
 
 def gated_delta_rule(
@@ -74,7 +66,7 @@ def gated_delta_rule(
     ``recurrent`` or ``triton``. ``scale`` defaults to K ** -0.5. ``cp`` None: no CP.
     Every rank must call it with the same shapes and dtype (checked once per ``name``).
     """
-    run = get_kernel(kernel)
+    run = get_kernel(kernel)  # an unknown or unusable kernel fails here, on every rank
     check_inputs(q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH, initial_state_BHKV, doc_starts_BT)
     scale = q_BTHK.shape[-1] ** -0.5 if scale is None else scale
     if cp is None or cp.size == 1:
@@ -89,8 +81,7 @@ def gated_delta_rule(
         )
     B, T, H, K = q_BTHK.shape
     V = v_BTHV.shape[-1]
-    segments = cp.local_segments
-    n = len(segments)
+    n = len(cp.local_segments)
     if T % n:
         raise ValueError(
             f"{name}: this rank holds {T} tokens, not divisible into its {n} segments of layout "
@@ -100,30 +91,9 @@ def gated_delta_rule(
     cp.check_same_everywhere(name, (dtype_code(v_BTHV.dtype), B, T_seg, H, K, V),
                              "(dtype, batch, segment length, heads, K, V)")
 
-    # 1. one kernel call per segment: values [v | 0] from state [S_0 | I].
-    state_dtype = torch.float64 if v_BTHV.dtype == torch.float64 else torch.float32
-    q, k, g, beta = (_segment_rows(x, n) for x in (q_BTHK, k_BTHK, g_BTH, beta_BTH))
-    v = _segment_rows(v_BTHV, n)
-    v_aug = torch.cat([v, v.new_zeros(B * n, T_seg, H, K)], dim=-1)
-    identity = torch.eye(K, dtype=state_dtype, device=v.device).expand(B, H, K, K)
-    if initial_state_BHKV is None:
-        initial, zero_state = None, identity.new_zeros(B, H, K, V)
-    else:  # segment 0 starts from it; the others from 0 * it (a zero gradient on every rank, not None)
-        initial = initial_state_BHKV.to(state_dtype)
-        zero_state = initial * 0
-    starts = [torch.cat([initial if s == 0 and initial is not None else zero_state, identity], dim=-1)
-              for s in segments]
-    start_state = torch.stack(starts, dim=1).reshape(B * n, H, K, V + K)
-    o_aug, final = run(q, k, v_aug, g, beta, scale=scale, initial_state=start_state,
-                       output_final_state=True, doc_starts=_segment_rows(doc_starts_BT, n))
-    S_local, M = final[..., :V], final[..., V:]
-
-    # 2. exchange the summaries: every segment's true incoming state.
-    S_start = exchange_states(M.reshape(B, n, H, K, K), S_local.reshape(B, n, H, K, V), cp, name)
-
-    # 3. correct the outputs.
-    qM = o_aug[..., V:].to(state_dtype)
-    o = o_aug[..., :V] + torch.einsum("nthk,nhkv->nthv", qM, S_start.reshape(B * n, H, K, V)).to(v.dtype)
+    rows = [as_segment_rows(x, n) for x in (q_BTHK, k_BTHK, v_BTHV, g_BTH, beta_BTH)]
+    o = delta_rule_over_segments(*rows, cp, kernel, name, doc_starts=as_segment_rows(doc_starts_BT, n),
+                                 initial_state=initial_state_BHKV, scale=scale)
     return o.reshape(B, T, H, V)
 
 

@@ -56,9 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     for ref in references:
         ref_dump = s.out / ref.key / "run"
         reference = None
-        if not (s.reuse and plan.seed_path(s, ref).is_dir()):
+        if not ref.config.own_initial_weights and not (s.reuse and plan.seed_path(s, ref).is_dir()):
             print(f"  seed checkpoint for {ref.members}", flush=True)
-            checks.launch(plan.seed_command(s, ref), s.out / ref.key / "seed", s)
+            seed = checks.launch(plan.seed_command(s, ref), s.out / ref.key / "seed", s)
+            if not seed.ok:
+                print(f"  seed checkpoint FAILED (every run of {ref.members} will too): {seed.detail}", flush=True)
         if s.reuse and (ref_dump / "metrics.jsonl").exists():
             reference = checks.Launch(True, checks.read_metrics_jsonl(str(ref_dump / "metrics.jsonl")), ref_dump, 0.0)
         else:

@@ -11,7 +11,9 @@ checkpoints every ``checkpoint_step`` steps, LR warm-up 2 steps.
 Configs that share a model and a global batch share one 1-rank reference
 (the CP = 1 run every layout must reproduce) and one seed checkpoint, made on
 one rank and loaded by every run of that model: a sharded initialisation is
-not bit-identical to a 1-rank one on CPU.
+not bit-identical to a 1-rank one on CPU. A config that loads its own weights
+(``checkpoint.initial_load_path``, e.g. an FLA checkpoint) starts every run
+from them instead; one whose files are not there is skipped, naming the file.
 """
 
 from __future__ import annotations
@@ -66,6 +68,11 @@ class ShippedConfig:
                 f"{par.get('cp_layout', 'contiguous')}/{par.get('cp_exchange', 'allgather')}")
 
     @property
+    def own_initial_weights(self) -> bool:
+        """The config loads its weights (``checkpoint.initial_load_path``): every run starts from them."""
+        return bool(self.values.get("checkpoint", {}).get("initial_load_path"))
+
+    @property
     def global_batch(self) -> int:
         return self.values.get("training", {}).get("local_batch_size", 8) * (self.world // (self.cp * self.tp))
 
@@ -112,16 +119,29 @@ def plan(configs: list[ShippedConfig], s: Settings, only: list[str] | None = Non
             c.skip = f"cp x tp = {model_parallel} does not divide {s.nproc} ranks"
         elif c.world > s.nproc:
             c.skip = f"needs {c.world} ranks, this runner has {s.nproc}"
+        elif missing := _missing_files(c):
+            c.skip = f"needs {missing} (the config's header says how to make it)"
         elif s.seq_len % (2 * c.cp):
             c.skip = f"--seq-len {s.seq_len} does not divide into the {2 * c.cp} zigzag segments of CP {c.cp}"
         if c.skip:
             continue
         model = {k: v for k, v in c.values.get("model", {}).items() if k != "kernel"}
-        key = hashlib.sha1(json.dumps([model, c.global_batch], sort_keys=True).encode()).hexdigest()[:8]
+        init = c.values.get("checkpoint", {}).get("initial_load_path")
+        key = hashlib.sha1(json.dumps([model, c.global_batch, init], sort_keys=True).encode()).hexdigest()[:8]
         ref = refs.setdefault(key, Reference(f"ref_{model.get('flavor', 'model')}_{key}", c, c.global_batch))
         ref.members.append(c.name)
         c.reference = ref
     return list(refs.values())
+
+
+def _missing_files(c: ShippedConfig) -> str:
+    """The first file or folder the config names (relative to the repository) that is not there."""
+    named = (c.values.get("job", {}).get("hf_assets_path"), c.values.get("model", {}).get("hf_config"),
+             c.values.get("checkpoint", {}).get("initial_load_path"))
+    for path in filter(None, named):
+        if not (REPO / path).exists():
+            return path
+    return ""
 
 
 def _launch(s: Settings, nproc: int) -> list[str]:
@@ -141,7 +161,7 @@ def common_overrides(s: Settings, config: ShippedConfig, dump: Path) -> list[str
         "--data.dataset", "synthetic", "--data.kind", "pattern", "--data.mean_doc_len", "40",
         "--metrics.log_freq", "1", "--metrics.enable_tensorboard",
         "--checkpoint.enable", "--checkpoint.interval", str(s.checkpoint_step),
-        "--checkpoint.last_save_model_only", "false",
+        "--checkpoint.last_save_model_only", "false", "--checkpoint.last_save_in_hf", "false",  # full state
         "--comm.trace_buf_size", "0", "--debug.enable_structured_logging", "false",
     ]
 
@@ -166,6 +186,8 @@ def reference_command(s: Settings, ref: Reference) -> list[str]:
 
 
 def _from_seed(s: Settings, ref: Reference) -> list[str]:
+    if ref.config.own_initial_weights:
+        return []
     return ["--checkpoint.initial_load_path", str(seed_path(s, ref)), "--checkpoint.initial_load_model_only", "true"]
 
 
@@ -179,4 +201,5 @@ def resume_command(s: Settings, c: ShippedConfig) -> list[str]:
     ckpt = s.out / c.name / "run" / "checkpoint" / f"step-{s.checkpoint_step}"
     dp = ["--parallelism.data_parallel_shard_degree", str(c.world // (c.cp * c.tp))] if c.dp == -1 else []
     return [*_launch(s, c.world), *common_overrides(s, c, s.out / c.name / "resume"), *dp,
-            "--checkpoint.initial_load_path", str(ckpt), "--checkpoint.initial_load_model_only", "false"]
+            "--checkpoint.initial_load_path", str(ckpt), "--checkpoint.initial_load_model_only", "false",
+            "--checkpoint.initial_load_in_hf", "false"]
