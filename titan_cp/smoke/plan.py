@@ -110,9 +110,6 @@ def plan(configs: list[ShippedConfig], s: Settings, only: list[str] | None = Non
         kernel = c.values.get("model", {}).get("kernel", "torch")
         if only and c.name not in only:
             c.skip = "not selected (--configs)"
-        elif "hf_config" in c.values.get("model", {}):
-            c.skip = ("starts from an FLA checkpoint (model.hf_config) the runner does not have; "
-                      "tests/test_fla_checkpoint_training.py runs fla_tiny_cp2")
         elif s.device == "cpu" and kernel == "triton":
             c.skip = "GPU config (kernel 'triton'): run on a GPU runner"
         elif c.dp == -1 and s.nproc % model_parallel:
