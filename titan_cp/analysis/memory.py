@@ -53,9 +53,12 @@ kernel_internal    Hv * c       (act)      kernel-private tensors, c per head pe
                                            (FLA saves the WY matrix A: c = chunk 64)
 kernel_states      Hv K Vk / C  (fp32)     only if the kernel saves its chunk states
                                            [T/C, Hv, K, Vk] (``kernel_saves_states``)
-cp_extra           2 Hv K       (act)      only with CP (summary exchange, [v | 0]
-                                           trick): the zero-padded value columns and
-                                           the q M output used by the state correction
+cp_q_transition    Hv K         (fp32)     only with CP (state passing): q_t M_<=t,
+                                           kept by the output correction (q M) S_start
+cp_padded_values   Hv K         (act)      only with CP, when the summary runs through
+                                           the kernel interface ([v | 0] from [0 | I]):
+                                           the kernel's copy of the zero value columns
+                                           (0 with ``cp_summary_in_kernel``)
 out_gate_norm      5 Dv         (act)      kernel output o, o*rstd, o*rstd*w,
                                            g_proj x (SiLU input), SiLU(g_proj x)
 o_proj_input       Dv           (act)      gated-norm output
@@ -65,11 +68,16 @@ mlp_input          dim          (act)      normalised h (w1, w3 input)
 mlp_hidden         4 hidden     (act)      w1 h, SiLU(w1 h), w3 h, product (w2 input)
 =================  ======================  ==========================================
 
-(Vk = V, or V + K under CP with the [v | 0] trick.) Sum without CP:
-``6 dim + 8 Dk + 9 Dv + 4 hidden`` act elements + ``5 Hv + 4 H + 2`` fp32 + kernel terms.
-Under CP (state passing) each layer also keeps a few buffers that do not scale
-with tokens, ``cp_state_buffers`` (:func:`cp_state_buffer_bytes`: the gathered
-summaries, the identity start state, S_start).
+(Vk = V, or V + K under CP: the transition M rides as K extra state columns.)
+Sum without CP: ``6 dim + 8 Dk + 9 Dv + 4 hidden`` act elements + ``5 Hv + 4 H + 2``
+fp32 + kernel terms. Under CP (state passing) each layer also keeps a few buffers
+that do not scale with tokens, ``cp_state_buffers`` (:func:`cp_state_buffer_bytes`:
+the gathered summaries, the identity start state of the interface path, S_start).
+
+Hybrid models (``model.layer_pattern`` with 'A'): each softmax-attention block
+saves :func:`attention_layer_terms` instead (the same norms and MLP; q, k, v, the
+ring's output and log-sum-exp, the o-projection input, RoPE's cos/sin), the same
+per token with and without CP (ring attention keeps only local blocks).
 
 These counts describe the block in plain PyTorch with FLA's kernel. What a given
 kernel and titan_cp's own layer code really save is a *profile*:
@@ -157,7 +165,8 @@ class TrainSetup:
     kernel_saved_per_head_token: float = 64.0  # kernel_internal c (FLA: A matrix, C per head per token)
     kernel_saves_states: bool = False  # chunk states [T/C, Hv, K, Vk] fp32 kept for backward
     kernel_workspace_states: float = 2.0  # chunk-state tensors alive in the kernel backward (h, dh)
-    cp_extra: bool = True  # [v | 0] trick terms when cp > 1
+    cp_extra: bool = True  # state-passing CP terms when cp > 1 (transition columns, q M)
+    cp_summary_in_kernel: bool = False  # the kernel computes (o, q M, S_local, M) itself (torch); else [v | 0]
     cp_exchange: str = "allgather"  # state exchange (its buffers kept for backward): allgather | logscan | alltoall
     cp_layout: str = "contiguous"  # contiguous (1 segment per rank) | zigzag (2)
     loss_chunks: int = 8  # TorchTitan ChunkedLossWrapper.num_chunks (1 = full logits)
@@ -211,7 +220,9 @@ def layer_activation_terms(shape: Dims, setup: TrainSetup, par: Parallelism) -> 
     if setup.kernel_saves_states:
         terms.append(ActTerm("kernel_states", Hv * K * Vk / C, f, "tp", "chunk states [T/C, Hv, K, Vk] fp32"))
     if par.cp > 1 and setup.cp_extra:
-        terms.append(ActTerm("cp_extra", 2 * Hv * K, a, "tp", "CP [v|0] trick: zero value columns and q M output"))
+        terms.append(ActTerm("cp_q_transition", Hv * K, f, "tp", "CP: q M_<=t (fp32), kept by the output correction"))
+        if not setup.cp_summary_in_kernel:
+            terms.append(ActTerm("cp_padded_values", Hv * K, a, "tp", "CP [v|0] call: the kernel's zero value columns"))
     terms += [
         ActTerm("out_gate_norm", 5 * Dv, a, "tp", "o, o*rstd, o*rstd*w, g_proj x, SiLU(g_proj x)"),
         ActTerm("o_proj_input", Dv, a, "tp", "gated-norm output: o_proj input"),
@@ -223,20 +234,44 @@ def layer_activation_terms(shape: Dims, setup: TrainSetup, par: Parallelism) -> 
     return terms
 
 
+def attention_layer_terms(shape: Dims, setup: TrainSetup, par: Parallelism) -> list[ActTerm]:
+    """Saved-for-backward tensors of one softmax-attention block of a hybrid (model/attention.py,
+    cp/ring_attention.py), counted with saved_tensors_hooks: the same with and without CP."""
+    a, f = dtype_bytes(setup.act_dtype), 4
+    d, hid = shape.dim, shape.hidden
+    q_width, kv_width = shape.attn_heads * shape.attn_head_dim, shape.attn_kv_heads * shape.attn_head_dim
+    return [
+        ActTerm("attn_norm", 2 * d, a, "sp", "RMSNorm input x (block input) and x*rstd"),
+        ActTerm("attn_norm_rstd", 1, f, "sp", "RMSNorm rstd"),
+        ActTerm("mixer_input", d, a, "rep", "normalised x: input of wq, wk, wv"),
+        ActTerm("rope_cos_sin", shape.attn_head_dim, f, "rep", "RoPE cos and sin [T, D/2] each (fp32)"),
+        ActTerm("attn_qkv", q_width + 2 * kv_width, a, "tp", "q, k (rotated) and v: the ring's inputs"),
+        ActTerm("attn_out", q_width, a, "tp", "attention output (the ring's saved out)"),
+        ActTerm("attn_lse", shape.attn_heads, f, "tp", "log-sum-exp per query head (fp32)"),
+        ActTerm("attn_o_proj_input", q_width, a, "tp", "output in [T, Hq D] layout: wo input"),
+        ActTerm("ffn_norm", 2 * d, a, "sp", "RMSNorm input h and h*rstd"),
+        ActTerm("ffn_norm_rstd", 1, f, "sp", "RMSNorm rstd"),
+        ActTerm("mlp_input", d, a, "rep", "normalised h: w1, w3 input"),
+        ActTerm("mlp_hidden", 4 * hid, a, "tp", "w1 h, SiLU(w1 h), w3 h, product (w2 input)"),
+    ]
+
+
 def cp_state_buffer_bytes(shape: Dims, setup: TrainSetup, par: Parallelism) -> float:
     """Per-layer CP buffers that do not scale with tokens, kept for the backward (state passing).
 
     allgather: the gathered summaries [P, B, n, Hv, K, K + V] (the fold's M_s live in it);
-    logscan: this rank's M [B, n, Hv, K, K] and S_start; both: the identity start
-    state [B n, Hv, K, V + K] of the [v | 0] kernel call and S_start [B n, Hv, K, V]
-    (n = segments per rank: 1 contiguous, 2 zigzag). fp32. 0 without CP or for alltoall.
+    logscan: this rank's M [B, n, Hv, K, K] and S_start; both: S_start [B n, Hv, K, V]
+    and, for the interface path (not ``cp_summary_in_kernel``), the identity start state
+    [B n, Hv, K, V + K] of the [v | 0] kernel call (n = segments per rank: 1 contiguous,
+    2 zigzag). fp32. 0 without CP or for alltoall.
     """
     if par.cp <= 1 or not setup.cp_extra or setup.cp_exchange == "alltoall":
         return 0.0
     K, V, Hv = shape.K, shape.V, shape.Hv / par.tp
     rows = setup.batch * (2 if setup.cp_layout == "zigzag" else 1)
     summaries = par.cp * rows * Hv * K * (K + V) if setup.cp_exchange == "allgather" else rows * Hv * K * K
-    return 4.0 * (summaries + rows * Hv * K * (V + K) + rows * Hv * K * V)
+    identity_start = 0 if setup.cp_summary_in_kernel else rows * Hv * K * (V + K)
+    return 4.0 * (summaries + identity_start + rows * Hv * K * V)
 
 
 def checkpointed_layer_terms(shape: Dims, setup: TrainSetup) -> list[ActTerm]:
@@ -305,7 +340,7 @@ def estimate_memory(
     activation_scale: float = 1.0,
 ) -> MemoryEstimate:
     """Per-rank peak memory in bytes of ``model`` (a ``GDNModel.Config``; module docstring for every term)."""
-    shape = Dims.of(model)
+    shape = Dims.of(model, allow_attention=True)
     if setup.ac not in AC_MODES:
         raise ValueError(f"ac = '{setup.ac}' is not one of {list(AC_MODES)}")
     if setup.seq_len % par.cp:
@@ -335,12 +370,18 @@ def estimate_memory(
     cp_buffers = cp_state_buffer_bytes(shape, setup, par)
     if cp_buffers:
         full_terms["cp_state_buffers"] = cal.get("cp_state_buffers", 1.0) * cp_buffers
-    layer_full = activation_scale * sum(full_terms.values())
+    gdn_full = activation_scale * sum(full_terms.values())
+    attn_full = 0.0
+    if shape.n_attn:
+        attn_terms = _terms_bytes(attention_layer_terms(shape, setup, par), par, tokens, cal)
+        full_terms.update({f"attention:{name}": b for name, b in attn_terms.items()})
+        attn_full = activation_scale * sum(attn_terms.values())
+    layer_full = max(gdn_full if shape.n_gdn else 0.0, attn_full)  # the larger block's, for the workspace
     if setup.ac == "full":
         kept = activation_scale * sum(_terms_bytes(checkpointed_layer_terms(shape, setup), par, tokens, cal).values())
+        activations = shape.n_layers * kept
     else:
-        kept = layer_full
-    activations = shape.n_layers * kept
+        activations = shape.n_gdn * gdn_full + shape.n_attn * attn_full
     model_acts = activation_scale * sum(_terms_bytes(model_activation_terms(shape, setup), par, tokens, cal).values())
 
     # transients

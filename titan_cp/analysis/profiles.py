@@ -41,9 +41,10 @@ def _torch_kernel_profile(model, act_dtype: str) -> KernelProfile:
     - ``qk_l2_norms``: one rsqrt per head for q and for k (2 H, not 4 H): 0.5.
     - ``gates``: a + dt_bias, softplus, sigmoid(b), the kernel's g and beta copies, o-norm rstd:
       6 Hv instead of 5 Hv: 1.2.
-    - ``cp_extra`` (CP only): the kernel's fp32 v copy is K wider (4 Hv K) and q M is a view of the
-      whole [o | q M] kernel output (a Hv (V + K)): (4 K + a (V + K)) / (2 a K) times 2 Hv K a.
-      The wider chunk states are the ``kernel_states`` term at Vk = V + K.
+    - CP: the kernel computes the segment summary itself (``cp_summary_in_kernel``): its v copy
+      stays at width V, the transition rides as K extra columns of the chunk states (the
+      ``kernel_states`` term at Vk = V + K), and q M (fp32, its own tensor) is the
+      ``cp_q_transition`` term; no identity start state.
     - transient (fitted to the tracked-allocator peak on CPU, fp32, dim 256 / 4 x 64 heads,
       CP 1..8, 256..16384 tokens per rank): the peak falls in the last block's MLP backward,
       where the backward workspace is about 0.1 of a layer's activations (``workspace`` 0.21 x
@@ -54,13 +55,12 @@ def _torch_kernel_profile(model, act_dtype: str) -> KernelProfile:
     a = dtype_bytes(act_dtype)
     cal = {"qk_l2_norms": 0.5, "gates": 1.2, "workspace": 0.21, "kernel_workspace": 0.0, "grads_at_peak": 0.2}
     if model is not None:
-        shape = Dims.of(model)
+        shape = Dims.of(model, allow_attention=True)
         H, Hv, K, V = shape.H, shape.Hv, shape.K, shape.V
         cal["qk_silu_out"] = (2 * shape.key_dim + shape.value_dim) / (2 * shape.key_dim)
         cal["kernel_inputs"] = 4 * Hv * (2 * K + V) / (a * (2 * H * K + Hv * V))
-        cal["cp_extra"] = (4 * K + a * (V + K)) / (2 * a * K)
     return KernelProfile(
-        "torch", {"kernel_saved_per_head_token": 0.0, "kernel_saves_states": True}, cal,
+        "torch", {"kernel_saved_per_head_token": 0.0, "kernel_saves_states": True, "cp_summary_in_kernel": True}, cal,
         "CPU, fp32, torch 2.13: saved-tensor tally and tracked-allocator peak of scripts/benchmark_memory.py "
         "(docs/benchmarks.md); bf16 factors derived, not measured",
     )

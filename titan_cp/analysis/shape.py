@@ -29,23 +29,39 @@ class Dims:
     hidden: int  # SwiGLU hidden size
     vocab: int
     tied: bool
+    n_attn: int = 0  # softmax attention blocks of a hybrid ('A' in model.layer_pattern); the rest are GDN
+    attn_heads: int = 0  # their query heads, kv heads and head dim
+    attn_kv_heads: int = 0
+    attn_head_dim: int = 0
 
     @classmethod
-    def of(cls, config) -> "Dims":
-        """The sizes of ``config`` (a ``GDNModel.Config``; a ``Dims`` is returned as is)."""
-        if isinstance(config, Dims):
-            return config
-        if "A" in config.layer_types():
-            raise ValueError(
-                f"model.layer_pattern = '{config.layer_pattern}': the analysis models GDN blocks only; "
-                "use an all-GDN config (layer_pattern = '')."
+    def of(cls, config, allow_attention: bool = False) -> "Dims":
+        """The sizes of ``config`` (a ``GDNModel.Config``; a ``Dims`` is returned as is).
+
+        Hybrid models (attention blocks) only where the caller models them (``allow_attention``:
+        the memory estimator); the scale model prices GDN blocks only.
+        """
+        if not isinstance(config, Dims):
+            n_attn = config.layer_types().count("A")
+            config = cls(
+                dim=config.dim, n_layers=config.n_layers, H=config.num_heads,
+                Hv=config.num_v_heads or config.num_heads, K=config.head_dim,
+                V=int(config.head_dim * config.expand_v), conv_size=config.conv_size,
+                hidden=config.hidden_dim, vocab=config.vocab_size, tied=config.tie_embeddings,
+                n_attn=n_attn, attn_heads=config.attn_num_heads if n_attn else 0,
+                attn_kv_heads=config.attn_num_kv_heads if n_attn else 0,
+                attn_head_dim=config.attn_head_dim if n_attn else 0,
             )
-        return cls(
-            dim=config.dim, n_layers=config.n_layers, H=config.num_heads,
-            Hv=config.num_v_heads or config.num_heads, K=config.head_dim,
-            V=int(config.head_dim * config.expand_v), conv_size=config.conv_size,
-            hidden=config.hidden_dim, vocab=config.vocab_size, tied=config.tie_embeddings,
-        )
+        if config.n_attn and not allow_attention:
+            raise ValueError(
+                f"a hybrid model ({config.n_attn} attention blocks): this analysis models GDN blocks only; "
+                "use an all-GDN config (model.layer_pattern = '')."
+            )
+        return config
+
+    @property
+    def n_gdn(self) -> int:
+        return self.n_layers - self.n_attn
 
     @property
     def key_dim(self) -> int:
@@ -108,7 +124,7 @@ def _parse_value(text: str):
 
 def layer_param_counts(model) -> dict[str, int]:
     """Parameters of one block of ``model`` (a ``GDNModel.Config``), by module (bias-free linears and convs)."""
-    d = Dims.of(model)
+    d = Dims.of(model, allow_attention=True)
     return {
         "attention_norm": d.dim,
         "q_proj": d.dim * d.key_dim,
@@ -126,22 +142,39 @@ def layer_param_counts(model) -> dict[str, int]:
     }
 
 
+def attention_layer_param_counts(model) -> dict[str, int]:
+    """Parameters of one softmax-attention block of a hybrid (titan_cp/model/attention.py: no biases)."""
+    d = Dims.of(model, allow_attention=True)
+    q_width, kv_width = d.attn_heads * d.attn_head_dim, d.attn_kv_heads * d.attn_head_dim
+    return {
+        "attention_norm": d.dim,
+        "wq": d.dim * q_width,
+        "wk_wv": 2 * d.dim * kv_width,
+        "wo": q_width * d.dim,
+        "ffn_norm": d.dim,
+        "mlp": 3 * d.dim * d.hidden,
+    }
+
+
 # modules whose parameters TP does not shard
 _REPLICATED_UNDER_TP = ("attention_norm", "o_norm", "ffn_norm", "final_norm")
 
 
 def param_counts(model) -> dict[str, int]:
-    """Totals of ``model``: per layer, all layers, embedding, final norm, lm_head, total, tp-replicated part."""
-    d = Dims.of(model)
-    layer = layer_param_counts(model)
-    layer_total = sum(layer.values())
+    """Totals of ``model``: per layer (the largest block kind), all layers, embedding, final norm,
+    lm_head, total, tp-replicated part. Hybrids count their attention blocks."""
+    d = Dims.of(model, allow_attention=True)
+    kinds = [(d.n_gdn, layer_param_counts(d))]
+    if d.n_attn:
+        kinds.append((d.n_attn, attention_layer_param_counts(d)))
+    layers = sum(n * sum(counts.values()) for n, counts in kinds)
     embedding = d.vocab * d.dim
     lm_head = 0 if d.tied else d.dim * d.vocab
-    total = d.n_layers * layer_total + embedding + d.dim + lm_head
-    replicated = d.n_layers * sum(layer[k] for k in _REPLICATED_UNDER_TP if k in layer) + d.dim
+    total = layers + embedding + d.dim + lm_head
+    replicated = sum(n * sum(c[k] for k in _REPLICATED_UNDER_TP if k in c) for n, c in kinds) + d.dim
     return {
-        "layer": layer_total,
-        "layers": d.n_layers * layer_total,
+        "layer": max(sum(counts.values()) for n, counts in kinds if n),
+        "layers": layers,
         "embedding": embedding,
         "final_norm": d.dim,
         "lm_head": lm_head,

@@ -8,12 +8,16 @@ delta rule (titan_cp/gdn_ops.py). With a state-passing strategy
      treats each segment as a row: [B, T, ...] -> [B * n_local, T_seg, ...];
   b. gets the W-1 pre-conv tokens before each segment (cp/halo.py) and runs
      the conv on [halo | segment];
-  c. runs the kernel ONCE per segment with values [v | 0] (width V + K) and
-     initial state [0 | I]. Because the delta rule acts on every state column
-     independently and linearly, this one call returns
+  c. computes each segment's summary in one kernel pass. Because the delta
+     rule acts on every state column independently and linearly, running it
+     from state [0 | I] with values [v | 0] (width V + K) gives
         final state  [S_local | M]          (zero-start state, transition)
-        outputs      [o_local | q_t M_<=t]  (scale included)
-     using nothing but the kernel interface (initial state in, final out);
+        outputs      [o_local | q_t M_<=t]  (scale included).
+     The ``torch`` kernel does this natively (the K transition columns ride
+     only through its chunk loop; values, WY factors and o stay at width V);
+     any other kernel gets exactly that call through the kernel interface
+     (:func:`segment_summary`). The rank holding only the sequence's first
+     segment (incoming state 0) runs the plain kernel;
   d. exchanges the summaries (below) to get each segment's true incoming
      state S_start, and corrects the outputs:
         o_t = o_local_t + (q_t M_<=t) S_start.
@@ -71,10 +75,12 @@ Summaries travel in float32 (float64 for float64 inputs). The head-parallel
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 
 from titan_cp.cp.comm import all_gather_stacked, exchange_p2p
 from titan_cp.cp.context import CPContext, dtype_code
@@ -82,6 +88,7 @@ from titan_cp.cp.halo import exchange_halo
 from titan_cp.cp.layout import segments_of_rank
 from titan_cp.gdn_ops import GDNMixingInputs, conv_qkv
 from titan_cp.kernels import get_kernel
+from titan_cp.kernels.chunk import chunk_gated_delta_rule_with_transition
 
 
 def compose(
@@ -281,26 +288,95 @@ def delta_rule_over_segments(
 ) -> torch.Tensor:
     """Steps c and d on segment rows: q, k [B n, T_seg, H, K], v [B n, T_seg, H, V] (n local segments).
 
-    One kernel call per row with values [v | 0] from state [S_0 | I] gives [o_local | q M] and
-    [S_local | M]; the exchange gives S_start; o = o_local + (q M) S_start. ``initial_state``
-    [B, H, K, V] is S_0 of segment 0 (folded into that segment's summary); the other segments
-    start from 0 * it, so every rank gets a gradient for it (zero except on segment 0's rank).
+    :func:`segment_summary` gives every row's (S_local, M, o_local, q M); the exchange gives
+    S_start; o = o_local + (q M) S_start. ``initial_state`` [B, H, K, V] is S_0 of segment 0
+    (folded into that segment's summary); the other segments start from 0 * it, so every rank
+    gets a gradient for it (zero except on segment 0's rank).
     """
     N, T_seg, H, V = v.shape
-    K = q.shape[-1]
     n = len(cp.local_segments)
     B = N // n
-    state_dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
-    v_aug = torch.cat([v, v.new_zeros(N, T_seg, H, K)], dim=-1)
-    identity = torch.eye(K, dtype=state_dtype, device=v.device).expand(B, H, K, K)
-    initial = None if initial_state is None else initial_state.to(state_dtype)
-    zero = identity.new_zeros(B, H, K, V) if initial is None else initial * 0
-    start = torch.stack([torch.cat([initial if s == 0 and initial is not None else zero, identity], dim=-1)
-                         for s in cp.local_segments], dim=1).reshape(N, H, K, V + K)
-    o_aug, final = get_kernel(kernel)(
-        q, k, v_aug, g, beta, scale=scale, initial_state=start, output_final_state=True, doc_starts=doc_starts,
-    )
-    S_local, M = final[..., :V], final[..., V:]
+    initial_rows = None
+    if initial_state is not None:
+        initial = initial_state.to(torch.float64 if v.dtype == torch.float64 else torch.float32)
+        initial_rows = torch.stack([initial if s == 0 else initial * 0 for s in cp.local_segments], dim=1)
+        initial_rows = initial_rows.reshape(N, H, *initial.shape[-2:])
+    S_local, M, o_local, q_transition = segment_summary(
+        kernel, q, k, v, g, beta, doc_starts, needs_transition=cp.local_segments != [0], scale=scale,
+        initial_state=initial_rows)
+    K = M.shape[-1]
     S_start = exchange_states(M.reshape(B, n, H, K, K), S_local.reshape(B, n, H, K, V), cp, layer_name)
-    qM = o_aug[..., V:].to(state_dtype)
-    return o_aug[..., :V] + torch.einsum("nthk,nhkv->nthv", qM, S_start.reshape(N, H, K, V)).to(v.dtype)
+    S_start = S_start.reshape(N, H, K, V)
+    if q_transition is None:  # the sequence's first segment: S_start = 0, no correction
+        return _JoinExchangeBackward.apply(o_local, S_start)
+    return correct_outputs(o_local, q_transition, S_start)
+
+
+def segment_summary(kernel: str, q, k, v, g, beta, doc_starts, *, needs_transition: bool = True,
+                    scale: float | None = None, initial_state=None):
+    """Step c for rows [N, T_seg, H, *]: (S_local, M, o_local, q_transition).
+
+    o_local and S_local are the outputs and final state from ``initial_state`` (zero if
+    None; [N, H, K, V]: the op-level call's state before segment 0); M [N, H, K, K]
+    is the segment's transition and q_transition [N, T_seg, H, K] = scale q_t M_<=t (fp32),
+    so that the outputs for an incoming state S are o_local + q_transition S.
+
+    - ``torch`` kernel: in one pass inside the kernel (the transition rides as K extra
+      state columns; values, WY factors and outputs stay at width V; see
+      ``chunk_gated_delta_rule_with_transition``).
+    - any other kernel, through the kernel interface: values [v | 0] (width V + K) from
+      state [0 | I] give outputs [o | q M] and final state [S_local | M] in one call.
+    - ``needs_transition`` False (the rank holds only the sequence's first segment, whose
+      incoming state is 0): the plain kernel; M = 0 (never applied: nothing precedes it)
+      and no q_transition.
+    """
+    N, T, H, V = v.shape
+    K = q.shape[-1]
+    state_dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
+    if not needs_transition:
+        o, S_local = get_kernel(kernel)(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                        output_final_state=True, doc_starts=doc_starts)
+        return S_local, S_local.new_zeros(N, H, K, K), o, None
+    if kernel == "torch":
+        o, q_transition, S_local, M = chunk_gated_delta_rule_with_transition(
+            q, k, v, g, beta, scale=scale, initial_state=initial_state, doc_starts=doc_starts)
+        return S_local, M, o, q_transition
+    start = _identity_start(N, H, K, V, state_dtype, v.device)
+    if initial_state is not None:
+        start = torch.cat([initial_state.to(state_dtype), start[..., V:]], dim=-1)
+    o_padded, final = get_kernel(kernel)(
+        q, k, F.pad(v, (0, K)), g, beta, scale=scale, initial_state=start, output_final_state=True,
+        doc_starts=doc_starts,
+    )
+    # q M copied out so that the whole [o | q M] output is not kept alive for the backward
+    return final[..., :V], final[..., V:], o_padded[..., :V], o_padded[..., V:].to(state_dtype, copy=True)
+
+
+class _JoinExchangeBackward(torch.autograd.Function):
+    """Identity on o; gives S_start a zero gradient so that this rank joins the exchange's
+    backward collective (its S_local and M get their gradients from later segments there)
+    even though its outputs do not depend on S_start."""
+
+    @staticmethod
+    def forward(ctx, o, S_start):
+        ctx.S_start_meta = (S_start.shape, S_start.dtype, S_start.device)
+        return o.view_as(o)
+
+    @staticmethod
+    def backward(ctx, grad_o):
+        shape, dtype, device = ctx.S_start_meta
+        return grad_o, torch.zeros(shape, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=8)
+def _identity_start(N: int, H: int, K: int, V: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The constant start state [0 | I] [N, H, K, V + K] of the interface path (built once per shape)."""
+    start = torch.zeros(N, H, K, V + K, dtype=dtype, device=device)
+    start[..., V:] = torch.eye(K, dtype=dtype, device=device)
+    return start
+
+
+def correct_outputs(o_local_NTHV, q_transition_NTHK, S_start_NHKV) -> torch.Tensor:
+    """Step d: o_t = o_local_t + (scale q_t M_<=t) S_start, one batched matmul per (row, head)."""
+    correction_NHTV = q_transition_NTHK.transpose(1, 2) @ S_start_NHKV
+    return o_local_NTHV + correction_NHTV.transpose(1, 2).to(o_local_NTHV.dtype)

@@ -485,11 +485,12 @@ def chunk_gated_delta_rule_with_transition(
     beta: torch.Tensor,
     *,
     scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
     doc_starts: torch.Tensor | None = None,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The segment summary of context parallelism, in one pass: outputs from a zero state,
-    the final state and the segment's transition.
+    """The segment summary of context parallelism, in one pass: outputs and final state from
+    ``initial_state`` (zero if None), and the segment's transition.
 
     The recurrence is linear in the state, so the state entering every chunk is carried
     as [H | P] with P [K, K] the transition since the segment start (P = I at the start,
@@ -500,10 +501,10 @@ def chunk_gated_delta_rule_with_transition(
     Returns o_local [B, T, H, V] (dtype of v), q_transition [B, T, H, K], S_local
     [B, H, K, V] and M [B, H, K, K] (the accumulation dtype: float32, float64 for float64).
     """
-    check_inputs(q, k, v, g, beta, None, doc_starts)
+    check_inputs(q, k, v, g, beta, initial_state, doc_starts)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     o, final_state, q_transition = _ChunkGatedDeltaRule.apply(
-        q, k, v, g, beta, None, doc_starts, scale, chunk_size, True
+        q, k, v, g, beta, initial_state, doc_starts, scale, chunk_size, True
     )
     V = v.shape[-1]
     return o, q_transition, final_state[..., :V], final_state[..., V:]
