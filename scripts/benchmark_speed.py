@@ -11,7 +11,7 @@ default      strong scaling (fixed global L, CP = 1, 2, 4, 8) and weak scaling
              (same process, same neighbours, alternating with the CP step), so
              overhead = t(CP) - t(shard alone), broken down into time blocked in
              communication, the exchange's local math (fold / scan combine),
-             the kernel's extra work ([v | 0]: value width V + K) and the rest
+             the kernel's extra work (the transition columns: state width V + K) and the rest
              (output correction, halo conv, concatenations).
              Bytes per GDN layer (fwd + bwd, from titan_cp.cp.comm.comm_stats)
              at several L, next to what ring attention would send for an
@@ -563,7 +563,7 @@ def report(result: dict, markdown: bool) -> str:
                 for o in result["overhead"] if "cpu_overhead_s" in o]
         out.append("\nThe same in CPU time (process CPU seconds per step; kernel and exchange: CPU time of the main "
                    "thread inside them; other = overhead - kernel extra - exchange: output correction (q M) S, "
-                   "[v | 0] and halo concatenations, strided adds):")
+                   "halo concatenation, and process CPU of waiting communication threads):")
         out.append(table(["P", "tokens/rank", "alone", "CP", "overhead", "of CP step", "kernel alone -> CP",
                           "kernel extra", "exchange (incl. comm)", "other", "comm blocked (wall)"], rows, markdown))
     if result.get("bytes"):
