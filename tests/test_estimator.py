@@ -243,7 +243,7 @@ def test_cli(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "estimate_memory.py"), "--shape", "340M", "--seq-len", "8192",
          "--cp", "2", "--budget-gib", "80", "--terms", "--json", str(out), "--calibrate", "mlp_hidden=0.9"],
-        capture_output=True, text=True, check=True, timeout=60,
+        capture_output=True, text=True, check=True, timeout=300,
     )
     assert "TOTAL (peak)" in proc.stdout and "mlp_hidden" in proc.stdout
     data = json.loads(out.read_text())
@@ -251,7 +251,7 @@ def test_cli(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "estimate_memory.py"), "--shape", "debug", "--num-heads", "2",
          "--vocab-size", "2000", "--seq-len", "2048", "--act-dtype", "fp32"],
-        capture_output=True, text=True, check=True, timeout=60,
+        capture_output=True, text=True, check=True, timeout=300,
     )
     assert "dim 64, 2 layers, 2 heads x K 16" in proc.stdout and "vocab 2000" in proc.stdout
     assert data["max_seq_len"] > 8192 and data["calibration"] == {"mlp_hidden": 0.9}
