@@ -255,12 +255,15 @@ def mix_state_passing(inp: GDNMixingInputs, kernel: str, cp: CPContext, layer_na
         "(dtype, batch, segment length, key channels, value channels)",
     )
 
-    # b. conv halo: pre-conv q|k|v plus a document-start channel, W-1 tokens per segment.
-    x = torch.cat([rows.q_BTC, rows.k_BTC, rows.v_BTC], dim=-1)
+    # b. conv halo: pre-conv q|k|v plus a document-start channel, W-1 tokens per segment. Only
+    # each segment's tail (its last min(T_seg, W-1) tokens) travels, so only the tails are joined.
+    tail = min(T_seg, W - 1)
+    x = [t[:, T_seg - tail:] for t in (rows.q_BTC, rows.k_BTC, rows.v_BTC)]
     starts = rows.doc_starts_BT
     if starts is not None:
-        x = torch.cat([x, starts.unsqueeze(-1).to(x.dtype)], dim=-1)
-    halo = exchange_halo(x.reshape(B, n, T_seg, -1), W - 1, cp, layer_name).reshape(B * n, W - 1, -1)
+        x.append(starts[:, T_seg - tail:].unsqueeze(-1).to(x[0].dtype))
+    x = torch.cat(x, dim=-1)
+    halo = exchange_halo(x.reshape(B, n, tail, -1), W - 1, cp, layer_name).reshape(B * n, W - 1, -1)
     halo_starts = None
     if starts is not None:
         halo, halo_starts = halo[..., :-1], halo[..., -1] > 0.5

@@ -10,10 +10,12 @@ Each rank holds segments of the sequence (the CP layout). Inside a segment
 the final state is affine in the incoming one, S_end = M S_start + S_local,
 so a rank
 
-  1. runs the kernel ONCE per segment on values [v | 0] (width V + K) from the
-     state [S_0 | I] (S_0 = ``initial_state`` for segment 0, zero for the
-     others); the delta rule acts on every state column alike, so this returns
-     final state [S_local | M] and outputs [o_local | q_t M_<=t];
+  1. computes per segment, in one kernel pass, the outputs o_local and final
+     state S_local from S_0 (``initial_state`` for segment 0, zero for the
+     others), the transition M and q_t M_<=t: the delta rule acts on every state
+     column alike, so M rides as K extra state columns from [S_0 | I]
+     (``titan_cp.cp.state_passing.segment_summary``; the rank holding only
+     segment 0 runs the plain kernel);
   2. exchanges the summaries (M, S_local) over the CP group (``cp.exchange``:
      ``allgather`` or ``logscan``; K (K + V) floats per head and segment, not
      per token) and folds its predecessors' into its true S_start;
