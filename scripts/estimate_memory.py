@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--kernel-saves-states", action="store_true", help="the kernel keeps its chunk states for backward")
     t.add_argument("--kernel-saved-per-head-token", type=float, default=64.0)
     t.add_argument("--kernel-workspace-states", type=float, default=2.0)
-    t.add_argument("--no-cp-extra", action="store_true", help="no [v | 0] trick terms under CP")
+    t.add_argument("--no-cp-extra", action="store_true", help="no state-passing CP terms (transition state columns, q M) under CP")
     c = p.add_argument_group("calibration / output")
     c.add_argument("--calibrate", action="append", default=[], metavar="TERM=FACTOR")
     c.add_argument("--activation-scale", type=float, default=1.0)
@@ -84,7 +84,7 @@ def shape_from_args(a):
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     name, model = shape_from_args(a)
-    shape = Dims.of(model)
+    shape = Dims.of(model, allow_attention=True)  # hybrids: attention blocks are estimated too
     par = Parallelism(a.dp, a.tp, a.cp, not a.no_sequence_parallel)
     setup = TrainSetup(
         seq_len=a.seq_len, batch=a.batch, param_dtype=a.param_dtype, act_dtype=a.act_dtype,

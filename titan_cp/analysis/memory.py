@@ -108,7 +108,9 @@ Transient: ``backward_phase`` = the hidden-state gradient accumulator + one
 layer's backward workspace (``workspace_fraction`` x a layer's saved activations
 for activation gradients, + ``kernel_workspace_states`` fp32 chunk-state tensors
 [T/C, Hv, K, Vk] that a chunked kernel's backward materialises: recomputed h and
-dh) (+ one layer's recomputed activations under AC). ``loss_phase`` = the
+dh) (+ one layer's recomputed activations under AC) (+ for hybrids,
+``attention_score_tensors`` fp32 [Hq, T_loc, T_loc] tensors of the attention backward,
+which titan_cp's block attention materialises for one ring block pair at a time). ``loss_phase`` = the
 accumulator + one loss chunk's logits (+ the unsharded lm_head weight and its
 fp32 gradient under FSDP).
 """
@@ -172,6 +174,8 @@ class TrainSetup:
     loss_chunks: int = 8  # TorchTitan ChunkedLossWrapper.num_chunks (1 = full logits)
     loss_bytes_per_logit: float = 12.0  # logits (act) + fp32 log-softmax + fp32 grad + act grad
     workspace_fraction: float = 0.5  # activation gradients alive in one layer's backward
+    attention_score_tensors: float = 4.7  # hybrids: fp32 [Hq, T_loc, T_loc] score-sized tensors in an attention
+    # block's backward (titan_cp's block attention materialises them; fitted on CPU, P 1-8, 8K tokens)
 
 
 AC_MODES = ("none", "full")
@@ -392,6 +396,8 @@ def estimate_memory(
         * setup.kernel_workspace_states * tokens * shape.Hv * shape.K * Vk / setup.chunk_size * 4 / par.tp
     )
     backward = grad_accum + cal.get("workspace", 1.0) * setup.workspace_fraction * layer_full + kernel_ws
+    if shape.n_attn:  # the attention backward's score-sized tensors (one block pair of the ring at a time)
+        backward += setup.attention_score_tensors * setup.batch * shape.attn_heads / par.tp * tokens**2 / setup.batch**2 * 4
     if setup.ac == "full":
         backward += layer_full  # the block being recomputed
     chunk_tokens = tokens / max(1, setup.loss_chunks)
