@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Per-rank memory of a GDN LM training step under context parallelism (issue 6.1).
+"""Per-rank memory of a GDN LM training step under context parallelism.
 
 For CP sizes P (default 1, 2, 4, 8) and global sequence lengths L it runs one
 forward + backward step (chunked loss, as TorchTitan's ``ChunkedLossWrapper``)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speed of a GDN LM training step under context parallelism (issues 6.2, 7, 9.2).
+"""Speed of a GDN LM training step under context parallelism.
 
 Modes (one per run; each starts its own ranks, one process and one torch
 thread per rank; gloo on CPU, NCCL on GPUs):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Check that a model under context parallelism reproduces one rank (issue 6.4).
+"""Check that a model under context parallelism reproduces one rank.
 
 Step 1, one process: run the full sequence and save the reference (inputs,
 weights, logits, loss and every gradient):

@@ -266,11 +266,6 @@ class SyntheticDataLoader(ParallelAwareDataloader):
         )
 
 
-def doc_starts_from_positions(positions: torch.Tensor) -> torch.Tensor:
-    """[B, T] bool document-start mask from TorchTitan's per-document positions."""
-    return positions == 0
-
-
 __all__ = [
     "ASSETS",
     "CORPUS_PATH",
@@ -281,7 +276,6 @@ __all__ = [
     "TOKENIZER_PATH",
     "SyntheticDataLoader",
     "SyntheticDataset",
-    "doc_starts_from_positions",
     "register_datasets",
     "synthetic_row",
     "tiny_corpus_config",

@@ -67,7 +67,7 @@ Elementwise ops, norms and the loss are left out (they only lengthen compute,
 so the crossing points below are conservative).
 
 Summary-exchange CP also costs compute that does not shrink with P: running the
-kernel at value width V + K to get M ([v | 0] trick, NOTES.md) and the output
+kernel at value width V + K to get M ([v | 0] trick, titan_cp/cp/state_passing.py) and the output
 correction (q M) S_start (2 K V flops per token per head): reported as
 ``cp_compute_overhead``.
 
