@@ -45,18 +45,13 @@ The functions used by scripts/benchmark_speed.py (``launch``, ``build_model``,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
-import pickle
 import platform
-import queue as queue_module
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
-from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,8 +59,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from titan_cp.testing import run_on_ranks
 
 MiB = float(1 << 20)
 GiB = float(1 << 30)
@@ -213,80 +209,23 @@ def can_launch(P: int) -> tuple[bool, str]:
     return True, ""
 
 
-def _rank_main(fn, rank, world, port, args, results, threads, pg_timeout_s):
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    torch.set_num_threads(threads)
-    try:
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-        timeout = timedelta(seconds=pg_timeout_s)
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
-        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world,
-                                timeout=timeout)
-        out = fn(rank, world, device, *args)
-        results.put((rank, "ok", pickle.dumps(out)))
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        results.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+def _on_device(rank, world, fn, *args):
+    """Rank body under :func:`titan_cp.testing.run_on_ranks`: pick this rank's device, run ``fn``."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(rank)
+    return fn(rank, world, torch.device("cuda", rank) if cuda else torch.device("cpu"), *args)
 
 
 def launch(fn, world: int, args=(), *, threads: int = 1, timeout: float = 3600.0, pg_timeout: float = 900.0):
     """Run ``fn(rank, world, device, *args)`` on ``world`` fresh processes (gloo on CPU, NCCL on GPUs).
 
     ``fn`` must be a module-level function. Returns the results by rank; raises
-    RuntimeError with the tracebacks if any rank fails, or on ``timeout``.
+    (titan_cp.testing.RankFailure) with the tracebacks if any rank fails, or on ``timeout``.
     """
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=timedelta(seconds=pg_timeout))
-    procs = [ctx.Process(target=_rank_main, args=(fn, r, world, store.port, tuple(args), results, threads, pg_timeout),
-                         daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    outcomes, failures = {}, {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(outcomes) < world:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"ranks {sorted(set(range(world)) - set(outcomes))} did not finish in {timeout:.0f} s")
-            try:
-                rank, status, payload = results.get(timeout=0.2)
-            except queue_module.Empty:
-                dead = [r for r, p in enumerate(procs) if r not in outcomes and p.exitcode not in (None, 0)]
-                if dead:
-                    time.sleep(1.0)
-                    if results.empty():
-                        raise RuntimeError(f"rank(s) {dead} died (exit codes "
-                                           f"{[procs[r].exitcode for r in dead]}) without a result")
-                continue
-            outcomes[rank] = (status, payload)
-            if status == "error":
-                failures[rank] = payload
-                break
-        if failures:
-            time.sleep(1.0)
-            while not results.empty():
-                rank, status, payload = results.get_nowait()
-                if status == "error":
-                    failures[rank] = payload
-            raise RuntimeError("\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures.items())))
-        return [pickle.loads(outcomes[r][1]) for r in range(world)]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.terminate()
-        for p in procs:
-            p.join(5)
-            if p.is_alive():
-                p.kill()
-        del store
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    return run_on_ranks(_on_device, world, (fn, *args), timeout=timeout, pg_timeout=pg_timeout, backend=backend,
+                        threads=threads)
 
 
 # --------------------------------------------------------------------------- measuring memory

@@ -22,9 +22,9 @@ Sections (``--sections``, default all three):
              against the same model on one rank (P = 1) and against the truth
              (P = 1, float64, torch kernel). Why processes on gloo: NCCL refuses
              two ranks on one GPU; gloo handles CUDA tensors only for some
-             collectives (and not point-to-point), so every collective here
-             goes through host memory (:func:`install_host_staging`: exact
-             copies, and the exchanged tensors are small). The code under test
+             collectives (and not point-to-point), so titan_cp's CP
+             collectives go through host memory (titan_cp.cp.comm.HostStagedComm:
+             exact copies, and the exchanged tensors are small). The code under test
              is titan_cp's real CP code (exchange, halo, fold, all-to-all).
 ``measure``  the 340M flavor in bf16, one shard simulated in one process
              (:class:`LoopbackGroup`: the CP code runs for rank r of P, every
@@ -55,7 +55,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -68,6 +67,7 @@ if str(REPO) not in sys.path:
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from titan_cp.testing import rel_err, run_on_ranks  # noqa: E402
 
 SECTIONS = ("parity", "cp", "measure")
 TENSOR_NAMES = ("o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0")
@@ -235,11 +235,6 @@ def errors(a: torch.Tensor, truth: torch.Tensor) -> dict:
     }
 
 
-def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -331,17 +326,11 @@ def kernel_parity(args, device) -> dict:
 
 
 # ------------------------------------------------------------------------------- collectives
-# Two stand-ins for torch.distributed, installed by patching its module attributes (titan_cp
-# and FLA call `dist.<fn>` at run time): host staging for gloo with CUDA tensors (cp section),
-# and a loopback group that simulates one rank of P in a single process (measure section).
-
-_ORIGINAL = {}
-STAGED = ("all_gather_into_tensor", "all_gather_single", "all_gather", "all_reduce", "all_to_all_single",
-          "batch_isend_irecv")
-
-
-def _original(name):
-    return _ORIGINAL.get(name, getattr(dist, name))
+# The cp section needs nothing here: titan_cp's CP collectives (titan_cp/cp/comm.py) stage
+# CUDA tensors through host memory by themselves on a gloo group (HostStagedComm). The
+# measure section simulates one rank of P in a single process: a loopback group that
+# torch.distributed is taught for the duration (FLA's op-level CP calls torch.distributed
+# itself, so this one stays a patch).
 
 
 class _DoneWork:
@@ -352,74 +341,6 @@ class _DoneWork:
 
     def is_completed(self):
         return True
-
-
-def _host(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu", copy=True)
-
-
-def install_host_staging() -> None:
-    """Route gloo collectives through host copies (exact): gloo's CUDA support is partial.
-
-    Applies to every tensor (CPU tensors are copied too, so CPU tests run this
-    same code). Patched: :data:`STAGED` (batch_isend_irecv runs synchronously
-    and returns finished handles). A collective titan_cp starts using that is
-    not in the list fails loudly on CUDA (gloo), never silently.
-    """
-    if _ORIGINAL:
-        return
-    for name in STAGED:
-        if hasattr(dist, name):
-            _ORIGINAL[name] = getattr(dist, name)
-
-    def gather_like(name):
-        def staged(output_tensor, input_tensor, group=None, async_op=False):
-            out = torch.empty(output_tensor.shape, dtype=output_tensor.dtype)
-            _ORIGINAL[name](out, _host(input_tensor), group=group)
-            output_tensor.copy_(out)
-            return _DoneWork() if async_op else None
-        return staged
-
-    def all_gather(tensor_list, tensor, group=None, async_op=False):
-        outs = [torch.empty(t.shape, dtype=t.dtype) for t in tensor_list]
-        _ORIGINAL["all_gather"](outs, _host(tensor), group=group)
-        for t, o in zip(tensor_list, outs):
-            t.copy_(o)
-        return _DoneWork() if async_op else None
-
-    def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None, async_op=False):
-        h = _host(tensor)
-        _ORIGINAL["all_reduce"](h, op=op, group=group)
-        tensor.copy_(h)
-        return _DoneWork() if async_op else None
-
-    def all_to_all_single(output, input, output_split_sizes=None, input_split_sizes=None, group=None,
-                          async_op=False):
-        out = torch.empty(output.shape, dtype=output.dtype)
-        _ORIGINAL["all_to_all_single"](out, _host(input), output_split_sizes, input_split_sizes, group=group)
-        output.copy_(out)
-        return _DoneWork() if async_op else None
-
-    def batch_isend_irecv(p2p_op_list):
-        staged, copies = [], []
-        for op in p2p_op_list:
-            buf = _host(op.tensor)
-            staged.append(dist.P2POp(op.op, buf, op.peer, op.group, op.tag))
-            if op.op is dist.irecv or getattr(op.op, "__name__", "") == "irecv":
-                copies.append((op.tensor, buf))
-        for work in _ORIGINAL["batch_isend_irecv"](staged):
-            work.wait()
-        for dest, buf in copies:
-            dest.copy_(buf)
-        return [_DoneWork() for _ in p2p_op_list]
-
-    for name in ("all_gather_into_tensor", "all_gather_single"):
-        if name in _ORIGINAL:
-            setattr(dist, name, gather_like(name))
-    dist.all_gather = all_gather
-    dist.all_reduce = all_reduce
-    dist.all_to_all_single = all_to_all_single
-    dist.batch_isend_irecv = batch_isend_irecv
 
 
 @dataclass(frozen=True)
@@ -583,83 +504,40 @@ def cp_seq_len(args) -> int:
     return biggest * (7 if args.quick else 75)
 
 
-def _cp_worker(rank, P, port, device, kernel, layout, exchange, jobs, T, out_dir, errors_q):
-    try:
-        os.environ.update(RANK=str(rank), WORLD_SIZE=str(P), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        torch.set_num_threads(1)
-        from datetime import timedelta
+def _cp_rank(rank, P, device, kernel, layout, exchange, jobs, T):
+    """One CP rank (gloo; ranks share one GPU): loss and gradients of every job, summed on rank 0."""
+    from titan_cp.cp.context import CPContext
+    from titan_cp.cp.layout import shard_sequence
+    from titan_cp.parallelize import apply_cp
 
-        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=300))
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=P, timeout=timedelta(seconds=300))
-        install_host_staging()
-        if torch.device(device).type == "cuda":
-            torch.cuda.set_device(0)
-        from titan_cp.cp.context import CPContext
-        from titan_cp.cp.layout import shard_sequence
-        from titan_cp.parallelize import apply_cp
-
-        for i, (spec, dtype_name) in enumerate(jobs):
-            model = build_model(spec, kernel, dtype_of(dtype_name), device, cp_layout=layout, cp_exchange=exchange)
-            apply_cp(model, CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange))
-            B = 2
-            inputs, labels, positions = cp_batch(model.config.vocab_size, B, T, seed=1)
-            shard = lambda t: shard_sequence(t, 1, rank, P, layout).to(device)  # noqa: E731
-            loss, grads = loss_and_grads(model, shard(inputs), shard(labels), shard(positions), B * T)
-            names = list(grads)
-            flat = torch.cat([loss.float().view(1).to(device)] + [grads[n].flatten() for n in names])
-            dist.all_reduce(flat)
-            if rank == 0:
-                flat = flat.cpu()
-                out, offset = {"loss": flat[0].double().item(), "grads": {}}, 1
-                for n in names:
-                    numel = grads[n].numel()
-                    out["grads"][n] = flat[offset:offset + numel].view(grads[n].shape).clone()
-                    offset += numel
-                torch.save(out, Path(out_dir) / f"job{i}.pt")
-            del model, grads, flat
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        errors_q.put((rank, traceback.format_exc()))
-        raise
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(0)
+    results = []
+    for spec, dtype_name in jobs:
+        model = build_model(spec, kernel, dtype_of(dtype_name), device, cp_layout=layout, cp_exchange=exchange)
+        apply_cp(model, CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange))
+        B = 2
+        inputs, labels, positions = cp_batch(model.config.vocab_size, B, T, seed=1)
+        shard = lambda t: shard_sequence(t, 1, rank, P, layout).to(device)  # noqa: E731
+        loss, grads = loss_and_grads(model, shard(inputs), shard(labels), shard(positions), B * T)
+        names = list(grads)
+        flat = torch.cat([loss.float().view(1).to(device)] + [grads[n].flatten() for n in names]).cpu()
+        dist.all_reduce(flat)  # the sum over ranks: CP gradients are partial per rank
+        if rank == 0:
+            out, offset = {"loss": flat[0].double().item(), "grads": {}}, 1
+            for n in names:
+                numel = grads[n].numel()
+                out["grads"][n] = flat[offset:offset + numel].view(grads[n].shape).clone()
+                offset += numel
+            results.append(out)
+        del model, grads, flat
+    return results
 
 
 def spawn_cp(P, device, kernel, layout, exchange, jobs, T, timeout) -> list[dict]:
     """Run jobs on P gloo processes (one GPU shared); returns rank 0's results per job."""
-    import torch.multiprocessing as mp
-    from datetime import timedelta
-
-    ctx = mp.get_context("spawn")
-    errors_q = ctx.SimpleQueue()
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=300))
-    with tempfile.TemporaryDirectory() as out_dir:
-        procs = [ctx.Process(target=_cp_worker, args=(r, P, store.port, device, kernel, layout, exchange, jobs, T,
-                                                      out_dir, errors_q), daemon=True) for r in range(P)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout
-        try:
-            while any(p.is_alive() for p in procs):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"cp launch P={P} {layout}/{exchange} did not finish in {timeout:.0f} s")
-                if any(p.exitcode not in (None, 0) for p in procs):
-                    time.sleep(2.0)  # let the failing rank's report arrive
-                    break
-                time.sleep(0.2)
-            failures = []
-            while not errors_q.empty():
-                failures.append(errors_q.get())
-            bad_exit = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-            if failures or bad_exit:
-                detail = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in sorted(failures))
-                raise RuntimeError(f"cp launch P={P} {layout}/{exchange} failed (exit codes {bad_exit}):\n{detail}")
-            return [torch.load(Path(out_dir) / f"job{i}.pt") for i in range(len(jobs))]
-        finally:
-            for p in procs:
-                if p.is_alive():
-                    p.terminate()
-                p.join(10)
-            del store
+    return run_on_ranks(_cp_rank, P, (device, kernel, layout, exchange, jobs, T), timeout=timeout,
+                        pg_timeout=300)[0]
 
 
 def cp_match(args, device) -> dict:
@@ -690,8 +568,8 @@ def cp_match(args, device) -> dict:
             rows = {"loss": (abs(res["loss"] - t_loss) / abs(t_loss), abs(p_loss - t_loss) / abs(t_loss),
                              abs(res["loss"] - p_loss) / abs(p_loss))}
             for n, g in res["grads"].items():
-                rows[n] = (max_rel(g, truth_grads[n].cpu()), max_rel(p1_grads[n].cpu(), truth_grads[n].cpu()),
-                           max_rel(g, p1_grads[n].cpu()))
+                rows[n] = (rel_err(g, truth_grads[n].cpu()), rel_err(p1_grads[n].cpu(), truth_grads[n].cpu()),
+                           rel_err(g, p1_grads[n].cpu()))
             verdict = {n: (cp_err, CP_FACTOR * p1_err + floor) for n, (cp_err, p1_err, _) in rows.items()}
             bad = {n: v for n, v in verdict.items() if not (math.isfinite(v[0]) and v[0] <= v[1])}
             worst = max(verdict, key=lambda n: verdict[n][0] / verdict[n][1])

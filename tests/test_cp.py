@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from distributed import RankFailure, run_on_ranks
+from titan_cp.testing import RankFailure, rel_err, run_on_ranks
 from titan_cp.cp.context import CPContext
 from titan_cp.cp.layout import shard_sequence
 from titan_cp.cp.comm import comm_stats
@@ -21,10 +21,6 @@ from titan_cp.parallelize import apply_cp
 from titan_cp.model.layers import GatedDeltaNet, SequenceInfo
 
 FP32_REL = 1e-5
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def doc_pattern(name: str, B: int, T: int, P: int, layout: str) -> torch.Tensor | None:

@@ -328,7 +328,7 @@ def test_torch_kernel_profile_matches_the_real_model_under_cp():
     """The estimate is the worst rank's (one holding a later segment: it keeps the transition
     columns and q M) within 2%; the rank holding only the first segment runs the plain kernel
     and saves less."""
-    from distributed import run_on_ranks
+    from titan_cp.testing import run_on_ranks
 
     per_rank = run_on_ranks(_cp_saved, 2, timeout=300)
     for i, overrides in enumerate((_CAL_MODEL, _CAL_HYBRID)):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed import run_on_ranks
+from titan_cp.testing import run_on_ranks
 from test_cp import FP32_REL, layer_errors, make_layer
 from titan_cp.cp.context import CPContext
 from titan_cp.cp.layout import shard_sequence

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from distributed import run_on_ranks
+from titan_cp.testing import rel_err, run_on_ranks
 
 from titan_cp.cp.context import CPContext
 from titan_cp.cp.layout import shard_sequence
@@ -30,10 +30,6 @@ from titan_cp.model.attention import Attention
 from titan_cp.model.layers import SequenceInfo
 
 FP32_REL = 1e-5
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
 
 
 def packed_positions(B: int, T: int) -> torch.Tensor:

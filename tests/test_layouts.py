@@ -214,7 +214,7 @@ def _init_on_ranks(rank, world, dp_shard, tp):
 
 def test_init_is_the_same_on_tp_with_activation_checkpointing():
     """TP-sharded, AC-wrapped ranks with differently seeded global RNGs initialise the one-rank weights."""
-    from distributed import run_on_ranks
+    from titan_cp.testing import run_on_ranks
     from titan_cp.model import model_config
 
     cfg = model_config("debug", layer_pattern="GA", attn_head_dim=16, init_seed=SEED)

@@ -125,7 +125,7 @@ def _op_level(rank: int, world: int) -> dict:
 
 
 def test_op_level_gated_delta_rule_at_p3_matches_one_process():
-    from distributed import run_on_ranks
+    from titan_cp.testing import run_on_ranks
 
     for result in run_on_ranks(_op_level, 3, timeout=400):
         assert result["refused"] == [True, True]

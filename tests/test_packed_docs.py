@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from distributed import run_on_ranks
+from titan_cp.testing import rel_err, run_on_ranks
 from titan_cp.cp.context import CPContext
 from titan_cp.cp.layout import num_segments, shard_sequence
 from titan_cp.model import model_config
@@ -54,10 +54,6 @@ def build(exchange: str, layout: str):
     return model
 
 
-def rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
 def errors_vs_documents_alone(rank: int, P: int, exchange: str, layout: str) -> dict[str, float]:
     tokens, labels, positions, documents = packed_batch(P, layout)
     model = build(exchange, layout)
@@ -81,11 +77,11 @@ def errors_vs_documents_alone(rank: int, P: int, exchange: str, layout: str) -> 
     total = loss.detach().clone()
     if P > 1:
         dist.all_reduce(total)
-    errs = {"logits": rel(logits.detach(), shard(logits_ref)), "loss": rel(total, loss_ref.detach())}
+    errs = {"logits": rel_err(logits.detach(), shard(logits_ref)), "loss": rel_err(total, loss_ref.detach())}
     for n, p in model.named_parameters():
         if P > 1:
             dist.all_reduce(p.grad)
-        errs[n] = rel(p.grad, grads_ref[n])
+        errs[n] = rel_err(p.grad, grads_ref[n])
     return errs
 
 

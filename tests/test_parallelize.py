@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from distributed import RankFailure, run_on_ranks
+from titan_cp.testing import RankFailure, rel_err, run_on_ranks
 from titan_cp.cp.layout import shard_sequence
 from titan_cp.model import model_config
 from titan_cp.parallelize import apply_cp, parallelize_gdn
@@ -27,10 +27,6 @@ class _Cfg:
 
     def __init__(self, **kw):
         self.__dict__.update(kw)
-
-
-def _rel(a, b):
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
 def _run(rank, world, dp, cp, tp, flavor_overrides, layout, exchange):
@@ -79,11 +75,11 @@ def _run(rank, world, dp, cp, tp, flavor_overrides, layout, exchange):
     (loss_sum / (B * T)).backward()
     total = loss_sum.detach().clone()
     dist.all_reduce(total)
-    errors = {"loss": _rel(total / (B * T * tp), ref_loss.detach())}
+    errors = {"loss": rel_err(total / (B * T * tp), ref_loss.detach())}
     ref_grads = dict(reference.named_parameters())
     for name, p in model.named_parameters():
         grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-        errors[name] = _rel(grad, ref_grads[name].grad)
+        errors[name] = rel_err(grad, ref_grads[name].grad)
     return errors
 
 
@@ -144,8 +140,8 @@ def _compiled(rank, world):
     apply_compile(model, backend="aot_eager")
     compiled = F.cross_entropy(model(inputs).flatten(0, 1), labels.flatten())
     compiled.backward()
-    return max([_rel(compiled.detach(), eager.detach())]
-               + [_rel(p.grad, g) for p, g in zip(model.parameters(), eager_grads)])
+    return max([rel_err(compiled.detach(), eager.detach())]
+               + [rel_err(p.grad, g) for p, g in zip(model.parameters(), eager_grads)])
 
 
 def test_torch_compile_under_cp_matches_eager():

@@ -18,18 +18,11 @@ from titan_cp.cp import layout as cp_layout
 from titan_cp.cp.ring_attention import block_counts, plan_step, ring_attention
 from titan_cp.cp.comm import comm_stats
 from titan_cp.cp.context import CPContext
+from titan_cp.testing import rel_err, run_on_ranks
 
-try:  # tests/ is on sys.path when pytest collects it without a package
-    from distributed import run_on_ranks
-except ImportError:  # tests/ collected as a package
-    from tests.distributed import run_on_ranks
 
 TOL = 1e-5
 B, HQ, HKV, D = 2, 4, 2, 16
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 def _reference(q, k, v, doc_ids=None, scale=None):
@@ -88,7 +81,7 @@ def _run_case(rank, P, group, layout, seg, *, docs=None, dtype=torch.float32, se
     grads = torch.autograd.grad(out, (ql, kl, vl), shard(dout))
 
     full = [cp_layout.unshard_sequence(t.detach(), 2, group, layout) for t in (out, *grads)]
-    errors = {name: _rel(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), full, (ref, *ref_grads))}
+    errors = {name: rel_err(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), full, (ref, *ref_grads))}
     tol = TOL if dtype == torch.float32 else 3e-2
     case = f"P={P} rank={rank} layout={layout} seg={seg} docs={docs} dtype={dtype} hq={hq}"
     assert max(errors.values()) <= tol, f"{case}: relative errors {errors} > {tol}"
@@ -187,9 +180,9 @@ def test_single_process_equals_causal_attention(layout):
         ref = _reference(q, k, v, doc_ids)
         grads = torch.autograd.grad(out, (q, k, v), dout)
         ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
-        assert _rel(out, ref) <= TOL
+        assert rel_err(out, ref) <= TOL
         for g, r in zip(grads, ref_grads):
-            assert _rel(g, r) <= TOL
+            assert rel_err(g, r) <= TOL
     assert not comm_stats.records  # nothing sent, nothing recorded
 
 

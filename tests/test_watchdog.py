@@ -18,7 +18,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from distributed import run_on_ranks
+from titan_cp.testing import run_on_ranks
 
 SILENCE_S = 1.0
 

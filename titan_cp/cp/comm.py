@@ -148,9 +148,9 @@ class HostStagedComm(DistComm):
         staged = [P2P(op.send, _host(op.tensor), op.peer, op.tag) for op in ops]
         for work in super().batch_isend_irecv(staged, group):
             work.wait()
-        for op, s in zip(ops, staged):
+        for op, host in zip(ops, staged):
             if not op.send:
-                op.tensor.copy_(s)
+                op.tensor.copy_(host.tensor)
         return [_Done() for _ in ops]
 
 

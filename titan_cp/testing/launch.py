@@ -1,9 +1,9 @@
-"""Run a Python function on P gloo ranks, one process each, for multi-rank tests.
+"""Run a Python function on P ranks, one process each: the launcher of tests, benchmarks, GPU checks.
 
-Usage (in a test module; the rank function must be defined at module level so
-the ``spawn`` start method can pickle it by reference)::
+Usage (the rank function must be defined at module level so the ``spawn``
+start method can pickle it by reference)::
 
-    from distributed import run_on_ranks   # tests/ is on sys.path under pytest
+    from titan_cp.testing import run_on_ranks
 
     def _check(rank, world_size, seq_len):
         group = torch.distributed.group.WORLD   # already initialised (gloo)
