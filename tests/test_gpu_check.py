@@ -21,6 +21,8 @@ import torch.distributed as dist
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 import gpu_check  # noqa: E402
+import gpu_common  # noqa: E402
+import gpu_measure  # noqa: E402
 
 
 def test_quick_run_on_cpu_reports_pass(tmp_path):
@@ -90,8 +92,8 @@ def test_triton_on_cpu_is_a_recorded_error(tmp_path):
 
 
 def test_loopback_group_simulates_one_rank():
-    group = gpu_check.LoopbackGroup(4, 2)
-    with gpu_check.loopback_collectives():
+    group = gpu_measure.LoopbackGroup(4, 2)
+    with gpu_measure.loopback_collectives():
         assert dist.get_rank(group) == 2 and dist.get_world_size(group=group) == 4
         assert dist.get_global_rank(group, 3) == 3
         x = torch.arange(6.0).view(2, 3)
@@ -119,9 +121,9 @@ def test_titan_cp_cp_runs_on_a_loopback_group():
     layer = GatedDeltaNet(dim=16, num_heads=2, head_dim=8, expand_v=1.0, num_v_heads=None, conv_size=4,
                           norm_eps=1e-6, kernel="torch")
     layer.init_weights(0.02)
-    with gpu_check.loopback_collectives():
+    with gpu_measure.loopback_collectives():
         for layout, exchange in (("contiguous", "allgather"), ("zigzag", "allgather"), ("contiguous", "logscan")):
-            layer.cp = CPContext(group=gpu_check.LoopbackGroup(4, 1), layout=layout, exchange=exchange)
+            layer.cp = CPContext(group=gpu_measure.LoopbackGroup(4, 1), layout=layout, exchange=exchange)
             comm_stats.reset()
             x = torch.randn(1, 16, 16, requires_grad=True)
             layer(x, SequenceInfo()).sum().backward()
@@ -151,14 +153,14 @@ def _fla_cp_main() -> None:
     for module in (fla.ops.cp.chunk_bwd, fla.ops.cp.chunk_delta_h, fla.ops.cp.chunk_fwd, fla.ops.cp.chunk_merge):
         module._check_cp_device = lambda device: None  # FLA's CP insists on NVIDIA sm80+; the interpreter is fine
     P, shard, H, K, V = 4, 40, 2, 16, 16
-    tensors, _, _ = gpu_check.gdn_inputs(1, shard, H, K, V, seed=0, device="cpu", dtype=torch.float32)
+    tensors, _, _ = gpu_common.gdn_inputs(1, shard, H, K, V, seed=0, device="cpu", dtype=torch.float32)
     grad_o = torch.randn(1, shard, H, V, generator=torch.Generator().manual_seed(1))
     report = {}
-    with gpu_check.loopback_collectives():
+    with gpu_measure.loopback_collectives():
         for rank in range(1, P - 1):
-            cp = CPContext(group=gpu_check.LoopbackGroup(P, rank), layout="contiguous", exchange="allgather")
+            cp = CPContext(group=gpu_measure.LoopbackGroup(P, rank), layout="contiguous", exchange="allgather")
             results = []
-            for op in (gpu_check.fla_cp_op(P, rank, shard, "cpu"), gpu_check.titan_cp_gdn_op("torch", cp)):
+            for op in (gpu_measure.fla_cp_op(P, rank, shard, "cpu"), gpu_measure.titan_cp_gdn_op("torch", cp)):
                 leaves = [t.clone().requires_grad_() for t in tensors[:5]]
                 o = op(*leaves)
                 o.backward(grad_o)

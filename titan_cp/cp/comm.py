@@ -172,7 +172,8 @@ def backend_for(group, device: torch.device) -> DistComm:
     """The installed backend, else host staging for gloo + CUDA tensors, else plain torch.distributed."""
     if _override is not None:
         return _override
-    if device.type == "cuda" and dist.get_backend(group) == "gloo":
+    real_group = group is None or isinstance(group, dist.ProcessGroup)  # not a test double of a group
+    if device.type == "cuda" and real_group and dist.get_backend(group) == "gloo":
         return HostStagedComm()
     return DistComm()
 
