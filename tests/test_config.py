@@ -201,9 +201,12 @@ def test_triton_kernel_rejected_at_runtime_on_cpu():
 
 
 def _nproc_of(path: Path) -> int:
-    m = re.search(r"nproc_per_node=(\d+)", path.read_text())
+    """World size of the torchrun line a config documents (--nnodes x --nproc_per_node)."""
+    text = path.read_text()
+    m = re.search(r"nproc_per_node=(\d+)", text)
     assert m, f"{path} should document its torchrun --nproc_per_node"
-    return int(m.group(1))
+    nodes = re.search(r"nnodes=(\d+)", text)
+    return int(m.group(1)) * (int(nodes.group(1)) if nodes else 1)
 
 
 @pytest.mark.parametrize("path", sorted(TRAIN_CONFIGS.glob("*.toml")), ids=lambda p: p.name)
@@ -219,7 +222,19 @@ def test_train_configs_parse(path, tmp_path):
         (tmp_path / "config.json").write_text(json.dumps(hf_config_from_model(model_config(model["flavor"]))))
         argv += ["--model.hf_config", str(tmp_path / "config.json"), "--job.hf_assets_path", str(TOKENIZER_PATH),
                  "--checkpoint.initial_load_path", str(tmp_path)]
+    if model.get("name") == "qwen3_5" and "cp8" in path.name:  # the HF checkpoint is the user's: a stand-in
+        from titan_cp.data import TOKENIZER_PATH
+        from titan_cp.qwen3_5.configs import model_spec
+
+        (tmp_path / "config.json").write_text(json.dumps(model_spec(model["flavor"]).model.hf_config()))
+        argv += ["--job.hf_assets_path", str(TOKENIZER_PATH), "--checkpoint.initial_load_path", str(tmp_path)]
     config = config_from_args(argv, world_size=world, check_runtime=False)
+    if path.name.startswith("qwen3_5"):  # TorchTitan's Qwen3.5 (docs/qwen3_5.md)
+        assert config.model_spec.name == "qwen3_5"
+        gpu = "cp8" in path.name
+        assert config.model_spec.model.kernel == ("triton" if gpu else "torch")
+        assert config.checkpoint.initial_load_in_hf == config.checkpoint.last_save_in_hf == gpu
+        return
     assert config.model_spec.name == "gdn"
     if "cp8" in path.name:
         assert config.parallelism.context_parallel_degree == 8

@@ -79,9 +79,8 @@ def model_spec(flavor: str, **overrides) -> ModelSpec:
 
 
 def _config(
-    flavor: str,
+    spec: ModelSpec,
     *,
-    model_overrides: dict | None = None,
     training: TrainingConfig,
     lr: float,
     warmup_steps: int,
@@ -90,7 +89,6 @@ def _config(
     log_freq: int,
     activation_checkpoint=None,
 ) -> Trainer.Config:
-    spec = model_spec(flavor, **(model_overrides or {}))
     optimizer = default_adamw(lr=lr)
     optimizer.implementation = optimizer_impl
     layout = getattr(spec.model, "cp_layout", "contiguous")
@@ -142,7 +140,7 @@ def _gpu_training(**kw) -> TrainingConfig:
 def _cpu_config(flavor: str) -> Trainer.Config:
     """A short CPU run of ``flavor``: torch kernel, 512 tokens, shipped corpus."""
     return _config(
-        flavor,
+        model_spec(flavor),
         training=_cpu_training(),
         lr=3e-3,
         warmup_steps=2,
@@ -165,8 +163,7 @@ def gdn_debug_hybrid() -> Trainer.Config:
 def _gpu_config(flavor: str, lr: float) -> Trainer.Config:
     """A long GPU run of ``flavor``: triton kernel, 64K tokens per sequence, full AC."""
     return _config(
-        flavor,
-        model_overrides={"kernel": "triton"},
+        model_spec(flavor, kernel="triton"),
         training=_gpu_training(steps=20000),
         lr=lr,
         warmup_steps=1000,
@@ -259,10 +256,33 @@ def _gdn_flavors() -> tuple[str, ...]:
     return FLAVORS
 
 
+def _qwen3_5_config_for_flavor(flavor: str) -> Trainer.Config:
+    from titan_cp.qwen3_5.configs import config_for_flavor as qwen3_5_config_for_flavor
+
+    return qwen3_5_config_for_flavor(flavor)
+
+
+# TorchTitan's qwen3_5_configs names (kept here so importing the registry does not import FLA).
+QWEN3_5_FLAVORS = ("debugmodel", "debugmodel_moe", "0.8B", "2B", "4B", "9B", "27B", "35B-A3B", "122B-A10B",
+                   "397B-A17B")
+
 # [model] name -> its family. THE place a new model plugs into the TOML front end.
 MODEL_FAMILIES: dict[str, ModelFamily] = {
     "gdn": ModelFamily(config_for_flavor=config_for_flavor, flavors=_gdn_flavors(), default_flavor="debug"),
+    "qwen3_5": ModelFamily(config_for_flavor=_qwen3_5_config_for_flavor, flavors=QWEN3_5_FLAVORS,
+                           default_flavor="debugmodel"),
 }
+
+# Qwen3.5 config functions (``--module titan_cp --config qwen3_5_debug``), imported on first use.
+QWEN3_5_CONFIGS = ("qwen3_5_debug", "qwen3_5_2b_128k", "qwen3_5_9b_256k")
+
+
+def __getattr__(name: str):
+    if name in QWEN3_5_CONFIGS:
+        from titan_cp.qwen3_5 import configs
+
+        return getattr(configs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def register_model_family(name: str, family: ModelFamily) -> None:
@@ -283,6 +303,7 @@ def family_config(name: str, flavor: str | None = None) -> Trainer.Config:
 
 
 __all__ = [
+    *QWEN3_5_CONFIGS,
     "CONFIG_FOR_FLAVOR",
     "MODEL_FAMILIES",
     "config_for_flavor",

@@ -159,9 +159,10 @@ def apply_fsdp(model: nn.Module, *, parallel_dims, training, parallelism) -> Non
     )
 
 
-def parallelize_gdn(
+def parallelize_decoder(
     model: nn.Module,
     *,
+    apply_tp_fn,
     parallel_dims,
     training,
     parallelism,
@@ -169,7 +170,11 @@ def parallelize_gdn(
     ac_config,
     dump_folder: str,
 ):
-    """TorchTitan's ``parallelize_fn`` for GDN models (see the module docstring)."""
+    """CP -> TP (``apply_tp_fn(model, tp_mesh)``) -> AC -> compile -> FSDP/HSDP, for any titan_cp decoder.
+
+    The model config carries ``cp_layout`` / ``cp_exchange``; its sequence
+    mixers carry ``mixes_sequence`` (:func:`apply_cp`).
+    """
     cp = None
     if parallel_dims.cp_enabled:
         cp = CPContext(
@@ -179,10 +184,15 @@ def parallelize_gdn(
         )
     apply_cp(model, cp)
     if parallel_dims.tp_enabled:
-        apply_tp(model, parallel_dims.get_mesh("tp"))
+        apply_tp_fn(model, parallel_dims.get_mesh("tp"))
     if ac_config is not None:
         ac_config.build(dump_folder=dump_folder).apply(model)
     if compile_config is not None and compile_config.enable and "model" in compile_config.components:
         apply_compile(model, compile_config.backend)
     apply_fsdp(model, parallel_dims=parallel_dims, training=training, parallelism=parallelism)
     return model
+
+
+def parallelize_gdn(model: nn.Module, **kwargs):
+    """TorchTitan's ``parallelize_fn`` for GDN models (see the module docstring)."""
+    return parallelize_decoder(model, apply_tp_fn=apply_tp, **kwargs)

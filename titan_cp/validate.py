@@ -21,7 +21,9 @@ matches the layout; heads divisible by TP (and TP x CP for ``alltoall``);
 ``seq_len`` divisible by the CP segments and TorchTitan's pieces; training
 and optimizer numbers (steps, batch, lr, betas); paths (tokenizer, dataset,
 a writable checkpoint folder); the model builds on the meta device (its
-layers' own shape rules); with ``check_runtime`` that the kernel runs here.
+layers' own shape rules); a model family's own ``check_job(config)`` (e.g.
+Qwen3.5's heads and HF ``config.json``); with ``check_runtime`` that the
+kernel runs here.
 """
 
 from __future__ import annotations
@@ -316,6 +318,9 @@ def validate(config, *, world_size: int | None = None, check_runtime: bool = Tru
     degrees = resolve_degrees(config, world_size_from_env() if world_size is None else world_size)
     _check_names(config)
     _check_heads(config.model_spec.model, degrees["tp"], degrees["cp"])
+    family_check = getattr(config.model_spec.model, "check_job", None)  # a model family's own rules
+    if family_check is not None:
+        family_check(config)
     _check_seq_len(config, degrees["cp"], degrees["tp"])
     _check_paths(config)
     if hasattr(config.model_spec.model, "n_layers"):  # a GDN model: its pipeline split

@@ -17,6 +17,7 @@ single-process mode).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -91,7 +92,9 @@ def write_hf_config(model_config, out: str | Path, tokenizer_path: str | Path | 
         for name in TOKENIZER_FILES:
             if (Path(tokenizer_path) / name).is_file() and Path(tokenizer_path).resolve() != out.resolve():
                 shutil.copyfile(Path(tokenizer_path) / name, out / name)
-    hf = hf_config_from_model(model_config, bos_token_id=bos, eos_token_id=eos, dtype=dtype)
+    # A model family with its own HF config (e.g. titan_cp.qwen3_5) provides it; else FLA's GDN config.
+    make = getattr(model_config, "hf_config", None) or functools.partial(hf_config_from_model, model_config)
+    hf = make(bos_token_id=bos, eos_token_id=eos, dtype=dtype)
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
 
 

@@ -28,6 +28,27 @@ from titan_cp.model.layers import GatedDeltaNet, GDNBlock, RMSNorm, SequenceInfo
 from titan_cp.validate import validate
 
 
+def sequence_info(
+    tokens: torch.Tensor, positions: torch.Tensor | None, cp: CPContext | None, doc_masking: bool = True
+) -> SequenceInfo:
+    """Global token index of this rank's tokens (from the CP layout), and document facts.
+
+    With packed documents ``positions`` restart at 0 at every document start;
+    a document's id is the global index of its first token (index - position),
+    the same on every rank without any communication. Without ``positions``
+    (or with ``doc_masking`` off) each row is one sequence and RoPE positions
+    are the global token indices.
+    """
+    B, T = tokens.shape[:2]
+    index = torch.arange(T * (cp.size if cp else 1), device=tokens.device)
+    if cp is not None and cp.size > 1:
+        index = shard_sequence(index, 0, cp.rank, cp.size, cp.layout)
+    index = index.expand(B, T)
+    if positions is None or not doc_masking:
+        return SequenceInfo(positions=index if positions is None else positions)
+    return SequenceInfo(doc_starts=positions == 0, positions=positions, doc_ids=index - positions)
+
+
 class GDNModel(BaseModel):
     @dataclass(kw_only=True, slots=True)
     class Config(BaseModel.Config):
@@ -181,23 +202,8 @@ class GDNModel(BaseModel):
             )
 
     def sequence_info(self, tokens: torch.Tensor, positions: torch.Tensor | None) -> SequenceInfo:
-        """Global token index of this rank's tokens (from the CP layout), and document facts.
-
-        ``tokens`` is [B, T] (or a later pipeline stage's hidden states [B, T, D]).
-
-        With packed documents ``positions`` restart at 0 at every document start;
-        a document's id is the global index of its first token (index - position),
-        the same on every rank without any communication.
-        """
-        B, T = tokens.shape[:2]
-        cp: CPContext | None = self.cp
-        index = torch.arange(T * (cp.size if cp else 1), device=tokens.device)
-        if cp is not None and cp.size > 1:
-            index = shard_sequence(index, 0, cp.rank, cp.size, cp.layout)
-        index = index.expand(B, T)
-        if positions is None or not self.config.doc_masking:
-            return SequenceInfo(positions=index if positions is None else positions)
-        return SequenceInfo(doc_starts=positions == 0, positions=positions, doc_ids=index - positions)
+        """:func:`sequence_info` of this rank's tokens ([B, T], or a later pipeline stage's [B, T, D])."""
+        return sequence_info(tokens, positions, self.cp, self.config.doc_masking)
 
     def forward(
         self,
