@@ -22,6 +22,7 @@ import torch
 
 from titan_cp.convert import main as convert_main
 from titan_cp.errors import ConfigError
+from titan_cp.checkpoint_args import load_checkpoint
 from titan_cp.hf.checkpoints import load_model, save_dcp, save_hf
 from titan_cp.hf.config import hf_config_from_model, model_config_from_hf, same_shape
 from titan_cp.model import GDNModel, model_config
@@ -83,7 +84,7 @@ def test_dcp_to_hf_to_dcp_is_bit_exact(case, tmp_path):
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
 
     shape = {"config_file": tmp_path / "train.toml"} if overrides else {"flavor": flavor}
-    back, _ = load_model(tmp_path / "dcp", **shape)
+    back, _ = load_checkpoint(tmp_path / "dcp", **shape)
     original, loaded = model.state_dict(), back.state_dict()
     assert list(original) == list(loaded)
     for name in original:
@@ -155,6 +156,6 @@ def test_dcp_checkpoint_with_another_shape_is_refused(tmp_path):
         load_model(tmp_path / "step-1", flavor="debug", **{})
     save_dcp(_model("debug"), tmp_path / "step-2")
     with pytest.raises(ConfigError, match=r"layers.0.attention.q_proj.weight is \(64, 64\) there but \(32, 64\)"):
-        load_model(tmp_path / "step-2", config_file=_toml(tmp_path, 'flavor = "debug"\nhead_dim = 8'))
+        load_checkpoint(tmp_path / "step-2", config_file=_toml(tmp_path, 'flavor = "debug"\nhead_dim = 8'))
     with pytest.raises(ConfigError, match="pass the training config"):
         load_model(tmp_path / "step-2")

@@ -2,9 +2,9 @@
 
 - Import graph: the titan_cp modules each module imports when it is imported,
   plus the implicit edge to the parent packages' ``__init__`` of what it
-  imports, form a DAG; in the core layers (kernels, GDN ops, CP, model) also
-  counting imports inside functions (no function-local import hides a
-  circle there). And a fresh interpreter imports everything with each layer
+  imports, form a DAG; in the core layers (kernels, GDN ops, CP, model) and
+  the config layer with titan_cp.hf also counting imports inside functions
+  (no function-local import hides a circle there). And a fresh interpreter imports everything with each layer
   first (the order in which a circle would show).
 - torch.distributed collectives (all-gather, all-to-all, point-to-point, ...)
   are called only in titan_cp/cp/ (comm.py does the calls), except the
@@ -137,9 +137,17 @@ def test_import_graph_has_no_circle():
     assert cycle is None, "import circle: " + " -> ".join(cycle)
 
 
-def test_core_layers_have_no_circle_even_through_function_level_imports():
-    graph = import_graph(function_level=True, within=CORE_LAYERS)
+# The config layer and the checkpoint formats it reads (TOML -> model config, HF config.json, the
+# state-dict adapter): the commands parse TOML above them (titan_cp/checkpoint_args.py), never titan_cp.hf.
+CONFIG_AND_HF = ("titan_cp.config_registry", "titan_cp.toml_config", "titan_cp.hf")
+
+
+@pytest.mark.parametrize("within", [CORE_LAYERS, CORE_LAYERS + CONFIG_AND_HF], ids=["core", "core+config+hf"])
+def test_no_circle_even_through_function_level_imports(within):
+    graph = import_graph(function_level=True, within=within)
     assert "titan_cp.gdn_ops" in graph["titan_cp.cp.head_parallel"]
+    if "titan_cp.hf" in within:
+        assert "titan_cp.hf.adapter" in graph["titan_cp.config_registry"]  # a function-level edge
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle)
 

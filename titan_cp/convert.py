@@ -30,12 +30,12 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def to_hf(checkpoint: str, out: str, *, config_file: str | None = None, flavor: str | None = None,
           tokenizer: str | None = None, dtype: str = "float32") -> str:
-    from titan_cp.data import TOKENIZER_PATH
-    from titan_cp.hf.checkpoints import load_model, model_config_from_train_config, save_hf
+    from titan_cp.checkpoint_args import load_checkpoint, tokenizer_folder
+    from titan_cp.hf.checkpoints import save_hf
 
-    model, source = load_model(checkpoint, config_file=config_file, flavor=flavor)
+    model, source = load_checkpoint(checkpoint, config_file=config_file, flavor=flavor)
     if tokenizer is None:
-        tokenizer = model_config_from_train_config(config_file)[1].hf_assets_path if config_file else TOKENIZER_PATH
+        tokenizer = tokenizer_folder(source, config_file)
     state = {k: v.to(DTYPES[dtype]) for k, v in model.state_dict().items()}
     save_hf(state, model.config, out, tokenizer_path=tokenizer)
     return f"{source} -> {out} (FLA gated_deltanet, {len(state)} tensors, {dtype})"

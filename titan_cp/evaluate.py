@@ -80,7 +80,7 @@ def evaluate_rows(model, rows, *, batch_size: int = 1, cp=None) -> tuple[float, 
 
 def main(argv: list[str] | None = None) -> int:
     from titan_cp.data import VALIDATION_PATH
-    from titan_cp.hf.checkpoints import add_checkpoint_args, load_model, tokenizer_folder
+    from titan_cp.checkpoint_args import add_checkpoint_args, load_checkpoint, tokenizer_folder
 
     parser = argparse.ArgumentParser(prog="python -m titan_cp.evaluate", description=__doc__.split("\n\n")[0])
     add_checkpoint_args(parser)
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 check_divisible(args.seq_len, world, args.cp_layout)
             except ValueError as e:
                 raise ConfigError(f"--seq_len: {e}") from e
-        model, weights = load_model(args.checkpoint, config_file=args.config_file, flavor=args.flavor,
-                                    kernel=args.kernel)
+        model, weights = load_checkpoint(args.checkpoint, config_file=args.config_file, flavor=args.flavor,
+                                         kernel=args.kernel)
     except ConfigError as e:
         print(f"titan_cp.evaluate: {e}", file=sys.stderr)
         return 2

@@ -22,7 +22,7 @@ from titan_cp.errors import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from titan_cp.hf.checkpoints import add_checkpoint_args, load_model, tokenizer_folder
+    from titan_cp.checkpoint_args import add_checkpoint_args, load_checkpoint, tokenizer_folder
     from titan_cp.model.decode import generate
 
     parser = argparse.ArgumentParser(prog="python -m titan_cp.generate", description=__doc__.split("\n\n")[0])
@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        model, weights = load_model(args.checkpoint, config_file=args.config_file, flavor=args.flavor,
-                                    kernel=args.kernel)
+        model, weights = load_checkpoint(args.checkpoint, config_file=args.config_file, flavor=args.flavor,
+                                         kernel=args.kernel)
     except ConfigError as e:
         print(f"titan_cp.generate: {e}", file=sys.stderr)
         return 2

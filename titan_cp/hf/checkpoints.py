@@ -22,7 +22,6 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -151,26 +150,13 @@ def save_dcp(model, out: str | Path) -> Path:
     return out
 
 
-def model_config_from_train_config(config_file: str | Path, overrides: dict[str, Any] | None = None):
-    """The model config a TOML training config trains (at one rank), and its Trainer.Config."""
-    from titan_cp.toml_config import config_from_args
-
-    one_rank = ["--parallelism.data_parallel_shard_degree", "1", "--parallelism.data_parallel_replicate_degree", "1",
-                "--parallelism.context_parallel_degree", "1", "--parallelism.tensor_parallel_degree", "1",
-                "--parallelism.pipeline_parallel_degree", "1"]
-    argv = ["--job.config_file", str(config_file), *one_rank]
-    for key, value in (overrides or {}).items():
-        argv += [f"--model.{key}", json.dumps(value) if not isinstance(value, str) else f'"{value}"']
-    config = config_from_args(argv, world_size=1, check_runtime=False)
-    return config.model_spec.model, config
-
-
-def load_model(checkpoint: str | Path, *, config_file: str | Path | None = None, flavor: str | None = None,
-               kernel: str = "torch", device: str | torch.device = "cpu"):
+def load_model(checkpoint: str | Path, *, model_config=None, flavor: str | None = None, kernel: str = "torch",
+               device: str | torch.device = "cpu"):
     """(model, path of the weights loaded) from a DCP or FLA HF checkpoint (see the module docstring).
 
-    DCP checkpoints need their shape: ``config_file`` (the training TOML) or
-    ``flavor``; an HF folder carries it in ``config.json``.
+    DCP checkpoints need their shape: ``model_config`` (the commands parse it from
+    the training TOML, :mod:`titan_cp.checkpoint_args`) or ``flavor``; an HF
+    folder carries it in ``config.json``.
     """
     path = latest_step_folder(checkpoint)
     if is_hf_folder(path):
@@ -179,35 +165,13 @@ def load_model(checkpoint: str | Path, *, config_file: str | Path | None = None,
         state = FLAStateDictAdapter(model_config, None).from_hf(load_hf_state_dict(path))
         model.load_state_dict(state, strict=True)
         return model.eval(), path
-    if config_file is not None:
-        model_config, _ = model_config_from_train_config(config_file, {"kernel": kernel})
-    elif flavor is not None:
-        from titan_cp.model import model_config
+    if model_config is None and flavor is not None:
+        from titan_cp.model import model_config as flavor_config
 
-        model_config = model_config(flavor, kernel=kernel)
-    else:
+        model_config = flavor_config(flavor, kernel=kernel)
+    if model_config is None:
         raise ConfigError(f"--checkpoint '{path}' is a DCP checkpoint, which does not record the model shape: "
                           "pass the training config (--config_file train_configs/X.toml) or --flavor.")
     model = build_model(model_config, device)
     load_dcp_into(model, path)
     return model.eval(), path
-
-
-def tokenizer_folder(weights: str | Path, config_file: str | Path | None = None) -> Path:
-    """The tokenizer of a checkpoint: its own files (HF folder), else the training config's, else the shipped one."""
-    from titan_cp.data import TOKENIZER_PATH
-
-    if (Path(weights) / "tokenizer.json").is_file():
-        return Path(weights)
-    if config_file is not None:
-        return Path(model_config_from_train_config(config_file)[1].hf_assets_path)
-    return TOKENIZER_PATH
-
-
-def add_checkpoint_args(parser) -> None:
-    """``--checkpoint`` / ``--config_file`` / ``--flavor`` / ``--kernel`` of the evaluate and generate commands."""
-    parser.add_argument("--checkpoint", required=True,
-                        help="FLA HF folder, DCP step-N folder, or a run's checkpoint folder (its latest step)")
-    parser.add_argument("--config_file", help="the training TOML (the model shape of a DCP checkpoint)")
-    parser.add_argument("--flavor", help="the model flavor of a DCP checkpoint, instead of --config_file")
-    parser.add_argument("--kernel", default="torch", help="gated delta rule kernel: torch (CPU/GPU) or triton (GPU)")
