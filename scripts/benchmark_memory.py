@@ -521,6 +521,7 @@ def plot_memory(result: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from bench_figure import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     sizes = sorted({r["P"] for r in result["rows"] if r["status"] == "ok"})
@@ -541,11 +542,7 @@ def plot_memory(result: dict, path: Path) -> None:
     ax.set_title("Per-rank memory vs L (dotted: estimator's peak)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.text(0.01, 0.005, f"{result['model_description']}\n{result['machine']}", fontsize=6)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, f"{result['model_description']}\n{result['machine']}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,6 +33,9 @@ jobs on the machine slow every row alike, but add noise).
     python scripts/benchmark_speed.py --strategies [--quick]
     python scripts/benchmark_speed.py --hybrid [--quick]
     python scripts/benchmark_speed.py --json speed.json
+
+The timers and byte counts are in scripts/bench_timing.py, the tables and the
+plot in scripts/bench_report.py.
 """
 
 from __future__ import annotations
@@ -43,7 +46,6 @@ import os
 import statistics
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,188 +64,8 @@ from benchmark_memory import (
     model_args_from,
     train_step,
 )
-
-# --------------------------------------------------------------------------- timers
-
-
-class Timers:
-    """Wall-clock accumulators patched into communication calls and CP autograd functions.
-
-    - ``comm``: time blocked in torch.distributed calls (collectives, and the
-      ``wait()`` of batched point-to-point work), fwd + bwd.
-    - ``exchange``: time inside the state exchange / halo / all-to-all autograd
-      functions (their communication included), fwd + bwd.
-    - ``kernel``: time inside the torch chunk kernel (forward + backward).
-    Each also as ``<key>_cpu``: CPU time of the calling thread inside the region.
-    On GPUs each timed region synchronises the device first and last.
-    """
-
-    def __init__(self, device: torch.device):
-        self.t = defaultdict(float)
-        self.sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        self._depth = defaultdict(int)
-
-    def reset(self):
-        self.t.clear()
-
-    def region(self, key, fn):
-        timers = self
-
-        def wrapped(*args, **kwargs):
-            if timers._depth[key]:
-                return fn(*args, **kwargs)
-            timers._depth[key] += 1
-            timers.sync()
-            t0, c0 = time.perf_counter(), time.thread_time()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                timers.sync()
-                timers.t[key] += time.perf_counter() - t0
-                timers.t[key + "_cpu"] += time.thread_time() - c0
-                timers._depth[key] -= 1
-
-        return wrapped
-
-    def install(self):
-        for name in ("all_gather_into_tensor", "all_gather", "all_to_all_single", "all_reduce",
-                     "reduce_scatter_tensor", "broadcast"):
-            setattr(dist, name, self.region("comm", getattr(dist, name)))
-        original = dist.batch_isend_irecv
-        timers = self
-
-        class _TimedWork:
-            def __init__(self, work):
-                self.work = work
-
-            def wait(self, *a, **k):
-                return timers.region("comm", self.work.wait)(*a, **k)
-
-            def __getattr__(self, item):
-                return getattr(self.work, item)
-
-        def batch(ops):
-            return [_TimedWork(w) for w in timers.region("comm", original)(ops)]
-
-        dist.batch_isend_irecv = batch
-        from titan_cp.cp import comm, halo, state_passing
-        from titan_cp.kernels import chunk
-
-        for cls in (state_passing._AllGatherExchange, state_passing._LogScanExchange, halo._HaloExchange,
-                    comm.AllToAll):
-            for m in ("forward", "backward"):
-                setattr(cls, m, staticmethod(self.region("exchange", getattr(cls, m))))
-        for m in ("forward", "backward"):
-            setattr(chunk._ChunkGatedDeltaRule, m, staticmethod(self.region("kernel", getattr(chunk._ChunkGatedDeltaRule, m))))
-
-
-def set_cp(model, args: ModelArgs, P: int, exchange: str | None = None, layout: str | None = None):
-    from titan_cp.cp.context import CPContext
-    from titan_cp.parallelize import apply_cp
-
-    if P == 1 or exchange == "none":
-        apply_cp(model, None)
-    else:
-        apply_cp(model, CPContext(group=dist.group.WORLD, layout=layout or args.layout,
-                                  exchange=exchange or args.exchange))
-
-
-def timed_steps(model, inputs, labels, global_tokens, timers: Timers, warmup: int, repeats: int,
-                loss_chunks: int, variants=None):
-    """Per variant (name -> setup callable): median step wall time and timer totals over ``repeats``.
-
-    Variants are interleaved step by step so load changes hit them alike.
-    Ranks meet at a barrier before every step (not timed).
-    """
-    variants = variants or {"cp": lambda: None}
-    samples = {name: [] for name in variants}
-    for i in range(warmup + repeats):
-        for name, setup in variants.items():
-            batch_override = setup()  # may return (inputs, labels) of its own
-            x, y = batch_override if batch_override is not None else (inputs, labels)
-            model.zero_grad(set_to_none=True)
-            if dist.is_initialized():
-                dist.barrier()
-            timers.reset()
-            timers.sync()
-            c0, o0, t0 = time.process_time(), os.times(), time.perf_counter()
-            train_step(model, x, y, loss_chunks, global_tokens)
-            timers.sync()
-            wall, cpu, o1 = time.perf_counter() - t0, time.process_time() - c0, os.times()
-            if i >= warmup:
-                samples[name].append({"wall": wall, "cpu": cpu, "cpu_user": o1.user - o0.user,
-                                      "cpu_sys": o1.system - o0.system, **timers.t})
-    out = {}
-    for name, rows in samples.items():
-        keys = set().union(*rows)
-        out[name] = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in keys}
-        out[name]["walls"] = [r["wall"] for r in rows]
-    return out
-
-
-def comm_per_layer():
-    """comm_stats records grouped by layer: {layer: {kind: (sent, received, rounds)}}."""
-    from titan_cp.cp.comm import comm_stats
-
-    out = defaultdict(dict)
-    for (layer, kind), r in comm_stats.records.items():
-        out[layer][kind] = {"sent": r.bytes_sent, "received": r.bytes_received, "rounds": r.rounds, "calls": r.calls}
-    return dict(out)
-
-
-def ring_attention_bytes(P: int, tokens_per_rank: int, kv_width: int, batch: int = 1, elem: int = 4) -> dict:
-    """Bytes one rank sends for a causal ring-attention layer (titan_cp/cp/ring_attention.py docstring).
-
-    N = B * Hkv * Tloc * D: forward (P-1) * 2 N E; backward (P-1) * 2 N E + P * 2 N * 4.
-    """
-    N = batch * tokens_per_rank * kv_width
-    fwd = (P - 1) * 2 * N * elem
-    bwd = (P - 1) * 2 * N * elem + P * 2 * N * 4
-    return {"fwd": fwd, "bwd": bwd, "total": fwd + bwd, "rounds_fwd": P - 1, "rounds_bwd": P}
-
-
-# --------------------------------------------------------------------------- core probe
-
-
-def _probe_worker(seconds, out):
-    torch.set_num_threads(1)
-    a, b = torch.randn(512, 512), torch.randn(512, 512)
-    for _ in range(3):
-        a @ b
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        n += 1
-    out.put(2 * 512**3 * n / (time.perf_counter() - t0) / 1e9)
-
-
-def probe_cores(n_procs: int, seconds: float = 3.0) -> list[float]:
-    """GFLOP/s of n concurrent single-thread 512^3 matmul loops: how much of the machine is ours right now."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_probe_worker, args=(seconds, out)) for _ in range(n_procs)]
-    for p in procs:
-        p.start()
-    rates = [out.get(timeout=120 + 10 * seconds) for _ in procs]
-    for p in procs:
-        p.join(10)
-    return rates
-
-
-def core_probe(cores: int) -> dict:
-    if torch.cuda.is_available():
-        return {}
-    one = probe_cores(1)
-    many = probe_cores(cores)
-    result = {"one_process_gflops": one[0], f"{cores}_processes_gflops": many,
-              "effective_parallelism": sum(many) / one[0], "load_average": load_average()}
-    print(f"# core probe: 1 process {one[0]:.0f} GFLOP/s; {cores} concurrent processes "
-          f"{' + '.join(f'{r:.0f}' for r in many)} GFLOP/s -> effective parallelism "
-          f"{result['effective_parallelism']:.2f} of {cores} (load average {result['load_average']:.1f})", flush=True)
-    return result
-
+from bench_report import plot_scaling, report
+from bench_timing import Timers, comm_per_layer, core_probe, ring_attention_bytes, set_cp, timed_steps
 
 # --------------------------------------------------------------------------- rank functions
 
@@ -499,154 +321,6 @@ def run_hybrid(a, margs: ModelArgs) -> dict:
     return {"hybrid": rows}
 
 
-# --------------------------------------------------------------------------- printing
-
-
-def fmt_bytes(b: float) -> str:
-    for unit, div in (("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if b >= div:
-            return f"{b / div:,.1f} {unit}"
-    return f"{b:,.0f} B"
-
-
-def table(head, rows, markdown) -> str:
-    if markdown:
-        return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
-                         ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
-    widths = [max(len(str(x)) for x in [h] + [r[i] for r in rows]) for i, h in enumerate(head)]
-    return "\n".join("  ".join(str(c).rjust(w) for c, w in zip(r, widths)) for r in [head] + rows)
-
-
-def report(result: dict, markdown: bool) -> str:
-    out = []
-    if "scaling" in result:
-        rows = []
-        for r in result["scaling"]:
-            if "step_s" not in r:
-                rows.append([r["P"], "-", "-", "-", "-", "-", "-", r.get("status", "")])
-                continue
-            rel = (f"{r['speedup']:.2f}x" if "speedup" in r else
-                   f"{r['efficiency']:.2f} eff." if "efficiency" in r else "-")
-            rel_cpu = (f"{r['cpu_speedup']:.2f}x" if "cpu_speedup" in r else
-                       f"{r['cpu_efficiency']:.2f} eff." if "cpu_efficiency" in r else "-")
-            rows.append([r["P"], r["kind"], f"{r['L']:,}", f"{r['tokens_per_rank']:,}", f"{r['step_s']:.2f}",
-                         f"{r['tokens_per_s_per_rank']:,.0f}", f"{r['tokens_per_s']:,.0f}", rel,
-                         f"{r['step_cpu_s']:.2f}", rel_cpu, ("oversubscribed" if r["oversubscribed"] else "")])
-        out.append("Scaling (step = forward + chunked loss + backward; median of repeats; slowest rank). "
-                   "'vs CP=1' = speed-up (strong) or efficiency (weak) in wall time; 'CPU' = the same from the "
-                   "slowest rank's CPU time (what dedicated cores would give; wall time here is shared with other jobs):")
-        out.append(table(["P", "scaling", "L", "tokens/rank", "step s", "tok/s/rank", "tok/s total", "vs CP=1",
-                          "CPU s", "vs CP=1 (CPU)", "note"], rows, markdown))
-        same = [r for r in result["scaling"] if "same_load_speedup" in r]
-        if same:
-            out.append("\nStrong scaling under the same load (P <= cores: every rank also ran the whole sequence with "
-                       "cp=None, interleaved step by step with the CP step):")
-            out.append(table(["P", "L", "full L alone s", "CP step s", "speed-up (wall)", "full L CPU s", "CP CPU s",
-                              "speed-up (CPU)"],
-                             [[r["P"], f"{r['L']:,}", f"{r['same_load_full_step_s']:.2f}", f"{r['step_s']:.2f}",
-                               f"{r['same_load_speedup']:.2f}x", f"{r['same_load_full_cpu_s']:.2f}",
-                               f"{r['step_cpu_s']:.2f}", f"{r['same_load_cpu_speedup']:.2f}x"] for r in same], markdown))
-    if result.get("overhead"):
-        rows = [[o["P"], f"{o['tokens_per_rank']:,}", f"{o['step_alone_s']:.2f}", f"{o['step_cp_s']:.2f}",
-                 f"{o['overhead_s']:+.2f}", f"{100 * o['overhead_fraction']:+.1f}%",
-                 f"{100 * o['cpu_overhead_fraction']:+.1f}%", f"{o['comm_blocked_s']:.2f}",
-                 f"{o['exchange_local_math_s']:.3f}", f"{o['kernel_alone_s']:.2f} -> {o['kernel_cp_s']:.2f}",
-                 f"{o['kernel_extra_s']:+.2f}", f"{o['other_s']:+.2f}",
-                 "oversubscribed" if o["oversubscribed"] else ""] for o in result["overhead"]]
-        out.append("\nCP overhead: the same shard with cp=None vs under CP (mean over ranks, seconds per step, wall):")
-        out.append(table(["P", "tokens/rank", "alone", "CP", "overhead", "of CP step", "of CP step (CPU)", "comm blocked",
-                          "exchange math", "kernel alone -> CP", "kernel extra", "other", "note"], rows, markdown))
-        rows = [[o["P"], f"{o['tokens_per_rank']:,}", f"{o['cpu_alone_s']:.2f}", f"{o['cpu_cp_s']:.2f}",
-                 f"{o['cpu_overhead_s']:+.3f}", f"{100 * o['cpu_overhead_fraction']:+.1f}%",
-                 f"{o['kernel_cpu_alone_s']:.3f} -> {o['kernel_cpu_cp_s']:.3f}", f"{o['kernel_cpu_extra_s']:+.3f}",
-                 f"{o['exchange_cpu_s']:.3f}", f"{o['other_cpu_s']:+.3f}", f"{o['comm_blocked_s']:.3f}"]
-                for o in result["overhead"] if "cpu_overhead_s" in o]
-        out.append("\nThe same in CPU time (process CPU seconds per step; kernel and exchange: CPU time of the main "
-                   "thread inside them; other = overhead - kernel extra - exchange: output correction (q M) S, "
-                   "halo concatenation, and process CPU of waiting communication threads):")
-        out.append(table(["P", "tokens/rank", "alone", "CP", "overhead", "of CP step", "kernel alone -> CP",
-                          "kernel extra", "exchange (incl. comm)", "other", "comm blocked (wall)"], rows, markdown))
-    if result.get("bytes"):
-        rows = [[b["P"], f"{b['L']:,}", b["layer"], fmt_bytes(b["sent_fwd"]), fmt_bytes(b["sent_bwd"]),
-                 fmt_bytes(b["sent_total"]), ", ".join(f"{k} {fmt_bytes(v)}" for k, v in sorted(b["by_kind"].items())),
-                 fmt_bytes(b["ring_attention_total"])] for b in result["bytes"]]
-        out.append("\nBytes sent per GDN layer per rank (worst rank per kind; fwd + bwd) vs ring attention of the same "
-                   "width:")
-        out.append(table(["P", "L", "layer", "fwd", "bwd", "total", "by kind", "ring attention (MHA, kv = dim)"],
-                         rows, markdown))
-    if "strategies" in result:
-        rows = []
-        for r in result["strategies"]:
-            if r.get("status") != "ok":
-                rows.append([r["P"], r.get("strategy", "-"), r.get("status", ""), "", "", "", "", "", ""])
-                continue
-            rows.append([r["P"], r["strategy"], f"{r['step_s']:.2f}", f"{r.get('step_cpu_s', float('nan')):.2f}",
-                         f"{r['comm_blocked_s']:.2f}",
-                         f"{fmt_bytes(r['sent_fwd'])} / {fmt_bytes(r['sent_bwd'])}",
-                         f"{fmt_bytes(r['received_fwd'])} / {fmt_bytes(r['received_bwd'])}",
-                         f"{r['rounds_fwd']} / {r['rounds_bwd']}", "oversubscribed" if r["oversubscribed"] else ""])
-        out.append("\nStrategies, interleaved step by step in one job per P (step: slowest rank, wall and CPU; "
-                   "bytes and rounds per GDN layer, worst rank, fwd / bwd; rounds include the conv halo's one):")
-        out.append(table(["P", "strategy", "step s", "CPU s", "comm blocked s", "sent", "received", "rounds", "note"],
-                         rows, markdown))
-    if "hybrid" in result:
-        rows = []
-        for r in result["hybrid"]:
-            if "busy_per_rank_s" not in r:
-                rows.append([r["P"], "-", r.get("status", ""), "", "", "", "", ""])
-                continue
-            rows.append([r["P"], r["layout"], f"{r['step_s']:.2f}",
-                         " / ".join(f"{b:.2f}" for b in r["cpu_per_rank_s"]), f"{r['cpu_max_over_min']:.2f}",
-                         " / ".join(f"{b:.2f}" for b in r["busy_per_rank_s"]), f"{r['busy_max_over_min']:.2f}",
-                         "oversubscribed" if r["oversubscribed"] else ""])
-        out.append("\nHybrid balance per rank, forward + backward: CPU time (process_time), and busy = wall time "
-                   "minus time blocked in communication:")
-        out.append(table(["P", "layout", "step s", "CPU s per rank", "max/min (CPU)", "busy s per rank",
-                          "max/min (busy)", "note"], rows, markdown))
-    return "\n".join(out)
-
-
-def plot_scaling(result: dict, path: Path) -> None:
-    """Total tokens/s vs CP degree, strong and weak scaling; wall time and the CPU-time equivalent."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for kind, color in (("strong", "tab:blue"), ("weak", "tab:orange")):
-        rows = sorted((r for r in result["scaling"] if r.get("kind") == kind or (kind == "weak" and r.get("P") == 1
-                       and not any(x.get("P") == 1 and x.get("kind") == "weak" for x in result["scaling"]))),
-                      key=lambda r: r["P"])
-        rows = [r for r in rows if "step_s" in r]
-        if not rows:
-            continue
-        P = [r["P"] for r in rows]
-        label = (f"strong, L = {rows[-1]['L']:,}" if kind == "strong" else
-                 f"weak, {rows[-1]['tokens_per_rank']:,} tokens/rank")
-        ax.plot(P, [r["tokens_per_s"] for r in rows], "o-", color=color, label=f"{label} (wall)")
-        ax.plot(P, [r["tokens_per_rank"] * 1.0 / r["step_cpu_s"] * r["P"] for r in rows], "s--", color=color,
-                alpha=0.7, label=f"{label} (CPU time: dedicated cores)")
-    base = [r for r in result["scaling"] if r.get("P") == 1 and r.get("kind") == "strong" and "step_s" in r]
-    Ps = sorted({r["P"] for r in result["scaling"] if "P" in r})
-    if base:
-        ax.plot(Ps, [P * base[0]["tokens_per_s"] for P in Ps], ":", color="gray", label="ideal: P x CP=1 (strong)")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.set_xticks(Ps)
-    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.set_xlabel("CP degree P (ranks; > cores = oversubscribed)")
-    ax.set_ylabel("tokens / s (all ranks)")
-    ax.set_title("Training throughput vs CP degree", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.text(0.01, 0.005, f"{result['model']}\n{result['machine']}", fontsize=6)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -677,8 +351,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    import os
-
     a = build_parser().parse_args(argv)
     a.cores = a.cores or os.cpu_count()
     if a.hybrid and a.flavor == "debug":
