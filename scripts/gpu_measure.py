@@ -246,24 +246,17 @@ def measure_model(args, device, spec, dtype) -> list[dict]:
 def titan_cp_gdn_op(kernel_name, cp):
     """Steps c-d of titan_cp.cp.state_passing.mix_state_passing (kernel + exchange + correction), no conv.
 
-    Mirrors mixing.py: values [v | 0], initial state [0 | I], final [S_local | M],
-    exchange_states, o = o_local + (q M) S_start.
+    The same calls: segment_summary (the torch kernel's one-pass transition, any other
+    kernel's [v | 0] from [0 | I] call), exchange_states, o = o_local + (q M) S_start.
     """
-    from titan_cp.cp.state_passing import exchange_states
-    from titan_cp.kernels import get_kernel
-
-    kernel = get_kernel(kernel_name)
+    from titan_cp.cp.state_passing import exchange_states, segment_summary
 
     def op(q, k, v, g, beta):
         N, T, H, V = v.shape
         K = q.shape[-1]
-        v_aug = torch.cat([v, v.new_zeros(N, T, H, K)], dim=-1)
-        start = torch.zeros(N, H, K, V + K, dtype=torch.float32, device=v.device)
-        start[..., V:] = torch.eye(K, device=v.device)
-        o_aug, final = kernel(q, k, v_aug, g, beta, initial_state=start, output_final_state=True)
-        S_local, M = final[..., :V], final[..., V:]
+        S_local, M, o_local, q_transition = segment_summary(kernel_name, q, k, v, g, beta, None)
         S_start = exchange_states(M.reshape(N, 1, H, K, K), S_local.reshape(N, 1, H, K, V), cp, "op").reshape(N, H, K, V)
-        return o_aug[..., :V] + torch.einsum("nthk,nhkv->nthv", o_aug[..., V:].float(), S_start).to(v.dtype)
+        return o_local + torch.einsum("nthk,nhkv->nthv", q_transition, S_start).to(v.dtype)
 
     return op
 
