@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -135,8 +136,9 @@ class _Block(nn.Module):
         return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
 
 
-def _saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves in one forward."""
+@contextlib.contextmanager
+def _saved_storages(module: nn.Module):
+    """Yields {storage: bytes}, filled with the distinct non-parameter storages autograd saves inside."""
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     seen: dict[int, int] = {}
 
@@ -147,6 +149,12 @@ def _saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
+def _saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves in one forward."""
+    with _saved_storages(module) as seen:
         module(x).sum().backward()
     return sum(seen.values())
 
@@ -277,16 +285,7 @@ def _model_saved_bytes(rank: int, P: int, overrides: dict, T: int) -> tuple[int,
     if P > 1:
         tokens = shard_sequence(tokens, 1, rank, P, "contiguous")
     tokens = tokens.contiguous()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with _saved_storages(model) as seen:
         seq = model.sequence_info(tokens, None)
         h = model.tok_embeddings(tokens)
         for block in model.layers.values():
