@@ -170,6 +170,22 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
+@contextlib.contextmanager
+def _measured_row(row: dict, device, cleanup=lambda: None):
+    """One measurement row: ``status`` 'ok', or 'oom' if the device ran out of memory (other errors
+    propagate); then ``cleanup()`` and the device's memory freed."""
+    try:
+        yield
+        row["status"] = "ok"
+    except Exception as error:  # noqa: BLE001
+        if not _is_oom(error):
+            raise
+        row["status"] = "oom"
+    finally:
+        cleanup()
+        _free(device)
+
+
 def measure_model(args, device, spec, dtype) -> list[dict]:
     from titan_cp.cp.context import CPContext
     from titan_cp.cp.comm import comm_stats
@@ -199,34 +215,25 @@ def measure_model(args, device, spec, dtype) -> list[dict]:
                 loss = chunked_loss(forward_hidden(model, inputs), model.lm_head.weight, labels)
                 loss.backward()
 
-            try:
-                with loopback_collectives():
-                    cp = None if P == 1 else CPContext(group=LoopbackGroup(P, rank), layout="contiguous",
-                                                       exchange=args.exchange)
-                    apply_cp(model, cp)
-                    comm_stats.reset()
-                    if cuda:
-                        torch.cuda.reset_peak_memory_stats()
-                    step()  # warm-up (autotuning, allocator) and the memory peak
-                    sync(device)
-                    row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-                    sent, received = comm_stats.total().bytes_sent, comm_stats.total().bytes_received
-                    row["comm_bytes_sent_per_step"], row["comm_bytes_received_per_step"] = sent, received
-                    row["fwd_bwd_ms"] = timed_ms(step, device, args.iters, warmup=0)
-                    apply_cp(model, None)  # the same shard as an independent sequence: no CP machinery
-                    if cuda:
-                        torch.cuda.reset_peak_memory_stats()
-                    row["alone_ms"] = timed_ms(step, device, args.iters, warmup=1)
-                    row["alone_peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
-                    row["cp_overhead_ms"] = row["fwd_bwd_ms"] - row["alone_ms"]
-                    row["status"] = "ok"
-            except Exception as error:  # noqa: BLE001
-                if not _is_oom(error):
-                    raise
-                row["status"] = "oom"
-            finally:
-                apply_cp(model, None)
-                _free(device)
+            with _measured_row(row, device, cleanup=lambda: apply_cp(model, None)), loopback_collectives():
+                cp = None if P == 1 else CPContext(group=LoopbackGroup(P, rank), layout="contiguous",
+                                                   exchange=args.exchange)
+                apply_cp(model, cp)
+                comm_stats.reset()
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                step()  # warm-up (autotuning, allocator) and the memory peak
+                sync(device)
+                row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+                sent, received = comm_stats.total().bytes_sent, comm_stats.total().bytes_received
+                row["comm_bytes_sent_per_step"], row["comm_bytes_received_per_step"] = sent, received
+                row["fwd_bwd_ms"] = timed_ms(step, device, args.iters, warmup=0)
+                apply_cp(model, None)  # the same shard as an independent sequence: no CP machinery
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                row["alone_ms"] = timed_ms(step, device, args.iters, warmup=1)
+                row["alone_peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+                row["cp_overhead_ms"] = row["fwd_bwd_ms"] - row["alone_ms"]
             rows.append(row)
     # memory target: activations scale as 1/P from the smallest P that fits at each L
     for L in args.seq_lens:
@@ -299,7 +306,7 @@ def measure_kernels(args, device, H, K, V, dtype) -> list[dict]:
         for P in [p for p in args.measure_sizes if p > 1]:
             shard = L // P
             row = {"L": L, "P": P, "shard": shard, "H": H, "K": K, "V": V, "dtype": str(dtype).replace("torch.", "")}
-            try:
+            with _measured_row(row, device):
                 tensors, _, _ = gdn_inputs(1, shard, H, K, V, seed=0, device=device, dtype=dtype)
                 q, k, v, g, beta = [t.requires_grad_() for t in tensors[:5]]
                 grad_o = torch.randn(1, shard, H, V, device=device, dtype=dtype)
@@ -326,13 +333,6 @@ def measure_kernels(args, device, H, K, V, dtype) -> list[dict]:
                 row["within_5pct"] = (row["titan_cp_ms"] <= 1.05 * row["fla_cp_ms"]) if row["fla_cp_ms"] else None
                 if not cuda:
                     row["note"] = "FLA's CP needs CUDA: titan_cp timed alone"
-                row["status"] = "ok"
-            except Exception as error:  # noqa: BLE001
-                if not _is_oom(error):
-                    raise
-                row["status"] = "oom"
-            finally:
-                _free(device)
             rows.append(row)
     return rows
 
