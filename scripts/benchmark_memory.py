@@ -37,6 +37,8 @@ exceeds it are skipped rather than risking the machine.
     python scripts/benchmark_memory.py --quick            # P 1,2,4 x L 1K,2K, about a minute
     python scripts/benchmark_memory.py --seq_lens 4096 16384 65536 --json mem.json
     python scripts/benchmark_memory.py --cp_sizes 1 2 --flavor 340M --seq_lens 8192   # on GPUs
+    python scripts/benchmark_memory.py --model qwen3_5 --cp_sizes 1 2 4 --seq_lens 2048 4096 8192
+                                          # Qwen3.5 debug model, + saved bytes per GDN / attention layer
 
 The functions used by scripts/benchmark_speed.py (``launch``, ``build_model``,
 ``train_step``, ``ModelArgs``) live here.
@@ -494,6 +496,7 @@ def run(a: argparse.Namespace) -> dict:
                             "peak_delta_bytes", "step_s"):
                     row[key] = max(r[key] for r in rank_rows)
                 row["per_rank_activation_bytes"] = [r["activation_bytes"] for r in rank_rows]
+                row["saved_by_kind"] = max(rank_rows, key=lambda r: r["activation_bytes"])["saved_by_kind"]
                 row["per_rank_peak_bytes"] = [r["peak_bytes"] for r in rank_rows]
             if margs.has_estimate and (row["status"] != "skipped" or "estimate" in row.get("note", "")):
                 est = estimate_row(margs, L, P, a.batch, a.loss_chunks)

@@ -64,8 +64,7 @@ class QwenArgs:
         torch.manual_seed(seed)
         model = self.config(max_seq_len).build()
         model.init_weights()
-        model.to(device=device, dtype={"float32": torch.float32, "float64": torch.float64,
-                                       "bfloat16": torch.bfloat16}[self.dtype])
+        model.to(device=device, dtype=getattr(torch, self.dtype))  # float32 | float64 | bfloat16
         model._skip_lm_head = True  # the chunked loss applies lm_head itself
         group = cp_group if cp_group is not None and dist.get_world_size(cp_group) > 1 else None
         apply_cp(model, None if group is None else CPContext(group=group, layout=self.layout, exchange=self.exchange))
