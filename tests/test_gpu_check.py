@@ -43,7 +43,15 @@ def test_quick_run_on_cpu_reports_pass(tmp_path):
         (2, "zigzag", "allgather", "float32"), (2, "zigzag", "allgather", "bfloat16"),
         (2, "contiguous", "logscan", "float32"), (2, "contiguous", "logscan", "bfloat16"),
     }
-    assert all(c["pass"] and c["errors"]["loss"]["cp_vs_p1"] < 1e-5 for c in cp["cases"])
+    # Every case passes the script's own verdict: CP's error against the float64 truth is
+    # within a small factor of the one-rank run's. CP vs one rank directly: fp32 agrees to
+    # accumulation order; bf16 rounds its activations (unit roundoff 2^-9 = 2e-3) at other
+    # points under CP (the segment summary's outputs and correction), so the two bf16 runs
+    # may differ by a fraction of that rounding, never more.
+    assert all(c["pass"] for c in cp["cases"])
+    loss_vs_p1 = {c["dtype"]: max(d["errors"]["loss"]["cp_vs_p1"] for d in cp["cases"] if d["dtype"] == c["dtype"])
+                  for c in cp["cases"]}
+    assert loss_vs_p1["float32"] < 1e-5 and loss_vs_p1["bfloat16"] < 2 ** -9 / 4, loss_vs_p1
     measure = sections["measure"]
     assert measure["status"] == "done"
     assert [(r["P"], r["status"]) for r in measure["model_rows"]] == [(1, "ok"), (2, "ok")]
