@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import torch
 import torch.distributed as dist
-from benchmark_memory import ModelArgs, load_average, train_step
+from bench_model import ModelArgs, load_average, train_step
 
 class Timers:
     """Wall-clock accumulators patched into communication calls and CP autograd functions.

@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch
 import torch.distributed as dist
-from benchmark_memory import (
+from bench_model import (
     ModelArgs,
     add_model_arguments,
     build_model,
