@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
-from titan_cp.testing import RankFailure, rel_err, run_on_ranks
+from titan_cp.testing import load_full_state, RankFailure, rel_err, run_on_ranks
 from titan_cp.cp.layout import shard_sequence
 from titan_cp.model import model_config
 from titan_cp.parallelize import apply_cp, parallelize_gdn
@@ -49,13 +49,7 @@ def _run(rank, world, dp, cp, tp, flavor_overrides, layout, exchange):
     parallelize_gdn(model, parallel_dims=dims, training=training, parallelism=parallelism,
                     compile_config=None, ac_config=None, dump_folder="/tmp")
     model.to_empty(device="cpu")
-    full = reference.state_dict()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.to_local().copy_(distribute_tensor(full[name], p.device_mesh, p.placements).to_local())
-    for module in model.modules():
-        if hasattr(module, "set_force_sum_reduction_for_comms"):
-            module.set_force_sum_reduction_for_comms(True)
+    load_full_state(model, reference.state_dict())
 
     B, T = 2 * dp, 16 * cp
     torch.manual_seed(1)

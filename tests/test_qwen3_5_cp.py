@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
-from titan_cp.testing import rel_err, run_on_ranks
+from titan_cp.testing import load_full_state, rel_err, run_on_ranks
 from qwen35_common import packed_positions, tiny_model
 
 # Both dtypes: rel 1e-5. The float64 runs (TorchTitan's own init, whose decay gradients are
@@ -113,13 +113,7 @@ def _mesh_errors(rank: int, world: int, dp_replicate: int, dp_shard: int, cp: in
     )
     model.to_empty(device="cpu")
     model.init_weights()  # buffers (RoPE cache); parameters are overwritten next
-    full = reference.state_dict()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.to_local().copy_(distribute_tensor(full[name], p.device_mesh, p.placements).to_local())
-    for module in model.modules():
-        if hasattr(module, "set_force_sum_reduction_for_comms"):
-            module.set_force_sum_reduction_for_comms(True)
+    load_full_state(model, reference.state_dict())
 
     dp = dp_replicate * dp_shard
     inputs, labels, positions = _batch(cp, dp)

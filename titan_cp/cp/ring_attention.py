@@ -86,7 +86,7 @@ import torch
 
 from titan_cp.cp import layout as cp_layout
 from titan_cp.cp.comm import Ring
-from titan_cp.cp.context import CPContext
+from titan_cp.cp.context import CPContext, dtype_code
 
 __all__ = [
     "ring_attention",
@@ -409,6 +409,14 @@ def _check_inputs(q, k, v, doc_ids, P: int, layout: str) -> None:
                 f"ring_attention: doc_ids must be an integer tensor [B, Tloc] = {(B, T)}, "
                 f"got {doc_ids.dtype} {tuple(doc_ids.shape)}"
             )
+
+
+def check_ring_inputs_agree(cp: CPContext | None, layer_name: str, q_BTHD, k_BTHD, masks_documents: bool) -> None:
+    """Every CP rank must bring the same dtype, shapes and masking, or the ring would hang."""
+    if cp is not None and cp.size > 1:
+        cp.check_same_everywhere(layer_name, (dtype_code(q_BTHD.dtype), *q_BTHD.shape, k_BTHD.shape[2],
+                                              int(masks_documents)),
+                                 "(dtype, batch, local length, query heads, head dim, kv heads, document masking)")
 
 
 @torch.compiler.disable

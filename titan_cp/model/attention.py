@@ -44,9 +44,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from titan_cp.cp.context import CPContext, dtype_code
+from titan_cp.cp.context import CPContext
 from titan_cp.cp.layout import shard_sequence
-from titan_cp.cp.ring_attention import ring_attention
+from titan_cp.cp.ring_attention import check_ring_inputs_agree, ring_attention
 from titan_cp.model.layers import SequenceInfo
 
 
@@ -122,16 +122,10 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        D = self.head_dim
         q_BTHD, k_BTHD, v_BTHD = self.project_qkv(x_BTD, self._positions(seq, B, T, x_BTD.device))
 
         cp = self.cp
-        if cp is not None and cp.size > 1:
-            cp.check_same_everywhere(
-                self.layer_name,
-                (dtype_code(q_BTHD.dtype), B, T, q_BTHD.shape[2], k_BTHD.shape[2], D, int(seq.doc_ids is not None)),
-                "(dtype, batch, local length, query heads, kv heads, head dim, document masking)",
-            )
+        check_ring_inputs_agree(cp, self.layer_name, q_BTHD, k_BTHD, seq.doc_ids is not None)
         o_BHTD = ring_attention(
             q_BTHD.transpose(1, 2),
             k_BTHD.transpose(1, 2),

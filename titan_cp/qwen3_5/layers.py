@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from torchtitan.models.qwen3_5.model import GatedDeltaNet, Qwen35Attention, Qwen35TransformerBlock
 from torchtitan.protocols.module import Module
 
-from titan_cp.cp.context import CPContext, dtype_code
+from titan_cp.cp.context import CPContext
 from titan_cp.cp import mix_sequence
 from titan_cp.gdn_ops import GDNMixingInputs
-from titan_cp.cp.ring_attention import ring_attention
+from titan_cp.cp.ring_attention import check_ring_inputs_agree, ring_attention
 from titan_cp.model.layers import SequenceInfo
 from titan_cp.utils import local_tensor
 
@@ -147,12 +147,7 @@ class CPQwen35Attention(Qwen35Attention):
         q_BTHD = torch.cat([q_rot, q_BTHD[..., R:]], dim=-1)
         k_BTHD = torch.cat([k_rot, k_BTHD[..., R:]], dim=-1)
         cp = self.cp
-        if cp is not None and cp.size > 1:
-            cp.check_same_everywhere(
-                self.layer_name,
-                (dtype_code(q_BTHD.dtype), B, T, q_BTHD.shape[2], k_BTHD.shape[2], D, int(seq.doc_ids is not None)),
-                "(dtype, batch, local length, query heads, kv heads, head dim, document masking)",
-            )
+        check_ring_inputs_agree(cp, self.layer_name, q_BTHD, k_BTHD, seq.doc_ids is not None)
         o_BHTD = self.inner_attention(
             q_BTHD.transpose(1, 2), k_BTHD.transpose(1, 2), v_BTHD.transpose(1, 2),
             scale=self.scaling, cp=cp, doc_ids=seq.doc_ids, layer_name=self.layer_name,
