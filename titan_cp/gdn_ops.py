@@ -46,6 +46,19 @@ class GDNMixingInputs:
     doc_starts_BT: torch.Tensor | None = None
 
 
+def gdn_gates(a_BTH: torch.Tensor, b_BTH: torch.Tensor, A_log_H: torch.Tensor, dt_bias_H: torch.Tensor):
+    """The per-token, per-value-head gates of GDN, in float32 (Mamba-2's decay parametrisation):
+
+        g    = -exp(A_log) * softplus(a + dt_bias)   (log decay, <= 0)
+        beta = sigmoid(b)                              (write strength in (0, 1))
+
+    ``a``/``b`` are the a/b projections of x [B, T, Hv]; ``A_log``/``dt_bias`` are local
+    (per-rank) tensors [Hv]. Returns (g_BTH, beta_BTH).
+    """
+    g_BTH = -A_log_H.float().exp() * F.softplus(a_BTH.float() + dt_bias_H.float())
+    return g_BTH, b_BTH.float().sigmoid()
+
+
 def causal_short_conv(
     x_BTC: torch.Tensor,
     weight_C1W: torch.Tensor,

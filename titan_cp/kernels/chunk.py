@@ -445,6 +445,15 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         )
 
 
+def _checked_apply(q, k, v, g, beta, scale, initial_state, doc_starts, chunk_size, with_transition):
+    """Both entry points: validate the inputs, default the scale to K^-1/2, run the Function."""
+    check_inputs(q, k, v, g, beta, initial_state, doc_starts)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"gated delta rule: chunk_size must be a positive int, got {chunk_size!r}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _ChunkGatedDeltaRule.apply(q, k, v, g, beta, initial_state, doc_starts, scale, chunk_size, with_transition)
+
+
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -467,13 +476,7 @@ def chunk_gated_delta_rule(
     ``chunk_size`` is the number of tokens per chunk (any T works; the tail is
     padded internally).
     """
-    check_inputs(q, k, v, g, beta, initial_state, doc_starts)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"gated delta rule: chunk_size must be a positive int, got {chunk_size!r}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    o, final_state, _ = _ChunkGatedDeltaRule.apply(
-        q, k, v, g, beta, initial_state, doc_starts, scale, chunk_size, False
-    )
+    o, final_state, _ = _checked_apply(q, k, v, g, beta, scale, initial_state, doc_starts, chunk_size, False)
     return o, (final_state if output_final_state else None)
 
 
@@ -501,11 +504,8 @@ def chunk_gated_delta_rule_with_transition(
     Returns o_local [B, T, H, V] (dtype of v), q_transition [B, T, H, K], S_local
     [B, H, K, V] and M [B, H, K, K] (the accumulation dtype: float32, float64 for float64).
     """
-    check_inputs(q, k, v, g, beta, initial_state, doc_starts)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    o, final_state, q_transition = _ChunkGatedDeltaRule.apply(
-        q, k, v, g, beta, initial_state, doc_starts, scale, chunk_size, True
-    )
+    o, final_state, q_transition = _checked_apply(q, k, v, g, beta, scale, initial_state, doc_starts, chunk_size,
+                                                  True)
     V = v.shape[-1]
     return o, q_transition, final_state[..., :V], final_state[..., V:]
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titan_cp.cp import CPContext, mix_sequence
-from titan_cp.gdn_ops import GDNMixingInputs
+from titan_cp.gdn_ops import GDNMixingInputs, gdn_gates
 from titan_cp.utils import local_tensor
 
 
@@ -185,9 +185,8 @@ class GatedDeltaNet(nn.Module):
 
     def mixing_inputs(self, x_BTD: torch.Tensor, doc_starts_BT: torch.Tensor | None = None) -> GDNMixingInputs:
         """The token-local part before sequence mixing: projections, beta, g (also used by decoding)."""
-        beta_BTH = self.b_proj(x_BTD).float().sigmoid()
-        A_log, dt_bias = local_tensor(self.A_log), local_tensor(self.dt_bias)
-        g_BTH = -A_log.float().exp() * F.softplus(self.a_proj(x_BTD).float() + dt_bias.float())
+        g_BTH, beta_BTH = gdn_gates(self.a_proj(x_BTD), self.b_proj(x_BTD), local_tensor(self.A_log),
+                                    local_tensor(self.dt_bias))
         return GDNMixingInputs(
             q_BTC=self.q_proj(x_BTD),
             k_BTC=self.k_proj(x_BTD),

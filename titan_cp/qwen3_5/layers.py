@@ -42,14 +42,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from torchtitan.models.qwen3_5.model import GatedDeltaNet, Qwen35Attention, Qwen35TransformerBlock
 from torchtitan.protocols.module import Module
 
 from titan_cp.cp.context import CPContext
 from titan_cp.cp import mix_sequence
-from titan_cp.gdn_ops import GDNMixingInputs
+from titan_cp.gdn_ops import GDNMixingInputs, gdn_gates
 from titan_cp.cp.ring_attention import check_ring_inputs_agree, ring_attention
 from titan_cp.model.layers import SequenceInfo
 from titan_cp.utils import local_tensor
@@ -81,9 +80,8 @@ class CPGatedDeltaNet(GatedDeltaNet):
 
     def forward(self, x_BTD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:  # type: ignore[override]
         B, T, _ = x_BTD.shape
-        A_log, dt_bias = local_tensor(self.A_log), local_tensor(self.dt_bias)
-        g_BTH = -A_log.float().exp() * F.softplus(self.in_proj_a(x_BTD).float() + dt_bias.float())
-        beta_BTH = self.in_proj_b(x_BTD).float().sigmoid()
+        g_BTH, beta_BTH = gdn_gates(self.in_proj_a(x_BTD), self.in_proj_b(x_BTD), local_tensor(self.A_log),
+                                    local_tensor(self.dt_bias))
         inputs = GDNMixingInputs(
             q_BTC=self.in_proj_q(x_BTD),
             k_BTC=self.in_proj_k(x_BTD),
