@@ -8,6 +8,11 @@
     original rows, outputs, final states and every gradient.
 (c) On a CUDA machine: parity of the real Triton kernel with the torch kernel
     (skipped here, with the reason).
+(d) FLA's real Triton kernels under the Triton interpreter on CPU: the plain
+    kernel against the recurrent one, and the CP transition form built from
+    FLA's pieces (titan_cp/kernels/triton_transition.py) against the torch
+    kernel's transition form; (b) checks that form's varlen plumbing with a
+    recurrent stand-in.
 """
 
 from __future__ import annotations
@@ -17,13 +22,16 @@ import torch
 import torch.nn.functional as F
 
 from titan_cp.kernels import get_kernel
+from titan_cp.kernels.chunk import chunk_gated_delta_rule_with_transition
 from titan_cp.kernels.recurrent import recurrent_gated_delta_rule
+from titan_cp.kernels.transition import transition_via_interface
 from titan_cp.kernels.triton import (
     gated_delta_rule_via_varlen,
     row_final_states,
     segment_initial_states,
     varlen_layout,
 )
+from titan_cp.kernels.triton_transition import gated_delta_rule_with_transition_via_varlen
 
 HAS_CUDA = torch.cuda.is_available()
 EXACT = 1e-6
@@ -174,6 +182,46 @@ def test_varlen_wrapper_without_doc_starts_and_the_cp_call():
     assert s[1, ..., V:].abs().max() == 0  # a document start inside the segment: transition M = 0
 
 
+def recurrent_summary_varlen(q, k, v, g, beta, *, scale, initial_state, cu_seqlens, cu_seqlens_cpu=None):
+    """A stand-in for titan_cp's FLA summary (triton_transition.fla_varlen_with_transition): the
+    recurrent varlen kernel on values [v | 0] from the given [S_0 | I] states."""
+    return recurrent_varlen(q, k, F.pad(v, (0, q.shape[-1])), g, beta, scale=scale, initial_state=initial_state,
+                            output_final_state=True, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu)
+
+
+def run_transition_form(fn, inputs, starts, seed=3):
+    """(o, q_transition, S_local, M) and the gradients of every input under random cotangents."""
+    leaves = [x.clone().requires_grad_() for x in inputs]
+    outputs = fn(*leaves[:5], initial_state=leaves[5], doc_starts=starts)
+    gen = torch.Generator().manual_seed(seed)
+    sum(((y.float() * torch.randn(y.shape, generator=gen)).sum() for y in outputs)).backward()
+    return [y.detach().float() for y in outputs] + [x.grad.float() for x in leaves]
+
+
+TRANSITION_NAMES = ["o", "q_transition", "S_local", "M", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+
+
+def test_transition_form_through_varlen_equals_the_torch_transition_form():
+    """The varlen plumbing of the Triton transition form (start [S_0 | I] per row, zero for later
+    segments, rows' last segments) with a recurrent stand-in, in float64, against the torch kernel's
+    native transition form and the generic interface form: values, and every gradient."""
+    B, T, H, K, V = 4, 21, 2, 4, 3
+    inputs = [x.double() for x in random_inputs(B, T, H, K, V, seed=11)]
+    starts = doc_start_patterns(B, T, 2)
+    starts[2, 9] = True  # a start inside a row that does not begin with one: its M must be 0
+    starts[3] = False  # a row with no start: a real transition
+    ref = run_transition_form(lambda *a, **kw: chunk_gated_delta_rule_with_transition(*a, chunk_size=8, **kw),
+                              inputs, starts)
+    for name, fn in (("varlen", lambda *a, **kw: gated_delta_rule_with_transition_via_varlen(
+            recurrent_summary_varlen, *a, **kw)),
+                     ("interface", transition_via_interface(recurrent_gated_delta_rule))):
+        got = run_transition_form(fn, inputs, starts)
+        for n, a, b in zip(TRANSITION_NAMES, got, ref):
+            err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+            assert err <= 1e-10, f"{name}: {n} relative error {err:.2e}"
+    assert ref[3][:3].abs().max() == 0 and ref[3][3].abs().max() > 0  # rows with a start have M = 0
+
+
 # ----------------------------------------------------------------------------------- (c)
 
 # Max error relative to the largest entry (the same bounds as scripts/gpu_check.py's PARITY_TOL
@@ -233,7 +281,7 @@ def _interpret_main() -> None:
     """Subprocess body: FLA's kernels (interpreted) vs the recurrent kernel; prints JSON errors."""
     import json
 
-    from triton_interpreter import fla_gated_delta_rule_anywhere, install_interpreter_shim
+    from triton_interpreter import fla_gated_delta_rule_anywhere, fla_transition_anywhere, install_interpreter_shim
 
     install_interpreter_shim()
     report = {}
@@ -252,6 +300,13 @@ def _interpret_main() -> None:
         names = ["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
         report[str((B, T, K, V, docs))] = {
             n: ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for n, a, b in zip(names, got, ref)
+        }
+        # The CP transition form from FLA's pieces against the torch kernel's (fp32 both).
+        inputs = (q, k, v, g, beta, h0)
+        got = run_transition_form(fla_transition_anywhere, inputs, starts)
+        ref = run_transition_form(chunk_gated_delta_rule_with_transition, inputs, starts)
+        report[f"transition {(B, T, K, V, docs)}"] = {
+            n: ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for n, a, b in zip(TRANSITION_NAMES, got, ref)
         }
     print("INTERPRET_REPORT " + json.dumps(report))
 

@@ -13,9 +13,10 @@ delta rule (titan_cp/gdn_ops.py). With a state-passing strategy
      from state [0 | I] with values [v | 0] (width V + K) gives
         final state  [S_local | M]          (zero-start state, transition)
         outputs      [o_local | q_t M_<=t]  (scale included).
-     The ``torch`` kernel does this natively (the K transition columns ride
-     only through its chunk loop; values, WY factors and o stay at width V);
-     any other kernel gets exactly that call through the kernel interface
+     This is each kernel's transition form (titan_cp/kernels/transition.py):
+     native for ``torch`` (the K transition columns ride only through its chunk
+     loop) and ``triton`` (FLA's pieces with the WY step at width V), exactly
+     that call through the kernel interface for the others
      (:func:`segment_summary`). The rank holding only the sequence's first
      segment (incoming state 0) runs the plain kernel;
   d. exchanges the summaries (below) to get each segment's true incoming
@@ -75,20 +76,17 @@ Summaries travel in float32 (float64 for float64 inputs). The head-parallel
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import replace
 
 import torch
-import torch.nn.functional as F
 
 from titan_cp.cp.comm import all_gather_stacked, exchange_p2p
 from titan_cp.cp.context import CPContext, dtype_code
 from titan_cp.cp.halo import exchange_halo
 from titan_cp.cp.layout import segments_of_rank
 from titan_cp.gdn_ops import GDNMixingInputs, conv_qkv
-from titan_cp.kernels import get_kernel
-from titan_cp.kernels.chunk import chunk_gated_delta_rule_with_transition
+from titan_cp.kernels import get_kernel, get_transition_kernel
 
 
 def compose(
@@ -324,35 +322,21 @@ def segment_summary(kernel: str, q, k, v, g, beta, doc_starts, *, needs_transiti
     is the segment's transition and q_transition [N, T_seg, H, K] = scale q_t M_<=t (fp32),
     so that the outputs for an incoming state S are o_local + q_transition S.
 
-    - ``torch`` kernel: in one pass inside the kernel (the transition rides as K extra
-      state columns; values, WY factors and outputs stay at width V; see
-      ``chunk_gated_delta_rule_with_transition``).
-    - any other kernel, through the kernel interface: values [v | 0] (width V + K) from
-      state [0 | I] give outputs [o | q M] and final state [S_local | M] in one call.
-    - ``needs_transition`` False (the rank holds only the sequence's first segment, whose
-      incoming state is 0): the plain kernel; M = 0 (never applied: nothing precedes it)
-      and no q_transition.
+    - ``needs_transition`` (every segment but the sequence's first): the kernel's transition
+      form in one pass (:mod:`titan_cp.kernels.transition`: native for ``torch`` and
+      ``triton``, values [v | 0] from [0 | I] through the interface for the others);
+    - otherwise (the rank holds only the sequence's first segment, whose incoming state is
+      0): the plain kernel; M = 0 (never applied: nothing precedes it) and no q_transition.
     """
-    N, T, H, V = v.shape
-    K = q.shape[-1]
-    state_dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
     if not needs_transition:
+        N, _, H, V = v.shape
+        K = q.shape[-1]
         o, S_local = get_kernel(kernel)(q, k, v, g, beta, scale=scale, initial_state=initial_state,
                                         output_final_state=True, doc_starts=doc_starts)
         return S_local, S_local.new_zeros(N, H, K, K), o, None
-    if kernel == "torch":
-        o, q_transition, S_local, M = chunk_gated_delta_rule_with_transition(
-            q, k, v, g, beta, scale=scale, initial_state=initial_state, doc_starts=doc_starts)
-        return S_local, M, o, q_transition
-    start = _identity_start(N, H, K, V, state_dtype, v.device)
-    if initial_state is not None:
-        start = torch.cat([initial_state.to(state_dtype), start[..., V:]], dim=-1)
-    o_padded, final = get_kernel(kernel)(
-        q, k, F.pad(v, (0, K)), g, beta, scale=scale, initial_state=start, output_final_state=True,
-        doc_starts=doc_starts,
-    )
-    # q M copied out so that the whole [o | q M] output is not kept alive for the backward
-    return final[..., :V], final[..., V:], o_padded[..., :V], o_padded[..., V:].to(state_dtype, copy=True)
+    o, q_transition, S_local, M = get_transition_kernel(kernel)(
+        q, k, v, g, beta, scale=scale, initial_state=initial_state, doc_starts=doc_starts)
+    return S_local, M, o, q_transition
 
 
 class _JoinExchangeBackward(torch.autograd.Function):
@@ -369,14 +353,6 @@ class _JoinExchangeBackward(torch.autograd.Function):
     def backward(ctx, grad_o):
         shape, dtype, device = ctx.S_start_meta
         return grad_o, torch.zeros(shape, dtype=dtype, device=device)
-
-
-@functools.lru_cache(maxsize=8)
-def _identity_start(N: int, H: int, K: int, V: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The constant start state [0 | I] [N, H, K, V + K] of the interface path (built once per shape)."""
-    start = torch.zeros(N, H, K, V + K, dtype=dtype, device=device)
-    start[..., V:] = torch.eye(K, dtype=dtype, device=device)
-    return start
 
 
 def correct_outputs(o_local_NTHV, q_transition_NTHK, S_start_NHKV) -> torch.Tensor:

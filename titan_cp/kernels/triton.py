@@ -198,6 +198,32 @@ cu_seqlens, cu_seqlens_cpu) -> (o, final_state [N, H, K, V] or None); with
 cu_seqlens the inputs are [1, total, ...]."""
 
 
+def call_rows_as_varlen(varlen_fn: Callable, inputs: tuple[torch.Tensor, ...], initial_state: torch.Tensor | None,
+                        doc_starts: torch.Tensor | None, **kwargs) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Run ``varlen_fn`` (FLA's calling convention) on [B, T] rows with document starts.
+
+    ``inputs`` are [B, T, ...] (q, k, v, g, beta); ``varlen_fn(*inputs, initial_state=,
+    cu_seqlens=, cu_seqlens_cpu=, **kwargs)`` returns per-token outputs followed by the
+    final states (or None). Returns the per-token outputs as [B, T, ...] and the final
+    state of every row (the module docstring's conversion; none without doc_starts).
+    """
+    B, T = inputs[0].shape[:2]
+    if doc_starts is None:  # plain batch: rows are FLA's sequences, no conversion
+        *outputs, final = varlen_fn(*inputs, initial_state=initial_state, cu_seqlens=None, cu_seqlens_cpu=None,
+                                    **kwargs)
+        return outputs, final
+    layout = varlen_layout(doc_starts, B, T)
+    *outputs, final = varlen_fn(
+        *(x.reshape(1, B * T, *x.shape[2:]) for x in inputs),
+        initial_state=segment_initial_states(initial_state, layout),
+        cu_seqlens=layout.cu_seqlens,
+        cu_seqlens_cpu=layout.cu_seqlens.cpu(),
+        **kwargs,
+    )
+    outputs = [x.reshape(B, T, *x.shape[2:]) for x in outputs]
+    return outputs, (None if final is None else row_final_states(final, layout))
+
+
 def gated_delta_rule_via_varlen(
     varlen_kernel: VarlenKernel,
     q: torch.Tensor,
@@ -213,26 +239,10 @@ def gated_delta_rule_via_varlen(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """titan_cp's kernel interface on top of a varlen kernel with FLA's signature."""
     check_inputs(q, k, v, g, beta, initial_state, doc_starts)
-    B, T = q.shape[:2]
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if doc_starts is None:  # plain batch: rows are FLA's sequences, no conversion
-        return varlen_kernel(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                             output_final_state=output_final_state, cu_seqlens=None, cu_seqlens_cpu=None)
-    layout = varlen_layout(doc_starts, B, T)
-
-    def flat(x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(1, B * T, *x.shape[2:])
-
-    o, final = varlen_kernel(
-        flat(q), flat(k), flat(v), flat(g), flat(beta),
-        scale=scale,
-        initial_state=segment_initial_states(initial_state, layout),
-        output_final_state=output_final_state,
-        cu_seqlens=layout.cu_seqlens,
-        cu_seqlens_cpu=layout.cu_seqlens.cpu(),
-    )
-    o = o.reshape(B, T, *o.shape[2:])
-    return o, (row_final_states(final, layout) if output_final_state else None)
+    (o,), final = call_rows_as_varlen(varlen_kernel, (q, k, v, g, beta), initial_state, doc_starts,
+                                      scale=scale, output_final_state=output_final_state)
+    return o, final
 
 
 def fla_varlen(q, k, v, g, beta, *, scale, initial_state, output_final_state, cu_seqlens, cu_seqlens_cpu):
@@ -279,6 +289,7 @@ def triton_gated_delta_rule(
 
 __all__ = [
     "CONFIG_HINT",
+    "call_rows_as_varlen",
     "FLA_VERSION",
     "VarlenLayout",
     "check_triton_available",
