@@ -306,7 +306,8 @@ def _interpret_main() -> None:
         got = run_transition_form(fla_transition_anywhere, inputs, starts)
         ref = run_transition_form(chunk_gated_delta_rule_with_transition, inputs, starts)
         report[f"transition {(B, T, K, V, docs)}"] = {
-            n: ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for n, a, b in zip(TRANSITION_NAMES, got, ref)
+            n: ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+            for n, a, b in zip(TRANSITION_NAMES, got, ref)
         }
     print("INTERPRET_REPORT " + json.dumps(report))
 

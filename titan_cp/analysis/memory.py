@@ -168,7 +168,7 @@ class TrainSetup:
     kernel_saves_states: bool = False  # chunk states [T/C, Hv, K, Vk] fp32 kept for backward
     kernel_workspace_states: float = 2.0  # chunk-state tensors alive in the kernel backward (h, dh)
     cp_extra: bool = True  # state-passing CP terms when cp > 1 (transition columns, q M)
-    cp_summary_in_kernel: bool = False  # the kernel computes (o, q M, S_local, M) itself (torch); else [v | 0]
+    cp_summary_in_kernel: bool = False  # the kernel computes (o, q M, S_local, M) itself (torch, triton); else [v | 0]
     cp_exchange: str = "allgather"  # state exchange (its buffers kept for backward): allgather | logscan | alltoall
     cp_layout: str = "contiguous"  # contiguous (1 segment per rank) | zigzag (2)
     loss_chunks: int = 8  # TorchTitan ChunkedLossWrapper.num_chunks (1 = full logits)

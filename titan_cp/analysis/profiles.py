@@ -71,8 +71,11 @@ def kernel_profile(kernel: str, model=None, act_dtype: str = "fp32") -> KernelPr
 
     ``torch``: measured (see :func:`_torch_kernel_profile`). ``triton`` (FLA) and others: the
     TrainSetup defaults (FLA saves the WY matrix A, C per head per token, and recomputes the
-    chunk states), not yet checked against a GPU measurement.
+    chunk states), not yet checked against a GPU measurement; ``triton``'s CP transition form
+    also computes the segment summary itself (kernels/triton_transition.py: values saved at
+    width V, q M its own tensor).
     """
     if kernel == "torch":
         return _torch_kernel_profile(model, act_dtype)
-    return KernelProfile(kernel, {}, {}, "uncalibrated: TrainSetup defaults (FLA's chunk kernel)")
+    fields = {"cp_summary_in_kernel": True} if kernel == "triton" else {}
+    return KernelProfile(kernel, fields, {}, "uncalibrated: TrainSetup defaults (FLA's chunk kernel)")
