@@ -111,17 +111,29 @@ from titan_cp.kernels.interface import check_inputs
 # --------------------------------------------------------------------------------------
 
 
-def _to_chunks(x: torch.Tensor, chunk_size: int, dtype: torch.dtype) -> torch.Tensor:
-    """[B, T, H, D] or [B, T, H] -> [N, B*H, C, D] or [N, B*H, C], zero-padded in T."""
+def _to_chunks(
+    x: torch.Tensor, chunk_size: int, dtype: torch.dtype, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[B, T, H, D] or [B, T, H] -> [N, B*H, C, D] or [N, B*H, C], zero-padded in T (one copy).
+
+    With ``out`` ([N, B*H, C, D], e.g. a column block of a wider buffer) the chunks are
+    written there; otherwise into a new contiguous tensor.
+    """
     squeeze = x.dim() == 3
     if squeeze:
         x = x.unsqueeze(-1)
     B, T, H, D = x.shape
-    pad = (-T) % chunk_size
-    x = F.pad(x.to(dtype), (0, 0, 0, 0, 0, pad))
-    N = (T + pad) // chunk_size
-    x = x.reshape(B, N, chunk_size, H, D).permute(1, 0, 3, 2, 4).reshape(N, B * H, chunk_size, D)
-    return (x.squeeze(-1) if squeeze else x).contiguous()
+    C = chunk_size
+    N = -(-T // C)
+    if out is None:
+        out = x.new_empty(N, B * H, C, D, dtype=dtype)
+    chunks = out.view(N, B, H, C, D).permute(1, 0, 3, 2, 4)  # [B, N, C, H, D], a view of out
+    full = T // C  # chunks without padding
+    chunks[:, :full].copy_(x[:, : full * C].unflatten(1, (full, C)))
+    if full < N:  # the last chunk: T - full * C tokens, then zeros
+        chunks[:, full, : T - full * C].copy_(x[:, full * C :])
+        chunks[:, full, T - full * C :].zero_()
+    return out.squeeze(-1) if squeeze else out
 
 
 def _from_chunks(x: torch.Tensor, B: int, H: int, T: int, dtype: torch.dtype) -> torch.Tensor:
@@ -209,30 +221,31 @@ def _document_starts(doc_id: torch.Tensor) -> torch.Tensor:
     return torch.diff(doc_id, dim=-1, prepend=torch.zeros_like(doc_id[..., :1])) != 0
 
 
-def _pad_values(U: torch.Tensor, width: int) -> torch.Tensor:
-    """[..., V] -> [..., width]: zero columns for the transition (U of a zero value is 0)."""
-    return U if U.shape[-1] == width else F.pad(U, (0, width - U.shape[-1]))
-
-
-def _wy_representation(k_chunks, v_chunks, beta_chunks, decay_within_chunk, decay_from_start):
+def _wy_representation(k_chunks, v_chunks, beta_chunks, decay_within_chunk, decay_from_start, state_width):
     """UT transform and WY representation of every chunk.
 
+    ``state_width`` >= V is the width of the state (V + K with the transition columns).
     Returns
-      T_inv     [N, BH, C, C]      T = (I + A)^{-1}, A[t, s] = beta_t D[t, s] k_t.k_s (s < t)
-      kkT_D     [N, BH, C, C]      (K K^T) * D  (A = diag(beta) kkT_D below the diagonal)
-      W_and_U   [N, BH, C, K + V]  [W | U] = T [diag(beta gamma) K | diag(beta) V]
+      T_inv     [N, BH, C, C]                T = (I + A)^{-1}, A[t, s] = beta_t D[t, s] k_t.k_s (s < t)
+      kkT_D     [N, BH, C, C]                (K K^T) * D  (A = diag(beta) kkT_D below the diagonal)
+      W_and_U   [N, BH, C, K + state_width]  [W | U | 0] = T [diag(beta gamma) K | diag(beta) V | 0]:
+                U padded with zero columns to the state width (the transition columns have no values)
     """
-    C = k_chunks.shape[-2]
+    N, BH, C, K = k_chunks.shape
+    V = v_chunks.shape[-1]
     kkT_D = (k_chunks @ k_chunks.transpose(-1, -2)).mul_(decay_within_chunk)  # [N, BH, C, C]
     # A with junk on the diagonal: the solve reads only the strictly lower part
     # (unitriangular=True takes the diagonal as 1; upper=False ignores the rest).
     A_and_diagonal = kkT_D * beta_chunks[..., :, None]
     eye = torch.eye(C, dtype=kkT_D.dtype, device=kkT_D.device)
     T_inv = torch.linalg.solve_triangular(A_and_diagonal, eye.expand_as(kkT_D), upper=False, unitriangular=True)
-    k_and_v_scaled = torch.cat(
-        [k_chunks * (beta_chunks * decay_from_start)[..., None], v_chunks * beta_chunks[..., None]], -1
-    )  # [N, BH, C, K + V]
-    return T_inv, kkT_D, T_inv @ k_and_v_scaled
+    k_and_v_scaled = k_chunks.new_empty(N, BH, C, K + V)
+    torch.mul(k_chunks, (beta_chunks * decay_from_start)[..., None], out=k_and_v_scaled[..., :K])
+    torch.mul(v_chunks, beta_chunks[..., None], out=k_and_v_scaled[..., K:])
+    W_and_U = k_chunks.new_empty(N, BH, C, K + state_width)
+    torch.matmul(T_inv, k_and_v_scaled, out=W_and_U[..., : K + V])
+    W_and_U[..., K + V :] = 0
+    return T_inv, kkT_D, W_and_U
 
 
 @contextlib.contextmanager
@@ -297,16 +310,16 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
             states[0, :, :, V:] = torch.eye(K, dtype=acc, device=states.device)
 
         D, gamma, lam = _chunk_decays(g_chunks, doc_id)
-        _, _, W_and_U = _wy_representation(k_chunks, v_chunks, beta_chunks, D, gamma)
-        W, U = W_and_U[..., :K], _pad_values(W_and_U[..., K:], Vw)  # [N, BH, C, K], [N, BH, C, Vw]
+        _, _, W_and_U = _wy_representation(k_chunks, v_chunks, beta_chunks, D, gamma, Vw)
+        W = W_and_U[..., :K]  # [N, BH, C, K]
+        new_values = W_and_U[..., K:]  # [U | 0], turned into u in place by the loop   [N, BH, C, Vw]
         gamma_last = gamma[..., -1, None, None]  # [N, BH, 1, 1]
-        k_to_end_T = (k_chunks * lam[..., None]).transpose(-1, -2).contiguous()  # K^T diag(lam) [N, BH, K, C]
+        k_to_end_T = (k_chunks * lam[..., None]).transpose(-1, -2)  # K^T diag(lam) [N, BH, K, C]
 
         # The chunk recurrence (3), the only sequential part:
         #   u_n = U_n - W_n H_n,   H_{n+1} = gamma_last_n H_n + K_n^T diag(lam_n) u_n
-        new_values = U.new_empty(U.shape)  # u   [N, BH, C, Vw]
         for n in range(N):
-            torch.baddbmm(U[n], W[n], states[n], alpha=-1, out=new_values[n])
+            new_values[n].baddbmm_(W[n], states[n], alpha=-1)
             torch.mul(states[n], gamma_last[n], out=states[n + 1]).baddbmm_(k_to_end_T[n], new_values[n])
         state_in_chunks = states[:N]  # [N, BH, K, Vw]
         final_state = states[N].reshape(B, H, K, Vw).clone()  # a separate tensor: users may modify it
@@ -332,21 +345,22 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
 
         # Recompute the intra-chunk quantities (cheap, batched) instead of saving them.
         D, gamma, lam = _chunk_decays(g_chunks, doc_id)
-        T_inv, kkT_D, W_and_U = _wy_representation(k_chunks, v_chunks, beta_chunks, D, gamma)
-        W, U = W_and_U[..., :K], W_and_U[..., K:]  # U [N, BH, C, V]: the transition columns have no values
+        T_inv, kkT_D, W_and_U = _wy_representation(k_chunks, v_chunks, beta_chunks, D, gamma, Vw)
+        W, U = W_and_U[..., :K], W_and_U[..., K : K + V]  # U [N, BH, C, V]: the transition columns have no values
         new_values = torch.baddbmm(
-            _flat(_pad_values(U, Vw)), _flat(W), _flat(state_in_chunks), alpha=-1
-        ).view(N, BH, C, Vw)  # u
+            _flat(W_and_U[..., K:]), _flat(W), _flat(state_in_chunks), alpha=-1
+        ).view(N, BH, C, Vw)  # u = [U | 0] - W H
         qk = (q_chunks @ k_chunks.transpose(-1, -2)).mul_(D)  # Q K^T * D   [N, BH, C, C]
         gamma_last = gamma[..., -1, None, None]  # [N, BH, 1, 1]
         k_to_end = k_chunks * lam[..., None]  # diag(lam) K   [N, BH, C, K]
         q_from_start = q_chunks * gamma[..., None]  # diag(gamma) Q   [N, BH, C, K]
 
-        d_o_chunks = q_chunks.new_zeros(N, BH, C, Vw)  # d[o | q M]   [N, BH, C, Vw]
-        if d_o is not None:
-            d_o_chunks[..., :V] = _to_chunks(d_o, C, acc)
-        if d_q_transition is not None:
-            d_o_chunks[..., V:] = _to_chunks(d_q_transition, C, acc)
+        d_o_chunks = q_chunks.new_empty(N, BH, C, Vw)  # d[o | q M]   [N, BH, C, Vw]
+        for grad, columns in ((d_o, d_o_chunks[..., :V]), (d_q_transition, d_o_chunks[..., V:])):
+            if grad is None:
+                columns.zero_()
+            else:
+                _to_chunks(grad, C, acc, out=columns)
         # d_states[n] = dH_n (d_states[N] = gradient of the final state, d_states[0] of initial_state).
         d_states = q_chunks.new_empty(N + 1, BH, K, Vw)
         if d_final_state is None:
@@ -357,16 +371,16 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         # Reverse chunk recurrence:
         #   du_n = (Q K^T * D)^T dO_n + diag(lam) K dH_{n+1}
         #   dH_n = Q^T diag(gamma) dO_n + gamma_last dH_{n+1} - W^T du_n
-        d_new_values = qk.transpose(-1, -2) @ d_o_chunks  # du, first its part from O   [N, BH, C, V]
-        d_state_from_o = q_from_start.transpose(-1, -2) @ d_o_chunks  # [N, BH, K, V]
+        # The parts from O, batched over all chunks first: du into d_new_values, dH into d_states[:N].
+        d_new_values = qk.transpose(-1, -2) @ d_o_chunks  # [N, BH, C, Vw]
+        torch.matmul(q_from_start.transpose(-1, -2), d_o_chunks, out=d_states[:N])
         W_T = W.transpose(-1, -2)  # [N, BH, K, C]
         for n in range(N - 1, -1, -1):
             d_new_values[n].baddbmm_(k_to_end[n], d_states[n + 1])
-            torch.mul(d_states[n + 1], gamma_last[n], out=d_states[n])
-            d_states[n].add_(d_state_from_o[n]).baddbmm_(W_T[n], d_new_values[n], alpha=-1)
-        d_state_out_chunks = d_states[1:]  # gradient of the state leaving chunk n   [N, BH, K, V]
+            d_states[n].addcmul_(d_states[n + 1], gamma_last[n]).baddbmm_(W_T[n], d_new_values[n], alpha=-1)
+        d_state_out_chunks = d_states[1:]  # gradient of the state leaving chunk n   [N, BH, K, Vw]
         d_initial_state = d_states[0, :, :, :V].clone()  # [BH, K, V] (the identity columns are constant)
-        del d_state_from_o, q_from_start, k_to_end, W_T  # (del: keeps the peak memory down)
+        del q_from_start, k_to_end, W_T  # (del: keeps the peak memory down)
 
         # Through the outputs (2): O = diag(gamma) Q H + (Q K^T * D) u.
         d_q_from_start = d_o_chunks @ state_in_chunks.transpose(-1, -2)  # [N, BH, C, K]
