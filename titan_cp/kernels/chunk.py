@@ -236,9 +236,13 @@ def _wy_representation(k_chunks, v_chunks, beta_chunks, decay_within_chunk, deca
     kkT_D = (k_chunks @ k_chunks.transpose(-1, -2)).mul_(decay_within_chunk)  # [N, BH, C, C]
     # A with junk on the diagonal: the solve reads only the strictly lower part
     # (unitriangular=True takes the diagonal as 1; upper=False ignores the rest).
+    # Solved as T (I + A) = I (left=False): that is (I + A)^T T^T = I, whose matrix
+    # A^T is the row-major A read column-major, so the solver copies no A.
     A_and_diagonal = kkT_D * beta_chunks[..., :, None]
     eye = torch.eye(C, dtype=kkT_D.dtype, device=kkT_D.device)
-    T_inv = torch.linalg.solve_triangular(A_and_diagonal, eye.expand_as(kkT_D), upper=False, unitriangular=True)
+    T_inv = torch.linalg.solve_triangular(
+        A_and_diagonal, eye.expand_as(kkT_D), upper=False, left=False, unitriangular=True
+    )
     k_and_v_scaled = k_chunks.new_empty(N, BH, C, K + V)
     torch.mul(k_chunks, (beta_chunks * decay_from_start)[..., None], out=k_and_v_scaled[..., :K])
     torch.mul(v_chunks, beta_chunks[..., None], out=k_and_v_scaled[..., K:])
