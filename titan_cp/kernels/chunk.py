@@ -397,13 +397,15 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         d_qk.mul_(D)  # d(Q K^T)
         _flat(d_q).baddbmm_(_flat(d_qk), _flat(k_chunks))
         d_k = d_qk.transpose(-1, -2) @ q_chunks  # [N, BH, C, K]
+        del d_qk
 
         # Through the state update (3): H_out = gamma_last H + K^T diag(lam) u.
-        d_gamma[..., -1] += (state_in_chunks * d_state_out_chunks).sum((-1, -2))
         u_dH_T = new_values @ d_state_out_chunks.transpose(-1, -2)  # [N, BH, C, K]
         d_lam = _row_dot(u_dH_T, k_chunks)  # [N, BH, C]
         d_k.add_(u_dH_T.mul_(lam[..., None]))
-        del u_dH_T, new_values, d_states, d_state_out_chunks
+        del u_dH_T, new_values  # (before the [N, BH, K, Vw] product below: keeps the peak memory down)
+        d_gamma[..., -1] += (state_in_chunks * d_state_out_chunks).sum((-1, -2))
+        del d_states, d_state_out_chunks
 
         # Through u = U - W H: dW = -du H^T, dU = du; through W = T (beta gamma K), U = T (beta V).
         T_inv_T = T_inv.transpose(-1, -2)
