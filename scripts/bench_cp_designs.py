@@ -56,7 +56,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 import torch.nn.functional as F
 
+from bench_model import KEEP_FREED_MEMORY
 from titan_cp.analysis.flops import gdn_chunk_flops_per_token
+from titan_cp.cp.state_passing import correct_outputs
 from titan_cp.kernels import chunk as chunk_kernel
 from titan_cp.kernels.chunk import chunk_gated_delta_rule, chunk_gated_delta_rule_with_transition
 
@@ -100,7 +102,7 @@ def one_call(q, k, v, g, beta, S_start):
 
 def native(q, k, v, g, beta, S_start):
     o_local, q_transition, S_local, M = chunk_gated_delta_rule_with_transition(q, k, v, g, beta)
-    return o_local + torch.einsum("bthk,bhkv->bthv", q_transition, S_start), S_local, M
+    return correct_outputs(o_local, q_transition, S_start), S_local, M  # the library's step d
 
 
 def two_pass(q, k, v, g, beta, S_start):
@@ -231,7 +233,12 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--system_malloc", action="store_true",
+                   help="keep glibc's malloc defaults (default: freed memory reused, scripts/bench_model.py)")
     a = p.parse_args(argv)
+    if not a.system_malloc and sys.platform == "linux" and os.environ.get("GLIBC_TUNABLES") != KEEP_FREED_MEMORY:
+        os.environ["GLIBC_TUNABLES"] = KEEP_FREED_MEMORY  # glibc reads it at start: run this script again
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     agree = check_designs_agree(a)
     out = run(a)
     out["designs_agree_max_rel_diff"] = agree
@@ -240,7 +247,8 @@ def main(argv=None) -> int:
     s = out["shape"]
     print(f"CP segment designs: T {s['T']}, H {s['H']}, K {s['K']}, V {s['V']}, C {s['C']}; one thread, fp32, "
           f"fwd + bwd CPU time (median of {a.repeats}); load average {out['load_average']:.1f}; "
-          f"designs agree to {agree:.1e} (float64)")
+          f"designs agree to {agree:.1e} (float64); malloc: "
+          f"{'glibc defaults' if a.system_malloc else 'freed memory reused (GLIBC_TUNABLES)'}")
     if a.markdown:
         print("| design | fwd+bwd CPU s | vs plain | saved bytes / token | fwd FLOPs / token / head |")
         print("|---|---:|---:|---:|---:|")

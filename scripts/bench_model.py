@@ -168,6 +168,23 @@ def machine_description() -> str:
             f"load average {load:.1f} at start")
 
 
+KEEP_FREED_MEMORY = "glibc.malloc.trim_threshold=4000000000:glibc.malloc.mmap_threshold=4000000000"
+"""GLIBC_TUNABLES for CPU timing runs: glibc's malloc keeps freed blocks instead of returning
+them to the OS, so a step reuses the previous step's memory as a caching allocator (CUDA's,
+jemalloc, tcmalloc) does. With glibc's defaults every large tensor is a fresh mmap and its
+first touch costs page faults (0-20K per kernel call measured, ~2 us each), which made
+step times random by +-10%."""
+
+
+def keep_freed_memory(enabled: bool = True) -> str:
+    """Set GLIBC_TUNABLES (:data:`KEEP_FREED_MEMORY`) for the processes started from here on
+    (glibc reads it at process start). Returns a line for the report."""
+    if not enabled or sys.platform != "linux":
+        return "glibc malloc defaults (freed memory returned to the OS)"
+    os.environ["GLIBC_TUNABLES"] = KEEP_FREED_MEMORY
+    return f"GLIBC_TUNABLES={KEEP_FREED_MEMORY} (freed memory reused, as a caching allocator does)"
+
+
 def load_average() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 

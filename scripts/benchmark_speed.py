@@ -57,6 +57,7 @@ from bench_model import (
     add_model_arguments,
     build_model,
     can_launch,
+    keep_freed_memory,
     launch,
     load_average,
     machine_description,
@@ -343,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cores", type=int, default=None, help="cores of this machine (default os.cpu_count())")
     p.add_argument("--quick", action="store_true", help="smaller L, fewer repeats, P up to 4")
     p.add_argument("--no_probe", action="store_true", help="skip the 1-vs-all-cores matmul probe (CPU)")
+    p.add_argument("--system_malloc", action="store_true",
+                   help="CPU: keep glibc's malloc defaults in the ranks (default: freed memory is reused; "
+                        "bench_model.KEEP_FREED_MEMORY)")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--plot", type=Path, help="scaling mode: save a PNG of tokens/s vs CP degree here")
@@ -376,6 +380,8 @@ def main(argv=None) -> int:
     mode = "strategies" if a.strategies else "hybrid" if a.hybrid else "scaling"
     print(f"# benchmark_speed ({mode}): {margs.describe()}, batch {a.batch}, {a.threads} thread(s) per rank")
     machine = machine_description()
+    if device_is_cpu():
+        machine += "; " + keep_freed_memory(not a.system_malloc)
     print(f"# machine: {machine}")
     if device_is_cpu() and max(a.cp_sizes) > a.cores:
         print(f"# note: P > {a.cores} ranks share {a.cores} cores (oversubscribed): their times measure contention; "

@@ -87,6 +87,7 @@ from titan_cp.cp.halo import exchange_halo
 from titan_cp.cp.layout import segments_of_rank
 from titan_cp.gdn_ops import GDNMixingInputs, conv_qkv
 from titan_cp.kernels import get_kernel, get_transition_kernel
+from titan_cp.kernels.denormals import flush_denormals
 
 
 def compose(
@@ -127,7 +128,8 @@ class _AllGatherExchange(torch.autograd.Function):
         per_segment = _all_gather_segments(payload, cp, layer_name, "state_fwd")
         Ms = [p[..., :K] for p in per_segment]
         Ss = [p[..., K:] for p in per_segment]
-        starts = exclusive_fold(Ms, Ss)
+        with flush_denormals():  # M decays below normal floats (kernels/denormals.py)
+            starts = exclusive_fold(Ms, Ss)
         mine = torch.stack([starts[s] for s in cp.local_segments], dim=1)
         ctx.save_for_backward(*Ms, mine)
         ctx.cp, ctx.layer_name = cp, layer_name
@@ -142,11 +144,12 @@ class _AllGatherExchange(torch.autograd.Function):
         n = cp.n_segments
         grad_end = [None] * n
         running = torch.zeros_like(grads[0])
-        for s in range(n - 1, -1, -1):
-            grad_end[s] = running
-            running = grads[s] + Ms[s].transpose(-1, -2) @ running
-        grad_S = torch.stack([grad_end[s] for s in cp.local_segments], dim=1)
-        grad_M = grad_S @ mine_starts.transpose(-1, -2)
+        with flush_denormals():
+            for s in range(n - 1, -1, -1):
+                grad_end[s] = running
+                running = grads[s] + Ms[s].transpose(-1, -2) @ running
+            grad_S = torch.stack([grad_end[s] for s in cp.local_segments], dim=1)
+            grad_M = grad_S @ mine_starts.transpose(-1, -2)
         return grad_M, grad_S, None, None
 
 
@@ -189,7 +192,8 @@ def _exclusive_scan_over_ranks(
 class _LogScanExchange(torch.autograd.Function):
     @staticmethod
     def forward(ctx, M_BNHKK, S_BNHKV, cp: CPContext, layer_name: str):
-        start = _exclusive_scan_over_ranks(M_BNHKK, S_BNHKV, cp, False, layer_name, "state_fwd")
+        with flush_denormals():
+            start = _exclusive_scan_over_ranks(M_BNHKK, S_BNHKV, cp, False, layer_name, "state_fwd")
         ctx.save_for_backward(M_BNHKK, start)
         ctx.cp, ctx.layer_name = cp, layer_name
         return start
@@ -198,10 +202,11 @@ class _LogScanExchange(torch.autograd.Function):
     def backward(ctx, grad_start):
         M, start = ctx.saved_tensors
         cp = ctx.cp
-        grad_end = _exclusive_scan_over_ranks(
-            M.transpose(-1, -2).contiguous(), grad_start.contiguous(), cp, True, ctx.layer_name, "state_bwd"
-        )
-        return grad_end @ start.transpose(-1, -2), grad_end, None, None
+        with flush_denormals():
+            grad_end = _exclusive_scan_over_ranks(
+                M.transpose(-1, -2).contiguous(), grad_start.contiguous(), cp, True, ctx.layer_name, "state_bwd"
+            )
+            return grad_end @ start.transpose(-1, -2), grad_end, None, None
 
 
 def exchange_states(M_BNHKK: torch.Tensor, S_BNHKV: torch.Tensor, cp: CPContext, layer_name: str = "") -> torch.Tensor:
@@ -355,7 +360,30 @@ class _JoinExchangeBackward(torch.autograd.Function):
         return grad_o, torch.zeros(shape, dtype=dtype, device=device)
 
 
+class _CorrectOutputs(torch.autograd.Function):
+    """Step d, o_t = o_local_t + (scale q_t M_<=t) S_start: one batched matmul per (row, head),
+    forward and backward with denormals flushed (q M decays below the smallest normal float
+    over a long segment; titan_cp/kernels/denormals.py)."""
+
+    @staticmethod
+    def forward(ctx, o_local_NTHV, q_transition_NTHK, S_start_NHKV):
+        with flush_denormals():
+            correction_NHTV = q_transition_NTHK.transpose(1, 2) @ S_start_NHKV
+            corrected = o_local_NTHV + correction_NHTV.transpose(1, 2).to(o_local_NTHV.dtype)
+        ctx.save_for_backward(q_transition_NTHK, S_start_NHKV)
+        return corrected
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_NTHV):
+        q_transition_NTHK, S_start_NHKV = ctx.saved_tensors
+        with flush_denormals():
+            grad_NHTV = grad_NTHV.transpose(1, 2).to(q_transition_NTHK.dtype)
+            grad_q_transition = (grad_NHTV @ S_start_NHKV.transpose(-1, -2)).transpose(1, 2)
+            grad_S_start = q_transition_NTHK.transpose(1, 2).transpose(-1, -2) @ grad_NHTV
+        return grad_NTHV, grad_q_transition, grad_S_start
+
+
 def correct_outputs(o_local_NTHV, q_transition_NTHK, S_start_NHKV) -> torch.Tensor:
-    """Step d: o_t = o_local_t + (scale q_t M_<=t) S_start, one batched matmul per (row, head)."""
-    correction_NHTV = q_transition_NTHK.transpose(1, 2) @ S_start_NHKV
-    return o_local_NTHV + correction_NHTV.transpose(1, 2).to(o_local_NTHV.dtype)
+    """Step d: o_t = o_local_t + (scale q_t M_<=t) S_start (:class:`_CorrectOutputs`)."""
+    return _CorrectOutputs.apply(o_local_NTHV, q_transition_NTHK, S_start_NHKV)

@@ -98,11 +98,10 @@ o is returned in v.dtype, the final state in the accumulation dtype.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
+from titan_cp.kernels.denormals import flush_denormals
 from titan_cp.kernels.interface import check_inputs
 
 # --------------------------------------------------------------------------------------
@@ -252,25 +251,6 @@ def _wy_representation(k_chunks, v_chunks, beta_chunks, decay_within_chunk, deca
     return T_inv, kkT_D, W_and_U
 
 
-@contextlib.contextmanager
-def _flush_denormals():
-    """Flush float32/64 denormals (|x| < 1.2e-38 in float32) to zero on this thread, then restore.
-
-    Decay products below the smallest normal float are common here (a transition over a
-    2K-token CP shard, exp(G) of fast-decaying heads) and x86 arithmetic on denormals is
-    10-100x slower (measured: the CP segment summary 2.3x slower in all). Flushing changes
-    values below 1e-38 relative to O(1) terms, far under the float32 rounding of any result.
-    """
-    was_on = torch.tensor(1e-39).mul_(1.0).item() == 0.0  # the probe reads 0 when flushing is on
-    if was_on or not torch.set_flush_denormal(True):
-        yield
-        return
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
-
-
 # --------------------------------------------------------------------------------------
 # The autograd Function.
 # --------------------------------------------------------------------------------------
@@ -279,13 +259,13 @@ def _flush_denormals():
 class _ChunkGatedDeltaRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):
-        with _flush_denormals():
+        with flush_denormals():
             return _ChunkGatedDeltaRule._forward(ctx, *args)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
-        with _flush_denormals():
+        with flush_denormals():
             return _ChunkGatedDeltaRule._backward(ctx, *grads)
 
     @staticmethod
