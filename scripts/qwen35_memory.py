@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-QWEN_DEBUG_SHAPE = {"vocab_size": 1024, "n_layers": 4}  # titan_cp.qwen3_5.configs.DEBUG_SHAPE
-
 
 @dataclass
 class QwenArgs:
@@ -86,7 +84,9 @@ def qwen_args_from(a: argparse.Namespace) -> QwenArgs:
     The GDN model's shape flags (--dim, --n_layers ...) do not apply: the shape is the flavor's.
     """
     if a.flavor == "debug":
-        return QwenArgs("debugmodel", dict(QWEN_DEBUG_SHAPE), a.exchange, a.layout, a.dtype, a.kernel)
+        from titan_cp.qwen3_5.configs import DEBUG_SHAPE  # the CPU debug config's shape (imports TorchTitan)
+
+        return QwenArgs("debugmodel", dict(DEBUG_SHAPE), a.exchange, a.layout, a.dtype, a.kernel)
     return QwenArgs(a.flavor, {}, a.exchange, a.layout, a.dtype, a.kernel)
 
 
