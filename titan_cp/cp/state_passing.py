@@ -88,6 +88,7 @@ from titan_cp.cp.layout import segments_of_rank
 from titan_cp.gdn_ops import GDNMixingInputs, conv_qkv
 from titan_cp.kernels import get_kernel, get_transition_kernel
 from titan_cp.kernels.denormals import flush_denormals
+from titan_cp.kernels.transition import state_dtype
 
 
 def compose(
@@ -304,7 +305,7 @@ def delta_rule_over_segments(
     B = N // n
     initial_rows = None
     if initial_state is not None:
-        initial = initial_state.to(torch.float64 if v.dtype == torch.float64 else torch.float32)
+        initial = initial_state.to(state_dtype(v))
         initial_rows = torch.stack([initial if s == 0 else initial * 0 for s in cp.local_segments], dim=1)
         initial_rows = initial_rows.reshape(N, H, *initial.shape[-2:])
     S_local, M, o_local, q_transition = segment_summary(

@@ -147,8 +147,7 @@ def gated_delta_rule_with_transition_via_varlen(summary_varlen, q, k, v, g, beta
     B, T, H, K = q.shape
     V = v.shape[-1]
     scale = K ** -0.5 if scale is None else float(scale)
-    start = transition_start(None if initial_state is None else initial_state.float(), B, H, K, V, torch.float32,
-                             q.device)
+    start = transition_start(initial_state, B, H, K, V, torch.float32, q.device)  # FLA's states are float32
     (o_and_q_transition,), final = call_rows_as_varlen(summary_varlen, (q, k, v, g, beta), start, doc_starts,
                                                        scale=scale)
     return split_summary(o_and_q_transition, final, v)
