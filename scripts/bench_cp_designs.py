@@ -4,8 +4,8 @@
 Under state-passing CP a segment (a shard's tokens) needs its outputs for the
 true incoming state S (known only after the exchange) and its summary (S_local,
 M) for the exchange: S_end = M S + S_local. Designs, all on the ``torch``
-kernel, one segment, loss on the corrected outputs and on (S_local, M) (a middle
-segment: both get gradients from later ones):
+kernel, one segment, loss on the corrected outputs and on S_end (a middle
+segment: its final state gets a gradient from later ones):
 
 plain      no CP: the kernel at width V from a zero state (what the same shard
            costs alone; the overhead of every design is measured against it).
@@ -15,11 +15,13 @@ one_call   the kernel interface at width V + K: values [v | 0] from state
            [0 | I] concatenations, zero value columns in the WY products, and
            keeps q M as a view of the whole [o | q M] output. (The design before
            this benchmark.)
-native     the same math inside the chunk kernel
-           (``chunk_gated_delta_rule_with_transition``): the transition rides as
-           K extra state columns through the chunk loop only; WY factors, dU and
-           the saved value copy stay at width V; o and q M come out as separate
-           tensors; o + (q M) S. (Chosen; see docs/benchmarks.md.)
+native     the library's segment kernel (``ChunkSegmentKernel``): forward, the
+           transition as K extra state columns through the chunk loop and the
+           outputs only (WY factors at width V), o + (q M) S; then the saved
+           chunk states become the true ones H + P S and the backward is the
+           plain one from the true start (width V), with dS = (q M)^T dO + M^T dS_end.
+           (Chosen; see docs/benchmarks.md. Before, the K columns also rode
+           through the backward: 1.30x plain in the 2026-11-27 run.)
 two_pass   FLA's way: a state-only pass for [S_local | M] (here the kernel at
            V + K with its outputs unused: an upper bound for a state-only
            kernel, whose saving the FLOP column counts), then the plain kernel
@@ -36,7 +38,9 @@ the smallest normal float, and denormal arithmetic made every CP design 2-3x
 slower), saved-for-backward bytes per
 token (saved_tensors_hooks, unique storages), forward FLOPs per token per head
 from the one FLOP formula (titan_cp.analysis.flops.gdn_chunk_flops_per_token)
-plus each design's extra matmuls.
+plus each design's extra matmuls, and forward + backward FLOPs with the backward
+counted as 2x the forward at the width it runs (the convention of
+titan_cp.analysis.flops).
 
     python scripts/bench_cp_designs.py [--T 2048] [--heads 4] [--K 64] [--V 128] [--repeats 5] [--markdown]
 """
@@ -58,9 +62,9 @@ import torch.nn.functional as F
 
 from bench_model import KEEP_FREED_MEMORY
 from titan_cp.analysis.flops import gdn_chunk_flops_per_token
-from titan_cp.cp.state_passing import correct_outputs
 from titan_cp.kernels import chunk as chunk_kernel
-from titan_cp.kernels.chunk import chunk_gated_delta_rule, chunk_gated_delta_rule_with_transition
+from titan_cp.kernels.chunk import ChunkSegmentKernel, chunk_gated_delta_rule
+from titan_cp.kernels.transition import transition_via_interface
 
 C = 64  # the kernel chunk (chunk_gated_delta_rule default)
 
@@ -73,19 +77,21 @@ def make_segment(T, H, K, V, seed=0):
     g = F.logsigmoid(torch.randn(1, T, H, generator=gen) + 3)
     beta = torch.sigmoid(torch.randn(1, T, H, generator=gen))
     S_start = torch.randn(1, H, K, V, generator=gen) * 0.1  # what the exchange hands in
-    weights = {"o": torch.randn(1, T, H, V, generator=gen), "S": torch.randn(1, H, K, V, generator=gen),
-               "M": torch.randn(1, H, K, K, generator=gen)}
+    weights = {"o": torch.randn(1, T, H, V, generator=gen), "S": torch.randn(1, H, K, V, generator=gen)}
     return (q, k, v, g, beta), S_start, weights
 
 
 # --------------------------------------------------------------------------- designs
-# Each takes the five kernel inputs and S_start (all leaves) and returns (o, S_local, M);
-# plain returns (o, S_local, None).
+# Each takes the five kernel inputs and S_start (all leaves) and returns (o, S_end) with
+# S_end = M S_start + S_local; plain returns its own (o, S_local).
 
 
 def plain(q, k, v, g, beta, S_start):
-    o, S_local = chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True)
-    return o, S_local, None
+    return chunk_gated_delta_rule(q, k, v, g, beta, output_final_state=True)
+
+
+def _end_state(S_local, M, S_start):
+    return M @ S_start + S_local
 
 
 def one_call(q, k, v, g, beta, S_start):
@@ -97,20 +103,41 @@ def one_call(q, k, v, g, beta, S_start):
     o_padded, final = chunk_gated_delta_rule(q, k, v_padded, g, beta, initial_state=identity_start,
                                              output_final_state=True)
     o = o_padded[..., :V] + torch.einsum("bthk,bhkv->bthv", o_padded[..., V:], S_start)
-    return o, final[..., :V], final[..., V:]
+    return o, _end_state(final[..., :V], final[..., V:], S_start)
+
+
+class _NativeSegment(torch.autograd.Function):
+    """The library's segment kernel with S_start given (in CP the exchange sits between the
+    transition forward and the correction; titan_cp/cp/state_passing.py)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, S_start):
+        kernel = ChunkSegmentKernel()
+        seg = kernel.forward(q, k, v, g, beta, with_transition=True)
+        o = seg.o + torch.einsum("bthk,bhkv->bthv", seg.q_transition, S_start)
+        tensors, meta = kernel.bind_incoming_state(seg.saved_tensors, seg.saved_meta, S_start)
+        ctx.save_for_backward(seg.q_transition, seg.M, *tensors)
+        ctx.kernel, ctx.meta = kernel, meta
+        return o, _end_state(seg.S_local, seg.M, S_start)
+
+    @staticmethod
+    def backward(ctx, d_o, d_S_end):
+        q_transition, M, *tensors = ctx.saved_tensors
+        d_S_start = torch.einsum("bthk,bthv->bhkv", q_transition, d_o) + M.transpose(-1, -2) @ d_S_end
+        return (*ctx.kernel.backward(tensors, ctx.meta, d_o, d_S_end)[:5], d_S_start)
 
 
 def native(q, k, v, g, beta, S_start):
-    o_local, q_transition, S_local, M = chunk_gated_delta_rule_with_transition(q, k, v, g, beta)
-    return correct_outputs(o_local, q_transition, S_start), S_local, M  # the library's step d
+    return _NativeSegment.apply(q, k, v, g, beta, S_start)
 
 
 def two_pass(q, k, v, g, beta, S_start):
-    B, T, H, V = v.shape
-    K = q.shape[-1]
-    _, _, S_local, M = chunk_gated_delta_rule_with_transition(q, k, v, g, beta)  # outputs unused
+    # FLA's way: a state-only pre-pass for [S_local | M] (here the kernel at V + K with its outputs
+    # unused: an upper bound for a state-only kernel), then the plain kernel from S_start. The
+    # backward runs both passes' backward (the pre-pass's for the exchange's state gradients).
+    _, _, S_local, M = transition_via_interface(chunk_gated_delta_rule)(q, k, v, g, beta)
     o, _ = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=S_start)
-    return o, S_local, M
+    return o, _end_state(S_local, M, S_start)
 
 
 def wy_product(q, k, v, g, beta, S_start):
@@ -136,7 +163,7 @@ def wy_product(q, k, v, g, beta, S_start):
     q_transition = E @ torch.stack(P)  # [N, H, C, K]
     q_transition = chunk_kernel._from_chunks(q_transition, B, H, T, acc)
     o = o_local + torch.einsum("bthk,bhkv->bthv", q_transition, S_start)
-    return o, S_local, M[None]
+    return o, _end_state(S_local, M[None], S_start)
 
 
 DESIGNS = {"plain": plain, "one_call": one_call, "native": native, "two_pass": two_pass, "wy_product": wy_product}
@@ -158,6 +185,16 @@ def forward_flops_per_token_head(design: str, K: int, V: int) -> float:
     if design == "wy_product":  # M_n (2 K^2), P chain (2 K^3 / C), (QK^T*D) W (2 C K), E P (2 K^2)
         return F_gdn(K, V) + 4 * K * K + 2 * K**3 / C + 2 * C * K + correction
     raise ValueError(design)
+
+
+def training_flops_per_token_head(design: str, K: int, V: int) -> float:
+    """Forward + backward, the backward 2x the forward at the width it runs. ``native``'s backward
+    is the plain one (2 F_gdn(K, V)) plus the true chunk states H + P S (2 K^2 V / C) and
+    G = (q M)^T dO (2 K V); every other design differentiates its whole forward."""
+    forward = forward_flops_per_token_head(design, K, V)
+    if design == "native":
+        return forward + 2 * gdn_chunk_flops_per_token(K, V) + 2 * K * K * V / C + 2 * K * V
+    return 3 * forward
 
 
 def saved_bytes(fn, inputs, S_start) -> int:
@@ -186,9 +223,8 @@ def run(a) -> dict:
             xs = [x.clone().requires_grad_() for x in inputs]
             s = S_start.clone().requires_grad_()
             t0 = time.process_time()
-            o, S_local, M = fn(*xs, s)
-            loss = (o * w["o"]).sum() + (S_local * w["S"]).sum() + (0 if M is None else (M * w["M"]).sum())
-            loss.backward()
+            o, S_end = fn(*xs, s)
+            ((o * w["o"]).sum() + (S_end * w["S"]).sum()).backward()
             if i >= a.warmup:
                 times[name].append(time.process_time() - t0)
     leaves = [x.clone().requires_grad_() for x in inputs]
@@ -198,13 +234,14 @@ def run(a) -> dict:
         t = statistics.median(times[name])
         rows[name] = {"cpu_s": t, "vs_plain": t / base,
                       "saved_bytes_per_token": saved_bytes(fn, leaves, S_start.clone().requires_grad_()) / a.T,
-                      "fwd_flops_per_token_head": forward_flops_per_token_head(name, a.K, a.V)}
+                      "fwd_flops_per_token_head": forward_flops_per_token_head(name, a.K, a.V),
+                      "train_flops_per_token_head": training_flops_per_token_head(name, a.K, a.V)}
     return {"shape": {"T": a.T, "H": a.heads, "K": a.K, "V": a.V, "C": C}, "load_average": os.getloadavg()[0],
             "designs": rows}
 
 
 def check_designs_agree(a) -> float:
-    """All designs compute the same function: max relative difference of o, S_local, M and grads."""
+    """All designs compute the same function: max relative difference of o, S_end and grads."""
     inputs, S_start, w = make_segment(64 * 3, 2, 8, 16, seed=1)
     results = {}
     for name, fn in DESIGNS.items():
@@ -212,9 +249,9 @@ def check_designs_agree(a) -> float:
             continue
         xs = [x.clone().double().requires_grad_() for x in inputs]
         s = S_start.clone().double().requires_grad_()
-        o, S_local, M = fn(*xs, s)
-        ((o * w["o"].double()).sum() + (S_local * w["S"].double()).sum() + (M * w["M"].double()).sum()).backward()
-        results[name] = [o, S_local, M] + [x.grad for x in xs] + [s.grad]
+        o, S_end = fn(*xs, s)
+        ((o * w["o"].double()).sum() + (S_end * w["S"].double()).sum()).backward()
+        results[name] = [o, S_end] + [x.grad for x in xs] + [s.grad]
     ref = results["one_call"]
     worst = 0.0
     for name, got in results.items():
@@ -250,15 +287,17 @@ def main(argv=None) -> int:
           f"designs agree to {agree:.1e} (float64); malloc: "
           f"{'glibc defaults' if a.system_malloc else 'freed memory reused (GLIBC_TUNABLES)'}")
     if a.markdown:
-        print("| design | fwd+bwd CPU s | vs plain | saved bytes / token | fwd FLOPs / token / head |")
-        print("|---|---:|---:|---:|---:|")
+        print("| design | fwd+bwd CPU s | vs plain | saved bytes / token | fwd FLOPs / token / head "
+              "| fwd+bwd FLOPs / token / head |")
+        print("|---|---:|---:|---:|---:|---:|")
     for name, r in out["designs"].items():
         if a.markdown:
             print(f"| {name} | {r['cpu_s']:.4f} | {r['vs_plain']:.2f} | {r['saved_bytes_per_token']:,.0f} | "
-                  f"{r['fwd_flops_per_token_head']:,.0f} |")
+                  f"{r['fwd_flops_per_token_head']:,.0f} | {r['train_flops_per_token_head']:,.0f} |")
         else:
             print(f"  {name:10s} {r['cpu_s']:.4f} s  x{r['vs_plain']:.2f}  saved {r['saved_bytes_per_token']:,.0f} B/token"
-                  f"  fwd {r['fwd_flops_per_token_head']:,.0f} FLOP/token/head")
+                  f"  fwd {r['fwd_flops_per_token_head']:,.0f} fwd+bwd {r['train_flops_per_token_head']:,.0f} "
+                  f"FLOP/token/head")
     return 0
 
 

@@ -26,9 +26,10 @@ class Timers:
 
     - ``comm``: time blocked in torch.distributed calls (collectives, and the
       ``wait()`` of batched point-to-point work), fwd + bwd.
-    - ``exchange``: time inside the state exchange / halo / all-to-all autograd
-      functions (their communication included), fwd + bwd.
-    - ``kernel``: time inside the torch chunk kernel (forward + backward).
+    - ``exchange``: time inside the state exchange's folds and the halo / all-to-all
+      autograd functions (their communication included), fwd + bwd.
+    - ``kernel``: time inside the torch chunk kernel (forward, binding the true
+      incoming state under CP, backward).
     Each also as ``<key>_cpu``: CPU time of the calling thread inside the region.
     On GPUs each timed region synchronises the device first and last.
     """
@@ -84,12 +85,13 @@ class Timers:
         from titan_cp.cp import comm, halo, state_passing
         from titan_cp.kernels import chunk
 
-        for cls in (state_passing._AllGatherExchange, state_passing._LogScanExchange, halo._HaloExchange,
-                    comm.AllToAll):
+        for cls in (halo._HaloExchange, comm.AllToAll):
             for m in ("forward", "backward"):
                 setattr(cls, m, staticmethod(self.region("exchange", getattr(cls, m))))
-        for m in ("forward", "backward"):
-            setattr(chunk._ChunkGatedDeltaRule, m, staticmethod(self.region("kernel", getattr(chunk._ChunkGatedDeltaRule, m))))
+        for name, (fold, reverse_fold) in state_passing.EXCHANGES.items():
+            state_passing.EXCHANGES[name] = (self.region("exchange", fold), self.region("exchange", reverse_fold))
+        for fn in ("chunk_forward", "bind_incoming_state", "chunk_backward"):
+            setattr(chunk, fn, self.region("kernel", getattr(chunk, fn)))
 
 
 def set_cp(model, args: ModelArgs, P: int, exchange: str | None = None, layout: str | None = None):

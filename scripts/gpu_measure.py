@@ -251,19 +251,12 @@ def measure_model(args, device, spec, dtype) -> list[dict]:
 
 
 def titan_cp_gdn_op(kernel_name, cp):
-    """Steps c-d of titan_cp.cp.state_passing.mix_state_passing (kernel + exchange + correction), no conv.
-
-    The same calls: segment_summary (the torch kernel's one-pass transition, any other
-    kernel's [v | 0] from [0 | I] call), exchange_states, o = o_local + (q M) S_start.
-    """
-    from titan_cp.cp.state_passing import exchange_states, segment_summary
+    """Steps c-d of titan_cp.cp.state_passing.mix_state_passing (segment kernel, exchange,
+    correction; backward from the true start), no conv: the same call, delta_rule_over_segments."""
+    from titan_cp.cp.state_passing import delta_rule_over_segments
 
     def op(q, k, v, g, beta):
-        N, T, H, V = v.shape
-        K = q.shape[-1]
-        S_local, M, o_local, q_transition = segment_summary(kernel_name, q, k, v, g, beta, None)
-        S_start = exchange_states(M.reshape(N, 1, H, K, K), S_local.reshape(N, 1, H, K, V), cp, "op").reshape(N, H, K, V)
-        return o_local + torch.einsum("nthk,nhkv->nthv", q_transition, S_start).to(v.dtype)
+        return delta_rule_over_segments(q, k, v, g, beta, cp, kernel_name, "op")
 
     return op
 

@@ -294,42 +294,50 @@ def test_minus_infinity_log_decay(at_document_start):
 
 
 # ---------------------------------------------------------------------------------------
-# The segment summary of context parallelism (outputs, q M, S_local, M in one pass)
+# The segment kernel of context parallelism: transition forward, plain backward from the
+# true incoming state
 # ---------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("with_documents", [False, True], ids=["one_document", "documents"])
-def test_with_transition_matches_padded_values_in_the_recurrence(with_documents):
-    """Reference: the recurrence with values [v | 0] from state [0 | I] (float64) returns
-    outputs [o | q M] and final state [S_local | M]; outputs and every gradient must match."""
-    from titan_cp.kernels.chunk import chunk_gated_delta_rule_with_transition
+def test_segment_kernels_match_the_recurrence(with_documents):
+    """Reference, float64: the recurrence with values [v | 0] from state [S_0 | I] gives outputs
+    [o | q M] and final state [S_local | M]; the segment's true outputs and final state are the
+    recurrence's from S_0 + S, so its gradients (under cotangents dO, T) are those of that run.
+    Both segment kernels (native torch, and the recomputing one over the recurrent kernel) must
+    give both, and the true outputs o + (q M) S must be the recurrence's from S_0 + S."""
+    from titan_cp.kernels.chunk import ChunkSegmentKernel
+    from titan_cp.kernels.transition import RecomputingSegmentKernel
 
     B, T, H, K, V = 2, 37, 2, 4, 6
     inputs, _ = make_inputs(B=B, T=T, H=H, K=K, V=V, seed=6)
     q, k, v, g, beta, _ = inputs
     doc_starts = doc_starts_cases(B, T)["several_per_chunk"] if with_documents else None
     gen = torch.Generator().manual_seed(7)
-    weights = [torch.randn(*shape, generator=gen, dtype=torch.float64)
-               for shape in ((B, T, H, V), (B, T, H, K), (B, H, K, V), (B, H, K, K))]
+    S_0, S, d_o, T_grad = (torch.randn(*shape, generator=gen, dtype=torch.float64)
+                           for shape in ((B, H, K, V), (B, H, K, V), (B, T, H, V), (B, H, K, V)))
 
-    def chunk_summary(q, k, v, g, beta):
-        return chunk_gated_delta_rule_with_transition(q, k, v, g, beta, doc_starts=doc_starts, chunk_size=8)
+    v_padded = torch.cat([v, v.new_zeros(B, T, H, K)], -1)
+    start = torch.cat([S_0, torch.eye(K, dtype=v.dtype).expand(B, H, K, K)], -1)
+    o_pad, final_pad = recurrent_gated_delta_rule(q, k, v_padded, g, beta, initial_state=start,
+                                                  output_final_state=True, doc_starts=doc_starts)
+    want_forward = [o_pad[..., :V], o_pad[..., V:], final_pad[..., :V], final_pad[..., V:]]
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
+    true_start = (S_0 + S).requires_grad_()
+    o_true, final_true = recurrent_gated_delta_rule(*leaves, initial_state=true_start, output_final_state=True,
+                                                    doc_starts=doc_starts)
+    torch.autograd.backward((o_true, final_true), (d_o, T_grad))
+    want_backward = [x.grad for x in leaves] + [true_start.grad]
 
-    def recurrent_summary(q, k, v, g, beta):
-        v_padded = torch.cat([v, v.new_zeros(B, T, H, K)], -1)
-        start = torch.cat([torch.zeros(B, H, K, V, dtype=v.dtype), torch.eye(K, dtype=v.dtype).expand(B, H, K, K)], -1)
-        o, final = recurrent_gated_delta_rule(q, k, v_padded, g, beta, initial_state=start,
-                                              output_final_state=True, doc_starts=doc_starts)
-        return o[..., :V], o[..., V:], final[..., :V], final[..., V:]
-
-    results = []
-    for summary in (chunk_summary, recurrent_summary):
-        xs = [x.clone().requires_grad_() for x in (q, k, v, g, beta)]
-        outs = summary(*xs)
-        sum((out * w).sum() for out, w in zip(outs, weights)).backward()
-        results.append([out.detach() for out in outs] + [x.grad for x in xs])
-    names = ("o", "q_transition", "S_local", "M", "dq", "dk", "dv", "dg", "dbeta")
-    assert_close(results[0], results[1], 1e-10, names=names)
+    for kernel in (ChunkSegmentKernel(chunk_size=8), RecomputingSegmentKernel(recurrent_gated_delta_rule)):
+        seg = kernel.forward(q, k, v, g, beta, initial_state=S_0, doc_starts=doc_starts, with_transition=True)
+        names = ("o", "q_transition", "S_local", "M")
+        assert_close([seg.o, seg.q_transition, seg.S_local, seg.M], want_forward, 1e-10, names=names)
+        corrected = seg.o + torch.einsum("bthk,bhkv->bthv", seg.q_transition, S)
+        assert_close([corrected], [o_true.detach()], 1e-10, names=("o from S_0 + S",))
+        tensors, meta = kernel.bind_incoming_state(seg.saved_tensors, seg.saved_meta, S)
+        grads = kernel.backward(tensors, meta, d_o, T_grad)
+        assert_close(list(grads), want_backward, 1e-10, names=("dq", "dk", "dv", "dg", "dbeta", "dS_0"))
 
 
 # ---------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ def test_training_example_cp2_matches_one_rank(tmp_path):
     for name, p_ref in ref["params"].items():
         moved = (p_ref - ref["initial_params"][name]).abs().max().item()
         assert (cp["initial_params"][name] == ref["initial_params"][name]).all(), name
-        assert (cp["params"][name] - p_ref).abs().max().item() <= 1e-4 * max(moved, 1e-3), name
+        ulps = 4 * torch.finfo(p_ref.dtype).eps * p_ref.abs().max().item()  # a weight near 1: its last bits
+        assert (cp["params"][name] - p_ref).abs().max().item() <= 1e-4 * max(moved, 1e-3) + ulps, name
     assert max((p - ref["initial_params"][n]).abs().max().item() for n, p in ref["params"].items()) > 1e-2
 
 

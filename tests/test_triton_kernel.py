@@ -9,10 +9,10 @@
 (c) On a CUDA machine: parity of the real Triton kernel with the torch kernel
     (skipped here, with the reason).
 (d) FLA's real Triton kernels under the Triton interpreter on CPU: the plain
-    kernel against the recurrent one, and the CP transition form built from
-    FLA's pieces (titan_cp/kernels/triton_transition.py) against the torch
-    kernel's transition form; (b) checks that form's varlen plumbing with a
-    recurrent stand-in.
+    kernel against the recurrent one, and the CP segment kernel of ``triton``
+    (the transition forward from FLA's pieces, titan_cp/kernels/triton_transition.py,
+    and FLA's plain backward from the true start) against the torch kernel's;
+    (b) checks the transition forward's varlen plumbing with a recurrent stand-in.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from titan_cp.kernels import get_kernel
-from titan_cp.kernels.chunk import chunk_gated_delta_rule_with_transition
+from titan_cp.kernels.chunk import ChunkSegmentKernel
 from titan_cp.kernels.recurrent import recurrent_gated_delta_rule
-from titan_cp.kernels.transition import transition_via_interface
+from titan_cp.kernels.transition import RecomputingSegmentKernel
 from titan_cp.kernels.triton import (
     gated_delta_rule_via_varlen,
     row_final_states,
@@ -189,34 +189,41 @@ def recurrent_summary_varlen(q, k, v, g, beta, *, scale, initial_state, cu_seqle
                             output_final_state=True, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu)
 
 
-def run_transition_form(fn, inputs, starts, seed=3):
-    """(o, q_transition, S_local, M) and the gradients of every input under random cotangents."""
-    leaves = [x.clone().requires_grad_() for x in inputs]
-    outputs = fn(*leaves[:5], initial_state=leaves[5], doc_starts=starts)
+def run_segment_kernel(kernel, inputs, starts, seed=3):
+    """A segment kernel on one segment: the transition forward (o, q_transition, S_local, M), the
+    outputs from a random true incoming state S, and the backward from there under random
+    cotangents (dq, dk, dv, dg, dbeta, dS_0)."""
+    q, k, v, g, beta, h0 = inputs
     gen = torch.Generator().manual_seed(seed)
-    sum(((y.float() * torch.randn(y.shape, generator=gen)).sum() for y in outputs)).backward()
-    return [y.detach().float() for y in outputs] + [x.grad.float() for x in leaves]
+    S, d_o, T_grad = (torch.randn(*shape, generator=gen).to(q.dtype) for shape in (h0.shape, v.shape, h0.shape))
+    seg = kernel.forward(q, k, v, g, beta, initial_state=h0, doc_starts=starts, with_transition=True)
+    corrected = seg.o + torch.einsum("bthk,bhkv->bthv", seg.q_transition, S)
+    tensors, meta = kernel.bind_incoming_state(seg.saved_tensors, seg.saved_meta, S)
+    grads = kernel.backward(tensors, meta, d_o, T_grad)
+    return [y.float() for y in (seg.o, seg.q_transition, seg.S_local, seg.M, corrected, *grads)]
 
 
-TRANSITION_NAMES = ["o", "q_transition", "S_local", "M", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+SEGMENT_NAMES = ["o", "q_transition", "S_local", "M", "o from S_0 + S", "dq", "dk", "dv", "dg", "dbeta", "dS_0"]
 
 
-def test_transition_form_through_varlen_equals_the_torch_transition_form():
-    """The varlen plumbing of the Triton transition form (start [S_0 | I] per row, zero for later
-    segments, rows' last segments) with a recurrent stand-in, in float64, against the torch kernel's
-    native transition form and the generic interface form: values, and every gradient."""
+def test_transition_forward_through_varlen_equals_the_torch_segment_kernel():
+    """The varlen plumbing of the Triton transition forward (start [S_0 | I] per row, zero for later
+    segments, rows' last segments) with a recurrent stand-in, as a segment kernel, in float64,
+    against the torch kernel's native segment kernel and the generic interface one: values, and
+    every gradient of the backward from the true start."""
     B, T, H, K, V = 4, 21, 2, 4, 3
     inputs = [x.double() for x in random_inputs(B, T, H, K, V, seed=11)]
     starts = doc_start_patterns(B, T, 2)
     starts[2, 9] = True  # a start inside a row that does not begin with one: its M must be 0
     starts[3] = False  # a row with no start: a real transition
-    ref = run_transition_form(lambda *a, **kw: chunk_gated_delta_rule_with_transition(*a, chunk_size=8, **kw),
-                              inputs, starts)
-    for name, fn in (("varlen", lambda *a, **kw: gated_delta_rule_with_transition_via_varlen(
-            recurrent_summary_varlen, *a, **kw)),
-                     ("interface", transition_via_interface(recurrent_gated_delta_rule))):
-        got = run_transition_form(fn, inputs, starts)
-        for n, a, b in zip(TRANSITION_NAMES, got, ref):
+    ref = run_segment_kernel(ChunkSegmentKernel(chunk_size=8), inputs, starts)
+    varlen_transition = RecomputingSegmentKernel(
+        recurrent_gated_delta_rule,
+        transition=lambda *a, **kw: gated_delta_rule_with_transition_via_varlen(recurrent_summary_varlen, *a, **kw))
+    for name, kernel in (("varlen", varlen_transition), ("interface", RecomputingSegmentKernel(
+            recurrent_gated_delta_rule))):
+        got = run_segment_kernel(kernel, inputs, starts)
+        for n, a, b in zip(SEGMENT_NAMES, got, ref):
             err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
             assert err <= 1e-10, f"{name}: {n} relative error {err:.2e}"
     assert ref[3][:3].abs().max() == 0 and ref[3][3].abs().max() > 0  # rows with a start have M = 0
@@ -301,13 +308,15 @@ def _interpret_main() -> None:
         report[str((B, T, K, V, docs))] = {
             n: ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for n, a, b in zip(names, got, ref)
         }
-        # The CP transition form from FLA's pieces against the torch kernel's (fp32 both).
+        # The CP segment kernel of triton (FLA's transition forward, FLA's plain backward from the
+        # true start) against the torch kernel's (fp32 both).
         inputs = (q, k, v, g, beta, h0)
-        got = run_transition_form(fla_transition_anywhere, inputs, starts)
-        ref = run_transition_form(chunk_gated_delta_rule_with_transition, inputs, starts)
-        report[f"transition {(B, T, K, V, docs)}"] = {
+        got = run_segment_kernel(RecomputingSegmentKernel(fla_gated_delta_rule_anywhere,
+                                                          transition=fla_transition_anywhere), inputs, starts)
+        ref = run_segment_kernel(ChunkSegmentKernel(), inputs, starts)
+        report[f"segment kernel {(B, T, K, V, docs)}"] = {
             n: ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-            for n, a, b in zip(TRANSITION_NAMES, got, ref)
+            for n, a, b in zip(SEGMENT_NAMES, got, ref)
         }
     print("INTERPRET_REPORT " + json.dumps(report))
 

@@ -8,22 +8,24 @@ delta rule (titan_cp/gdn_ops.py). With a state-passing strategy
      treats each segment as a row: [B, T, ...] -> [B * n_local, T_seg, ...];
   b. gets the W-1 pre-conv tokens before each segment (cp/halo.py) and runs
      the conv on [halo | segment];
-  c. computes each segment's summary in one kernel pass. Because the delta
+  c. computes each segment's summary in one kernel pass, the kernel's
+     transition forward (titan_cp/kernels/transition.py). Because the delta
      rule acts on every state column independently and linearly, running it
      from state [0 | I] with values [v | 0] (width V + K) gives
         final state  [S_local | M]          (zero-start state, transition)
         outputs      [o_local | q_t M_<=t]  (scale included).
-     This is each kernel's transition form (titan_cp/kernels/transition.py):
-     native for ``torch`` (the K transition columns ride only through its chunk
-     loop) and ``triton`` (FLA's pieces with the WY step at width V), exactly
-     that call through the kernel interface for the others
-     (:func:`segment_summary`). The rank holding only the sequence's first
-     segment (incoming state 0) runs the plain kernel;
+     The rank holding only the sequence's first segment (incoming state 0)
+     runs the plain forward;
   d. exchanges the summaries (below) to get each segment's true incoming
      state S_start, and corrects the outputs:
         o_t = o_local_t + (q_t M_<=t) S_start.
-  Autograd does the rest: the kernel's backward, the exchange's reverse fold,
-  the halo's reverse send.
+  Backward (:class:`_SegmentsWithStatePassing`, one autograd node for c + d):
+  the gradient of each S_start through its segment's outputs,
+  G = (q M)^T dO, from the saved q M alone; the exchange's reverse fold gives
+  every segment's final-state gradient T; then each segment runs the plain
+  kernel backward from its true start S_start (no transition columns: the
+  segment's true outputs and final state are the plain kernel's from there).
+  Autograd does the rest (the convs, the halo's reverse send).
 
 Document starts (packed sequences) reset both the conv history and the state
 (``doc_starts``); a segment with a document start has M = 0, so no state
@@ -86,7 +88,7 @@ from titan_cp.cp.context import CPContext, dtype_code
 from titan_cp.cp.halo import exchange_halo
 from titan_cp.cp.layout import segments_of_rank
 from titan_cp.gdn_ops import GDNMixingInputs, conv_qkv
-from titan_cp.kernels import get_kernel, get_transition_kernel
+from titan_cp.kernels import get_segment_kernel
 from titan_cp.kernels.denormals import flush_denormals
 from titan_cp.kernels.transition import state_dtype
 
@@ -109,6 +111,8 @@ def exclusive_fold(Ms: list[torch.Tensor], Ss: list[torch.Tensor]) -> list[torch
 
 
 # --------------------------------------------------------------------------- allgather
+# Each strategy is a pair of functions: fold (forward: S_start of the local segments, and what
+# its backward keeps) and reverse fold (backward: T = dL/dS_end of the local segments from G).
 
 
 def _all_gather_segments(local_BNX: torch.Tensor, cp: CPContext, layer_name: str, kind: str) -> list[torch.Tensor]:
@@ -121,37 +125,30 @@ def _all_gather_segments(local_BNX: torch.Tensor, cp: CPContext, layer_name: str
     return per_segment  # type: ignore[return-value]
 
 
-class _AllGatherExchange(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, M_BNHKK, S_BNHKV, cp: CPContext, layer_name: str):
-        payload = torch.cat([M_BNHKK, S_BNHKV], dim=-1)
-        K = M_BNHKK.shape[-1]
-        per_segment = _all_gather_segments(payload, cp, layer_name, "state_fwd")
-        Ms = [p[..., :K] for p in per_segment]
-        Ss = [p[..., K:] for p in per_segment]
-        with flush_denormals():  # M decays below normal floats (kernels/denormals.py)
-            starts = exclusive_fold(Ms, Ss)
-        mine = torch.stack([starts[s] for s in cp.local_segments], dim=1)
-        ctx.save_for_backward(*Ms, mine)
-        ctx.cp, ctx.layer_name = cp, layer_name
-        return mine
+def _allgather_fold(M_BNHKK, S_BNHKV, cp: CPContext, layer_name: str):
+    payload = torch.cat([M_BNHKK, S_BNHKV], dim=-1)
+    K = M_BNHKK.shape[-1]
+    per_segment = _all_gather_segments(payload, cp, layer_name, "state_fwd")
+    Ms = [p[..., :K] for p in per_segment]
+    Ss = [p[..., K:] for p in per_segment]
+    with flush_denormals():  # M decays below normal floats (kernels/denormals.py)
+        starts = exclusive_fold(Ms, Ss)
+    mine = torch.stack([starts[s] for s in cp.local_segments], dim=1)
+    return mine, (torch.stack(Ms),)
 
-    @staticmethod
-    def backward(ctx, grad_start_BNHKV):
-        cp: CPContext = ctx.cp
-        *Ms, mine_starts = ctx.saved_tensors
-        grads = _all_gather_segments(grad_start_BNHKV, cp, ctx.layer_name, "state_bwd")  # G_s of every segment
-        # Equation (3): the fold in reverse with elements (M^T, G).
-        n = cp.n_segments
-        grad_end = [None] * n
-        running = torch.zeros_like(grads[0])
-        with flush_denormals():
-            for s in range(n - 1, -1, -1):
-                grad_end[s] = running
-                running = grads[s] + Ms[s].transpose(-1, -2) @ running
-            grad_S = torch.stack([grad_end[s] for s in cp.local_segments], dim=1)
-            grad_M = grad_S @ mine_starts.transpose(-1, -2)
-        return grad_M, grad_S, None, None
+
+def _allgather_reverse_fold(grad_start_BNHKV, saved, cp: CPContext, layer_name: str):
+    (Ms,) = saved
+    grads = _all_gather_segments(grad_start_BNHKV, cp, layer_name, "state_bwd")  # G_s of every segment
+    # Equation (3): the fold in reverse with elements (M^T, G).
+    n = cp.n_segments
+    grad_end = [None] * n
+    running = torch.zeros_like(grads[0])
+    with flush_denormals():
+        for s in range(n - 1, -1, -1):
+            grad_end[s] = running
+            running = grads[s] + Ms[s].transpose(-1, -2) @ running
+    return torch.stack([grad_end[s] for s in cp.local_segments], dim=1)
 
 
 # --------------------------------------------------------------------------- logscan
@@ -190,40 +187,30 @@ def _exclusive_scan_over_ranks(
     return excl_S
 
 
-class _LogScanExchange(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, M_BNHKK, S_BNHKV, cp: CPContext, layer_name: str):
-        with flush_denormals():
-            start = _exclusive_scan_over_ranks(M_BNHKK, S_BNHKV, cp, False, layer_name, "state_fwd")
-        ctx.save_for_backward(M_BNHKK, start)
-        ctx.cp, ctx.layer_name = cp, layer_name
-        return start
-
-    @staticmethod
-    def backward(ctx, grad_start):
-        M, start = ctx.saved_tensors
-        cp = ctx.cp
-        with flush_denormals():
-            grad_end = _exclusive_scan_over_ranks(
-                M.transpose(-1, -2).contiguous(), grad_start.contiguous(), cp, True, ctx.layer_name, "state_bwd"
-            )
-            return grad_end @ start.transpose(-1, -2), grad_end, None, None
+def _logscan_fold(M_BNHKK, S_BNHKV, cp: CPContext, layer_name: str):
+    with flush_denormals():
+        start = _exclusive_scan_over_ranks(M_BNHKK, S_BNHKV, cp, False, layer_name, "state_fwd")
+    return start, (M_BNHKK,)
 
 
-def exchange_states(M_BNHKK: torch.Tensor, S_BNHKV: torch.Tensor, cp: CPContext, layer_name: str = "") -> torch.Tensor:
-    """Incoming state of each local segment from the local summaries (M, S_local).
+def _logscan_reverse_fold(grad_start_BNHKV, saved, cp: CPContext, layer_name: str):
+    (M,) = saved
+    with flush_denormals():
+        return _exclusive_scan_over_ranks(M.transpose(-1, -2).contiguous(), grad_start_BNHKV.contiguous(), cp, True,
+                                          layer_name, "state_bwd")
 
-    Args:
-        M_BNHKK: [B, n_local_segments, H, K, K] transitions of this rank's segments.
-        S_BNHKV: [B, n_local_segments, H, K, V] zero-start final states.
-    Returns:
-        [B, n_local_segments, H, K, V] S_start of each local segment; differentiable.
-    """
-    if cp.exchange == "allgather":
-        return _AllGatherExchange.apply(M_BNHKK, S_BNHKV, cp, layer_name)
-    if cp.exchange == "logscan":
-        return _LogScanExchange.apply(M_BNHKK, S_BNHKV, cp, layer_name)
-    raise ValueError(f"exchange_states: strategy '{cp.exchange}' does not pass states")
+
+EXCHANGES = {"allgather": (_allgather_fold, _allgather_reverse_fold),
+             "logscan": (_logscan_fold, _logscan_reverse_fold)}
+"""Strategy name -> (fold, reverse fold). Fold: (M [B, n, H, K, K], S_local [B, n, H, K, V]) -> the
+incoming states S_start [B, n, H, K, V] of the local segments and what the reverse fold keeps;
+reverse fold: G = dL/dS_start through each local segment's own outputs -> T = dL/dS_end."""
+
+
+def _exchange(cp: CPContext):
+    if cp.exchange not in EXCHANGES:
+        raise ValueError(f"state passing: strategy '{cp.exchange}' does not pass states")
+    return EXCHANGES[cp.exchange]
 
 
 # --------------------------------------------------------------------------- the layer's mixing
@@ -295,96 +282,70 @@ def delta_rule_over_segments(
 ) -> torch.Tensor:
     """Steps c and d on segment rows: q, k [B n, T_seg, H, K], v [B n, T_seg, H, V] (n local segments).
 
-    :func:`segment_summary` gives every row's (S_local, M, o_local, q M); the exchange gives
-    S_start; o = o_local + (q M) S_start. ``initial_state`` [B, H, K, V] is S_0 of segment 0
-    (folded into that segment's summary); the other segments start from 0 * it, so every rank
-    gets a gradient for it (zero except on segment 0's rank).
+    One :class:`_SegmentsWithStatePassing` node. ``initial_state`` [B, H, K, V] is S_0 of
+    segment 0 (folded into that segment's summary); the other segments start from 0 * it, so
+    every rank gets a gradient for it (zero except on segment 0's rank).
     """
     N, T_seg, H, V = v.shape
     n = len(cp.local_segments)
-    B = N // n
     initial_rows = None
     if initial_state is not None:
         initial = initial_state.to(state_dtype(v))
         initial_rows = torch.stack([initial if s == 0 else initial * 0 for s in cp.local_segments], dim=1)
         initial_rows = initial_rows.reshape(N, H, *initial.shape[-2:])
-    S_local, M, o_local, q_transition = segment_summary(
-        kernel, q, k, v, g, beta, doc_starts, needs_transition=cp.local_segments != [0], scale=scale,
-        initial_state=initial_rows)
-    K = M.shape[-1]
-    S_start = exchange_states(M.reshape(B, n, H, K, K), S_local.reshape(B, n, H, K, V), cp, layer_name)
-    S_start = S_start.reshape(N, H, K, V)
-    if q_transition is None:  # the sequence's first segment: S_start = 0, no correction
-        return _JoinExchangeBackward.apply(o_local, S_start)
-    return correct_outputs(o_local, q_transition, S_start)
+    return _SegmentsWithStatePassing.apply(q, k, v, g, beta, initial_rows, doc_starts, get_segment_kernel(kernel),
+                                           cp, layer_name, scale, N // n)
 
 
-def segment_summary(kernel: str, q, k, v, g, beta, doc_starts, *, needs_transition: bool = True,
-                    scale: float | None = None, initial_state=None):
-    """Step c for rows [N, T_seg, H, *]: (S_local, M, o_local, q_transition).
+class _SegmentsWithStatePassing(torch.autograd.Function):
+    """Steps c and d of the module docstring as one autograd node, on segment rows [B n, T_seg, ...].
 
-    o_local and S_local are the outputs and final state from ``initial_state`` (zero if
-    None; [N, H, K, V]: the op-level call's state before segment 0); M [N, H, K, K]
-    is the segment's transition and q_transition [N, T_seg, H, K] = scale q_t M_<=t (fp32),
-    so that the outputs for an incoming state S are o_local + q_transition S.
-
-    - ``needs_transition`` (every segment but the sequence's first): the kernel's transition
-      form in one pass (:mod:`titan_cp.kernels.transition`: native for ``torch`` and
-      ``triton``, values [v | 0] from [0 | I] through the interface for the others);
-    - otherwise (the rank holds only the sequence's first segment, whose incoming state is
-      0): the plain kernel; M = 0 (never applied: nothing precedes it) and no q_transition.
+    forward:  (o_local, q M, S_local, M) <- the segment kernel's transition forward (the plain
+              forward on the rank holding only the sequence's first segment, M = 0);
+              S_start <- the fold of the exchange strategy;  o = o_local + (q M) S_start;
+              the kernel's saved context is bound to S_start (its true start).
+    backward: G = (q M)^T dO (the gradient of S_start through this segment's outputs);
+              T = dL/dS_end <- the exchange's reverse fold of G;
+              dq, dk, dv, dg, dbeta, dS_0 <- the kernel's plain backward from the true start, given dO, T.
     """
-    if not needs_transition:
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, initial_rows, doc_starts, segment_kernel, cp: CPContext, layer_name, scale,
+                B):
         N, _, H, V = v.shape
         K = q.shape[-1]
-        o, S_local = get_kernel(kernel)(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                        output_final_state=True, doc_starts=doc_starts)
-        return S_local, S_local.new_zeros(N, H, K, K), o, None
-    o, q_transition, S_local, M = get_transition_kernel(kernel)(
-        q, k, v, g, beta, scale=scale, initial_state=initial_state, doc_starts=doc_starts)
-    return S_local, M, o, q_transition
-
-
-class _JoinExchangeBackward(torch.autograd.Function):
-    """Identity on o; gives S_start a zero gradient so that this rank joins the exchange's
-    backward collective (its S_local and M get their gradients from later segments there)
-    even though its outputs do not depend on S_start."""
-
-    @staticmethod
-    def forward(ctx, o, S_start):
-        ctx.S_start_meta = (S_start.shape, S_start.dtype, S_start.device)
-        return o.view_as(o)
-
-    @staticmethod
-    def backward(ctx, grad_o):
-        shape, dtype, device = ctx.S_start_meta
-        return grad_o, torch.zeros(shape, dtype=dtype, device=device)
-
-
-class _CorrectOutputs(torch.autograd.Function):
-    """Step d, o_t = o_local_t + (scale q_t M_<=t) S_start: one batched matmul per (row, head),
-    forward and backward with denormals flushed (q M decays below the smallest normal float
-    over a long segment; titan_cp/kernels/denormals.py)."""
-
-    @staticmethod
-    def forward(ctx, o_local_NTHV, q_transition_NTHK, S_start_NHKV):
-        with flush_denormals():
-            correction_NHTV = q_transition_NTHK.transpose(1, 2) @ S_start_NHKV
-            corrected = o_local_NTHV + correction_NHTV.transpose(1, 2).to(o_local_NTHV.dtype)
-        ctx.save_for_backward(q_transition_NTHK, S_start_NHKV)
-        return corrected
+        n = N // B
+        with_transition = cp.local_segments != [0]  # else: only the sequence's first segment, S_start = 0
+        seg = segment_kernel.forward(q, k, v, g, beta, scale=scale, initial_state=initial_rows,
+                                     doc_starts=doc_starts, with_transition=with_transition)
+        M = seg.M if with_transition else seg.S_local.new_zeros(N, H, K, K)
+        fold, _ = _exchange(cp)
+        S_start, fold_saved = fold(M.reshape(B, n, H, K, K), seg.S_local.reshape(B, n, H, K, V), cp, layer_name)
+        S_start = S_start.reshape(N, H, K, V)
+        tensors, meta = seg.saved_tensors, seg.saved_meta
+        o = seg.o
+        if with_transition:
+            with flush_denormals():  # q M decays below normal floats (kernels/denormals.py)
+                correction_NHTV = seg.q_transition.transpose(1, 2) @ S_start
+                o = o + correction_NHTV.transpose(1, 2).to(o.dtype)
+            tensors, meta = segment_kernel.bind_incoming_state(tensors, meta, S_start)
+        ctx.save_for_backward(seg.q_transition, *fold_saved, *tensors)
+        ctx.n_fold_saved, ctx.kernel_meta, ctx.segment_kernel = len(fold_saved), meta, segment_kernel
+        ctx.cp, ctx.layer_name, ctx.shape = cp, layer_name, (B, n, H, K, V)
+        return o
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_NTHV):
-        q_transition_NTHK, S_start_NHKV = ctx.saved_tensors
-        with flush_denormals():
-            grad_NHTV = grad_NTHV.transpose(1, 2).to(q_transition_NTHK.dtype)
-            grad_q_transition = (grad_NHTV @ S_start_NHKV.transpose(-1, -2)).transpose(1, 2)
-            grad_S_start = q_transition_NTHK.transpose(1, 2).transpose(-1, -2) @ grad_NHTV
-        return grad_NTHV, grad_q_transition, grad_S_start
-
-
-def correct_outputs(o_local_NTHV, q_transition_NTHK, S_start_NHKV) -> torch.Tensor:
-    """Step d: o_t = o_local_t + (scale q_t M_<=t) S_start (:class:`_CorrectOutputs`)."""
-    return _CorrectOutputs.apply(o_local_NTHV, q_transition_NTHK, S_start_NHKV)
+    def backward(ctx, d_o_NTHV):
+        q_transition_NTHK, *rest = ctx.saved_tensors
+        fold_saved, tensors = rest[: ctx.n_fold_saved], rest[ctx.n_fold_saved:]
+        B, n, H, K, V = ctx.shape
+        if q_transition_NTHK is None:  # no output depends on S_start
+            G = d_o_NTHV.new_zeros(B * n, H, K, V, dtype=state_dtype(d_o_NTHV))
+        else:
+            with flush_denormals():
+                G = q_transition_NTHK.permute(0, 2, 3, 1) @ d_o_NTHV.transpose(1, 2).to(q_transition_NTHK.dtype)
+        _, reverse_fold = _exchange(ctx.cp)
+        T = reverse_fold(G.reshape(B, n, H, K, V), fold_saved, ctx.cp, ctx.layer_name).reshape(B * n, H, K, V)
+        d_q, d_k, d_v, d_g, d_beta, d_initial = ctx.segment_kernel.backward(tensors, ctx.kernel_meta, d_o_NTHV, T)
+        return d_q, d_k, d_v, d_g, d_beta, d_initial, None, None, None, None, None, None

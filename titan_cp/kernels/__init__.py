@@ -16,18 +16,18 @@ Kernels (``model.kernel`` in the config, :func:`get_kernel` by name):
 - ``triton``: FLA's ``chunk_gated_delta_rule`` Triton kernels (kernels/triton.py).
   Needs a CUDA GPU and ``pip install flash-linear-attention``.
 
-Context parallelism also needs each kernel's transition form, (o, q_transition,
-S_local, M) in one pass (:mod:`titan_cp.kernels.transition`,
-:func:`get_transition_kernel`).
+Context parallelism runs each kernel as a segment kernel: the transition forward
+(o, q_transition, S_local, M) in one pass, and the plain backward from the segment's
+true incoming state (:mod:`titan_cp.kernels.transition`, :func:`get_segment_kernel`).
 """
 
 from __future__ import annotations
 
 from titan_cp.errors import unknown_choice_message
-from titan_cp.kernels.chunk import chunk_gated_delta_rule, chunk_gated_delta_rule_with_transition
+from titan_cp.kernels.chunk import ChunkSegmentKernel, chunk_gated_delta_rule
 from titan_cp.kernels.interface import KERNEL_NAMES, GatedDeltaRuleKernel, check_inputs
 from titan_cp.kernels.recurrent import recurrent_gated_delta_rule
-from titan_cp.kernels.transition import TransitionKernel, transition_via_interface
+from titan_cp.kernels.transition import RecomputingSegmentKernel, SegmentKernel
 from titan_cp.kernels.triton import check_triton_available, triton_gated_delta_rule
 from titan_cp.kernels.triton_transition import triton_gated_delta_rule_with_transition
 
@@ -44,16 +44,17 @@ def get_kernel(name: str) -> GatedDeltaRuleKernel:
     raise ValueError(unknown_choice_message("model.kernel", name, KERNEL_NAMES))
 
 
-def get_transition_kernel(name: str) -> TransitionKernel:
-    """The transition form of kernel ``name``: native for ``torch`` and ``triton``, through the
-    kernel interface for the others (:mod:`titan_cp.kernels.transition`)."""
+def get_segment_kernel(name: str) -> SegmentKernel:
+    """Kernel ``name`` as a CP segment kernel: native for ``torch``; FLA's transition forward and
+    a recomputing backward for ``triton``; through the kernel interface for the others
+    (:mod:`titan_cp.kernels.transition`)."""
     kernel = get_kernel(name)  # the same clear error for unknown or unusable kernels
     if name == "torch":
-        return chunk_gated_delta_rule_with_transition
+        return ChunkSegmentKernel()
     if name == "triton":
-        return triton_gated_delta_rule_with_transition
-    return transition_via_interface(kernel)
+        return RecomputingSegmentKernel(kernel, transition=triton_gated_delta_rule_with_transition)
+    return RecomputingSegmentKernel(kernel)
 
 
-__all__ = ["KERNEL_NAMES", "GatedDeltaRuleKernel", "TransitionKernel", "check_inputs", "get_kernel",
-           "get_transition_kernel"]
+__all__ = ["KERNEL_NAMES", "GatedDeltaRuleKernel", "SegmentKernel", "check_inputs", "get_kernel",
+           "get_segment_kernel"]

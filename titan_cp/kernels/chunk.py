@@ -98,11 +98,14 @@ o is returned in v.dtype, the final state in the accumulation dtype.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
 from titan_cp.kernels.denormals import flush_denormals
 from titan_cp.kernels.interface import check_inputs
+from titan_cp.kernels.transition import SegmentForward
 
 # --------------------------------------------------------------------------------------
 # Layout helpers: [B, T, H, D] <-> [N, B*H, C, D] (N chunks of C tokens; chunk n
@@ -252,27 +255,34 @@ def _wy_representation(k_chunks, v_chunks, beta_chunks, decay_within_chunk, deca
 
 
 # --------------------------------------------------------------------------------------
-# The autograd Function.
+# Forward and backward as functions (the autograd Function below and CP's segment
+# kernel, titan_cp/kernels/transition.py, both call them).
 # --------------------------------------------------------------------------------------
 
 
-class _ChunkGatedDeltaRule(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, *args):
-        with flush_denormals():
-            return _ChunkGatedDeltaRule._forward(ctx, *args)
+class ChunkSaved(NamedTuple):
+    """What :func:`chunk_backward` reads: the inputs in chunk layout (accumulation dtype, q with
+    the scale folded in), the state entering every chunk ``state_in_chunks`` [N, B*H, K, V] and
+    the document ids; ``meta`` holds the shapes, the scale and the input dtypes."""
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, *grads):
-        with flush_denormals():
-            return _ChunkGatedDeltaRule._backward(ctx, *grads)
+    tensors: tuple[torch.Tensor | None, ...]  # q, k, v, g, beta chunks, state_in_chunks, doc_id
+    meta: tuple
 
-    @staticmethod
-    def _forward(ctx, q, k, v, g, beta, initial_state, doc_starts, scale, chunk_size, with_transition):
+
+def chunk_forward(q, k, v, g, beta, initial_state, doc_starts, scale: float, chunk_size: int,
+                  with_transition: bool):
+    """The chunked forward (module docstring): returns o [B, T, H, V] (dtype of v), the final
+    state, q_transition (None unless ``with_transition``) and the :class:`ChunkSaved` context.
+
+    ``with_transition``: the state is carried as [H | P] [K, V + K] from [S_0 | I] (values 0 in
+    the P columns), so the final state is [S_local | M] and q_transition = scale q_t P_t; the
+    WY factors stay at width V. Its saved chunk states are that wide too, until
+    :func:`bind_incoming_state` turns them into the true states (width V).
+    """
+    with flush_denormals():
         B, T, H, K = q.shape
         V = v.shape[-1]
-        Vw = V + K if with_transition else V  # state width: [S | M] with the transition columns
+        Vw = V + K if with_transition else V  # state width: [S | P] with the transition columns
         acc = torch.promote_types(q.dtype, torch.float32)
         C = chunk_size
 
@@ -290,7 +300,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
             states[0, :, :, :V] = 0
         else:
             states[0, :, :, :V] = initial_state.reshape(B * H, K, V)
-        if with_transition:  # [H | I]: the identity columns carry the transition M
+        if with_transition:  # [H | I]: the identity columns carry the transition
             states[0, :, :, V:] = torch.eye(K, dtype=acc, device=states.device)
 
         D, gamma, lam = _chunk_decays(g_chunks, doc_id)
@@ -315,143 +325,177 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         o = _from_chunks(o_chunks[..., :V], B, H, T, v.dtype)
         q_transition = _from_chunks(o_chunks[..., V:], B, H, T, acc) if with_transition else None
 
-        ctx.save_for_backward(q_chunks, k_chunks, v_chunks, g_chunks, beta_chunks, state_in_chunks, doc_id)
-        ctx.meta = (B, T, H, K, V, Vw, scale, q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype,
-                    None if initial_state is None else initial_state.dtype)
-        return o, final_state, q_transition
+    meta = (B, T, H, K, V, Vw, scale, q.dtype, k.dtype, v.dtype, g.dtype, beta.dtype,
+            None if initial_state is None else initial_state.dtype)
+    saved = ChunkSaved((q_chunks, k_chunks, v_chunks, g_chunks, beta_chunks, state_in_chunks, doc_id), meta)
+    return o, final_state, q_transition, saved
+
+
+def bind_incoming_state(saved: ChunkSaved, incoming_state: torch.Tensor | None) -> ChunkSaved:
+    """A transition forward's context once the true incoming state S is known: the chunk states
+    [H_n | P_n] (from [S_0 | I]) become the true states H_n + P_n S (width V), so the backward is
+    the plain one from the true start S_0 + S. A plain forward's context is returned as is
+    (``incoming_state`` must then be None: its start already was the true one)."""
+    q_chunks, k_chunks, v_chunks, g_chunks, beta_chunks, state_in_chunks, doc_id = saved.tensors
+    B, T, H, K, V, Vw = saved.meta[:6]
+    if Vw == V:
+        if incoming_state is not None:
+            raise ValueError("bind_incoming_state: a plain forward has no transition to apply an incoming state to")
+        return saved
+    with flush_denormals():
+        incoming = incoming_state.reshape(B * H, K, V).to(state_in_chunks.dtype)
+        true_states = torch.matmul(state_in_chunks[..., V:], incoming).add_(state_in_chunks[..., :V])
+    meta = saved.meta[:5] + (V,) + saved.meta[6:]
+    return ChunkSaved((q_chunks, k_chunks, v_chunks, g_chunks, beta_chunks, true_states, doc_id), meta)
+
+
+def chunk_backward(saved: ChunkSaved, d_o: torch.Tensor | None, d_final_state: torch.Tensor | None):
+    """The hand-written backward (module docstring) of a plain forward, or of a transition forward
+    after :func:`bind_incoming_state`. Returns dq, dk, dv, dg, dbeta in the inputs' dtypes and the
+    gradient of the start state [B, H, K, V] (None if the forward had no ``initial_state``)."""
+    with flush_denormals():
+        return _chunk_backward(saved, d_o, d_final_state)
+
+
+def _chunk_backward(saved: ChunkSaved, d_o, d_final_state):
+    q_chunks, k_chunks, v_chunks, g_chunks, beta_chunks, state_in_chunks, doc_id = saved.tensors
+    B, T, H, K, V, Vw, scale, q_dtype, k_dtype, v_dtype, g_dtype, beta_dtype, h0_dtype = saved.meta
+    if Vw != V:
+        raise ValueError("chunk_backward: a transition forward's context needs bind_incoming_state first")
+    acc = q_chunks.dtype
+    N, BH, C, _ = q_chunks.shape
+
+    # Recompute the intra-chunk quantities (cheap, batched) instead of saving them.
+    D, gamma, lam = _chunk_decays(g_chunks, doc_id)
+    T_inv, kkT_D, W_and_U = _wy_representation(k_chunks, v_chunks, beta_chunks, D, gamma, V)
+    W, U = W_and_U[..., :K], W_and_U[..., K:]  # [N, BH, C, K], [N, BH, C, V]
+    new_values = torch.baddbmm(_flat(U), _flat(W), _flat(state_in_chunks), alpha=-1).view(N, BH, C, V)  # u = U - W H
+    qk = (q_chunks @ k_chunks.transpose(-1, -2)).mul_(D)  # Q K^T * D   [N, BH, C, C]
+    gamma_last = gamma[..., -1, None, None]  # [N, BH, 1, 1]
+    k_to_end = k_chunks * lam[..., None]  # diag(lam) K   [N, BH, C, K]
+    q_from_start = q_chunks * gamma[..., None]  # diag(gamma) Q   [N, BH, C, K]
+
+    d_o_chunks = q_chunks.new_zeros(N, BH, C, V) if d_o is None else _to_chunks(d_o, C, acc)  # [N, BH, C, V]
+    # d_states[n] = dH_n (d_states[N] = gradient of the final state, d_states[0] of the start state).
+    d_states = q_chunks.new_empty(N + 1, BH, K, V)
+    if d_final_state is None:
+        d_states[N] = 0
+    else:
+        d_states[N] = d_final_state.reshape(BH, K, V)
+
+    # Reverse chunk recurrence:
+    #   du_n = (Q K^T * D)^T dO_n + diag(lam) K dH_{n+1}
+    #   dH_n = Q^T diag(gamma) dO_n + gamma_last dH_{n+1} - W^T du_n
+    # The parts from O, batched over all chunks first: du into d_new_values, dH into d_states[:N].
+    d_new_values = qk.transpose(-1, -2) @ d_o_chunks  # [N, BH, C, V]
+    torch.matmul(q_from_start.transpose(-1, -2), d_o_chunks, out=d_states[:N])
+    W_T = W.transpose(-1, -2)  # [N, BH, K, C]
+    for n in range(N - 1, -1, -1):
+        d_new_values[n].baddbmm_(k_to_end[n], d_states[n + 1])
+        d_states[n].addcmul_(d_states[n + 1], gamma_last[n]).baddbmm_(W_T[n], d_new_values[n], alpha=-1)
+    d_state_out_chunks = d_states[1:]  # gradient of the state leaving chunk n   [N, BH, K, V]
+    d_initial_state = d_states[0].clone()  # [BH, K, V]
+    del q_from_start, k_to_end, W_T  # (del: keeps the peak memory down)
+
+    # Through the outputs (2): O = diag(gamma) Q H + (Q K^T * D) u.
+    d_q_from_start = d_o_chunks @ state_in_chunks.transpose(-1, -2)  # [N, BH, C, K]
+    d_gamma = _row_dot(d_q_from_start, q_chunks)  # [N, BH, C]
+    d_q = d_q_from_start.mul_(gamma[..., None])
+    d_qk = d_o_chunks @ new_values.transpose(-1, -2)  # d(Q K^T * D)   [N, BH, C, C]
+    del d_o_chunks
+    d_D_times_D = d_qk * qk  # dD * D (dD = d(Q K^T * D) * Q K^T), accumulated below   [N, BH, C, C]
+    del qk
+    d_qk.mul_(D)  # d(Q K^T)
+    _flat(d_q).baddbmm_(_flat(d_qk), _flat(k_chunks))
+    d_k = d_qk.transpose(-1, -2) @ q_chunks  # [N, BH, C, K]
+    del d_qk
+
+    # Through the state update (3): H_out = gamma_last H + K^T diag(lam) u.
+    u_dH_T = new_values @ d_state_out_chunks.transpose(-1, -2)  # [N, BH, C, K]
+    d_lam = _row_dot(u_dH_T, k_chunks)  # [N, BH, C]
+    d_k.add_(u_dH_T.mul_(lam[..., None]))
+    del u_dH_T, new_values  # (before the [N, BH, K, Vw] product below: keeps the peak memory down)
+    d_gamma[..., -1] += (state_in_chunks * d_state_out_chunks).sum((-1, -2))
+    del d_states, d_state_out_chunks
+
+    # Through u = U - W H: dW = -du H^T, dU = du; through W = T (beta gamma K), U = T (beta V).
+    T_inv_T = T_inv.transpose(-1, -2)
+    minus_d_W = d_new_values @ state_in_chunks.transpose(-1, -2)  # -dW   [N, BH, C, K]
+    d_k_scaled = (T_inv_T @ minus_d_W).neg_()  # T^T dW = d(diag(beta gamma) K)   [N, BH, C, K]
+    d_v_scaled = T_inv_T @ d_new_values  # T^T dU = d(diag(beta) V)   [N, BH, C, V]
+    del minus_d_W, d_new_values, T_inv, T_inv_T
+    # Through the UT transform: dA = -T^T dT T^T with dT = dW (beta gamma K)^T + dU (beta V)^T,
+    # i.e. dA = -(T^T dW) W^T - (T^T dU) U^T, strictly lower.
+    d_A = d_k_scaled @ W.transpose(-1, -2)  # [N, BH, C, C]
+    _flat(d_A).baddbmm_(_flat(d_v_scaled), _flat(U.transpose(-1, -2)))
+    d_A.neg_().tril_(-1)
+    del W, U, W_and_U
+
+    # Through diag(beta gamma) K and diag(beta) V.
+    d_v = d_v_scaled * beta_chunks[..., None]
+    d_k.add_(d_k_scaled * (beta_chunks * gamma)[..., None])
+    d_k_scaled_dot_k = _row_dot(d_k_scaled, k_chunks)  # [N, BH, C]
+    d_beta = _row_dot(d_v_scaled, v_chunks).add_(d_k_scaled_dot_k * gamma)
+    d_gamma.add_(d_k_scaled_dot_k * beta_chunks)
+
+    # Through A = diag(beta) (K K^T * D) (strictly lower).
+    d_A_kkT_D = d_A * kkT_D  # [N, BH, C, C]
+    d_beta.add_(d_A_kkT_D.sum(-1))
+    d_D_times_D.add_(d_A_kkT_D.mul_(beta_chunks[..., :, None]))
+    del d_A_kkT_D, kkT_D
+    d_kkT = d_A.mul_(D).mul_(beta_chunks[..., :, None])  # d(K K^T), strictly lower
+    _flat(d_k).baddbmm_(_flat(d_kkT + d_kkT.transpose(-1, -2)), _flat(k_chunks))
+
+    # Decays -> g. With G_t = g_0 + ... + g_t, g_j enters D[t, s] for s < j <= t, gamma_t for
+    # t >= j and lam_s for s < j, so
+    #   dg_j = sum_{s < j <= t} dD[t, s] D[t, s] + sum_{t >= j} dgamma_t gamma_t + sum_{s < j} dlam_s lam_s.
+    # Each sum holds only terms whose decay spans j (no O(1) terms that cancel: going through
+    # dG_t and a reverse cumsum would subtract the diagonal dD[t, t] terms, off by 1.8x relative
+    # at g = -20 in float32). Across a document start every such decay is exactly 0, so no
+    # gradient crosses a start and g at a start (unused) gets exactly 0.
+    # First sum: row prefix sums P[t, s] = sum_{s' <= s} dD[t, s'] D[t, s'], then for j = s + 1
+    # the column sum of P[t, j - 1] over t >= j, i.e. over the strictly lower part.
+    crossing = d_D_times_D.cumsum_(-1).tril_(-1).sum(-2)  # [N, BH, C]: column s -> dg_{s+1}
+    del d_D_times_D
+    d_lam_lam = d_lam.mul_(lam)
+    d_g = (d_gamma.mul_(gamma)).flip(-1).cumsum(-1).flip(-1)  # sum_{t >= j} dgamma_t gamma_t
+    d_g[..., 1:] += crossing[..., :-1] + d_lam_lam[..., :-1].cumsum(-1)
+
+    d_q.mul_(scale)  # q_chunks had the scale folded in
+    return (
+        _from_chunks(d_q, B, H, T, q_dtype),
+        _from_chunks(d_k, B, H, T, k_dtype),
+        _from_chunks(d_v, B, H, T, v_dtype),
+        _from_chunks(d_g, B, H, T, g_dtype),
+        _from_chunks(d_beta, B, H, T, beta_dtype),
+        None if h0_dtype is None else d_initial_state.reshape(B, H, K, V).to(h0_dtype),
+    )
+
+
+class _ChunkGatedDeltaRule(torch.autograd.Function):
+    """:func:`chunk_forward` / :func:`chunk_backward` (plain, width V) under autograd."""
 
     @staticmethod
-    def _backward(ctx, d_o, d_final_state, d_q_transition):
-        q_chunks, k_chunks, v_chunks, g_chunks, beta_chunks, state_in_chunks, doc_id = ctx.saved_tensors
-        B, T, H, K, V, Vw, scale, q_dtype, k_dtype, v_dtype, g_dtype, beta_dtype, h0_dtype = ctx.meta
-        acc = q_chunks.dtype
-        N, BH, C, _ = q_chunks.shape
+    def forward(ctx, q, k, v, g, beta, initial_state, doc_starts, scale, chunk_size):
+        o, final_state, _, saved = chunk_forward(q, k, v, g, beta, initial_state, doc_starts, scale, chunk_size,
+                                                 with_transition=False)
+        ctx.save_for_backward(*saved.tensors)
+        ctx.meta = saved.meta
+        return o, final_state
 
-        # Recompute the intra-chunk quantities (cheap, batched) instead of saving them.
-        D, gamma, lam = _chunk_decays(g_chunks, doc_id)
-        T_inv, kkT_D, W_and_U = _wy_representation(k_chunks, v_chunks, beta_chunks, D, gamma, Vw)
-        W, U = W_and_U[..., :K], W_and_U[..., K : K + V]  # U [N, BH, C, V]: the transition columns have no values
-        new_values = torch.baddbmm(
-            _flat(W_and_U[..., K:]), _flat(W), _flat(state_in_chunks), alpha=-1
-        ).view(N, BH, C, Vw)  # u = [U | 0] - W H
-        qk = (q_chunks @ k_chunks.transpose(-1, -2)).mul_(D)  # Q K^T * D   [N, BH, C, C]
-        gamma_last = gamma[..., -1, None, None]  # [N, BH, 1, 1]
-        k_to_end = k_chunks * lam[..., None]  # diag(lam) K   [N, BH, C, K]
-        q_from_start = q_chunks * gamma[..., None]  # diag(gamma) Q   [N, BH, C, K]
-
-        d_o_chunks = q_chunks.new_empty(N, BH, C, Vw)  # d[o | q M]   [N, BH, C, Vw]
-        for grad, columns in ((d_o, d_o_chunks[..., :V]), (d_q_transition, d_o_chunks[..., V:])):
-            if grad is None:
-                columns.zero_()
-            else:
-                _to_chunks(grad, C, acc, out=columns)
-        # d_states[n] = dH_n (d_states[N] = gradient of the final state, d_states[0] of initial_state).
-        d_states = q_chunks.new_empty(N + 1, BH, K, Vw)
-        if d_final_state is None:
-            d_states[N] = 0
-        else:
-            d_states[N] = d_final_state.reshape(BH, K, Vw)
-
-        # Reverse chunk recurrence:
-        #   du_n = (Q K^T * D)^T dO_n + diag(lam) K dH_{n+1}
-        #   dH_n = Q^T diag(gamma) dO_n + gamma_last dH_{n+1} - W^T du_n
-        # The parts from O, batched over all chunks first: du into d_new_values, dH into d_states[:N].
-        d_new_values = qk.transpose(-1, -2) @ d_o_chunks  # [N, BH, C, Vw]
-        torch.matmul(q_from_start.transpose(-1, -2), d_o_chunks, out=d_states[:N])
-        W_T = W.transpose(-1, -2)  # [N, BH, K, C]
-        for n in range(N - 1, -1, -1):
-            d_new_values[n].baddbmm_(k_to_end[n], d_states[n + 1])
-            d_states[n].addcmul_(d_states[n + 1], gamma_last[n]).baddbmm_(W_T[n], d_new_values[n], alpha=-1)
-        d_state_out_chunks = d_states[1:]  # gradient of the state leaving chunk n   [N, BH, K, Vw]
-        d_initial_state = d_states[0, :, :, :V].clone()  # [BH, K, V] (the identity columns are constant)
-        del q_from_start, k_to_end, W_T  # (del: keeps the peak memory down)
-
-        # Through the outputs (2): O = diag(gamma) Q H + (Q K^T * D) u.
-        d_q_from_start = d_o_chunks @ state_in_chunks.transpose(-1, -2)  # [N, BH, C, K]
-        d_gamma = _row_dot(d_q_from_start, q_chunks)  # [N, BH, C]
-        d_q = d_q_from_start.mul_(gamma[..., None])
-        d_qk = d_o_chunks @ new_values.transpose(-1, -2)  # d(Q K^T * D)   [N, BH, C, C]
-        del d_o_chunks
-        d_D_times_D = d_qk * qk  # dD * D (dD = d(Q K^T * D) * Q K^T), accumulated below   [N, BH, C, C]
-        del qk
-        d_qk.mul_(D)  # d(Q K^T)
-        _flat(d_q).baddbmm_(_flat(d_qk), _flat(k_chunks))
-        d_k = d_qk.transpose(-1, -2) @ q_chunks  # [N, BH, C, K]
-        del d_qk
-
-        # Through the state update (3): H_out = gamma_last H + K^T diag(lam) u.
-        u_dH_T = new_values @ d_state_out_chunks.transpose(-1, -2)  # [N, BH, C, K]
-        d_lam = _row_dot(u_dH_T, k_chunks)  # [N, BH, C]
-        d_k.add_(u_dH_T.mul_(lam[..., None]))
-        del u_dH_T, new_values  # (before the [N, BH, K, Vw] product below: keeps the peak memory down)
-        d_gamma[..., -1] += (state_in_chunks * d_state_out_chunks).sum((-1, -2))
-        del d_states, d_state_out_chunks
-
-        # Through u = U - W H: dW = -du H^T, dU = du; through W = T (beta gamma K), U = T (beta V).
-        T_inv_T = T_inv.transpose(-1, -2)
-        minus_d_W = d_new_values @ state_in_chunks.transpose(-1, -2)  # -dW   [N, BH, C, K]
-        d_k_scaled = (T_inv_T @ minus_d_W).neg_()  # T^T dW = d(diag(beta gamma) K)   [N, BH, C, K]
-        d_v_scaled = T_inv_T @ d_new_values[..., :V]  # T^T dU = d(diag(beta) V)   [N, BH, C, V]
-        del minus_d_W, d_new_values, T_inv, T_inv_T
-        # Through the UT transform: dA = -T^T dT T^T with dT = dW (beta gamma K)^T + dU (beta V)^T,
-        # i.e. dA = -(T^T dW) W^T - (T^T dU) U^T, strictly lower.
-        d_A = d_k_scaled @ W.transpose(-1, -2)  # [N, BH, C, C]
-        _flat(d_A).baddbmm_(_flat(d_v_scaled), _flat(U.transpose(-1, -2)))
-        d_A.neg_().tril_(-1)
-        del W, U, W_and_U
-
-        # Through diag(beta gamma) K and diag(beta) V.
-        d_v = d_v_scaled * beta_chunks[..., None]
-        d_k.add_(d_k_scaled * (beta_chunks * gamma)[..., None])
-        d_k_scaled_dot_k = _row_dot(d_k_scaled, k_chunks)  # [N, BH, C]
-        d_beta = _row_dot(d_v_scaled, v_chunks).add_(d_k_scaled_dot_k * gamma)
-        d_gamma.add_(d_k_scaled_dot_k * beta_chunks)
-
-        # Through A = diag(beta) (K K^T * D) (strictly lower).
-        d_A_kkT_D = d_A * kkT_D  # [N, BH, C, C]
-        d_beta.add_(d_A_kkT_D.sum(-1))
-        d_D_times_D.add_(d_A_kkT_D.mul_(beta_chunks[..., :, None]))
-        del d_A_kkT_D, kkT_D
-        d_kkT = d_A.mul_(D).mul_(beta_chunks[..., :, None])  # d(K K^T), strictly lower
-        _flat(d_k).baddbmm_(_flat(d_kkT + d_kkT.transpose(-1, -2)), _flat(k_chunks))
-
-        # Decays -> g. With G_t = g_0 + ... + g_t, g_j enters D[t, s] for s < j <= t, gamma_t for
-        # t >= j and lam_s for s < j, so
-        #   dg_j = sum_{s < j <= t} dD[t, s] D[t, s] + sum_{t >= j} dgamma_t gamma_t + sum_{s < j} dlam_s lam_s.
-        # Each sum holds only terms whose decay spans j (no O(1) terms that cancel: going through
-        # dG_t and a reverse cumsum would subtract the diagonal dD[t, t] terms, off by 1.8x relative
-        # at g = -20 in float32). Across a document start every such decay is exactly 0, so no
-        # gradient crosses a start and g at a start (unused) gets exactly 0.
-        # First sum: row prefix sums P[t, s] = sum_{s' <= s} dD[t, s'] D[t, s'], then for j = s + 1
-        # the column sum of P[t, j - 1] over t >= j, i.e. over the strictly lower part.
-        crossing = d_D_times_D.cumsum_(-1).tril_(-1).sum(-2)  # [N, BH, C]: column s -> dg_{s+1}
-        del d_D_times_D
-        d_lam_lam = d_lam.mul_(lam)
-        d_g = (d_gamma.mul_(gamma)).flip(-1).cumsum(-1).flip(-1)  # sum_{t >= j} dgamma_t gamma_t
-        d_g[..., 1:] += crossing[..., :-1] + d_lam_lam[..., :-1].cumsum(-1)
-
-        d_q.mul_(scale)  # q_chunks had the scale folded in
-        return (
-            _from_chunks(d_q, B, H, T, q_dtype),
-            _from_chunks(d_k, B, H, T, k_dtype),
-            _from_chunks(d_v, B, H, T, v_dtype),
-            _from_chunks(d_g, B, H, T, g_dtype),
-            _from_chunks(d_beta, B, H, T, beta_dtype),
-            None if h0_dtype is None else d_initial_state.reshape(B, H, K, V).to(h0_dtype),
-            None,
-            None,
-            None,
-            None,
-        )
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_o, d_final_state):
+        grads = chunk_backward(ChunkSaved(ctx.saved_tensors, ctx.meta), d_o, d_final_state)
+        return (*grads, None, None, None)
 
 
-def _checked_apply(q, k, v, g, beta, scale, initial_state, doc_starts, chunk_size, with_transition):
-    """Both entry points: validate the inputs, default the scale to K^-1/2, run the Function."""
+def _checked_scale(q, k, v, g, beta, scale, initial_state, doc_starts, chunk_size) -> float:
+    """Validate the inputs; the scale (K^-1/2 by default)."""
     check_inputs(q, k, v, g, beta, initial_state, doc_starts)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"gated delta rule: chunk_size must be a positive int, got {chunk_size!r}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _ChunkGatedDeltaRule.apply(q, k, v, g, beta, initial_state, doc_starts, scale, chunk_size, with_transition)
+    return q.shape[-1] ** -0.5 if scale is None else float(scale)
 
 
 def chunk_gated_delta_rule(
@@ -476,38 +520,39 @@ def chunk_gated_delta_rule(
     ``chunk_size`` is the number of tokens per chunk (any T works; the tail is
     padded internally).
     """
-    o, final_state, _ = _checked_apply(q, k, v, g, beta, scale, initial_state, doc_starts, chunk_size, False)
+    scale = _checked_scale(q, k, v, g, beta, scale, initial_state, doc_starts, chunk_size)
+    o, final_state = _ChunkGatedDeltaRule.apply(q, k, v, g, beta, initial_state, doc_starts, scale, chunk_size)
     return o, (final_state if output_final_state else None)
 
 
-def chunk_gated_delta_rule_with_transition(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    *,
-    scale: float | None = None,
-    initial_state: torch.Tensor | None = None,
-    doc_starts: torch.Tensor | None = None,
-    chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The segment summary of context parallelism, in one pass: outputs and final state from
-    ``initial_state`` (zero if None), and the segment's transition.
+class ChunkSegmentKernel:
+    """The ``torch`` kernel as a CP segment kernel (:class:`titan_cp.kernels.transition.SegmentKernel`).
 
-    The recurrence is linear in the state, so the state entering every chunk is carried
-    as [H | P] with P [K, K] the transition since the segment start (P = I at the start,
-    values 0 in those columns): the chunk loop runs at width V + K, the WY factors and
-    dU stay at width V (the transition columns have no values). With S the true incoming
-    state, the outputs are o_t + (q_t P_t) S (``q_transition`` is scale q_t P_t).
-
-    Returns o_local [B, T, H, V] (dtype of v), q_transition [B, T, H, K], S_local
-    [B, H, K, V] and M [B, H, K, K] (the accumulation dtype: float32, float64 for float64).
+    forward: :func:`chunk_forward`, with the transition as K extra state columns riding only
+    through the chunk loop and the outputs (the WY factors stay at width V). Once the exchange
+    gives the true incoming state S, :func:`bind_incoming_state` turns the saved chunk states
+    into the true ones, H_n + P_n S (width V), and the backward is the plain
+    :func:`chunk_backward` from the true start.
     """
-    o, final_state, q_transition = _checked_apply(q, k, v, g, beta, scale, initial_state, doc_starts, chunk_size,
-                                                  True)
-    V = v.shape[-1]
-    return o, q_transition, final_state[..., :V], final_state[..., V:]
+
+    def __init__(self, chunk_size: int = 64):
+        self.chunk_size = chunk_size
+
+    def forward(self, q, k, v, g, beta, *, scale=None, initial_state=None, doc_starts=None, with_transition=True):
+        scale = _checked_scale(q, k, v, g, beta, scale, initial_state, doc_starts, self.chunk_size)
+        o, final_state, q_transition, saved = chunk_forward(q, k, v, g, beta, initial_state, doc_starts, scale,
+                                                            self.chunk_size, with_transition)
+        V = v.shape[-1]
+        M = final_state[..., V:] if with_transition else None
+        return SegmentForward(o, q_transition, final_state[..., :V], M, saved.tensors, saved.meta)
+
+    def bind_incoming_state(self, tensors, meta, incoming_state):
+        saved = bind_incoming_state(ChunkSaved(tensors, meta), incoming_state)
+        return saved.tensors, saved.meta
+
+    def backward(self, tensors, meta, d_o, d_final_state):
+        return chunk_backward(ChunkSaved(tensors, meta), d_o, d_final_state)
 
 
-__all__ = ["chunk_gated_delta_rule", "chunk_gated_delta_rule_with_transition"]
+__all__ = ["ChunkSaved", "ChunkSegmentKernel", "bind_incoming_state", "chunk_backward", "chunk_forward",
+           "chunk_gated_delta_rule"]

@@ -14,14 +14,16 @@ so a rank
      state S_local from S_0 (``initial_state`` for segment 0, zero for the
      others), the transition M and q_t M_<=t: the delta rule acts on every state
      column alike, so M rides as K extra state columns from [S_0 | I]
-     (``titan_cp.cp.state_passing.segment_summary``; the rank holding only
-     segment 0 runs the plain kernel);
+     (the kernel's transition forward, ``titan_cp.kernels.transition``; the
+     rank holding only segment 0 runs the plain forward);
   2. exchanges the summaries (M, S_local) over the CP group (``cp.exchange``:
      ``allgather`` or ``logscan``; K (K + V) floats per head and segment, not
      per token) and folds its predecessors' into its true S_start;
   3. corrects its outputs: o_t = o_local_t + (q_t M_<=t) S_start.
 
-Autograd does the backward (the kernel's, the exchange's reverse fold). This
+The backward: G = (q M)^T dO from each segment's outputs, the exchange's
+reverse fold gives each segment's final-state gradient, then the plain kernel
+backward from the segment's true start S_0 + S_start (no transition columns). This
 is exactly what a single process computes on the whole sequence, for any
 batch size, with document starts (a start inside a segment makes its M zero:
 no state crosses it) and with an initial state (the rank holding segment 0
