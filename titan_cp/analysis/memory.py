@@ -50,15 +50,13 @@ kernel_inputs      2 Dk + Dv    (act)      normalised q,k and SiLU(conv v): the
                                            kernel's saved inputs
 gates              5 Hv         (fp32)     a+dt_bias, softplus(.), beta, g, o-norm rstd
 kernel_internal    Hv * c       (act)      kernel-private tensors, c per head per token
-                                           (FLA saves the WY matrix A: c = chunk 64)
-kernel_states      Hv K Vk / C  (fp32)     only if the kernel saves its chunk states
-                                           [T/C, Hv, K, Vk] (``kernel_saves_states``)
+                                           (FLA saves the WY matrix A: c = chunk 64);
+                                           0 under CP with ``cp_recomputes_kernel``
+kernel_states      Hv K V / C   (fp32)     only if the kernel saves its chunk states
+                                           [T/C, Hv, K, V] (``kernel_saves_states``;
+                                           under CP the true states, width V)
 cp_q_transition    Hv K         (fp32)     only with CP (state passing): q_t M_<=t,
-                                           kept by the output correction (q M) S_start
-cp_padded_values   Hv K         (act)      only with CP, when the summary runs through
-                                           the kernel interface ([v | 0] from [0 | I]):
-                                           the kernel's copy of the zero value columns
-                                           (0 with ``cp_summary_in_kernel``)
+                                           kept for the backward's G = (q M)^T dO
 out_gate_norm      5 Dv         (act)      kernel output o, o*rstd, o*rstd*w,
                                            g_proj x (SiLU input), SiLU(g_proj x)
 o_proj_input       Dv           (act)      gated-norm output
@@ -68,11 +66,14 @@ mlp_input          dim          (act)      normalised h (w1, w3 input)
 mlp_hidden         4 hidden     (act)      w1 h, SiLU(w1 h), w3 h, product (w2 input)
 =================  ======================  ==========================================
 
-(Vk = V, or V + K under CP: the transition M rides as K extra state columns.)
+(Under CP the transition M rides as K extra state columns through the forward only;
+the backward is the plain one from the true incoming state, so nothing saved is wider
+than V. A ``cp_recomputes_kernel`` segment kernel saves no kernel-private tensors: it
+reruns the plain kernel in the backward.)
 Sum without CP: ``6 dim + 8 Dk + 9 Dv + 4 hidden`` act elements + ``5 Hv + 4 H + 2``
 fp32 + kernel terms. Under CP (state passing) each layer also keeps a few buffers
 that do not scale with tokens, ``cp_state_buffers`` (:func:`cp_state_buffer_bytes`:
-the gathered summaries, the identity start state of the interface path, S_start).
+the gathered transitions, the true start of a recomputing kernel).
 
 Hybrid models (``model.layer_pattern`` with 'A'): each softmax-attention block
 saves :func:`attention_layer_terms` instead (the same norms and MLP; q, k, v, the
@@ -107,7 +108,7 @@ unsharded gradients in the reduce dtype (fp32) at a time.
 Transient: ``backward_phase`` = the hidden-state gradient accumulator + one
 layer's backward workspace (``workspace_fraction`` x a layer's saved activations
 for activation gradients, + ``kernel_workspace_states`` fp32 chunk-state tensors
-[T/C, Hv, K, Vk] that a chunked kernel's backward materialises: recomputed h and
+[T/C, Hv, K, V] that a chunked kernel's backward materialises: recomputed h and
 dh) (+ one layer's recomputed activations under AC) (+ for hybrids,
 ``attention_score_tensors`` fp32 [Hq, T_loc, T_loc] tensors of the attention backward,
 which titan_cp's block attention materialises for one ring block pair at a time). ``loss_phase`` = the
@@ -165,10 +166,11 @@ class TrainSetup:
     ac: str = "none"  # "none" | "full"
     chunk_size: int = 64  # GDN kernel chunk C
     kernel_saved_per_head_token: float = 64.0  # kernel_internal c (FLA: A matrix, C per head per token)
-    kernel_saves_states: bool = False  # chunk states [T/C, Hv, K, Vk] fp32 kept for backward
+    kernel_saves_states: bool = False  # chunk states [T/C, Hv, K, V] fp32 kept for backward
     kernel_workspace_states: float = 2.0  # chunk-state tensors alive in the kernel backward (h, dh)
-    cp_extra: bool = True  # state-passing CP terms when cp > 1 (transition columns, q M)
-    cp_summary_in_kernel: bool = False  # the kernel computes (o, q M, S_local, M) itself (torch, triton); else [v | 0]
+    cp_extra: bool = True  # state-passing CP terms when cp > 1 (q M, the exchange's buffers)
+    cp_recomputes_kernel: bool = True  # the CP segment kernel reruns the plain kernel in the backward
+    # (titan_cp.kernels.transition.RecomputingSegmentKernel: triton, recurrent); torch's binds its states
     cp_exchange: str = "allgather"  # state exchange (its buffers kept for backward): allgather | logscan | alltoall
     cp_layout: str = "contiguous"  # contiguous (1 segment per rank) | zigzag (2)
     loss_chunks: int = 8  # TorchTitan ChunkedLossWrapper.num_chunks (1 = full logits)
@@ -196,18 +198,14 @@ class ActTerm:
         return self.elems_per_token * self.bytes_per_elem / div
 
 
-def _state_width(shape: Dims, setup: TrainSetup, par: Parallelism) -> int:
-    """Value width the kernel runs at: V, or V + K with the CP [v | 0] trick."""
-    return shape.V + (shape.K if (par.cp > 1 and setup.cp_extra) else 0)
-
-
 def layer_activation_terms(shape: Dims, setup: TrainSetup, par: Parallelism) -> list[ActTerm]:
     """Saved-for-backward tensors of one block without checkpointing (see the module docstring)."""
     a = dtype_bytes(setup.act_dtype)
     f = 4
     d, H, Hv, K, Dk, Dv, hid = shape.dim, shape.H, shape.Hv, shape.K, shape.key_dim, shape.value_dim, shape.hidden
     C = setup.chunk_size
-    Vk = _state_width(shape, setup, par)
+    state_passing = par.cp > 1 and setup.cp_extra
+    kernel_internal = 0.0 if state_passing and setup.cp_recomputes_kernel else setup.kernel_saved_per_head_token
     terms = [
         ActTerm("attn_norm", 2 * d, a, "sp", "RMSNorm input x (block input) and x*rstd"),
         ActTerm("attn_norm_rstd", 1, f, "sp", "RMSNorm rstd"),
@@ -218,15 +216,13 @@ def layer_activation_terms(shape: Dims, setup: TrainSetup, par: Parallelism) -> 
         ActTerm("qk_l2_norms", 4 * H, f, "tp", "L2 norms of q,k and their broadcast"),
         ActTerm("kernel_inputs", 2 * Dk + Dv, a, "tp", "normalised q,k and SiLU(conv v): kernel inputs"),
         ActTerm("gates", 5 * Hv, f, "tp", "a+dt_bias, softplus, beta, g, o-norm rstd (fp32 per head)"),
-        ActTerm("kernel_internal", Hv * setup.kernel_saved_per_head_token, a, "tp",
+        ActTerm("kernel_internal", Hv * kernel_internal, a, "tp",
                 "kernel-private saved tensors (FLA: WY matrix A, C per head per token)"),
     ]
-    if setup.kernel_saves_states:
-        terms.append(ActTerm("kernel_states", Hv * K * Vk / C, f, "tp", "chunk states [T/C, Hv, K, Vk] fp32"))
-    if par.cp > 1 and setup.cp_extra:
-        terms.append(ActTerm("cp_q_transition", Hv * K, f, "tp", "CP: q M_<=t (fp32), kept by the output correction"))
-        if not setup.cp_summary_in_kernel:
-            terms.append(ActTerm("cp_padded_values", Hv * K, a, "tp", "CP [v|0] call: the kernel's zero value columns"))
+    if setup.kernel_saves_states and not (state_passing and setup.cp_recomputes_kernel):
+        terms.append(ActTerm("kernel_states", Hv * K * shape.V / C, f, "tp", "chunk states [T/C, Hv, K, V] fp32"))
+    if state_passing:
+        terms.append(ActTerm("cp_q_transition", Hv * K, f, "tp", "CP: q M_<=t (fp32), kept for G = (q M)^T dO"))
     terms += [
         ActTerm("out_gate_norm", 5 * Dv, a, "tp", "o, o*rstd, o*rstd*w, g_proj x, SiLU(g_proj x)"),
         ActTerm("o_proj_input", Dv, a, "tp", "gated-norm output: o_proj input"),
@@ -263,19 +259,18 @@ def attention_layer_terms(shape: Dims, setup: TrainSetup, par: Parallelism) -> l
 def cp_state_buffer_bytes(shape: Dims, setup: TrainSetup, par: Parallelism) -> float:
     """Per-layer CP buffers that do not scale with tokens, kept for the backward (state passing).
 
-    allgather: the gathered summaries [P, B, n, Hv, K, K + V] (the fold's M_s live in it);
-    logscan: this rank's M [B, n, Hv, K, K] and S_start; both: S_start [B n, Hv, K, V]
-    and, for the interface path (not ``cp_summary_in_kernel``), the identity start state
-    [B n, Hv, K, V + K] of the [v | 0] kernel call (n = segments per rank: 1 contiguous,
-    2 zigzag). fp32. 0 without CP or for alltoall.
+    allgather: every segment's transition [P n, B, Hv, K, K] (the reverse fold's M_s);
+    logscan: this rank's M [B n, Hv, K, K]; with ``cp_recomputes_kernel`` also the true start
+    state [B n, Hv, K, V] the backward reruns the kernel from (n = segments per rank: 1
+    contiguous, 2 zigzag). fp32. 0 without CP or for alltoall.
     """
     if par.cp <= 1 or not setup.cp_extra or setup.cp_exchange == "alltoall":
         return 0.0
     K, V, Hv = shape.K, shape.V, shape.Hv / par.tp
     rows = setup.batch * (2 if setup.cp_layout == "zigzag" else 1)
-    summaries = par.cp * rows * Hv * K * (K + V) if setup.cp_exchange == "allgather" else rows * Hv * K * K
-    identity_start = 0 if setup.cp_summary_in_kernel else rows * Hv * K * (V + K)
-    return 4.0 * (summaries + identity_start + rows * Hv * K * V)
+    transitions = par.cp * rows * Hv * K * K if setup.cp_exchange == "allgather" else rows * Hv * K * K
+    start = rows * Hv * K * V if setup.cp_recomputes_kernel else 0
+    return 4.0 * (transitions + start)
 
 
 def checkpointed_layer_terms(shape: Dims, setup: TrainSetup) -> list[ActTerm]:
@@ -390,10 +385,9 @@ def estimate_memory(
 
     # transients
     grad_accum = cal.get("grad_accumulator", 1.0) * tokens * shape.dim * 4
-    Vk = _state_width(shape, setup, par)
     kernel_ws = (
         cal.get("kernel_workspace", 1.0)
-        * setup.kernel_workspace_states * tokens * shape.Hv * shape.K * Vk / setup.chunk_size * 4 / par.tp
+        * setup.kernel_workspace_states * tokens * shape.Hv * shape.K * shape.V / setup.chunk_size * 4 / par.tp
     )
     backward = grad_accum + cal.get("workspace", 1.0) * setup.workspace_fraction * layer_full + kernel_ws
     if shape.n_attn:  # the attention backward's score-sized tensors (one block pair of the ring at a time)

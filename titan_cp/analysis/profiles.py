@@ -33,7 +33,7 @@ def _torch_kernel_profile(model, act_dtype: str) -> KernelProfile:
     Counted with saved_tensors_hooks on the real model (scripts/benchmark_memory.py), per token per layer:
 
     - the kernel saves fp32 chunk-layout copies of q, k (repeated to Hv heads), v, g, beta and
-      the state entering every chunk [T/C + 1, Hv, K, Vk]; no WY matrix
+      the state entering every chunk [T/C, Hv, K, V]; no WY matrix
       (``kernel_saved_per_head_token = 0``, ``kernel_saves_states``). ``kernel_inputs`` is scaled
       to those fp32 copies: 4 Hv (2K + V) bytes instead of a (2 Dk + Dv).
     - ``qk_silu_out``: the SiLU output of the fused q|k|v conv is one storage and the L2 norm keeps
@@ -41,10 +41,10 @@ def _torch_kernel_profile(model, act_dtype: str) -> KernelProfile:
     - ``qk_l2_norms``: one rsqrt per head for q and for k (2 H, not 4 H): 0.5.
     - ``gates``: a + dt_bias, softplus, sigmoid(b), the kernel's g and beta copies, o-norm rstd:
       6 Hv instead of 5 Hv: 1.2.
-    - CP: the kernel computes the segment summary itself (``cp_summary_in_kernel``): its v copy
-      stays at width V, the transition rides as K extra columns of the chunk states (the
-      ``kernel_states`` term at Vk = V + K), and q M (fp32, its own tensor) is the
-      ``cp_q_transition`` term; no identity start state.
+    - CP: the segment kernel is native (``cp_recomputes_kernel`` False): the transition rides
+      as K extra state columns through the forward only, the saved chunk states become the
+      true ones (the ``kernel_states`` term, width V), and q M (fp32, its own tensor) is the
+      ``cp_q_transition`` term.
     - transient (fitted to the tracked-allocator peak on CPU, fp32, dim 256 / 4 x 64 heads,
       CP 1..8, 256..16384 tokens per rank): the peak falls in the last block's MLP backward,
       where the backward workspace is about 0.1 of a layer's activations (``workspace`` 0.21 x
@@ -60,7 +60,7 @@ def _torch_kernel_profile(model, act_dtype: str) -> KernelProfile:
         cal["qk_silu_out"] = (2 * shape.key_dim + shape.value_dim) / (2 * shape.key_dim)
         cal["kernel_inputs"] = 4 * Hv * (2 * K + V) / (a * (2 * H * K + Hv * V))
     return KernelProfile(
-        "torch", {"kernel_saved_per_head_token": 0.0, "kernel_saves_states": True, "cp_summary_in_kernel": True}, cal,
+        "torch", {"kernel_saved_per_head_token": 0.0, "kernel_saves_states": True, "cp_recomputes_kernel": False}, cal,
         "CPU, fp32, torch 2.13: saved-tensor tally and tracked-allocator peak of scripts/benchmark_memory.py "
         "(docs/benchmarks.md); bf16 factors derived, not measured",
     )
@@ -71,11 +71,10 @@ def kernel_profile(kernel: str, model=None, act_dtype: str = "fp32") -> KernelPr
 
     ``torch``: measured (see :func:`_torch_kernel_profile`). ``triton`` (FLA) and others: the
     TrainSetup defaults (FLA saves the WY matrix A, C per head per token, and recomputes the
-    chunk states), not yet checked against a GPU measurement; ``triton``'s CP transition form
-    also computes the segment summary itself (kernels/triton_transition.py: values saved at
-    width V, q M its own tensor).
+    chunk states), not yet checked against a GPU measurement. Under CP their segment kernel
+    reruns the plain kernel in the backward (``cp_recomputes_kernel``): no kernel-private
+    tensors saved, the true start state kept instead.
     """
     if kernel == "torch":
         return _torch_kernel_profile(model, act_dtype)
-    fields = {"cp_summary_in_kernel": True} if kernel == "triton" else {}
-    return KernelProfile(kernel, fields, {}, "uncalibrated: TrainSetup defaults (FLA's chunk kernel)")
+    return KernelProfile(kernel, {}, {}, "uncalibrated: TrainSetup defaults (FLA's chunk kernel)")
