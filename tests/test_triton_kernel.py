@@ -10,9 +10,9 @@
     (skipped here, with the reason).
 (d) FLA's real Triton kernels under the Triton interpreter on CPU: the plain
     kernel against the recurrent one, and the CP segment kernel of ``triton``
-    (the transition forward from FLA's pieces, titan_cp/kernels/triton_transition.py,
-    and FLA's plain backward from the true start) against the torch kernel's;
-    (b) checks the transition forward's varlen plumbing with a recurrent stand-in.
+    (titan_cp/kernels/triton_transition.py: FLA's chunk forward at width V + K, its
+    plain backward from the true start) against the torch kernel's; (b) checks that
+    segment kernel's varlen plumbing with a recurrent stand-in for FLA's calls.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from titan_cp.kernels.triton import (
     segment_initial_states,
     varlen_layout,
 )
-from titan_cp.kernels.triton_transition import gated_delta_rule_with_transition_via_varlen
+from titan_cp.kernels.triton_transition import VarlenSegmentKernel, VarlenSegmentOps
 
 HAS_CUDA = torch.cuda.is_available()
 EXACT = 1e-6
@@ -182,17 +182,33 @@ def test_varlen_wrapper_without_doc_starts_and_the_cp_call():
     assert s[1, ..., V:].abs().max() == 0  # a document start inside the segment: transition M = 0
 
 
-def recurrent_summary_varlen(q, k, v, g, beta, *, scale, initial_state, cu_seqlens, cu_seqlens_cpu=None):
-    """A stand-in for titan_cp's FLA summary (triton_transition.fla_varlen_with_transition): the
-    recurrent varlen kernel on values [v | 0] from the given [S_0 | I] states."""
-    return recurrent_varlen(q, k, F.pad(v, (0, q.shape[-1])), g, beta, scale=scale, initial_state=initial_state,
-                            output_final_state=True, cu_seqlens=cu_seqlens, cu_seqlens_cpu=cu_seqlens_cpu)
+def _recurrent_ops_forward(q, k, v, g, beta, start, scale, cu_seqlens, chunk_indices):
+    extra = 0 if start is None else start.shape[-1] - v.shape[-1]  # [v | 0] from [S_0 | I]
+    o, final = recurrent_varlen(q, k, F.pad(v, (0, extra)), g, beta, scale=scale, initial_state=start,
+                                output_final_state=True, cu_seqlens=cu_seqlens)
+    return o, final, (g,)
+
+
+def _recurrent_ops_backward(q, k, v, beta, saved, start, d_o, d_final, scale, cu_seqlens, chunk_indices):
+    (g,) = saved
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, g, beta)]
+    start_leaf = None if start is None else start.detach().clone().requires_grad_()
+    o, final = recurrent_varlen(*leaves, scale=scale, initial_state=start_leaf, output_final_state=True,
+                                cu_seqlens=cu_seqlens)
+    inputs = leaves + ([start_leaf] if start_leaf is not None else [])
+    grads = torch.autograd.grad((o, final), inputs, (d_o, d_final))
+    return (*grads[:5], grads[5] if start_leaf is not None else None)
+
+
+RECURRENT_OPS = VarlenSegmentOps(_recurrent_ops_forward, _recurrent_ops_backward, lambda cu, cu_cpu: None)
+"""A pure-PyTorch stand-in for FLA's calls in titan_cp's triton segment kernel (same contract)."""
 
 
 def run_segment_kernel(kernel, inputs, starts, seed=3):
     """A segment kernel on one segment: the transition forward (o, q_transition, S_local, M), the
     outputs from a random true incoming state S, and the backward from there under random
-    cotangents (dq, dk, dv, dg, dbeta, dS_0)."""
+    cotangents (dq, dk, dv, dg, dbeta, dS_0); then the plain forward (the sequence's first
+    segment: o, S_local) and its backward from S_0."""
     q, k, v, g, beta, h0 = inputs
     gen = torch.Generator().manual_seed(seed)
     S, d_o, T_grad = (torch.randn(*shape, generator=gen).to(q.dtype) for shape in (h0.shape, v.shape, h0.shape))
@@ -200,28 +216,31 @@ def run_segment_kernel(kernel, inputs, starts, seed=3):
     corrected = seg.o + torch.einsum("bthk,bhkv->bthv", seg.q_transition, S)
     tensors, meta = kernel.bind_incoming_state(seg.saved_tensors, seg.saved_meta, S)
     grads = kernel.backward(tensors, meta, d_o, T_grad)
-    return [y.float() for y in (seg.o, seg.q_transition, seg.S_local, seg.M, corrected, *grads)]
+    plain = kernel.forward(q, k, v, g, beta, initial_state=h0, doc_starts=starts, with_transition=False)
+    plain_grads = kernel.backward(*kernel.bind_incoming_state(plain.saved_tensors, plain.saved_meta, None), d_o, T_grad)
+    return [y.float() for y in (seg.o, seg.q_transition, seg.S_local, seg.M, corrected, *grads, plain.o,
+                                plain.S_local, *plain_grads)]
 
 
-SEGMENT_NAMES = ["o", "q_transition", "S_local", "M", "o from S_0 + S", "dq", "dk", "dv", "dg", "dbeta", "dS_0"]
+SEGMENT_NAMES = ["o", "q_transition", "S_local", "M", "o from S_0 + S", "dq", "dk", "dv", "dg", "dbeta", "dS_0",
+                 "plain o", "plain S_local", "plain dq", "plain dk", "plain dv", "plain dg", "plain dbeta",
+                 "plain dS_0"]
 
 
-def test_transition_forward_through_varlen_equals_the_torch_segment_kernel():
-    """The varlen plumbing of the Triton transition forward (start [S_0 | I] per row, zero for later
-    segments, rows' last segments) with a recurrent stand-in, as a segment kernel, in float64,
-    against the torch kernel's native segment kernel and the generic interface one: values, and
-    every gradient of the backward from the true start."""
+def test_triton_segment_kernel_plumbing_equals_the_torch_segment_kernel():
+    """The varlen plumbing of the triton segment kernel (start [S_0 | I] per row, zero for later
+    segments, rows' last segments; in the backward the final-state gradient to each row's last
+    segment, the start gradient from its first) with a recurrent stand-in for FLA's calls, in
+    float64, against the torch kernel's native segment kernel and the generic recomputing one:
+    values, and every gradient of the backward from the true start."""
     B, T, H, K, V = 4, 21, 2, 4, 3
     inputs = [x.double() for x in random_inputs(B, T, H, K, V, seed=11)]
     starts = doc_start_patterns(B, T, 2)
     starts[2, 9] = True  # a start inside a row that does not begin with one: its M must be 0
     starts[3] = False  # a row with no start: a real transition
     ref = run_segment_kernel(ChunkSegmentKernel(chunk_size=8), inputs, starts)
-    varlen_transition = RecomputingSegmentKernel(
-        recurrent_gated_delta_rule,
-        transition=lambda *a, **kw: gated_delta_rule_with_transition_via_varlen(recurrent_summary_varlen, *a, **kw))
-    for name, kernel in (("varlen", varlen_transition), ("interface", RecomputingSegmentKernel(
-            recurrent_gated_delta_rule))):
+    for name, kernel in (("varlen", VarlenSegmentKernel(RECURRENT_OPS, require_cuda=False)),
+                         ("interface", RecomputingSegmentKernel(recurrent_gated_delta_rule))):
         got = run_segment_kernel(kernel, inputs, starts)
         for n, a, b in zip(SEGMENT_NAMES, got, ref):
             err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
@@ -288,7 +307,7 @@ def _interpret_main() -> None:
     """Subprocess body: FLA's kernels (interpreted) vs the recurrent kernel; prints JSON errors."""
     import json
 
-    from triton_interpreter import fla_gated_delta_rule_anywhere, fla_transition_anywhere, install_interpreter_shim
+    from triton_interpreter import fla_gated_delta_rule_anywhere, install_interpreter_shim
 
     install_interpreter_shim()
     report = {}
@@ -308,11 +327,10 @@ def _interpret_main() -> None:
         report[str((B, T, K, V, docs))] = {
             n: ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for n, a, b in zip(names, got, ref)
         }
-        # The CP segment kernel of triton (FLA's transition forward, FLA's plain backward from the
+        # The CP segment kernel of triton (FLA's chunk forward at V + K, FLA's plain backward from the
         # true start) against the torch kernel's (fp32 both).
         inputs = (q, k, v, g, beta, h0)
-        got = run_segment_kernel(RecomputingSegmentKernel(fla_gated_delta_rule_anywhere,
-                                                          transition=fla_transition_anywhere), inputs, starts)
+        got = run_segment_kernel(VarlenSegmentKernel(require_cuda=False), inputs, starts)
         ref = run_segment_kernel(ChunkSegmentKernel(), inputs, starts)
         report[f"segment kernel {(B, T, K, V, docs)}"] = {
             n: ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()

@@ -3,8 +3,9 @@
 tests/test_triton_kernel.py and tests/test_gpu_check.py run FLA 0.6.0's real
 ``chunk_gated_delta_rule`` under ``TRITON_INTERPRET=1`` in a subprocess
 (tiny shapes): :func:`install_interpreter_shim` patches two Triton internals
-for that; :func:`fla_gated_delta_rule_anywhere` and :func:`fla_transition_anywhere`
-are titan_cp's Triton kernel and its CP transition form without the CUDA check. Never needed on a GPU.
+for that; :func:`fla_gated_delta_rule_anywhere` is titan_cp's Triton kernel without the
+CUDA check (its CP segment kernel: ``VarlenSegmentKernel(require_cuda=False)``). Never
+needed on a GPU.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import ast
 import os
 
 from titan_cp.kernels.triton import fla_varlen, gated_delta_rule_via_varlen
-from titan_cp.kernels.triton_transition import fla_varlen_with_transition, gated_delta_rule_with_transition_via_varlen
 
 
 def install_interpreter_shim() -> None:
@@ -73,8 +73,3 @@ def fla_gated_delta_rule_anywhere(q, k, v, g, beta, **kwargs):
     if kwargs.get("initial_state") is not None:
         kwargs["initial_state"] = kwargs["initial_state"].float()
     return gated_delta_rule_via_varlen(fla_varlen, q, k, v, g, beta, **kwargs)
-
-
-def fla_transition_anywhere(q, k, v, g, beta, **kwargs):
-    """titan_cp.kernels.triton_transition.triton_gated_delta_rule_with_transition without the CUDA check."""
-    return gated_delta_rule_with_transition_via_varlen(fla_varlen_with_transition, q, k, v, g, beta, **kwargs)

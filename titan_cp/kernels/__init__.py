@@ -29,7 +29,7 @@ from titan_cp.kernels.interface import KERNEL_NAMES, GatedDeltaRuleKernel, check
 from titan_cp.kernels.recurrent import recurrent_gated_delta_rule
 from titan_cp.kernels.transition import RecomputingSegmentKernel, SegmentKernel
 from titan_cp.kernels.triton import check_triton_available, triton_gated_delta_rule
-from titan_cp.kernels.triton_transition import triton_gated_delta_rule_with_transition
+from titan_cp.kernels.triton_transition import VarlenSegmentKernel
 
 
 def get_kernel(name: str) -> GatedDeltaRuleKernel:
@@ -45,14 +45,14 @@ def get_kernel(name: str) -> GatedDeltaRuleKernel:
 
 
 def get_segment_kernel(name: str) -> SegmentKernel:
-    """Kernel ``name`` as a CP segment kernel: native for ``torch``; FLA's transition forward and
-    a recomputing backward for ``triton``; through the kernel interface for the others
-    (:mod:`titan_cp.kernels.transition`)."""
+    """Kernel ``name`` as a CP segment kernel: native for ``torch`` and ``triton`` (FLA's pieces:
+    its chunk forward at width V + K, its plain backward); through the kernel interface with a
+    recomputing backward for the others (:mod:`titan_cp.kernels.transition`)."""
     kernel = get_kernel(name)  # the same clear error for unknown or unusable kernels
     if name == "torch":
         return ChunkSegmentKernel()
     if name == "triton":
-        return RecomputingSegmentKernel(kernel, transition=triton_gated_delta_rule_with_transition)
+        return VarlenSegmentKernel()
     return RecomputingSegmentKernel(kernel)
 
 
