@@ -65,10 +65,11 @@ do not reach the next chunk), and gamma_{C-1} = 0 if the chunk holds a start.
 Every exp() above is of a difference of G inside one document, so no reset
 position's g enters any of them; that is exact (the masks are constants).
 
-Backward (hand-written, ``_ChunkGatedDeltaRule.backward``)
------------------------------------------------------------
-Saved: the inputs (in chunk layout, accumulation dtype) and the state entering
-every chunk (``state_in_chunks``, [N, B*H, K, V], i.e. T/C states per head);
+Backward (hand-written, :func:`chunk_backward`)
+-----------------------------------------------
+Saved (:class:`ChunkSaved`): the inputs (in chunk layout, accumulation dtype)
+and the state entering every chunk (``state_in_chunks``, [N, B*H, K, V], i.e.
+T/C states per head);
 everything else (decays, T, W, U, u) is recomputed, batched, in the backward.
 Given dO and the gradient dH_N of the final state, a reverse chunk loop computes
 
@@ -94,6 +95,17 @@ except the in-chunk cumulative log decay G, summed in float64 (it reaches
 a float64 difference rounded once. g is clamped at -1000 (exp of any sum holding
 it is 0 in either dtype), so g = -inf (a_t = 0) stays finite.
 o is returned in v.dtype, the final state in the accumulation dtype.
+
+Context parallelism (:class:`ChunkSegmentKernel`)
+-------------------------------------------------
+A CP segment's forward runs before its incoming state S is known: the state is
+carried as [H | P] [K, V + K] from [S_0 | I] with zero values in the P columns,
+so the final state is [S_local | M] and the outputs [o | q_t P_t] (the WY
+factors stay at width V: the P columns have no values). Once the exchange gives
+S, the saved chunk states become the true ones, H_n + P_n S
+(:func:`bind_incoming_state`, one [K, K] x [K, V] product per chunk), and the
+backward is the plain one above from the true start S_0 + S: no transition
+columns in the backward (titan_cp/kernels/transition.py).
 """
 
 from __future__ import annotations
