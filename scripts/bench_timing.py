@@ -94,15 +94,23 @@ class Timers:
             setattr(chunk, fn, self.region("kernel", getattr(chunk, fn)))
 
 
+_CONTEXTS: dict = {}
+
+
 def set_cp(model, args: ModelArgs, P: int, exchange: str | None = None, layout: str | None = None):
+    """Apply CP (or none) to ``model``. Contexts are built once per (P, layout, exchange) and
+    reused, as a training run keeps its one context: its first-call shape check (a collective)
+    is not a per-step cost."""
     from titan_cp.cp.context import CPContext
     from titan_cp.parallelize import apply_cp
 
     if P == 1 or exchange == "none":
         apply_cp(model, None)
-    else:
-        apply_cp(model, CPContext(group=dist.group.WORLD, layout=layout or args.layout,
-                                  exchange=exchange or args.exchange))
+        return
+    key = (P, layout or args.layout, exchange or args.exchange)
+    if key not in _CONTEXTS:
+        _CONTEXTS[key] = CPContext(group=dist.group.WORLD, layout=key[1], exchange=key[2])
+    apply_cp(model, _CONTEXTS[key])
 
 
 def timed_steps(model, inputs, labels, global_tokens, timers: Timers, warmup: int, repeats: int,
