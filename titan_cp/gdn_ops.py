@@ -107,19 +107,26 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (x_f * torch.rsqrt(x_f.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+def conv_qkv_input(inp: GDNMixingInputs) -> torch.Tensor:
+    """The three convs' input as one tensor: [B, T, C_q + C_k + C_v], pre-conv q | k | v."""
+    return torch.cat([inp.q_BTC, inp.k_BTC, inp.v_BTC], dim=-1)
+
+
 def conv_qkv(
     inp: GDNMixingInputs,
     halo_BHC: torch.Tensor | None = None,
     halo_starts_BH: torch.Tensor | None = None,
+    x_BTC: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The three short convs as one (channels concatenated), then heads split and q, k L2-normalised.
 
     ``halo_BHC`` [B, W-1, C_q + C_k + C_v] (and its document starts) is the
     pre-conv history before the rows (CP); None means the sequence start.
+    ``x_BTC``: :func:`conv_qkv_input` of ``inp`` if the caller has it already.
     Returns q, k [B, T, Hv, K] (repeated from H to Hv heads when value heads
     are grouped) and v [B, T, Hv, V].
     """
-    x = torch.cat([inp.q_BTC, inp.k_BTC, inp.v_BTC], dim=-1)
+    x = conv_qkv_input(inp) if x_BTC is None else x_BTC
     weight = torch.cat([inp.q_conv_weight, inp.k_conv_weight, inp.v_conv_weight], dim=0)
     y = causal_short_conv(x, weight, halo_BHC, inp.doc_starts_BT, halo_starts_BH)
     ck, cv = inp.q_BTC.shape[-1], inp.v_BTC.shape[-1]
@@ -141,4 +148,4 @@ def mix_local(inp: GDNMixingInputs, kernel: str) -> torch.Tensor:
     return o
 
 
-__all__ = ["GDNMixingInputs", "causal_short_conv", "conv_qkv", "l2norm", "mix_local"]
+__all__ = ["GDNMixingInputs", "causal_short_conv", "conv_qkv", "conv_qkv_input", "l2norm", "mix_local"]

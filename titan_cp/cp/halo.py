@@ -10,6 +10,10 @@ W-1 tokens. Segments before the sequence start contribute zeros (the conv's
 zero padding). Backward sends the halo's gradient back along the same edges
 and adds it to the tail's gradient. Cost per segment and layer: hops x w x C
 values, independent of L.
+
+The tail is taken with :func:`split_tail`: a sliced tensor's backward would
+build a full-size zero gradient for the whole segment and add it to the
+segment's gradient; here the halo's gradient is added into the tail rows only.
 """
 
 from __future__ import annotations
@@ -36,6 +40,31 @@ def _edges(cp: CPContext, hops: int):
 
 def _tag(dest_segment: int, hop: int, hops: int) -> int:
     return dest_segment * (hops + 1) + hop
+
+
+class _SplitTail(torch.autograd.Function):
+    """x [N, T, C] -> (x, a copy of its last w tokens); backward adds the tail's gradient into the
+    last w rows of x's gradient (in place: that gradient is this node's own buffer)."""
+
+    @staticmethod
+    def forward(ctx, x_NTC: torch.Tensor, w: int):
+        ctx.w = w
+        return x_NTC.view_as(x_NTC), x_NTC[:, x_NTC.shape[1] - w:].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_x, grad_tail):
+        if grad_tail is None:
+            return grad_x, None
+        if 0 in grad_x.stride():  # an expanded (broadcast) gradient cannot take an in-place add
+            grad_x = grad_x.clone()
+        grad_x[:, grad_x.shape[1] - ctx.w:] += grad_tail
+        return grad_x, None
+
+
+def split_tail(x_NTC: torch.Tensor, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, its last w tokens) for the halo, without a full-size gradient for the slice."""
+    return _SplitTail.apply(x_NTC, w)
 
 
 class _HaloExchange(torch.autograd.Function):
@@ -65,6 +94,8 @@ class _HaloExchange(torch.autograd.Function):
         buffers = [(grad_halo.new_empty(B, w, C), cp.holder(dest), _tag(cp.local_segments[i], j, hops))
                    for i, j, dest in sends]
         exchange_p2p(cp, outgoing, buffers, ctx.layer_name, "halo_bwd")
+        if not sends:  # no later segment read this rank's tails
+            return None, None, None, None
         grad_tail = grad_halo.new_zeros(B, N, w, C)
         for (i, _, _), (buf, _, _) in zip(sends, buffers):
             grad_tail[:, i] += buf

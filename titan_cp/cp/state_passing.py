@@ -85,9 +85,9 @@ import torch
 
 from titan_cp.cp.comm import all_gather_stacked, exchange_p2p
 from titan_cp.cp.context import CPContext, dtype_code
-from titan_cp.cp.halo import exchange_halo
+from titan_cp.cp.halo import exchange_halo, split_tail
 from titan_cp.cp.layout import segments_of_rank
-from titan_cp.gdn_ops import GDNMixingInputs, conv_qkv
+from titan_cp.gdn_ops import GDNMixingInputs, conv_qkv, conv_qkv_input
 from titan_cp.kernels import get_segment_kernel
 from titan_cp.kernels.denormals import flush_denormals
 from titan_cp.kernels.transition import state_dtype
@@ -247,18 +247,17 @@ def mix_state_passing(inp: GDNMixingInputs, kernel: str, cp: CPContext, layer_na
     )
 
     # b. conv halo: pre-conv q|k|v plus a document-start channel, W-1 tokens per segment. Only
-    # each segment's tail (its last min(T_seg, W-1) tokens) travels, so only the tails are joined.
+    # each segment's tail (its last min(T_seg, W-1) tokens) travels.
     tail = min(T_seg, W - 1)
-    x = [t[:, T_seg - tail:] for t in (rows.q_BTC, rows.k_BTC, rows.v_BTC)]
+    x, x_tail = split_tail(conv_qkv_input(rows), tail)
     starts = rows.doc_starts_BT
     if starts is not None:
-        x.append(starts[:, T_seg - tail:].unsqueeze(-1).to(x[0].dtype))
-    x = torch.cat(x, dim=-1)
-    halo = exchange_halo(x.reshape(B, n, tail, -1), W - 1, cp, layer_name).reshape(B * n, W - 1, -1)
+        x_tail = torch.cat([x_tail, starts[:, T_seg - tail:].unsqueeze(-1).to(x_tail.dtype)], dim=-1)
+    halo = exchange_halo(x_tail.reshape(B, n, tail, -1), W - 1, cp, layer_name).reshape(B * n, W - 1, -1)
     halo_starts = None
     if starts is not None:
         halo, halo_starts = halo[..., :-1], halo[..., -1] > 0.5
-    q, k, v = conv_qkv(rows, halo, halo_starts)
+    q, k, v = conv_qkv(rows, halo, halo_starts, x_BTC=x)
 
     # c + d. one kernel call per segment, the summary exchange, the corrected outputs.
     o = delta_rule_over_segments(q, k, v, rows.g_BTH, rows.beta_BTH, cp, kernel, layer_name, doc_starts=starts)
