@@ -176,7 +176,7 @@ class TrainSetup:
     loss_chunks: int = 8  # TorchTitan ChunkedLossWrapper.num_chunks (1 = full logits)
     loss_bytes_per_logit: float = 12.0  # logits (act) + fp32 log-softmax + fp32 grad + act grad
     workspace_fraction: float = 0.5  # activation gradients alive in one layer's backward
-    attention_score_tensors: float = 4.7  # hybrids: fp32 [Hq, T_loc, T_loc] score-sized tensors in an attention
+    attention_score_tensors: float = 4.6  # hybrids: fp32 [Hq, T_loc, T_loc] score-sized tensors in an attention
     # block's backward (titan_cp's block attention materialises them; fitted on CPU, P 1-8, 8K tokens)
 
 
