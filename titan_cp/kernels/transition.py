@@ -94,6 +94,11 @@ def transition_start(initial_state: torch.Tensor | None, B: int, H: int, K: int,
     return torch.cat([initial_state.to(dtype), identity[..., V:]], dim=-1)
 
 
+def true_start(initial_state: torch.Tensor | None, incoming_state: torch.Tensor) -> torch.Tensor:
+    """The segment's true start S_0 + S (S_0 = 0 if None), in the incoming state's dtype."""
+    return incoming_state if initial_state is None else initial_state.to(incoming_state.dtype) + incoming_state
+
+
 def split_summary(o_and_q_transition: torch.Tensor, final: torch.Tensor, v: torch.Tensor):
     """[o | q_transition], [S_local | M] -> (o, q_transition, S_local, M) (q_transition copied
     out, so that keeping it for the backward does not keep the whole [o | q_transition])."""
@@ -143,8 +148,7 @@ class RecomputingSegmentKernel:
         if incoming_state is None:
             return tensors, meta
         q, k, v, g, beta, initial_state, doc_starts = tensors
-        start = incoming_state if initial_state is None else initial_state.to(incoming_state.dtype) + incoming_state
-        return (q, k, v, g, beta, start, doc_starts), meta
+        return (q, k, v, g, beta, true_start(initial_state, incoming_state), doc_starts), meta
 
     def backward(self, tensors, meta, d_o, d_final_state):
         q, k, v, g, beta, start, doc_starts = tensors
@@ -162,4 +166,4 @@ class RecomputingSegmentKernel:
 
 
 __all__ = ["RecomputingSegmentKernel", "SegmentForward", "SegmentKernel", "split_summary", "state_dtype",
-           "transition_start", "transition_via_interface"]
+           "transition_start", "transition_via_interface", "true_start"]

@@ -192,6 +192,21 @@ def row_final_states(segment_final_states: torch.Tensor, layout: VarlenLayout) -
     return segment_final_states.index_select(0, layout.last_segment_of_row)
 
 
+def row_final_state_grads(row_grads: torch.Tensor, layout: VarlenLayout) -> torch.Tensor:
+    """The adjoint of :func:`row_final_states`: [B, H, K, V] -> [N, H, K, V], each row's gradient
+    on its last segment, zeros elsewhere (for backward passes written by hand)."""
+    segment_grads = row_grads.new_zeros(layout.num_segments, *row_grads.shape[1:])
+    return segment_grads.index_copy(0, layout.last_segment_of_row, row_grads)
+
+
+def segment_initial_state_grads(segment_grads: torch.Tensor, layout: VarlenLayout) -> torch.Tensor:
+    """The adjoint of :func:`segment_initial_states`: [N, H, K, V] -> [B, H, K, V], each row's
+    first segment's gradient, exactly 0 for a row that begins with a document start."""
+    B = layout.first_segment_of_row.numel()
+    first = segment_grads.index_select(0, layout.first_segment_of_row)
+    return first * layout.row_keeps_state.view(B, *([1] * (first.dim() - 1)))
+
+
 VarlenKernel = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 """FLA's varlen signature: (q, k, v, g, beta, *, scale, initial_state, output_final_state,
 cu_seqlens, cu_seqlens_cpu) -> (o, final_state [N, H, K, V] or None); with
@@ -295,7 +310,9 @@ __all__ = [
     "check_triton_available",
     "fla_varlen",
     "gated_delta_rule_via_varlen",
+    "row_final_state_grads",
     "row_final_states",
+    "segment_initial_state_grads",
     "segment_initial_states",
     "triton_gated_delta_rule",
     "varlen_layout",

@@ -53,11 +53,13 @@ import torch
 import torch.nn.functional as F
 
 from titan_cp.kernels.interface import check_inputs
-from titan_cp.kernels.transition import SegmentForward, split_summary, state_dtype, transition_start
+from titan_cp.kernels.transition import SegmentForward, split_summary, state_dtype, transition_start, true_start
 from titan_cp.kernels.triton import (
     CONFIG_HINT,
     VarlenLayout,
+    row_final_state_grads,
     row_final_states,
+    segment_initial_state_grads,
     segment_initial_states,
     varlen_layout,
 )
@@ -173,9 +175,7 @@ class VarlenSegmentKernel:
     def bind_incoming_state(self, tensors, meta, incoming_state):
         if incoming_state is None:
             return tensors, meta
-        initial = tensors[5]
-        incoming = incoming_state.to(state_dtype(tensors[2]))
-        start = incoming if initial is None else initial + incoming
+        start = true_start(tensors[5], incoming_state.to(state_dtype(tensors[2])))
         return (*tensors[:5], start, *tensors[6:]), meta
 
     def backward(self, tensors, meta, d_o, d_final_state):
@@ -184,7 +184,7 @@ class VarlenSegmentKernel:
         layout = None if cu_seqlens is None else VarlenLayout(cu_seqlens, first, last, keeps)
         d_final = d_final_state.to(state_dtype(v))
         if layout is not None:  # each row's final-state gradient belongs to its last varlen segment
-            d_final = d_final.new_zeros(layout.num_segments, *d_final.shape[1:]).index_copy(0, last, d_final)
+            d_final = row_final_state_grads(d_final, layout)
         grads = self.ops.backward(q, k, v, beta, tuple(saved), _segment_states(start_rows, layout),
                                   _flat(d_o, layout).to(q.dtype).contiguous(), d_final.contiguous(), scale,
                                   cu_seqlens, chunk_indices)
@@ -193,7 +193,7 @@ class VarlenSegmentKernel:
         if not has_initial_state:
             return (*d_inputs, None)
         if layout is not None:  # a row's start gradient is its first segment's (0 if it begins a document)
-            d_start = d_start.index_select(0, first) * keeps.view(B, 1, 1, 1)
+            d_start = segment_initial_state_grads(d_start, layout)
         return (*d_inputs, d_start)
 
 
