@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from titan_cp.analysis.memory import dtype_bytes
+from titan_cp.analysis.train_setup import dtype_bytes
 from titan_cp.analysis.shape import Dims
 
 
@@ -30,7 +30,7 @@ class KernelProfile:
 def _torch_kernel_profile(model, act_dtype: str) -> KernelProfile:
     """titan_cp's ``torch`` chunk kernel (kernels/chunk.py) inside titan_cp's GatedDeltaNet.
 
-    Counted with saved_tensors_hooks on the real model (scripts/benchmark_memory.py), per token per layer:
+    Counted with saved_tensors_hooks on the real model (benchmarks/memory.py), per token per layer:
 
     - the kernel saves fp32 chunk-layout copies of q, k (repeated to Hv heads), v, g, beta and
       the state entering every chunk [T/C, Hv, K, V]; no WY matrix
@@ -61,7 +61,7 @@ def _torch_kernel_profile(model, act_dtype: str) -> KernelProfile:
         cal["kernel_inputs"] = 4 * Hv * (2 * K + V) / (a * (2 * H * K + Hv * V))
     return KernelProfile(
         "torch", {"kernel_saved_per_head_token": 0.0, "kernel_saves_states": True, "cp_recomputes_kernel": False}, cal,
-        "CPU, fp32, torch 2.13: saved-tensor tally and tracked-allocator peak of scripts/benchmark_memory.py "
+        "CPU, fp32, torch 2.13: saved-tensor tally and tracked-allocator peak of benchmarks/memory.py "
         "(docs/benchmarks.md); bf16 factors derived, not measured",
     )
 

@@ -1,6 +1,6 @@
 """Model shapes for the estimator and the scale model: ``GDNModel.Config``, read one way.
 
-The analysis reads the model's own config (``titan_cp.model.model_config(flavor)``
+The analysis reads the model's own config (``titan_cp.models.gdn.model_config(flavor)``
 or any ``GDNModel.Config``); :class:`Dims` names the derived sizes once:
 H key heads of dim K, Hv value heads of dim V = K * expand_v, Dk = H K, Dv = Hv V.
 
@@ -90,7 +90,7 @@ SHAPE_SOURCES = {
 
 def named_shape(name: str, **overrides):
     """The ``GDNModel.Config`` of a named shape (:data:`SHAPE_SOURCES`) or any model flavor."""
-    from titan_cp.model import model_config
+    from titan_cp.models.gdn import model_config
 
     if name == "7B-like":
         return model_config("1.3B", dim=4096, n_layers=32, num_heads=16, hidden_dim=fla_mlp_hidden(4096), **overrides)
@@ -143,7 +143,7 @@ def layer_param_counts(model) -> dict[str, int]:
 
 
 def attention_layer_param_counts(model) -> dict[str, int]:
-    """Parameters of one softmax-attention block of a hybrid (titan_cp/model/attention.py: no biases)."""
+    """Parameters of one softmax-attention block of a hybrid (titan_cp/models/gdn/attention.py: no biases)."""
     d = Dims.of(model, allow_attention=True)
     q_width, kv_width = d.attn_heads * d.attn_head_dim, d.attn_kv_heads * d.attn_head_dim
     return {

@@ -17,17 +17,18 @@ from __future__ import annotations
 import torch
 
 from titan_cp.cp.comm import comm_stats
-from titan_cp.cp.context import EXCHANGES, CPContext
+from titan_cp.cp.context import CPContext
+from titan_cp.cp.settings import EXCHANGES
 from titan_cp.cp.head_parallel import mix_head_parallel
 from titan_cp.cp.state_passing import mix_state_passing
-from titan_cp.gdn_ops import GDNMixingInputs, mix_local
+from titan_cp.ops.gated_delta_rule.mixing import GDNMixingInputs, mix_local
 
 
 @torch.compiler.disable
 def mix_sequence(inp: GDNMixingInputs, *, kernel: str, cp: CPContext | None, layer_name: str = "") -> torch.Tensor:
     """The sequence-mixing part of a GDN layer under any CP strategy. Returns o [B, T, Hv, V].
 
-    No CP (or one rank): :func:`titan_cp.gdn_ops.mix_local`; ``alltoall``:
+    No CP (or one rank): :func:`titan_cp.ops.gated_delta_rule.mixing.mix_local`; ``alltoall``:
     head-parallel; ``allgather`` / ``logscan``: state passing. Runs eagerly
     under torch.compile (a graph break around it): the kernels and CP
     communication stay as written, the token-local rest of the block is

@@ -8,19 +8,16 @@ import torch
 import torch.distributed as dist
 
 from titan_cp.cp.comm import all_gather_list
-from titan_cp.cp.layout import LAYOUTS, num_segments, rank_of_segment, segments_of_rank
-from titan_cp.errors import unknown_choice_message
-
-EXCHANGES = ("allgather", "logscan", "alltoall")
+from titan_cp.cp.layout import num_segments, rank_of_segment, segments_of_rank
+from titan_cp.cp.settings import CPSettings
 
 
 @dataclass
 class CPContext:
     """Context parallelism over ``group``; every rank holds the segments ``layout`` gives it.
 
-    ``exchange`` picks how GDN layers pass state across segments:
-    ``allgather`` / ``logscan`` (state passing, titan_cp.cp.state_passing) or
-    ``alltoall`` (head-parallel, titan_cp.cp.head_parallel). ``group`` None
+    ``layout`` and ``exchange`` are a :class:`~titan_cp.cp.settings.CPSettings`
+    pair (the choices and their rule live there). ``group`` None
     is a single rank (no communication; the layout still cuts its segments).
     """
 
@@ -31,15 +28,7 @@ class CPContext:
     checked_signatures: set = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
-        if self.layout not in LAYOUTS:
-            raise ValueError(unknown_choice_message("parallelism.cp_layout", self.layout, LAYOUTS))
-        if self.exchange not in EXCHANGES:
-            raise ValueError(unknown_choice_message("parallelism.cp_exchange", self.exchange, EXCHANGES))
-        if self.exchange == "logscan" and self.layout != "contiguous":
-            raise ValueError(
-                "parallelism.cp_exchange = 'logscan' needs parallelism.cp_layout = 'contiguous' "
-                "(the scan runs over ranks in sequence order); use cp_exchange = 'allgather' with 'zigzag'."
-            )
+        CPSettings(layout=self.layout, exchange=self.exchange)  # names and their combination, once
 
     @property
     def size(self) -> int:

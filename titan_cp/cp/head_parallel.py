@@ -4,7 +4,7 @@ Each rank holds L/P tokens of all (local-TP) heads. One all-to-all turns that
 into all L tokens of H/P heads: rank r sends the channels of head group j of
 its tokens to rank j, receives head group r of every rank's tokens and puts
 the segments back in sequence order (any layout). The convs and the delta
-rule then run on full sequences (:func:`titan_cp.gdn_ops.mix_local`), and a
+rule then run on full sequences (:func:`titan_cp.ops.gated_delta_rule.mixing.mix_local`), and a
 second all-to-all returns the outputs to sequence shards.
 
 Cost per rank and layer (forward): (P-1)/P of its L/P tokens x
@@ -22,7 +22,7 @@ import torch
 from titan_cp.cp.comm import AllToAll, all_gather_list
 from titan_cp.cp.context import CPContext
 from titan_cp.cp.layout import reassemble, shard_sequence
-from titan_cp.gdn_ops import GDNMixingInputs, mix_local
+from titan_cp.ops.gated_delta_rule.mixing import GDNMixingInputs, mix_local
 
 
 def _seq_to_heads(tensors: list[torch.Tensor], cp: CPContext, layer_name: str) -> list[torch.Tensor]:

@@ -19,9 +19,8 @@ import torch
 import torch.distributed as dist
 
 from titan_cp.cp.comm import all_gather_list
+from titan_cp.cp.settings import LAYOUTS
 from titan_cp.errors import unknown_choice_message
-
-LAYOUTS = ("contiguous", "zigzag")
 
 
 def num_segments(cp_size: int, layout: str) -> int:

@@ -1,7 +1,7 @@
 """State-passing CP for GDN: shard summaries, their exchange, the corrected outputs.
 
 Everything in a GDN layer is token-local except the short convs and the gated
-delta rule (titan_cp/gdn_ops.py). With a state-passing strategy
+delta rule (titan_cp/ops/gated_delta_rule/mixing.py). With a state-passing strategy
 (``parallelism.cp_exchange = 'allgather' | 'logscan'``) each rank:
 
   a. cuts its tokens into its segments (1 for contiguous, 2 for zigzag) and
@@ -9,7 +9,7 @@ delta rule (titan_cp/gdn_ops.py). With a state-passing strategy
   b. gets the W-1 pre-conv tokens before each segment (cp/halo.py) and runs
      the conv on [halo | segment];
   c. computes each segment's summary in one kernel pass, the kernel's
-     transition forward (titan_cp/kernels/transition.py). Because the delta
+     transition forward (titan_cp/ops/gated_delta_rule/transition.py). Because the delta
      rule acts on every state column independently and linearly, running it
      from state [0 | I] with values [v | 0] (width V + K) gives
         final state  [S_local | M]          (zero-start state, transition)
@@ -87,10 +87,10 @@ from titan_cp.cp.comm import all_gather_stacked, exchange_p2p
 from titan_cp.cp.context import CPContext, dtype_code
 from titan_cp.cp.halo import exchange_halo, split_tail
 from titan_cp.cp.layout import segments_of_rank
-from titan_cp.gdn_ops import GDNMixingInputs, conv_qkv, conv_qkv_input
-from titan_cp.kernels import get_segment_kernel
-from titan_cp.kernels.denormals import flush_denormals
-from titan_cp.kernels.transition import state_dtype
+from titan_cp.ops.gated_delta_rule.mixing import GDNMixingInputs, conv_qkv, conv_qkv_input
+from titan_cp.ops.gated_delta_rule import get_segment_kernel
+from titan_cp.ops.denormals import flush_denormals
+from titan_cp.ops.gated_delta_rule.transition import state_dtype
 
 
 def compose(
@@ -200,7 +200,7 @@ def _logscan_reverse_fold(grad_start_BNHKV, saved, cp: CPContext, layer_name: st
                                           layer_name, "state_bwd")
 
 
-EXCHANGES = {"allgather": (_allgather_fold, _allgather_reverse_fold),
+EXCHANGE_FOLDS = {"allgather": (_allgather_fold, _allgather_reverse_fold),
              "logscan": (_logscan_fold, _logscan_reverse_fold)}
 """Strategy name -> (fold, reverse fold). Fold: (M [B, n, H, K, K], S_local [B, n, H, K, V]) -> the
 incoming states S_start [B, n, H, K, V] of the local segments and what the reverse fold keeps;
@@ -208,9 +208,9 @@ reverse fold: G = dL/dS_start through each local segment's own outputs -> T = dL
 
 
 def _exchange(cp: CPContext):
-    if cp.exchange not in EXCHANGES:
+    if cp.exchange not in EXCHANGE_FOLDS:
         raise ValueError(f"state passing: strategy '{cp.exchange}' does not pass states")
-    return EXCHANGES[cp.exchange]
+    return EXCHANGE_FOLDS[cp.exchange]
 
 
 # --------------------------------------------------------------------------- the layer's mixing

@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
-from titan_cp.cp.context import EXCHANGES, CPContext
+from titan_cp.cp.context import CPContext
+from titan_cp.cp.settings import EXCHANGES
 from titan_cp.cp.layout import LAYOUTS, unshard_sequence
 from titan_cp.cp.layout import shard_sequence as _shard_sequence
 from titan_cp.errors import ConfigError, unknown_choice_message

@@ -6,7 +6,7 @@ from torch import nn
 
 from titan_cp.cp.context import CPContext
 from titan_cp.errors import ConfigError
-from titan_cp.parallelize import apply_cp
+from titan_cp.models.common.parallelize import apply_cp
 
 
 def make_cp_aware(model: nn.Module, cp: CPContext | None) -> nn.Module:

@@ -14,7 +14,7 @@ so a rank
      state S_local from S_0 (``initial_state`` for segment 0, zero for the
      others), the transition M and q_t M_<=t: the delta rule acts on every state
      column alike, so M rides as K extra state columns from [S_0 | I]
-     (the kernel's transition forward, ``titan_cp.kernels.transition``; the
+     (the kernel's transition forward, ``titan_cp.ops.gated_delta_rule.transition``; the
      rank holding only segment 0 runs the plain forward);
   2. exchanges the summaries (M, S_local) over the CP group (``cp.exchange``:
      ``allgather`` or ``logscan``; K (K + V) floats per head and segment, not
@@ -42,7 +42,7 @@ from titan_cp.cp.context import CPContext, dtype_code
 from titan_cp.cp.state_passing import as_segment_rows, delta_rule_over_segments
 from titan_cp.cp.ring_attention import ring_attention as _ring_attention
 from titan_cp.errors import ConfigError
-from titan_cp.kernels import check_inputs, get_kernel
+from titan_cp.ops.gated_delta_rule import check_inputs, get_kernel
 
 
 def gated_delta_rule(

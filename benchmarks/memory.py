@@ -1,0 +1,364 @@
+#!/usr/bin/env python
+"""Per-rank memory of a GDN LM training step under context parallelism.
+
+For CP sizes P (default 1, 2, 4, 8) and global sequence lengths L it runs one
+forward + backward step (chunked loss, as TorchTitan's ``ChunkedLossWrapper``)
+on P ranks (one process each, started here) and reports per rank:
+
+    seq len, tokens per rank, model (parameter) memory, peak memory,
+    activation memory, status (ok / OOM / skipped), reduction vs CP = 1,
+    and the analytic estimate (titan_cp.analysis.memory) with its error.
+
+How memory is measured
+----------------------
+- GPU (CUDA available): ``torch.cuda.max_memory_allocated`` over the step
+  (peak, absolute: parameters included) and ``memory_allocated`` after the
+  forward minus before it (live after forward).
+- CPU: a tracked-allocator peak. ``torch.profiler`` with ``profile_memory``
+  records every CPU allocation and free during the step; their running sum,
+  in time order, is the bytes the step allocated on top of what existed before
+  it; peak = parameter bytes + the maximum of that running sum.
+- Both: *activation memory* = the distinct storages autograd saves for the
+  backward during the decoder forward (``torch.autograd.graph.saved_tensors_hooks``,
+  parameters excluded, each storage counted once at its full size) plus the
+  decoder output held for the chunked loss. That is what the estimator's
+  activation terms predict.
+
+Parameters are replicated on every CP rank here (no FSDP; the estimator's
+static terms are taken with ``fsdp_over_cp=False`` to match), no optimizer
+step runs (no optimizer states), gradients are fp32.
+
+The estimate uses the calibration profile of the kernel that runs
+(:func:`titan_cp.analysis.profiles.kernel_profile`). ``--max_gib`` bounds the whole
+run (all ranks of one P share this machine on CPU): rows whose estimate
+exceeds it are skipped rather than risking the machine.
+
+    python -m benchmarks.memory                    # P 1,2,4,8 x L 2K..16K, a few minutes on 2 cores
+    python -m benchmarks.memory --quick            # P 1,2,4 x L 1K,2K, about a minute
+    python -m benchmarks.memory --seq_lens 4096 16384 65536 --json mem.json
+    python -m benchmarks.memory --cp_sizes 1 2 --flavor 340M --seq_lens 8192   # on GPUs
+    python -m benchmarks.memory --model qwen3_5 --cp_sizes 1 2 4 --seq_lens 2048 4096 8192
+                                          # Qwen3.5 debug model, + saved bytes per GDN / attention layer
+
+The model, batches, training step and launcher it shares with benchmarks/speed.py live in
+benchmarks/model_steps.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+import torch
+import torch.distributed as dist
+
+from benchmarks.memory_probes import AllocationTracker, SavedTensorTally, is_oom
+from benchmarks.qwen3_5_memory import layer_kind_rows, qwen_args_from
+from benchmarks.model_steps import (  # noqa: E402
+    ModelArgs,
+    add_model_arguments,
+    model_args_from,
+    make_batch,
+    chunked_loss_backward,
+    machine_description,
+    load_average,
+    can_launch,
+    launch,
+)
+
+MiB = float(1 << 20)
+GiB = float(1 << 30)
+
+
+# --------------------------------------------------------------------------- measuring memory
+
+
+def _memory_rank(rank, P, device, margs: ModelArgs, seq_lens, batch, loss_chunks, skip_lens):
+    model = margs.build(device, dist.group.WORLD if P > 1 else None, max(seq_lens))
+    cfg = model.config
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    rows = []
+    failed = False
+    for L in seq_lens:
+        row = {"P": P, "seq_len": L, "tokens_per_rank": batch * L // P, "param_bytes": param_bytes}
+        if L in skip_lens:
+            row.update(status="skipped", note=skip_lens[L])
+            rows.append(row)
+            continue
+        if failed:
+            row.update(status="skipped", note="a shorter sequence already failed")
+            rows.append(row)
+            continue
+        inputs, labels = make_batch(cfg.vocab_size, L, batch, rank, P, margs.layout, device)
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+        t0 = time.perf_counter()
+        try:
+            tally = SavedTensorTally(model, margs.layer_kind)
+            with AllocationTracker(device) as tracker:
+                with tally:
+                    h = margs.hidden(model, inputs)
+                tracker.mark_forward_done()
+                chunked_loss_backward(model, h, labels, loss_chunks, batch * L)
+                hidden_bytes = h.numel() * h.element_size()
+                del h
+        except Exception as exc:
+            if not is_oom(exc):
+                raise
+            failed = True
+            row.update(status="OOM", note=str(exc).splitlines()[0][:120])
+            rows.append(row)
+            continue
+        peak = tracker.peak_absolute if tracker.peak_absolute is not None else param_bytes + tracker.peak_delta
+        row.update(
+            status="ok",
+            saved_bytes=tally.bytes,
+            saved_by_kind=tally.by_kind,
+            hidden_bytes=hidden_bytes,
+            activation_bytes=tally.bytes + hidden_bytes,
+            live_after_forward_bytes=tracker.after_forward,
+            peak_bytes=peak,
+            peak_delta_bytes=tracker.peak_delta,
+            step_s=time.perf_counter() - t0,
+        )
+        rows.append(row)
+        del inputs, labels, tally, tracker
+    model.zero_grad(set_to_none=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- estimator
+
+
+def estimate_row(margs: ModelArgs, L: int, P: int, batch: int, loss_chunks: int):
+    from titan_cp.analysis.memory import estimate_memory
+    from titan_cp.analysis.train_setup import Parallelism, TrainSetup
+    from titan_cp.analysis.profiles import kernel_profile
+
+    c = margs.config()
+    dt = {"float32": "fp32", "bfloat16": "bf16", "float64": "fp32"}[margs.dtype]
+    prof = kernel_profile(c.kernel, c, dt)
+    setup = TrainSetup(seq_len=L, batch=batch, param_dtype=dt, act_dtype=dt, grad_dtype=dt, optimizer_states=0,
+                       loss_chunks=loss_chunks, cp_exchange=margs.exchange, cp_layout=margs.layout, **prof.setup)
+    par = Parallelism(cp=P, fsdp_over_cp=False)
+    return estimate_memory(c, setup, par, calibration=prof.calibration)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def _fmt_mib(b) -> str:
+    return "-" if b is None else f"{b / MiB:,.1f}"
+
+
+def _err(pred, meas) -> str:
+    return "-" if not meas else f"{100 * (pred - meas) / meas:+.1f}%"
+
+
+def run(a: argparse.Namespace) -> dict:
+    margs = qwen_args_from(a) if a.model == "qwen3_5" else model_args_from(a)
+    margs.config()  # unknown flavors / fields fail here, before any rank starts
+    from titan_cp.cp.layout import num_segments
+
+    rows = []
+    print(f"# benchmark_memory: {margs.describe()}, batch {a.batch}, loss chunks {a.loss_chunks}")
+    machine = machine_description()
+    print(f"# machine: {machine}")
+    method = ("torch.cuda.max_memory_allocated (peak, absolute)" if torch.cuda.is_available() else
+              "CPU tracked-allocator peak: parameter bytes + max running sum of torch.profiler allocation events")
+    print(f"# peak memory: {method}")
+    print("# activation memory: distinct storages saved for backward in the decoder forward "
+          "(saved_tensors_hooks) + the decoder output held for the chunked loss")
+    for P in a.cp_sizes:
+        ok, why = can_launch(P)
+        skip = {}
+        for L in a.seq_lens:
+            if L % num_segments(P, margs.layout):
+                skip[L] = f"seq_len {L} does not divide into the segments of CP {P}"
+                continue
+            if not margs.has_estimate:
+                continue
+            est = estimate_row(margs, L, P, a.batch, a.loss_chunks)
+            if not torch.cuda.is_available() and est.total * P > a.max_gib * GiB:
+                skip[L] = f"estimate {est.total * P / GiB:.1f} GiB for {P} ranks > --max_gib {a.max_gib}"
+        if not ok:
+            rows += [{"P": P, "seq_len": L, "tokens_per_rank": a.batch * L // P, "status": "skipped", "note": why}
+                     for L in a.seq_lens]
+            continue
+        t0 = time.perf_counter()
+        per_rank = launch(_memory_rank, P, (margs, a.seq_lens, a.batch, a.loss_chunks, skip), threads=a.threads)
+        print(f"# P={P}: {time.perf_counter() - t0:.0f} s wall, load average {load_average():.1f}", flush=True)
+        for i, L in enumerate(a.seq_lens):
+            rank_rows = [r[i] for r in per_rank]
+            row = dict(rank_rows[0])
+            if row["status"] == "ok":
+                # the per-rank table reports the worst rank (ranks differ only by tiny exchange buffers)
+                for key in ("saved_bytes", "activation_bytes", "live_after_forward_bytes", "peak_bytes",
+                            "peak_delta_bytes", "step_s"):
+                    row[key] = max(r[key] for r in rank_rows)
+                row["per_rank_activation_bytes"] = [r["activation_bytes"] for r in rank_rows]
+                row["saved_by_kind"] = max(rank_rows, key=lambda r: r["activation_bytes"])["saved_by_kind"]
+                row["per_rank_peak_bytes"] = [r["peak_bytes"] for r in rank_rows]
+            if margs.has_estimate and (row["status"] != "skipped" or "estimate" in row.get("note", "")):
+                est = estimate_row(margs, L, P, a.batch, a.loss_chunks)
+                row["estimate"] = {"peak_bytes": est.total, "activation_bytes": est.activations + est.model_activations,
+                                   "static_bytes": est.static, "transient_bytes": est.transient}
+            rows.append(row)
+    # reductions vs CP = 1 at the same L
+    base = {r["seq_len"]: r for r in rows if r["P"] == 1 and r["status"] == "ok"}
+    for r in rows:
+        b = base.get(r["seq_len"])
+        if r["status"] == "ok" and b:
+            r["activation_reduction"] = b["activation_bytes"] / r["activation_bytes"]
+            r["peak_reduction"] = b["peak_bytes"] / r["peak_bytes"]
+    return {"model": asdict(margs), "model_description": margs.describe(), "machine": machine,
+            "peak_method": method, "batch": a.batch, "loss_chunks": a.loss_chunks, "threads_per_rank": a.threads,
+            "date": time.strftime("%Y-%m-%d"), "rows": rows,
+            "targets": targets(rows, a, 0.9 if a.model == "qwen3_5" else 0.95)}
+
+
+def targets(rows, a, factor: float = 0.95) -> dict:
+    """Activation memory cut by >= ``factor`` P at the longest L measured for every P; estimator within 5%."""
+    out = {}
+    ok = [r for r in rows if r["status"] == "ok"]
+    if ok:
+        longest = max(r["seq_len"] for r in ok if r["P"] == 1) if any(r["P"] == 1 for r in ok) else None
+        for r in ok:
+            if r["seq_len"] == longest and r["P"] > 1 and "activation_reduction" in r:
+                out[f"activation_cut_P{r['P']}_L{longest}"] = {
+                    "reduction": r["activation_reduction"], "target": factor * r["P"],
+                    "met": r["activation_reduction"] >= factor * r["P"]}
+        errs = []
+        for r in ok:
+            if "estimate" in r:
+                errs.append(abs(r["estimate"]["peak_bytes"] - r["peak_bytes"]) / r["peak_bytes"])
+                errs.append(abs(r["estimate"]["activation_bytes"] - r["activation_bytes"]) / r["activation_bytes"])
+        if errs:
+            out["estimator_within_5pct"] = {"max_abs_error": max(errs), "met": max(errs) <= 0.05}
+    return out
+
+
+def print_table(result: dict, markdown: bool = False) -> str:
+    head = ["P", "seq len", "tokens/rank", "model MiB", "peak MiB", "act MiB", "status", "act cut", "peak cut",
+            "est peak MiB (err)", "est act MiB (err)"]
+    lines = []
+    if markdown:
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    else:
+        lines.append("  ".join(f"{h:>14s}" if i > 5 else f"{h:>11s}" for i, h in enumerate(head)))
+    for r in result["rows"]:
+        est = r.get("estimate")
+        cells = [str(r["P"]), f"{r['seq_len']:,}", f"{r['tokens_per_rank']:,}", _fmt_mib(r.get("param_bytes")),
+                 _fmt_mib(r.get("peak_bytes")), _fmt_mib(r.get("activation_bytes")),
+                 r["status"] + (f" ({r['note']})" if r.get("note") and markdown else ""),
+                 f"{r['activation_reduction']:.2f}x" if "activation_reduction" in r else "-",
+                 f"{r['peak_reduction']:.2f}x" if "peak_reduction" in r else "-",
+                 f"{est['peak_bytes'] / MiB:,.1f} ({_err(est['peak_bytes'], r.get('peak_bytes'))})" if est else "-",
+                 f"{est['activation_bytes'] / MiB:,.1f} ({_err(est['activation_bytes'], r.get('activation_bytes'))})"
+                 if est else "-"]
+        if markdown:
+            lines.append("| " + " | ".join(cells) + " |")
+        else:
+            lines.append("  ".join(f"{c:>14s}" if i > 5 else f"{c:>11s}" for i, c in enumerate(cells)))
+    return "\n".join(lines)
+
+
+def plot_memory(result: dict, path: Path) -> None:
+    """Per-rank activation and peak memory vs global L, one line per CP size (log-log)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from benchmarks.figure import save_figure
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sizes = sorted({r["P"] for r in result["rows"] if r["status"] == "ok"})
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, P in enumerate(sizes):
+        rows = sorted((r for r in result["rows"] if r["P"] == P and r["status"] == "ok"), key=lambda r: r["seq_len"])
+        L = [r["seq_len"] for r in rows]
+        c = colors[i % len(colors)]
+        ax.plot(L, [r["peak_bytes"] / MiB for r in rows], "o-", color=c, label=f"CP={P} peak")
+        ax.plot(L, [r["activation_bytes"] / MiB for r in rows], "s--", color=c, alpha=0.7, label=f"CP={P} activations")
+        est = [r["estimate"]["peak_bytes"] / MiB for r in rows if "estimate" in r]
+        if len(est) == len(rows):
+            ax.plot(L, est, ":", color=c, alpha=0.6)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("global sequence length L (tokens)")
+    ax.set_ylabel("per-rank memory (MiB)")
+    ax.set_title("Per-rank memory vs L (dotted: estimator's peak)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    save_figure(fig, path, f"{result['model_description']}\n{result['machine']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_model_arguments(p, dim=256, n_layers=2, num_heads=4, head_dim=64, hidden_dim=768, vocab_size=2048)
+    p.add_argument("--model", default="gdn", choices=["gdn", "qwen3_5"],
+                   help="gdn: titan_cp's GDN LM (the model fields above); qwen3_5: TorchTitan's Qwen3.5 --flavor "
+                        "(debug = debugmodel with 4 layers, vocab 1024; benchmarks/qwen3_5_memory.py)")
+    p.add_argument("--cp_sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--seq_lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--loss_chunks", type=int, default=8, help="chunked loss chunks (TorchTitan default 8)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--max_gib", type=float, default=8.0,
+                   help="CPU: skip rows whose estimate for all P ranks together exceeds this (default 8)")
+    p.add_argument("--quick", action="store_true", help="P 1,2,4 and L 1K,2K (about a minute)")
+    p.add_argument("--json", type=Path, help="write the result as JSON here")
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
+    p.add_argument("--plot", type=Path, help="save a PNG of memory vs L per CP size here")
+    p.add_argument("--from_json", type=Path, help="print / plot a saved --json result instead of running")
+    p.add_argument("--estimate_only", action="store_true",
+                   help="print the estimator's activation cut vs CP = 1 for --cp_sizes x --seq_lens; run nothing")
+    return p
+
+
+def print_estimated_cut(a) -> None:
+    """Activation memory (saved tensors + decoder output) per rank from the estimator, and its cut vs CP = 1."""
+    margs = model_args_from(a)
+    print(f"# estimator only: {margs.describe()}, batch {a.batch}")
+    print("| L | P | est act MiB | cut | cut / P |\n|---|---|---|---|---|")
+    for L in a.seq_lens:
+        one = estimate_row(margs, L, 1, a.batch, a.loss_chunks)
+        base = one.activations + one.model_activations
+        for P in a.cp_sizes:
+            est = estimate_row(margs, L, P, a.batch, a.loss_chunks)
+            act = est.activations + est.model_activations
+            print(f"| {L:,} | {P} | {act / MiB:,.1f} | {base / act:.3f}x | {base / act / P:.3f} |")
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.quick:
+        a.cp_sizes, a.seq_lens = [1, 2, 4], [1024, 2048]
+    a.seq_lens = sorted(a.seq_lens)
+    if a.estimate_only:
+        print_estimated_cut(a)
+        return 0
+    result = json.loads(a.from_json.read_text()) if a.from_json else run(a)
+    print(print_table(result, a.markdown))
+    if any("saved_by_kind" in r for r in result["rows"]):
+        print("\n".join(layer_kind_rows(result["rows"])))
+    for name, t in result["targets"].items():
+        print(f"# target {name}: {json.dumps(t)}")
+    if a.json and not a.from_json:
+        a.json.write_text(json.dumps(result, indent=1))
+        print(f"# wrote {a.json}")
+    if a.plot:
+        plot_memory(result, a.plot)
+        print(f"# wrote {a.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

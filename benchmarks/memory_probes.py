@@ -1,0 +1,131 @@
+"""The two measurements of benchmarks/memory.py: bytes saved for backward (a saved-tensor tally) and the
+allocator's peak (a tracked allocator), plus how an out-of-memory error looks on each device."""
+
+from __future__ import annotations
+
+import torch
+
+
+class SavedTensorTally:
+    """Bytes of the distinct storages autograd saves while active (parameters excluded).
+
+    With ``layer_kind`` (block -> name), a storage also counts for the decoder
+    block (``model.layers``) whose forward first saved it: :attr:`by_kind`.
+    """
+
+    def __init__(self, model, layer_kind=None):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.storages: dict[int, int] = {}
+        self.owner: dict[int, str] = {}
+        self.current = None
+        self.kinds = {}
+        self._hooks = []
+        if layer_kind is not None:
+            for name, block in model.layers.items():
+                self.kinds[name] = layer_kind(block)
+                self._hooks += [block.register_forward_pre_hook(lambda m, a, n=name: setattr(self, "current", n)),
+                                block.register_forward_hook(lambda m, a, o: setattr(self, "current", None))]
+
+    def _pack(self, t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self.params:
+            self.storages[ptr] = max(self.storages.get(ptr, 0), storage.nbytes())
+            self.owner.setdefault(ptr, self.current)
+        return t
+
+    def __enter__(self):
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        for h in self._hooks:
+            h.remove()
+
+    @property
+    def by_kind(self) -> dict[str, list[int]]:
+        """kind -> [number of layers, saved bytes of those layers]."""
+        out = {kind: [list(self.kinds.values()).count(kind), 0] for kind in set(self.kinds.values())}
+        for ptr, nbytes in self.storages.items():
+            if self.owner[ptr] is not None:
+                out[self.kinds[self.owner[ptr]]][1] += nbytes
+        return out
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.storages.values())
+
+
+class AllocationTracker:
+    """Peak bytes allocated during a region: CUDA allocator stats, or the CPU profiler's allocation events."""
+
+    MARK = "benchmark_memory::forward_done"
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self.prof.__enter__()
+        return self
+
+    def mark_forward_done(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.after_forward = torch.cuda.memory_allocated(self.device) - self.base
+        else:
+            with torch.profiler.record_function(self.MARK):
+                pass
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            self.peak_delta = torch.cuda.max_memory_allocated(self.device) - self.base
+            self.peak_absolute = torch.cuda.max_memory_allocated(self.device)
+            return
+        self.prof.__exit__(*exc)
+        if exc[0] is not None:
+            return
+        from torch._C._profiler import _EventType
+
+        allocs, mark = [], None
+        stack = list(self.prof.profiler.kineto_results.experimental_event_tree())
+        while stack:
+            node = stack.pop()
+            if node.tag == _EventType.Allocation:
+                fields = node.extra_fields
+                if str(fields.device).startswith("cpu"):
+                    allocs.append((node.start_time_ns, fields.alloc_size))
+            elif node.name == self.MARK:
+                mark = node.start_time_ns
+            stack.extend(node.children)
+        allocs.sort()
+        running = peak = 0
+        self.after_forward = None
+        for t, size in allocs:
+            if mark is not None and self.after_forward is None and t > mark:
+                self.after_forward = running
+            running += size
+            peak = max(peak, running)
+        if self.after_forward is None:
+            self.after_forward = running
+        self.peak_delta = peak
+        self.peak_absolute = None
+        self.n_events = len(allocs)
+        del self.prof
+
+
+def is_oom(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in text.lower() or \
+        "can't allocate memory" in text or "DefaultCPUAllocator" in text

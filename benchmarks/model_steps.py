@@ -1,0 +1,213 @@
+"""What the benchmark scripts share: the GDN model they build, its batches and one training
+step, the machine description, and the launcher (gloo ranks on CPU, one GPU per rank on GPUs).
+
+Used by ``benchmarks/memory.py``, ``benchmarks/speed.py`` and ``benchmarks/timing.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from titan_cp.testing import run_on_ranks  # noqa: E402
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class ModelArgs:
+    """A flavor (titan_cp/models/gdn/flavors.py) with field overrides, plus the CP strategy."""
+
+    flavor: str = "debug"
+    overrides: dict = field(default_factory=dict)
+    exchange: str = "allgather"
+    layout: str = "contiguous"
+    dtype: str = "float32"
+
+    def config(self):
+        from titan_cp.models.gdn import model_config
+
+        return model_config(self.flavor, cp_exchange=self.exchange, cp_layout=self.layout, **self.overrides)
+
+    has_estimate = True  # titan_cp.analysis.memory models this model
+
+    def build(self, device: torch.device, cp_group, max_seq_len: int | None = None):
+        return build_model(self, device, cp_group)
+
+    @staticmethod
+    def hidden(model, inputs: torch.Tensor) -> torch.Tensor:
+        return decoder_hidden(model, inputs)
+
+    @staticmethod
+    def layer_kind(block) -> str:
+        return "attention" if "Attention" in type(block.attention).__name__ else "gdn"
+
+    def describe(self) -> str:
+        c = self.config()
+        hv = c.num_v_heads or c.num_heads
+        text = (f"flavor {self.flavor}: dim {c.dim}, {c.n_layers} layers, {c.num_heads} heads x K {c.head_dim}, "
+                f"{hv} value heads x V {int(c.head_dim * c.expand_v)}, MLP {c.hidden_dim}, vocab {c.vocab_size}, "
+                f"kernel {c.kernel}")
+        if c.layer_pattern:
+            text += (f", layer_pattern {c.layer_pattern} (attention {c.attn_num_heads} q / {c.attn_num_kv_heads} kv "
+                     f"heads x {c.attn_head_dim})")
+        return text + f", {self.dtype}"
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def add_model_arguments(p: argparse.ArgumentParser, **defaults) -> None:
+    """--flavor and model-field overrides; ``defaults`` sets this script's defaults."""
+    g = p.add_argument_group("model (a flavor of titan_cp/models/gdn/flavors.py, fields overridden one by one)")
+    g.add_argument("--flavor", default=defaults.get("flavor", "debug"))
+    for name in ("dim", "n_layers", "num_heads", "head_dim", "num_v_heads", "hidden_dim", "vocab_size"):
+        g.add_argument(f"--{name}", type=int, default=defaults.get(name))
+    g.add_argument("--expand_v", type=float, default=defaults.get("expand_v"))
+    g.add_argument("--kernel", default=defaults.get("kernel", "torch"), help="torch | recurrent | triton")
+    g.add_argument("--exchange", default=defaults.get("exchange", "allgather"), help="allgather | logscan | alltoall")
+    g.add_argument("--layout", default=defaults.get("layout", "contiguous"), help="contiguous | zigzag")
+    g.add_argument("--dtype", default=defaults.get("dtype", "float32"), choices=sorted(DTYPES))
+
+
+def model_args_from(a: argparse.Namespace) -> ModelArgs:
+    over = {k: getattr(a, k) for k in ("dim", "n_layers", "num_heads", "head_dim", "num_v_heads", "hidden_dim",
+                                       "vocab_size", "expand_v") if getattr(a, k, None) is not None}
+    over["kernel"] = a.kernel
+    return ModelArgs(a.flavor, over, a.exchange, a.layout, a.dtype)
+
+
+def build_model(args: ModelArgs, device: torch.device, cp_group=None, seed: int = 0):
+    """The model on ``device`` (same weights on every rank: same seed), CP applied when the group has > 1 rank."""
+    from titan_cp.cp.context import CPContext
+    from titan_cp.models.common.parallelize import apply_cp
+
+    torch.manual_seed(seed)
+    model = args.config().build()
+    model.init_weights()
+    model.to(device=device, dtype=DTYPES[args.dtype])
+    if cp_group is not None and dist.get_world_size(cp_group) > 1:
+        apply_cp(model, CPContext(group=cp_group, layout=args.layout, exchange=args.exchange))
+    else:
+        apply_cp(model, None)
+    return model
+
+
+def make_batch(vocab: int, L: int, batch: int, rank: int, P: int, layout: str, device, seed: int = 1):
+    """(inputs, labels) of this rank: its shard of a random global batch, as separate storages."""
+    from titan_cp.cp.layout import shard_sequence
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (batch, L + 1), generator=g)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    if P > 1:
+        inputs, labels = (shard_sequence(t, 1, rank, P, layout) for t in (inputs, labels))
+    return inputs.contiguous().to(device), labels.contiguous().to(device)
+
+
+def decoder_hidden(model, inputs: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """GDNModel.forward without the lm_head: the hidden states TorchTitan's chunked loss receives."""
+    seq = model.sequence_info(inputs, positions)
+    h = model.tok_embeddings(inputs)
+    for block in model.layers.values():
+        h = block(h, seq)
+    return model.norm(h)
+
+
+def chunked_loss_backward(model, h: torch.Tensor, labels: torch.Tensor, n_chunks: int, global_tokens: int) -> float:
+    """TorchTitan's ChunkedLossWrapper flow: lm_head + CE + backward per chunk, fp32 grad accumulator, then
+    the decoder backward. Loss normalised by the global token count (so CP ranks' gradients sum)."""
+    T = h.shape[1]
+    n = max(1, min(n_chunks, T))
+    while T % n:
+        n -= 1
+    accum = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+    total = 0.0
+    step = T // n
+    for i in range(n):
+        sl = slice(i * step, (i + 1) * step)
+        hc = h.detach()[:, sl].contiguous().requires_grad_(True)
+        logits = model.lm_head(hc)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, sl].flatten(), reduction="sum") / global_tokens
+        loss.backward()
+        accum[:, sl] = hc.grad
+        total += loss.item()
+        del hc, logits, loss
+    h.backward(accum.to(h.dtype))
+    return total
+
+
+def train_step(model, inputs, labels, n_chunks: int, global_tokens: int) -> float:
+    h = decoder_hidden(model, inputs)
+    return chunked_loss_backward(model, h, labels, n_chunks, global_tokens)
+
+
+# --------------------------------------------------------------------------- launching ranks
+
+
+def device_kind() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def machine_description() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, torch {torch.__version__}, nccl"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{os.cpu_count()}-core CPU ({platform.machine()}), torch {torch.__version__}, gloo; "
+            f"load average {load:.1f} at start")
+
+
+KEEP_FREED_MEMORY = "glibc.malloc.trim_threshold=4000000000:glibc.malloc.mmap_threshold=4000000000"
+"""GLIBC_TUNABLES for CPU timing runs: glibc's malloc keeps freed blocks instead of returning
+them to the OS, so a step reuses the previous step's memory as a caching allocator (CUDA's,
+jemalloc, tcmalloc) does. With glibc's defaults every large tensor is a fresh mmap and its
+first touch costs page faults (0-20K per kernel call measured, ~2 us each), which made
+step times random by +-10%."""
+
+
+def keep_freed_memory(enabled: bool = True) -> str:
+    """Set GLIBC_TUNABLES (:data:`KEEP_FREED_MEMORY`) for the processes started from here on
+    (glibc reads it at process start). Returns a line for the report."""
+    if not enabled or sys.platform != "linux":
+        return "glibc malloc defaults (freed memory returned to the OS)"
+    os.environ["GLIBC_TUNABLES"] = KEEP_FREED_MEMORY
+    return f"GLIBC_TUNABLES={KEEP_FREED_MEMORY} (freed memory reused, as a caching allocator does)"
+
+
+def load_average() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def can_launch(P: int) -> tuple[bool, str]:
+    if torch.cuda.is_available() and P > torch.cuda.device_count():
+        return False, f"needs {P} GPUs, {torch.cuda.device_count()} visible"
+    return True, ""
+
+
+def _on_device(rank, world, fn, *args):
+    """Rank body under :func:`titan_cp.testing.run_on_ranks`: pick this rank's device, run ``fn``."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(rank)
+    return fn(rank, world, torch.device("cuda", rank) if cuda else torch.device("cpu"), *args)
+
+
+def launch(fn, world: int, args=(), *, threads: int = 1, timeout: float = 3600.0, pg_timeout: float = 900.0):
+    """Run ``fn(rank, world, device, *args)`` on ``world`` fresh processes (gloo on CPU, NCCL on GPUs).
+
+    ``fn`` must be a module-level function. Returns the results by rank; raises
+    (titan_cp.testing.RankFailure) with the tracebacks if any rank fails, or on ``timeout``.
+    """
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    return run_on_ranks(_on_device, world, (fn, *args), timeout=timeout, pg_timeout=pg_timeout, backend=backend,
+                        threads=threads)

@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: references (FLA, transformers), the Triton interpreter shim, training runs."""

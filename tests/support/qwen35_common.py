@@ -1,0 +1,80 @@
+"""Shared pieces of the Qwen3.5 tests: a tiny shape of TorchTitan's debug model, packed positions, transformers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# TorchTitan's debugmodel shrunk: 4 layers (3 GDN + 1 gated attention), grouped value heads
+# (8 value heads over 4 key heads), GQA attention, partial RoPE on 8 of 16 channels.
+TINY_SHAPE = dict(dim=32, n_layers=4, vocab_size=96, n_heads=4, n_kv_heads=2, head_dim=16, rotary_dim=8,
+                  hidden_dim=64, n_key_heads=4, n_value_heads=8, key_head_dim=8, value_head_dim=8,
+                  mrope_section=[2, 1, 1], max_seq_len=512, rope_theta=10000.0)
+
+
+def tiny_config(**fields):
+    """Qwen35CPModel.Config of :data:`TINY_SHAPE` (``fields``: kernel, cp_layout, cp_exchange, ...)."""
+    from titan_cp.models.qwen3_5.flavors import torchtitan_config
+    from titan_cp.models.qwen3_5.model import titan_cp_config
+
+    return titan_cp_config(torchtitan_config("debugmodel", **TINY_SHAPE), **fields)
+
+
+def tiny_model(seed: int = 0, *, fla_decay: bool = True, dtype=torch.float32, **fields):
+    """A tiny Qwen3.5 initialised by TorchTitan's init, with random (non-zero) norm offsets.
+
+    ``fla_decay``: draw ``dt_bias`` like FLA (softplus(dt_bias) = dt in [1e-3, 0.1])
+    instead of TorchTitan's / HF's 1.0. With dt_bias = 1 and A up to 16 most
+    heads decay by ~e^-20 per token; their A_log / dt_bias gradients are ~1e-11
+    and so ill-conditioned that the fp32 one-rank reference itself is 2e-4 off
+    its float64 value, so fp32 comparisons at 1e-5 use FLA's decay and
+    TorchTitan's init is checked in float64.
+    """
+    model = tiny_config(**fields).build()
+    torch.manual_seed(seed)
+    model.init_weights()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):  # TorchTitan zero-inits OffsetRMSNorm: make them count
+                p.normal_(0.0, 0.2)
+            if fla_decay and name.endswith("dt_bias"):
+                dt = p.uniform_(0, 1).mul_(math.log(0.1) - math.log(1e-3)).add_(math.log(1e-3)).exp_()
+                dt.add_(torch.log(-torch.expm1(-dt)))
+    return model.to(dtype)
+
+
+def packed_positions(B: int, T: int, starts: dict[int, list[int]]) -> torch.Tensor:
+    """Per-document positions [B, T] (TorchTitan's convention): 0 at row start and at every listed start."""
+    positions = torch.empty(B, T, dtype=torch.long)
+    for b in range(B):
+        last = 0
+        for t in range(T):
+            if t in starts.get(b, ()):
+                last = t
+            positions[b, t] = t - last
+    return positions
+
+
+def hf_causal_lm_class():
+    """transformers' ``Qwen3_5ForCausalLM`` on its pure-PyTorch path (FLA's kernels need a GPU).
+
+    transformers picks FLA's kernels when ``fla`` is importable, which it is
+    here (TorchTitan's Qwen3.5 imports it); clearing the module globals it
+    reads at construction selects ``torch_chunk_gated_delta_rule``, the torch
+    causal conv and ``Qwen3_5RMSNormGated``.
+    """
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
+
+    for name in ("FusedRMSNormGated", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule",
+                 "causal_conv1d_fn", "causal_conv1d_update"):
+        setattr(hf, name, None)
+    return hf.Qwen3_5ForCausalLM
+
+
+def hf_config_of_tiny():
+    from transformers import Qwen3_5TextConfig
+
+    from titan_cp.models.qwen3_5.flavors import hf_text_config, shape_of
+
+    return Qwen3_5TextConfig(**hf_text_config(shape_of(tiny_config())))

@@ -1,0 +1,1 @@
+"""Single-process tests: kernels vs references, configs, checkpoints, structure (fast)."""

@@ -1,0 +1,65 @@
+"""What a memory estimate is asked about: the parallel layout (:class:`Parallelism`) and the training setup
+(:class:`TrainSetup`: sequence, batch, dtypes, optimizer, activation checkpointing, kernel and CP choices)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+
+
+def dtype_bytes(name: str | int) -> int:
+    if isinstance(name, int):
+        return name
+    try:
+        return DTYPE_BYTES[name]
+    except KeyError:
+        raise ValueError(f"dtype = '{name}' is not one of {sorted(DTYPE_BYTES)}") from None
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    dp: int = 1  # FSDP shard degree (dp_shard)
+    tp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = True  # TorchTitan's default with TP
+    fsdp_over_cp: bool = True  # False: CP ranks hold full parameter replicas (no FSDP over cp)
+
+    @property
+    def fsdp(self) -> int:
+        """TorchTitan shards parameters over dp_shard x cp (dp_shard alone with ``fsdp_over_cp=False``)."""
+        return self.dp * self.cp if self.fsdp_over_cp else self.dp
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    seq_len: int
+    batch: int = 1  # local batch (rows) per DP rank; CP ranks share rows
+    param_dtype: str = "fp32"  # storage dtype of (sharded) params
+    act_dtype: str = "bf16"  # compute dtype: activations, FSDP all-gathered params
+    grad_dtype: str | None = None  # None: param_dtype
+    reduce_dtype: str = "fp32"  # FSDP gradient reduce dtype
+    optimizer_states: int = 2  # AdamW exp_avg, exp_avg_sq
+    optimizer_dtype: str = "fp32"
+    master_weights: bool = False  # extra fp32 copy of params (only if param_dtype is 16-bit)
+    ac: str = "none"  # "none" | "full"
+    chunk_size: int = 64  # GDN kernel chunk C
+    kernel_saved_per_head_token: float = 64.0  # kernel_internal c (FLA: A matrix, C per head per token)
+    kernel_saves_states: bool = False  # chunk states [T/C, Hv, K, V] fp32 kept for backward
+    kernel_workspace_states: float = 2.0  # chunk-state tensors alive in the kernel backward (h, dh)
+    cp_extra: bool = True  # state-passing CP terms when cp > 1 (q M, the exchange's buffers)
+    cp_recomputes_kernel: bool = True  # the CP segment kernel reruns the plain kernel in the backward
+    # (titan_cp.ops.gated_delta_rule.transition.RecomputingSegmentKernel: triton, recurrent); torch's binds its states
+    cp_exchange: str = "allgather"  # state exchange (its buffers kept for backward): allgather | logscan | alltoall
+    cp_layout: str = "contiguous"  # contiguous (1 segment per rank) | zigzag (2)
+    loss_chunks: int = 8  # TorchTitan ChunkedLossWrapper.num_chunks (1 = full logits)
+    loss_bytes_per_logit: float = 12.0  # logits (act) + fp32 log-softmax + fp32 grad + act grad
+    workspace_fraction: float = 0.5  # activation gradients alive in one layer's backward
+    attention_score_tensors: float = 4.6  # hybrids: fp32 [Hq, T_loc, T_loc] score-sized tensors in an attention
+    # block's backward (titan_cp's block attention materialises them; fitted on CPU, P 1-8, 8K tokens)
+
+
+AC_MODES = ("none", "full")
+
+
+__all__ = ["AC_MODES", "DTYPE_BYTES", "Parallelism", "TrainSetup", "dtype_bytes"]

@@ -1,0 +1,90 @@
+"""``python -m titan_cp.cli.smoke --nproc N``: see the package docstring."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from titan_cp.cli.smoke import checks, plan, report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m titan_cp.cli.smoke", description=sys.modules["titan_cp.cli.smoke"].__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nproc", type=int, required=True, help="ranks this runner has (GPUs, or CPU processes)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when torch sees at least --nproc GPUs, else cpu")
+    p.add_argument("--configs", nargs="*", help="only these train_configs (file stems); default: every one that fits")
+    p.add_argument("--config-dir", type=Path, default=plan.TRAIN_CONFIGS)
+    p.add_argument("--out", type=Path, default=Path("outputs/smoke"), help="runs, logs, summary.md, junit.xml")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--checkpoint-step", type=int, default=3, help="save here, resume from here")
+    p.add_argument("--rel-tol", type=float, help="per-step loss tolerance (default 1e-5 on CPU, 1e-3 on GPU)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per launch")
+    p.add_argument("--reuse", action="store_true", help="reuse seed checkpoints and reference runs found in --out")
+    return p
+
+
+def settings_from(a: argparse.Namespace) -> plan.Settings:
+    device = a.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= a.nproc else "cpu"
+    if not 0 < a.checkpoint_step < a.steps:
+        raise SystemExit(f"--checkpoint-step {a.checkpoint_step} must lie inside 1..{a.steps - 1} (--steps {a.steps})")
+    rel_tol = a.rel_tol if a.rel_tol is not None else (1e-5 if device == "cpu" else 1e-3)
+    return plan.Settings(a.nproc, device, a.out.resolve(), a.seq_len, a.steps, a.checkpoint_step, rel_tol,
+                         a.timeout, a.reuse)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    s = settings_from(a)
+    start = time.perf_counter()
+    configs = plan.discover(a.config_dir)
+    unknown = sorted(set(a.configs or ()) - {c.name for c in configs})
+    if unknown:
+        raise SystemExit(f"--configs {unknown}: not in {a.config_dir} ({[c.name for c in configs]})")
+    references = plan.plan(configs, s, a.configs)
+    print(f"smoke: {s.nproc} ranks on {s.device} (kernel {s.kernel}), seq_len {s.seq_len}, {s.steps} steps, "
+          f"checkpoint at {s.checkpoint_step}; results in {s.out}", flush=True)
+    outcomes = []
+    for ref in references:
+        ref_dump = s.out / ref.key / "run"
+        reference = None
+        if not ref.config.own_initial_weights and not (s.reuse and plan.seed_path(s, ref).is_dir()):
+            print(f"  seed checkpoint for {ref.members}", flush=True)
+            seed = checks.launch(plan.seed_command(s, ref), s.out / ref.key / "seed", s)
+            if not seed.ok:
+                print(f"  seed checkpoint FAILED (every run of {ref.members} will too): {seed.detail}", flush=True)
+        if s.reuse and (ref_dump / "metrics.jsonl").exists():
+            reference = checks.Launch(True, checks.read_metrics_jsonl(str(ref_dump / "metrics.jsonl")), ref_dump, 0.0)
+        else:
+            print(f"  1-rank reference for {ref.members}", flush=True)
+            reference = checks.launch(plan.reference_command(s, ref), ref_dump, s)
+        for c in (c for c in configs if c.reference is ref):
+            print(f"  {c.name} on {c.world} ranks ({c.layout})", flush=True)
+            run = checks.launch(plan.run_command(s, c), s.out / c.name / "run", s)
+            resume = checks.launch(plan.resume_command(s, c), s.out / c.name / "resume", s) if run.ok else None
+            outcomes.append(checks.check_config(c, run, resume, reference if reference.ok else None, s))
+            print(report.details(outcomes[-1:]), end="", flush=True)
+    skipped = [c for c in configs if c.skip]
+    summary = report.table(outcomes, skipped)
+    s.out.mkdir(parents=True, exist_ok=True)
+    (s.out / "summary.md").write_text(summary)
+    (s.out / "junit.xml").write_text(report.junit_xml(outcomes, skipped, time.perf_counter() - start))
+    print("\n" + summary, flush=True)
+    failed = [o.config.name for o in outcomes if not o.passed]
+    if not outcomes:
+        print("smoke: no config fits this runner", flush=True)
+        return 1
+    print(f"smoke: {len(outcomes) - len(failed)} passed, {len(failed)} failed {failed or ''}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

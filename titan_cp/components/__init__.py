@@ -1,0 +1,1 @@
+"""titan_cp.components."""

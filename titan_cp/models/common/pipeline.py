@@ -1,0 +1,113 @@
+"""Pipeline parallelism for GDN models: TorchTitan's own, plus the start-up checks.
+
+The model spec's ``pipelining_fn`` is TorchTitan's generic decoder
+pipelining, ``torchtitan.distributed.pipeline_parallel.pipeline_llm``: it
+splits the model into stages by module names (``tok_embeddings``,
+``layers.<i>``, ``norm``, ``lm_head``; pruned units become None and
+:meth:`titan_cp.models.gdn.GDNModel.forward` runs what a stage holds), applies
+``parallelize_gdn`` (FSDP/HSDP, TP, CP, AC, compile) to every stage and builds
+the schedule. Positions (document starts) reach every stage as model kwargs;
+under CP each microbatch is sharded along the sequence before the schedule
+runs, so every stage sees the same shard layout. Weights are initialised
+per unit by name (:mod:`titan_cp.models.gdn.init`), so a stage gets exactly the
+weights those units have in a one-rank run.
+
+The stage split is configurable through TorchTitan's fields:
+``parallelism.pipeline_parallel_layers_per_stage``,
+``pipeline_parallel_first_stage_less_layers`` /
+``pipeline_parallel_last_stage_less_layers`` (the automatic split), or
+``parallelism.module_fqns_per_model_part`` (explicit, e.g.
+``[["tok_embeddings", "layers.0"], ["layers.1", "norm", "lm_head"]]``).
+
+:func:`check_pipeline_parallel` rejects, before any process group exists,
+what titan_cp does not support, naming the field.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from titan_cp.errors import ConfigError, unknown_choice_message
+
+# Schedules whose stages run whole backward passes. The tests run 1F1B and
+# Interleaved1F1B; GPipe and LoopedBFS order the same stage calls differently.
+# The zero-bubble schedules (InterleavedZeroBubble, ZBVZeroBubble, DualPipeV)
+# split each backward into input- and weight-gradient passes, which titan_cp's
+# CP exchanges (collectives inside autograd Functions) are not checked with.
+SUPPORTED_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B", "LoopedBFS")
+_SINGLE_STAGE_SCHEDULES = ("1F1B", "GPipe")
+
+
+def unit_names(n_layers: int) -> list[str]:
+    """The model's units in forward order: what a stage split partitions."""
+    return ["tok_embeddings", *(f"layers.{i}" for i in range(n_layers)), "norm", "lm_head"]
+
+
+def stage_split(model, parallelism) -> list[list[str]]:
+    """The module names of each (virtual) stage: ``module_fqns_per_model_part`` or TorchTitan's automatic split."""
+    if parallelism.module_fqns_per_model_part is not None:
+        return [list(part) for part in parallelism.module_fqns_per_model_part]
+    from torchtitan.distributed.pipeline_parallel import _generate_llm_fqn_per_model_part, _get_pipeline_metadata
+
+    dims = SimpleNamespace(pp=parallelism.pipeline_parallel_degree)
+    stages, n_layers, input_weight, output_weight = _get_pipeline_metadata(dims, parallelism, model)
+    return _generate_llm_fqn_per_model_part(stages, n_layers, input_weight, output_weight)
+
+
+def check_pipeline_parallel(model, parallelism, local_batch_size: int) -> None:
+    """Start-up checks for ``parallelism.pipeline_parallel_degree > 1``; ConfigError names the field."""
+    pp = parallelism.pipeline_parallel_degree
+    if pp <= 1:
+        return
+    schedule = parallelism.pipeline_parallel_schedule
+    if schedule not in SUPPORTED_SCHEDULES:
+        raise ConfigError(
+            unknown_choice_message("parallelism.pipeline_parallel_schedule", schedule, SUPPORTED_SCHEDULES)
+            + " titan_cp runs the schedules whose stages do whole backward passes; the zero-bubble ones "
+            "split backward into input/weight passes, which its CP exchanges are not checked with."
+        )
+    if parallelism.pipeline_parallel_schedule_csv:
+        raise ConfigError(
+            f"parallelism.pipeline_parallel_schedule_csv = {parallelism.pipeline_parallel_schedule_csv!r}: "
+            "custom schedule files are not supported by titan_cp; set it to \"\" and pick "
+            f"parallelism.pipeline_parallel_schedule from {list(SUPPORTED_SCHEDULES)}."
+        )
+    if getattr(model, "tie_embeddings", False):
+        raise ConfigError(
+            "model.tie_embeddings = true cannot be pipelined: tok_embeddings (first stage) and lm_head "
+            "(last stage) would share one weight across stages. Set model.tie_embeddings = false or "
+            "parallelism.pipeline_parallel_degree = 1."
+        )
+    try:
+        parts = stage_split(model, parallelism)
+    except (ValueError, AssertionError) as e:
+        raise ConfigError(
+            f"parallelism.pipeline_parallel_degree = {pp} cannot split {model.n_layers} layers: {str(e).rstrip('.')}. "
+            "Adjust parallelism.pipeline_parallel_layers_per_stage / pipeline_parallel_first_stage_less_layers "
+            "/ pipeline_parallel_last_stage_less_layers, or give parallelism.module_fqns_per_model_part."
+        ) from e
+    field = ("parallelism.module_fqns_per_model_part" if parallelism.module_fqns_per_model_part is not None
+             else "the automatic split (parallelism.pipeline_parallel_layers_per_stage)")
+    want = unit_names(model.n_layers)
+    flat = [name for part in parts for name in part]
+    if flat != want or any(not part for part in parts):
+        raise ConfigError(
+            f"{field} = {parts}: the stages must cover {want} in this order, each unit once, no stage empty, "
+            "e.g. [[\"tok_embeddings\", \"layers.0\"], [\"layers.1\", \"norm\", \"lm_head\"]] for 2 layers."
+        )
+    per_rank, rest = divmod(len(parts), pp)
+    single = schedule in _SINGLE_STAGE_SCHEDULES
+    if rest or (single and per_rank != 1) or (not single and per_rank < 2):
+        need = "exactly 1 stage" if single else "2 or more stages"
+        raise ConfigError(
+            f"{field} gives {len(parts)} stages for parallelism.pipeline_parallel_degree = {pp}; "
+            f"parallelism.pipeline_parallel_schedule = {schedule!r} needs {need} per rank "
+            f"({pp if single else 2 * pp} in all)."
+        )
+    microbatches = local_batch_size // parallelism.pipeline_parallel_microbatch_size
+    if single and schedule == "1F1B" and microbatches < pp:
+        raise ConfigError(
+            f"training.local_batch_size / parallelism.pipeline_parallel_microbatch_size = {microbatches} "
+            f"microbatches, fewer than the {pp} stages 1F1B needs. Raise training.local_batch_size or lower "
+            "parallelism.pipeline_parallel_microbatch_size."
+        )

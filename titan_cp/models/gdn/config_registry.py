@@ -1,0 +1,146 @@
+"""GDN ModelSpec and TorchTitan config functions.
+
+TorchTitan 0.3.0's native entry point finds these by ``--module titan_cp.models.gdn``
+(it imports ``titan_cp.models.gdn.config_registry`` first) or ``--module titan_cp``::
+
+    torchrun --nproc_per_node=2 -m torchtitan.train --module titan_cp.models.gdn --config gdn_debug \
+        --parallelism.context_parallel_degree 2
+
+Each function returns a complete ``Trainer.Config`` for one flavor
+(``titan_cp.models.gdn.flavors``); the TOML front end (``[model] name = "gdn"``)
+starts from :func:`config_for_flavor` and applies the file on top. Everything
+but the model comes from :func:`titan_cp.train.job_defaults.trainer_config`.
+"""
+
+from __future__ import annotations
+
+from torchtitan.components.loss import CrossEntropyLoss
+from torchtitan.distributed.activation_checkpoint import FullAC
+from torchtitan.protocols.model_spec import ModelSpec
+from torchtitan.trainer import Trainer
+
+from titan_cp.models.gdn.flavors import FLAVORS
+from titan_cp.train.job_defaults import cpu_training, gpu_training, trainer_config
+
+DEFAULT_FLAVOR = "debug"
+
+
+def model_spec(flavor: str, **overrides) -> ModelSpec:
+    """The ``ModelSpec`` of a GDN flavor (``titan_cp.models.gdn.FLAVORS``) with model-field overrides."""
+    from torchtitan.distributed.pipeline_parallel import pipeline_llm
+
+    from titan_cp.models.gdn.state_dict_adapter import FLAStateDictAdapter
+    from titan_cp.models.gdn.flavors import model_config
+    from titan_cp.models.gdn.parallelize import parallelize_gdn
+
+    return ModelSpec(
+        name="gdn",
+        flavor=flavor,
+        model=model_config(flavor, **overrides),
+        parallelize_fn=parallelize_gdn,
+        pipelining_fn=pipeline_llm,  # TorchTitan's decoder split + schedules; checks: titan_cp/models/common/pipeline.py
+        post_optimizer_build_fn=None,
+        state_dict_adapter=FLAStateDictAdapter,  # checkpoint.initial_load_in_hf / last_save_in_hf: FLA's format
+    )
+
+
+def _cpu_config(flavor: str) -> Trainer.Config:
+    """A short CPU run of ``flavor``: torch kernel, 512 tokens, shipped corpus."""
+    return trainer_config(
+        model_spec(flavor),
+        training=cpu_training(),
+        lr=3e-3,
+        warmup_steps=2,
+        optimizer_impl="foreach",
+        checkpoint_interval=10,
+        log_freq=1,
+    )
+
+
+def gdn_debug() -> Trainer.Config:
+    """Tiny GDN for CPU (torch kernel, 512 tokens, shipped corpus): the default CPU run."""
+    return _cpu_config("debug")
+
+
+def gdn_debug_hybrid() -> Trainer.Config:
+    """Tiny GDN + softmax-attention hybrid for CPU."""
+    return _cpu_config("debug_hybrid")
+
+
+def _gpu_config(flavor: str, lr: float) -> Trainer.Config:
+    """A long GPU run of ``flavor``: triton kernel, 64K tokens per sequence, full AC."""
+    return trainer_config(
+        model_spec(flavor, kernel="triton"),
+        training=gpu_training(steps=20000),
+        lr=lr,
+        warmup_steps=1000,
+        optimizer_impl="fused",
+        checkpoint_interval=1000,
+        log_freq=10,
+        activation_checkpoint=FullAC.Config(),
+    )
+
+
+def gdn_340m() -> Trainer.Config:
+    """FLA's 340M GDN shape, Triton kernel, 64K tokens per sequence (pair with CP 8 on 8 GPUs)."""
+    return _gpu_config("340M", lr=3e-4)
+
+
+def gdn_1_3b() -> Trainer.Config:
+    """FLA's 1.3B GDN shape, Triton kernel, 64K tokens per sequence (pair with CP 8 on 8 GPUs)."""
+    return _gpu_config("1.3B", lr=2e-4)
+
+
+def gdn_1_3b_hybrid() -> Trainer.Config:
+    """1.3B GDN + softmax-attention hybrid, Triton kernel, 64K tokens per sequence."""
+    config = gdn_1_3b()
+    config.model_spec = model_spec("1.3B_hybrid", kernel="triton")
+    return config
+
+
+def gdn_from_hf(hf_config: str, flavor: str = "debug") -> Trainer.Config:
+    """``flavor``'s training defaults with the model shape of an FLA checkpoint's config.json.
+
+    The config-function form of ``[model] hf_config``, e.g. in your own config module::
+
+        def extend_340m():
+            config = gdn_from_hf("path/to/fla-gdn-340m", flavor="340M")
+            config.checkpoint.initial_load_path = "path/to/fla-gdn-340m"
+            config.checkpoint.initial_load_in_hf = True
+            config.checkpoint.initial_load_model_only = True
+            return config
+    """
+    import dataclasses
+
+    from titan_cp.models.gdn.hf_config import model_fields_from_hf, read_hf_config
+
+    config = config_for_flavor(flavor)
+    model = dataclasses.replace(config.model_spec.model, **model_fields_from_hf(read_hf_config(hf_config)))
+    config.model_spec = dataclasses.replace(config.model_spec, model=model)
+    config.loss = CrossEntropyLoss.Config(global_vocab_size=model.vocab_size)
+    return config
+
+
+# [model] flavor -> the config function the TOML front end starts from.
+CONFIG_FOR_FLAVOR = {
+    "debug": gdn_debug,
+    "debug_hybrid": gdn_debug_hybrid,
+    "340M": gdn_340m,
+    "1.3B": gdn_1_3b,
+    "1.3B_hybrid": gdn_1_3b_hybrid,
+}
+
+
+def config_for_flavor(flavor: str) -> Trainer.Config:
+    """The GDN config of ``flavor``; flavors without a function get the debug defaults."""
+    fn = CONFIG_FOR_FLAVOR.get(flavor)
+    if fn is not None:
+        return fn()
+    config = gdn_debug()
+    config.model_spec = model_spec(flavor)
+    config.loss = CrossEntropyLoss.Config(global_vocab_size=config.model_spec.model.vocab_size)
+    return config
+
+
+__all__ = ["DEFAULT_FLAVOR", "FLAVORS", "config_for_flavor", "gdn_1_3b", "gdn_1_3b_hybrid", "gdn_340m", "gdn_debug",
+           "gdn_debug_hybrid", "gdn_from_hf", "model_spec"]

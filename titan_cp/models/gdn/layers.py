@@ -1,0 +1,224 @@
+"""The modules of a GDN language model: norms, SwiGLU, the Gated DeltaNet layer, the block.
+
+Parameter names of :class:`GatedDeltaNet` follow FLA's ``fla.layers.GatedDeltaNet``
+one-to-one (q_proj, k_proj, v_proj, a_proj, b_proj, g_proj, q_conv1d, k_conv1d,
+v_conv1d, A_log, dt_bias, o_norm, o_proj); the block and model names are
+TorchTitan's and differ from FLA's (the renames: :mod:`titan_cp.models.gdn.state_dict_adapter`).
+
+Tensor names carry their layout: B batch, T (local) sequence length, D model
+dim, H key heads, Hv value heads, K key head dim, V value head dim.
+
+Under tensor parallelism the projections are head-sharded and the layer sees
+only its local heads: head counts are always read from tensor shapes, never
+from the config. Under context parallelism T is this rank's shard and all
+sequence mixing goes through :func:`titan_cp.cp.mix_sequence`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from titan_cp.cp import CPContext, mix_sequence
+from titan_cp.models.common.sequence import SequenceInfo
+from titan_cp.ops.gated_delta_rule.mixing import GDNMixingInputs, gdn_gates
+from titan_cp.models.common.dtensor import local_tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        x_f = x.float()
+        return x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.normalize(x) * local_tensor(self.weight).float()).to(x.dtype)
+
+
+class GatedRMSNorm(RMSNorm):
+    """FLA's FusedRMSNormGated (swish gate, norm before gate): RMSNorm(o) * w * silu(gate)."""
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        # Shared by all heads; under TP each rank holds some heads, so its weight grad is partial.
+        weight = local_tensor(self.weight, grad_is_partial=True)
+        return (self.normalize(x) * weight.float() * F.silu(gate.float())).to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), TorchTitan's FeedForward naming."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def init_weights(self, init_std: float) -> None:
+        nn.init.trunc_normal_(self.w1.weight, mean=0.0, std=0.02)
+        for linear in (self.w2, self.w3):
+            nn.init.trunc_normal_(linear.weight, mean=0.0, std=init_std)
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal conv weights (FLA's ShortConvolution, no bias, SiLU applied by the caller).
+
+    Only holds ``weight`` [C, 1, W]; the convolution itself (with the CP halo and
+    document resets) is :func:`titan_cp.ops.gated_delta_rule.mixing.causal_short_conv`.
+    """
+
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Conv1d's default init (what FLA's ShortConvolution uses).
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+
+class GatedDeltaNet(nn.Module):
+    """FLA's Gated DeltaNet layer, with context parallelism.
+
+        q, k = l2norm(silu(conv(x W_q))), l2norm(silu(conv(x W_k)))   [B, T, H, K]
+        v    = silu(conv(x W_v))                                       [B, T, Hv, V]
+        beta = sigmoid(x W_b)                                          [B, T, Hv]
+        g    = -exp(A_log) * softplus(x W_a + dt_bias)                 [B, T, Hv]
+        o    = gated_delta_rule(q, k, v, g, beta)   (q, k repeated to Hv heads)
+        y    = o_proj(RMSNorm(o) * silu(x W_g))
+
+    ``mixes_sequence`` marks it for the CP coverage guard (parallelize.py).
+    ``self.cp`` (set by the parallelize function, None without CP) decides how
+    the sequence-mixing part (convs + delta rule) crosses shard boundaries.
+    """
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_heads: int,
+        head_dim: int,
+        expand_v: float,
+        num_v_heads: int | None,
+        conv_size: int,
+        norm_eps: float,
+        kernel: str,
+    ):
+        super().__init__()
+        num_v_heads = num_v_heads or num_heads
+        head_v_dim = int(head_dim * expand_v)
+        if head_v_dim != head_dim * expand_v:
+            raise ValueError(
+                f"model.expand_v = {expand_v} times model.head_dim = {head_dim} is not an integer; "
+                "pick expand_v so that head_dim * expand_v is whole."
+            )
+        if num_v_heads % num_heads != 0:
+            raise ValueError(
+                f"model.num_v_heads = {num_v_heads} must be a multiple of model.num_heads = {num_heads}."
+            )
+        self.head_dim, self.head_v_dim = head_dim, head_v_dim
+        self.num_heads, self.num_v_heads = num_heads, num_v_heads
+        self.kernel = kernel
+        key_dim, value_dim = num_heads * head_dim, num_v_heads * head_v_dim
+        self.q_proj = nn.Linear(dim, key_dim, bias=False)
+        self.k_proj = nn.Linear(dim, key_dim, bias=False)
+        self.v_proj = nn.Linear(dim, value_dim, bias=False)
+        self.a_proj = nn.Linear(dim, num_v_heads, bias=False)
+        self.b_proj = nn.Linear(dim, num_v_heads, bias=False)
+        self.g_proj = nn.Linear(dim, value_dim, bias=False)
+        self.q_conv1d = ShortConv(key_dim, conv_size)
+        self.k_conv1d = ShortConv(key_dim, conv_size)
+        self.v_conv1d = ShortConv(value_dim, conv_size)
+        self.A_log = nn.Parameter(torch.empty(num_v_heads))
+        self.dt_bias = nn.Parameter(torch.empty(num_v_heads))
+        self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
+        self.dt_bias._no_weight_decay = True  # type: ignore[attr-defined]
+        self.o_norm = GatedRMSNorm(head_v_dim, eps=norm_eps)
+        self.o_proj = nn.Linear(value_dim, dim, bias=False)
+        self.cp: CPContext | None = None
+        self.layer_name = ""
+
+    mixes_sequence = True
+
+    def init_weights(self, init_std: float) -> None:
+        """FLA's init for A_log / dt_bias / convs; TorchTitan's truncated normals for linears."""
+        for linear in (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj):
+            nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02)
+        nn.init.trunc_normal_(self.o_proj.weight, mean=0.0, std=init_std)
+        for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
+            conv.reset_parameters()
+        self.o_norm.reset_parameters()
+        # In place, so it works on sharded (DTensor) parameters too.
+        with torch.no_grad():
+            self.A_log.uniform_(0, 16).log_()
+            dt_min, dt_max, dt_floor = 1e-3, 0.1, 1e-4
+            dt = self.dt_bias.uniform_(0, 1)
+            dt.mul_(math.log(dt_max) - math.log(dt_min)).add_(math.log(dt_min)).exp_().clamp_(min=dt_floor)
+            dt.add_(torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def mixing_inputs(self, x_BTD: torch.Tensor, doc_starts_BT: torch.Tensor | None = None) -> GDNMixingInputs:
+        """The token-local part before sequence mixing: projections, beta, g (also used by decoding)."""
+        g_BTH, beta_BTH = gdn_gates(self.a_proj(x_BTD), self.b_proj(x_BTD), local_tensor(self.A_log),
+                                    local_tensor(self.dt_bias))
+        return GDNMixingInputs(
+            q_BTC=self.q_proj(x_BTD),
+            k_BTC=self.k_proj(x_BTD),
+            v_BTC=self.v_proj(x_BTD),
+            g_BTH=g_BTH,
+            beta_BTH=beta_BTH,
+            q_conv_weight=local_tensor(self.q_conv1d.weight),
+            k_conv_weight=local_tensor(self.k_conv1d.weight),
+            v_conv_weight=local_tensor(self.v_conv1d.weight),
+            head_dim=self.head_dim,
+            head_v_dim=self.head_v_dim,
+            doc_starts_BT=doc_starts_BT,
+        )
+
+    def output(self, o_BTHV: torch.Tensor, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The token-local part after sequence mixing: gated RMSNorm and o_proj."""
+        B, T, _ = x_BTD.shape
+        gate_BTHV = self.g_proj(x_BTD).view(B, T, -1, self.head_v_dim)
+        y_BTHV = self.o_norm(o_BTHV, gate_BTHV)
+        return self.o_proj(y_BTHV.reshape(B, T, -1))
+
+    def forward(self, x_BTD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
+        inputs = self.mixing_inputs(x_BTD, seq.doc_starts)
+        o_BTHV = mix_sequence(inputs, kernel=self.kernel, cp=self.cp, layer_name=self.layer_name)
+        return self.output(o_BTHV, x_BTD)
+
+
+class GDNBlock(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + SwiGLU(norm(x))."""
+
+    def __init__(self, layer_id: int, mixer: nn.Module, dim: int, hidden_dim: int, norm_eps: float, n_layers: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention_norm = RMSNorm(dim, norm_eps)
+        self.attention = mixer
+        self.ffn_norm = RMSNorm(dim, norm_eps)
+        self.feed_forward = SwiGLU(dim, hidden_dim)
+        # TorchTitan's depth-scaled init for output projections.
+        self.init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5
+
+    def forward(self, x: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), seq)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self) -> None:
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.init_weights(self.init_std)
+        self.feed_forward.init_weights(self.init_std)

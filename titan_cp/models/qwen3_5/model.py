@@ -1,0 +1,145 @@
+"""Qwen35CPModel: TorchTitan's Qwen3.5 decoder with titan_cp's CP layers, text only by default.
+
+    tokens [B, T] (this rank's shard under CP) -> tok_embeddings -> hybrid blocks
+      (3 x CPGatedDeltaNet : 1 x CPQwen35Attention, TorchTitan's layer plan) -> norm -> lm_head
+
+``positions`` (TorchTitan's per-document positions, sharded by the trainer
+under CP) drive both RoPE and document resets: a token with position 0
+starts a document. Without them each row is one sequence and RoPE uses the
+global token index of this rank's tokens (titan_cp.models.gdn.model.sequence_info).
+
+:func:`titan_cp_config` turns any TorchTitan ``Qwen35Model.Config`` (a
+``qwen3_5_configs`` flavor) into this model's config, swapping only the
+sequence-mixing modules; everything else (FFN / MoE, norms, embeddings, init)
+is TorchTitan's, so parameter names and the HF adapter are unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from torchtitan.models.common.decoder import Decoder
+from torchtitan.models.qwen3_5.model import Qwen35Model
+
+from titan_cp.cp.context import CPContext
+from titan_cp.errors import ConfigError
+from titan_cp.models.common.sequence import sequence_info
+from titan_cp.models.qwen3_5.layers import CPGatedDeltaNet, CPQwen35Attention, CPQwen35Block, RingAttention
+
+
+def _fields(config) -> dict:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+
+
+class Qwen35CPModel(Qwen35Model):
+    @dataclass(kw_only=True, slots=True)
+    class Config(Qwen35Model.Config):
+        vision_encoder: object = None  # built only with ``with_vision``
+        with_vision: bool = False
+        kernel: str = "torch"  # titan_cp.ops.gated_delta_rule.KERNEL_NAMES: the GDN layers' delta-rule kernel
+        # Context parallelism (the job's parallelism.cp_layout / cp_exchange).
+        cp_layout: str = "contiguous"
+        cp_exchange: str = "allgather"
+        doc_masking: bool = True  # reset state, conv and attention at positions == 0
+
+        def update_from_config(self, *, config, **kwargs) -> None:
+            """TorchTitan's RoPE / seq_len checks, then titan_cp's start-up checks (titan_cp.models.common.preflight)."""
+            from titan_cp.models.common.preflight import validate
+
+            Decoder.Config.update_from_config(self, config=config, **kwargs)
+            validate(config, check_runtime=False)
+
+        def check_job(self, config) -> None:
+            """This model's own start-up rules (titan_cp.models.common.preflight calls it; see qwen3_5/validate.py)."""
+            from titan_cp.models.qwen3_5.preflight import check_job
+
+            check_job(self, config)
+
+        def hf_config(self, **extra) -> dict:
+            """``config.json`` of transformers' ``Qwen3_5ForCausalLM`` for this shape (+ ``extra`` fields)."""
+            from titan_cp.models.qwen3_5.flavors import hf_text_config, shape_of
+
+            return {"architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text",
+                    **hf_text_config(shape_of(self)), **extra}
+
+        def get_nparams_and_flops(self, model, seq_len: int) -> tuple[int, int]:
+            return Qwen35Model.Config.get_nparams_and_flops(self, model, seq_len)
+
+    def __init__(self, config: Config):
+        Decoder.__init__(self, config)
+        self.vision_encoder = config.vision_encoder.build() if config.with_vision else None
+        self.spatial_merge_size = config.vision_encoder.spatial_merge_size if config.with_vision else None
+        for layer_id, block in self.layers.items():
+            block.attn.layer_name = f"layers.{layer_id}.attn"
+            if not block.full_attn:
+                block.attn.mixing_kernel = config.kernel
+        self.cp: CPContext | None = None  # set by apply_cp with every mixer's cp
+
+    def verify_module_protocol(self) -> None:
+        """Every submodule is a TorchTitan Module (titan_cp's layers subclass TorchTitan's)."""
+        Decoder.verify_module_protocol(self)
+
+    def forward(  # type: ignore[override]
+        self,
+        tokens: torch.Tensor,
+        *,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        grid_thw: torch.Tensor | None = None,
+        grid_thw_videos: torch.Tensor | None = None,
+        attention_masks=None,
+        positions: torch.Tensor | None = None,
+        mrope_positions: torch.Tensor | None = None,
+        special_tokens: dict[str, int] | None = None,
+    ) -> torch.Tensor:
+        """tokens [B, T] -> logits [B, T, vocab]. ``attention_masks`` is unused (documents come from positions)."""
+        has_vision = pixel_values is not None or pixel_values_videos is not None or mrope_positions is not None
+        if has_vision:
+            self._check_vision_allowed()
+            h = self._prepare_multimodal_embeds(
+                tokens, pixel_values=pixel_values, pixel_values_videos=pixel_values_videos,
+                grid_thw=grid_thw, grid_thw_videos=grid_thw_videos, special_tokens=special_tokens,
+            )
+        else:
+            h = self.tok_embeddings(tokens)
+        seq = sequence_info(tokens, positions, self.cp, self.config.doc_masking)
+        if mrope_positions is not None:
+            seq.positions = mrope_positions
+        for block in self.layers.values():
+            h = block(h, seq)
+        h = self.norm(h)
+        return h if self._skip_lm_head else self.lm_head(h)
+
+    def _check_vision_allowed(self) -> None:
+        if self.cp is not None and self.cp.size > 1:
+            raise ConfigError(
+                f"Qwen3.5 under context parallelism (parallelism.context_parallel_degree = {self.cp.size}) "
+                "is text only: image/video inputs would need their vision tokens scattered before the "
+                "sequence is sharded. Train on text-only data, or set context_parallel_degree = 1."
+            )
+        if self.vision_encoder is None:
+            raise ConfigError(
+                "this Qwen3.5 model was built text only (model.with_vision = false) but got image/video "
+                "inputs; set model.with_vision = true (and context_parallel_degree = 1) to train on them."
+            )
+
+
+def titan_cp_config(config: Qwen35Model.Config, **fields) -> Qwen35CPModel.Config:
+    """A TorchTitan Qwen3.5 config with titan_cp's CP layers (same shapes, inits and names).
+
+    ``fields``: :class:`Qwen35CPModel.Config` fields (kernel, cp_layout,
+    cp_exchange, doc_masking, with_vision).
+    """
+    layers = []
+    for layer in config.layers:
+        values = _fields(layer)
+        if layer.attention is not None:
+            attention = _fields(layer.attention) | {"inner_attention": RingAttention.Config()}
+            values["attention"] = CPQwen35Attention.Config(**attention)
+        if layer.delta_net is not None:
+            values["delta_net"] = CPGatedDeltaNet.Config(**_fields(layer.delta_net))
+        layers.append(CPQwen35Block.Config(**values))
+    return Qwen35CPModel.Config(**(_fields(config) | {"layers": layers} | fields))

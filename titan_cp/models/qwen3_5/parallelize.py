@@ -1,0 +1,99 @@
+"""parallelize_qwen3_5_cp: CP + TP + AC + compile + FSDP/HSDP for Qwen35CPModel.
+
+TP places every parameter where TorchTitan's ``qwen3_5/sharding.py`` does
+(heads sharded, nothing else), with torch's classic TP styles and without
+sequence parallelism (activations between blocks stay replicated over TP):
+
+    tok_embeddings            vocab-sharded (TorchTitan's Embedding: masked local lookup, then an
+                              all-reduce over TP)        lm_head  colwise, logits gathered
+    GatedDeltaNet  in_proj_q/k/v/z/a/b colwise (H/t key heads, Hv/t value heads)
+                   conv_q/k/v.weight, A_log, dt_bias  Shard(0)   out_proj rowwise
+                   norm (RMSNormGated, per head)  weight Replicate, runs on Shard(2) heads
+    attention      wq (query + gate per head), wk, wv colwise   wo rowwise
+                   q_norm / k_norm weight Replicate, run on Shard(2) heads
+    feed_forward   w1 / w3 colwise, w2 rowwise
+    block / final norms  weight Replicate on replicated activations
+
+Per-head norms take their local heads as a ``Shard(2)`` DTensor, so the
+gradient of their shared weight is summed over TP by DTensor itself.
+CP, AC, compile and FSDP / HSDP are titan_cp's shared
+:func:`~titan_cp.models.gdn.parallelize.parallelize_decoder` (every sequence mixer gets
+a CPContext; FSDP shards over ``fsdp`` = dp_shard x cp, HSDP adds
+``dp_replicate``, as TorchTitan's ``parallelize_qwen3_5``).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import Partial, Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInputOutput,
+    PrepareModuleOutput,
+    RowwiseParallel,
+    parallelize_module,
+)
+
+from titan_cp.models.common.parallelize import fsdp_mesh, parallelize_decoder, shard_param
+
+
+def _norm_on(placement, n_inputs: int = 1) -> PrepareModuleInputOutput:
+    """Run a norm on DTensor inputs of ``placement`` and hand back local tensors."""
+    layouts = (placement,) * n_inputs
+    return PrepareModuleInputOutput(
+        input_layouts=layouts, desired_input_layouts=layouts,
+        output_layouts=placement, desired_output_layouts=placement, use_local_output=True,
+    )
+
+
+def _replicated_norm(norm: nn.Module, tp_mesh: DeviceMesh, placement, n_inputs: int = 1) -> None:
+    shard_param(norm, "weight", tp_mesh, Replicate())
+    parallelize_module(norm, tp_mesh, _norm_on(placement, n_inputs))
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
+    """The TP layout of the module docstring."""
+    embeddings = model.tok_embeddings
+    shard_param(embeddings, "weight", tp_mesh, Shard(0))
+    embeddings.tp_group = tp_mesh.get_group()  # its vocab-parallel forward
+    parallelize_module(embeddings, tp_mesh, PrepareModuleOutput(
+        output_layouts=Partial(), desired_output_layouts=Replicate(), use_local_output=True))
+    parallelize_module(model, tp_mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
+    for block in model.layers.values():
+        mixer = block.attn
+        if block.full_attn:
+            plan = {name: ColwiseParallel() for name in ("wq", "wk", "wv")} | {"wo": RowwiseParallel()}
+            for norm in (mixer.q_norm, mixer.k_norm):
+                _replicated_norm(norm, tp_mesh, Shard(2))
+        else:
+            names = ("in_proj_q", "in_proj_k", "in_proj_v", "in_proj_z", "in_proj_a", "in_proj_b")
+            plan = {name: ColwiseParallel() for name in names} | {"out_proj": RowwiseParallel()}
+            for conv in (mixer.conv_q, mixer.conv_k, mixer.conv_v):
+                shard_param(conv, "weight", tp_mesh, Shard(0))
+            for name in ("A_log", "dt_bias"):
+                shard_param(mixer, name, tp_mesh, Shard(0))
+            _replicated_norm(mixer.norm, tp_mesh, Shard(2), n_inputs=2)
+        parallelize_module(mixer, tp_mesh, plan)
+        parallelize_module(block.feed_forward, tp_mesh,
+                           {"w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel()})
+        for norm in (block.attention_norm, block.ffn_norm):
+            _replicated_norm(norm, tp_mesh, Replicate())
+    _replicated_norm(model.norm, tp_mesh, Replicate())
+
+
+def parallelize_qwen3_5_cp(model: nn.Module, *, parallel_dims, training, parallelism, **kwargs):
+    """TorchTitan's ``parallelize_fn`` for Qwen35CPModel (see the module docstring)."""
+    if model.vision_encoder is not None:  # with_vision (CP 1 only): its own FSDP unit, as TorchTitan's
+        from torchtitan.config import TORCH_DTYPE_MAP
+        from torchtitan.distributed.fsdp import apply_fsdp_to_vision_encoder
+
+        apply_fsdp_to_vision_encoder(
+            model.vision_encoder, fsdp_mesh(parallel_dims),
+            param_dtype=TORCH_DTYPE_MAP[training.mixed_precision_param],
+            reduce_dtype=TORCH_DTYPE_MAP[training.mixed_precision_reduce],
+            reshard_after_forward_policy=parallelism.fsdp_reshard_after_forward,
+            pp_enabled=parallel_dims.pp_enabled,
+        )
+    return parallelize_decoder(model, apply_tp_fn=apply_tp, parallel_dims=parallel_dims, training=training,
+                               parallelism=parallelism, **kwargs)

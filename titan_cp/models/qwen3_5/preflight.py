@@ -1,0 +1,81 @@
+"""Qwen3.5's own start-up checks; titan_cp.models.common.preflight runs them with the shared ones.
+
+The shared rules (degrees, kernel / exchange / layout names, load balancer,
+seq_len, paths) live in :mod:`titan_cp.models.common.preflight`; it calls
+``Qwen35CPModel.Config.check_job`` (:func:`check_job` here) for what only
+this model knows: its head counts, text only under CP, MoE limits and the
+HF checkpoint's ``config.json``. Every message names the field and a fix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from titan_cp.errors import ConfigError
+
+
+def check_layout(model, parallelism) -> None:
+    """Heads divisible by TP (GDN heads by TP x CP for alltoall); text only under CP."""
+    from titan_cp.models.qwen3_5.flavors import shape_of
+
+    tp, cp = parallelism.tensor_parallel_degree, parallelism.context_parallel_degree
+    shape = shape_of(model)
+    heads = {"linear_num_key_heads": shape.n_key_heads, "linear_num_value_heads": shape.n_value_heads,
+             "num_attention_heads": shape.n_heads, "num_key_value_heads": shape.n_kv_heads}
+    for name, count in heads.items():
+        if count % tp:
+            raise ConfigError(
+                f"parallelism.tensor_parallel_degree = {tp} does not divide the model's {name} = {count}; "
+                f"TP shards heads, so pick a TP degree that divides {count}."
+            )
+        if model.cp_exchange == "alltoall" and cp > 1 and name.startswith("linear") and count % (tp * cp):
+            raise ConfigError(
+                f"parallelism.cp_exchange = 'alltoall' needs TP x CP = {tp * cp} to divide {name} = {count}; "
+                "use cp_exchange = 'allgather' or 'logscan'."
+            )
+    if cp > 1 and model.with_vision:
+        raise ConfigError(
+            f"parallelism.context_parallel_degree = {cp} with model.with_vision = true: Qwen3.5 under CP "
+            "is text only (vision tokens would need scattering before the sequence is sharded). "
+            "Set model.with_vision = false, or context_parallel_degree = 1."
+        )
+
+
+def check_moe(model, parallelism) -> None:
+    """MoE flavors run TorchTitan's MoE token-locally (CP composes); TP / EP of the experts is not wired here."""
+    if not any(getattr(layer, "moe", None) is not None for layer in model.layers):
+        return
+    for field in ("tensor_parallel_degree", "expert_parallel_degree"):
+        if getattr(parallelism, field) > 1:
+            raise ConfigError(
+                f"parallelism.{field} = {getattr(parallelism, field)} with a Qwen3.5 MoE flavor: titan_cp runs "
+                f"TorchTitan's MoE without tensor / expert parallelism; set {field} = 1 (use FSDP x CP)."
+            )
+
+
+def check_hf_checkpoint(model, path: str) -> None:
+    """The checkpoint's ``config.json`` (if any) must describe the flavor's shape; else name the field."""
+    from titan_cp.models.qwen3_5.flavors import shape_differences, shape_of
+
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return
+    with open(config_path) as f:
+        hf_config = json.load(f)
+    diffs = shape_differences(shape_of(model), hf_config)
+    if diffs:
+        raise ConfigError(
+            f"checkpoint.initial_load_path = {path!r} does not match model.flavor: "
+            + "; ".join(diffs)
+            + ". Pick the flavor of this checkpoint (or the shape overrides that match it)."
+        )
+
+
+def check_job(model, config) -> None:
+    """Everything above against a TorchTitan ``Trainer.Config`` (no process group needed)."""
+    check_layout(model, config.parallelism)
+    check_moe(model, config.parallelism)
+    checkpoint = config.checkpoint
+    if checkpoint.initial_load_path and checkpoint.initial_load_in_hf:
+        check_hf_checkpoint(model, checkpoint.initial_load_path)
