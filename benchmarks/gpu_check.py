@@ -42,8 +42,8 @@ Sections (``--sections``, default all three):
 The report (``--out``) is JSON; a summary is printed. Exit status: 0 when every
 parity and CP check passes (measurements only report their targets), 1 when a
 check fails, 2 when a section raised. CPU runs (``--device cpu --kernel torch
---quick``) exercise everything except FLA; tests/test_gpu_check.py does that.
-The parity and cp sections are also pytest tests (``pytest -m gpu tests/test_gpu.py``).
+--quick``) exercise everything except FLA; tests/unit/test_gpu_check.py does that.
+The parity and cp sections are also pytest tests (``pytest -m gpu tests/unit/test_gpu.py``).
 Shared helpers: benchmarks/gpu_common.py.
 """
 

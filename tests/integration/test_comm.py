@@ -1,7 +1,7 @@
 """cp/comm.py's backends: host staging gives bit-identical results and the same byte counts.
 
 HostStagedComm is what a gloo group with CUDA tensors uses (several CP ranks
-sharing one GPU in tests/test_gpu.py and benchmarks/gpu_check.py). On CPU its
+sharing one GPU in tests/unit/test_gpu.py and benchmarks/gpu_check.py). On CPU its
 code path (copy to host, collective, copy back) runs the same way, so two
 gloo ranks check it here against plain torch.distributed: every strategy of
 the GDN layer (halo + state exchange or all-to-all) and ring attention,

@@ -138,7 +138,7 @@ def test_vision_under_cp_and_moe_with_tp_are_refused():
     with pytest.raises(ConfigError, match="text only"):
         check_layout(vision, parallelism)
     moe = model_spec("debugmodel_moe").model
-    check_moe(moe, parallelism)  # token-local: CP composes (tests/test_qwen3_5_cp.py)
+    check_moe(moe, parallelism)  # token-local: CP composes (tests/integration/test_qwen3_5_cp.py)
     for field in ("tensor_parallel_degree", "expert_parallel_degree"):
         with pytest.raises(ConfigError, match=f"parallelism.{field} = 2 with a Qwen3.5 MoE"):
             check_moe(moe, ParallelismConfig(**{field: 2}))

@@ -6,7 +6,7 @@ depend on the data-parallel degree, fp32) and one initialisation: a seed
 checkpoint made once on one rank and loaded by every run
 (``checkpoint.initial_load_path``), which exercises TorchTitan's seed-checkpoint
 path. (Fresh runs with the same seed start from the same weights on every
-layout too: ``tests/test_layouts.py``.)
+layout too: ``tests/integration/test_layouts.py``.)
 
 Runs are module-scoped and shared between assertions; the 8-rank layout is
 ``@pytest.mark.slow``.

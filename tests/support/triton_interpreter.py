@@ -1,6 +1,6 @@
 """FLA's Triton kernels on CPU through Triton's interpreter: a test-only shim.
 
-tests/test_triton_kernel.py and tests/test_gpu_check.py run FLA 0.6.0's real
+tests/unit/test_triton_kernel.py and tests/unit/test_gpu_check.py run FLA 0.6.0's real
 ``chunk_gated_delta_rule`` under ``TRITON_INTERPRET=1`` in a subprocess
 (tiny shapes): :func:`install_interpreter_shim` patches two Triton internals
 for that; :func:`fla_gated_delta_rule_anywhere` is titan_cp's Triton kernel without the
@@ -19,7 +19,7 @@ from titan_cp.ops.gated_delta_rule.triton import fla_varlen, gated_delta_rule_vi
 def install_interpreter_shim() -> None:
     """Make FLA 0.6.0's chunk_gated_delta_rule run under ``TRITON_INTERPRET=1`` on CPU (tiny shapes).
 
-    For tests (tests/test_triton_kernel.py runs it in a subprocess); never
+    For tests (tests/unit/test_triton_kernel.py runs it in a subprocess); never
     needed on a GPU. Call it before anything imports FLA, in a process whose
     environment has ``TRITON_INTERPRET=1`` (set here if it is not): Triton
     picks the interpreter when FLA's kernels are decorated at import. Two

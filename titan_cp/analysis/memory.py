@@ -33,7 +33,7 @@ name; ``calibration={"name": factor}`` scales it, so measured peaks can be
 fitted term by term (``activation_scale`` scales them all). The default counts
 are what autograd saves for the model written in plain PyTorch ops (checked
 with ``torch.autograd.graph.saved_tensors_hooks`` on a small block; see
-tests/test_estimator.py for the hand counts):
+tests/integration/test_estimator.py for the hand counts):
 
 =================  ======================  ==========================================
 term               elements / token        what is saved

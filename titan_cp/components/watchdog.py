@@ -20,7 +20,7 @@ singles out ranks whose whole process stopped or died. Pick ``silence_s``
 below ``comm.train_timeout_seconds`` so the name is printed before the
 collectives fail (titan_cp's default: 60 s vs TorchTitan's 100 s).
 
-Tested in ``tests/test_watchdog.py`` (2 ranks, one SIGSTOPs itself). Checked
+Tested in ``tests/integration/test_watchdog.py`` (2 ranks, one SIGSTOPs itself). Checked
 by hand with the trainer: ``torchrun --nproc_per_node=2 train.py
 --job.config_file train_configs/cp2.toml --training.steps 200
 --comm.train_timeout_seconds 30 --metrics.watchdog_silence_seconds 10``, then

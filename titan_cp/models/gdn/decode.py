@@ -21,7 +21,7 @@ Softmax attention layer (hybrid models; a KV cache)
 
 Everything else in a block is token-local, so running the blocks over the new
 tokens with these caches gives exactly the logits of a full forward over all
-P+T tokens (tests/test_decode.py checks every step, fp32). One document per
+P+T tokens (tests/unit/test_decode.py checks every step, fp32). One document per
 row (no packing), no CP: decoding runs on one process.
 """
 

@@ -24,7 +24,7 @@ The conversion is pure PyTorch (:func:`varlen_layout`,
 :func:`segment_initial_states`, :func:`row_final_states`) and the whole
 wrapper (:func:`gated_delta_rule_via_varlen`) takes the varlen op as an
 argument, so CPU tests run it with a recurrent stand-in for FLA's kernel
-(tests/test_triton_kernel.py). Gradients (q, k, v, g, beta, initial_state)
+(tests/unit/test_triton_kernel.py). Gradients (q, k, v, g, beta, initial_state)
 flow through FLA's backward and the index ops here by autograd.
 
 Flags passed to FLA: ``use_qk_l2norm_in_kernel=False`` (our layer normalises q
@@ -43,7 +43,7 @@ forces IEEE only on older GPUs, and its UT-transform solve asks for TF32
 explicitly); ``TRITON_F32_DEFAULT=ieee`` gives full fp32 dots.
 
 CPU testing: tests/support/triton_interpreter.py makes FLA's real kernels run under
-``TRITON_INTERPRET=1`` (tiny shapes; tests/test_triton_kernel.py).
+``TRITON_INTERPRET=1`` (tiny shapes; tests/unit/test_triton_kernel.py).
 
 Other FLA switches worth knowing on a GPU machine: FLA dispatches
 ``chunk_gated_delta_rule`` to the FlashQLA backend when the ``flash_qla``

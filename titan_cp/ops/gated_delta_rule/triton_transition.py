@@ -38,7 +38,7 @@ the backward the row's final-state gradient goes to its last varlen segment and 
 start's gradient comes from its first.
 
 The FLA calls are one :class:`VarlenSegmentOps` value, so CPU tests run the same
-plumbing with a recurrent stand-in (tests/test_triton_kernel.py), and FLA's real
+plumbing with a recurrent stand-in (tests/unit/test_triton_kernel.py), and FLA's real
 kernels under the Triton interpreter against the ``torch`` segment kernel.
 """
 
