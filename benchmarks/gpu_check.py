@@ -277,7 +277,7 @@ def cp_seq_len(args) -> int:
 def _cp_rank(rank, P, device, kernel, layout, exchange, jobs, T):
     """One CP rank (gloo; ranks share one GPU): loss and gradients of every job, summed on rank 0."""
     from titan_cp.cp.context import CPContext
-    from titan_cp.cp.layout import shard_sequence
+    from titan_cp.cp.layout import rank_segments
     from titan_cp.models.common.parallelize import apply_cp
 
     if torch.device(device).type == "cuda":
@@ -288,7 +288,7 @@ def _cp_rank(rank, P, device, kernel, layout, exchange, jobs, T):
         apply_cp(model, CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange))
         B = 2
         inputs, labels, positions = cp_batch(model.config.vocab_size, B, T, seed=1)
-        shard = lambda t: shard_sequence(t, 1, rank, P, layout).to(device)  # noqa: E731
+        shard = lambda t: rank_segments(t, 1, rank, P, layout).to(device)  # noqa: E731
         loss, grads = loss_and_grads(model, shard(inputs), shard(labels), shard(positions), B * T)
         names = list(grads)
         flat = torch.cat([loss.float().view(1).to(device)] + [grads[n].flatten() for n in names]).cpu()

@@ -105,13 +105,13 @@ def build_model(args: ModelArgs, device: torch.device, cp_group=None, seed: int 
 
 def make_batch(vocab: int, L: int, batch: int, rank: int, P: int, layout: str, device, seed: int = 1):
     """(inputs, labels) of this rank: its shard of a random global batch, as separate storages."""
-    from titan_cp.cp.layout import shard_sequence
+    from titan_cp.cp.layout import rank_segments
 
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (batch, L + 1), generator=g)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     if P > 1:
-        inputs, labels = (shard_sequence(t, 1, rank, P, layout) for t in (inputs, labels))
+        inputs, labels = (rank_segments(t, 1, rank, P, layout) for t in (inputs, labels))
     return inputs.contiguous().to(device), labels.contiguous().to(device)
 
 

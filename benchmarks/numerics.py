@@ -152,7 +152,7 @@ def run_cp(a) -> int:
 
 def _run_cp(a, rank: int, P: int, device: torch.device) -> int:
     from titan_cp.cp.context import CPContext
-    from titan_cp.cp.layout import check_divisible, shard_sequence, unshard_sequence
+    from titan_cp.cp.layout import check_divisible, rank_segments, unshard_sequence
     from titan_cp.models.common.parallelize import apply_cp
 
     ref = torch.load(a.ref, map_location="cpu", weights_only=False)
@@ -174,7 +174,7 @@ def _run_cp(a, rank: int, P: int, device: torch.device) -> int:
     def shard(t):
         if t is None:
             return None
-        return (shard_sequence(t, 1, rank, P, a.layout) if P > 1 else t).contiguous().to(device)
+        return (rank_segments(t, 1, rank, P, a.layout) if P > 1 else t).contiguous().to(device)
 
     inputs, labels, positions = shard(ref["inputs"]), shard(ref["labels"]), shard(ref["positions"])
     logits = model(inputs, positions)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from titan_cp.cp.comm import DistComm, HostStagedComm, comm_stats, use_backend
 from titan_cp.cp.context import CPContext
-from titan_cp.cp.layout import shard_sequence
+from titan_cp.cp.layout import rank_segments
 from titan_cp.cp.ring_attention import ring_attention
 from titan_cp.models.common.sequence import SequenceInfo
 from titan_cp.models.gdn.layers import GatedDeltaNet
@@ -34,8 +34,8 @@ def _run_everything(rank: int, P: int) -> tuple[list[torch.Tensor], dict]:
     comm_stats.reset()
     for layout, exchange in (("zigzag", "allgather"), ("contiguous", "logscan"), ("contiguous", "alltoall")):
         layer.cp = CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange)
-        x = shard_sequence(x_full, 1, rank, P, layout).requires_grad_()
-        y = layer(x, SequenceInfo(doc_starts=shard_sequence(starts, 1, rank, P, layout)))
+        x = rank_segments(x_full, 1, rank, P, layout).requires_grad_()
+        y = layer(x, SequenceInfo(doc_starts=rank_segments(starts, 1, rank, P, layout)))
         (y * torch.arange(y.numel()).view_as(y)).sum().backward()
         out += [y.detach(), x.grad, layer.q_conv1d.weight.grad.clone()]
         layer.zero_grad()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from titan_cp.testing import RankFailure, rel_err, run_on_ranks
 from titan_cp.cp.context import CPContext
-from titan_cp.cp.layout import shard_sequence
+from titan_cp.cp.layout import rank_segments
 from titan_cp.cp.comm import comm_stats
 from titan_cp.models.gdn import model_config
 from titan_cp.models.common.parallelize import apply_cp
@@ -59,7 +59,7 @@ def layer_errors(rank, P, kernel, exchange, layout, T, docs, B=2) -> dict[str, f
     layer.zero_grad()
 
     layer.cp = CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange)
-    shard = lambda t: None if t is None else shard_sequence(t, 1, rank, P, layout)  # noqa: E731
+    shard = lambda t: None if t is None else rank_segments(t, 1, rank, P, layout)  # noqa: E731
     x_local = shard(x).clone().requires_grad_()
     y_local = layer(x_local, SequenceInfo(shard(starts)))
     (y_local * shard(weight)).sum().backward()
@@ -123,7 +123,7 @@ def _model_rank(rank, P, layout, exchange):
 
     cp = CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange)
     apply_cp(model, cp)
-    shard = lambda t: shard_sequence(t, 1, rank, P, layout)  # noqa: E731
+    shard = lambda t: rank_segments(t, 1, rank, P, layout)  # noqa: E731
     logits = model(shard(inputs), shard(positions))
     loss_sum = F.cross_entropy(logits.flatten(0, 1), shard(labels).flatten(), reduction="sum")
     (loss_sum / (B * T)).backward()
@@ -150,7 +150,7 @@ def _bytes_rank(rank, P, lengths):
     for T in lengths:
         layer = make_layer("torch", 2)
         layer.cp = CPContext(group=dist.group.WORLD, layout="contiguous", exchange="allgather")
-        x = shard_sequence(torch.randn(1, T, 24), 1, rank, P, "contiguous").requires_grad_()
+        x = rank_segments(torch.randn(1, T, 24), 1, rank, P, "contiguous").requires_grad_()
         comm_stats.reset()
         layer(x, SequenceInfo()).sum().backward()
         out[T] = {kind: (r.bytes_sent, r.bytes_received) for (_, kind), r in comm_stats.records.items()}
@@ -182,7 +182,7 @@ def test_mismatched_dtypes_across_ranks_fail_on_every_rank():
 
 def test_sequence_not_divisible_by_cp_is_rejected():
     with pytest.raises(ValueError, match="training.seq_len|not divisible"):
-        shard_sequence(torch.zeros(1, 10), 1, 0, 3, "contiguous")
+        rank_segments(torch.zeros(1, 10), 1, 0, 3, "contiguous")
     with pytest.raises(ValueError, match="parallelism.cp_exchange = 'logscan' needs"):
         CPContext(group=None, layout="zigzag", exchange="logscan")
     with pytest.raises(ValueError, match="Did you mean 'allgather'"):

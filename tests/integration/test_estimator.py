@@ -274,7 +274,7 @@ def _model_saved_bytes(rank: int, P: int, overrides: dict, T: int) -> tuple[int,
     import torch.distributed as dist
 
     from titan_cp.cp.context import CPContext
-    from titan_cp.cp.layout import shard_sequence
+    from titan_cp.cp.layout import rank_segments
     from titan_cp.models.gdn import model_config
     from titan_cp.models.common.parallelize import apply_cp
 
@@ -284,7 +284,7 @@ def _model_saved_bytes(rank: int, P: int, overrides: dict, T: int) -> tuple[int,
     apply_cp(model, CPContext(group=dist.group.WORLD) if P > 1 else None)
     tokens = torch.randint(0, overrides["vocab_size"], (1, T))
     if P > 1:
-        tokens = shard_sequence(tokens, 1, rank, P, "contiguous")
+        tokens = rank_segments(tokens, 1, rank, P, "contiguous")
     tokens = tokens.contiguous()
     with _saved_storages(model) as seen:
         seq = model.sequence_info(tokens, None)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from titan_cp.testing import run_on_ranks
 from tests.integration.test_cp import FP32_REL, layer_errors, make_layer
 from titan_cp.cp.context import CPContext
-from titan_cp.cp.layout import shard_sequence
+from titan_cp.cp.layout import rank_segments
 from titan_cp.cp.comm import comm_stats
 from titan_cp.models.common.sequence import SequenceInfo
 
@@ -24,7 +24,7 @@ from titan_cp.models.common.sequence import SequenceInfo
 def received_per_layer(rank, P, exchange, T, heads):
     layer = make_layer("torch", heads)
     layer.cp = CPContext(group=dist.group.WORLD, exchange=exchange)
-    x = shard_sequence(torch.randn(1, T, 24), 1, rank, P, "contiguous").requires_grad_()
+    x = rank_segments(torch.randn(1, T, 24), 1, rank, P, "contiguous").requires_grad_()
     comm_stats.reset()
     layer(x, SequenceInfo()).sum().backward()
     fwd_kinds = ("state_fwd",) if exchange != "alltoall" else ("alltoall_in_fwd", "alltoall_out_fwd")

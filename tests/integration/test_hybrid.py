@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from titan_cp.testing import rel_err, run_on_ranks
 
 from titan_cp.cp.context import CPContext
-from titan_cp.cp.layout import shard_sequence
+from titan_cp.cp.layout import rank_segments
 from titan_cp.cp.comm import comm_stats
 from titan_cp.models.gdn import model_config
 from titan_cp.models.common.parallelize import apply_cp
@@ -68,7 +68,7 @@ def _hybrid_case(rank: int, P: int, layout: str, exchange: str, packed: bool) ->
 
     cp = CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange)
     apply_cp(model, cp)
-    shard = lambda t: None if t is None else shard_sequence(t, 1, rank, P, layout)
+    shard = lambda t: None if t is None else rank_segments(t, 1, rank, P, layout)
     comm_stats.reset()
     logits = model(shard(inputs), shard(positions))
     loss_sum = F.cross_entropy(logits.flatten(0, 1), shard(labels).flatten(), reduction="sum")
@@ -92,8 +92,8 @@ def _layer_without_positions(rank: int, P: int, layout: str) -> dict[str, float]
     x = torch.randn(2, 4 * P, 32)
     y_ref = layer(x, SequenceInfo()).detach()
     layer.cp = CPContext(group=dist.group.WORLD, layout=layout)
-    y = layer(shard_sequence(x, 1, rank, P, layout), SequenceInfo()).detach()
-    return {"out": rel_err(y, shard_sequence(y_ref, 1, rank, P, layout))}
+    y = layer(rank_segments(x, 1, rank, P, layout), SequenceInfo()).detach()
+    return {"out": rel_err(y, rank_segments(y_ref, 1, rank, P, layout))}
 
 
 def _hybrid_rank(rank, P, cases):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from titan_cp.testing import rel_err, run_on_ranks
 from titan_cp.cp.context import CPContext
-from titan_cp.cp.layout import num_segments, shard_sequence
+from titan_cp.cp.layout import num_segments, rank_segments
 from titan_cp.models.gdn import model_config
 from titan_cp.models.common.parallelize import apply_cp
 
@@ -70,7 +70,7 @@ def errors_vs_documents_alone(rank: int, P: int, exchange: str, layout: str) -> 
 
     cp = CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange) if P > 1 else None
     apply_cp(model, cp)
-    shard = lambda t: shard_sequence(t, 1, rank, P, layout)  # noqa: E731
+    shard = lambda t: rank_segments(t, 1, rank, P, layout)  # noqa: E731
     logits = model(shard(tokens), shard(positions))
     loss = F.cross_entropy(logits.flatten(0, 1), shard(labels).flatten(), reduction="sum")
     (loss / labels.numel()).backward()

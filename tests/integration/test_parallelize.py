@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from titan_cp.testing import load_full_state, RankFailure, rel_err, run_on_ranks
-from titan_cp.cp.layout import shard_sequence
+from titan_cp.cp.layout import rank_segments
 from titan_cp.models.gdn import model_config
 from titan_cp.models.common.parallelize import apply_cp
 from titan_cp.models.gdn.parallelize import parallelize_gdn
@@ -64,7 +64,7 @@ def _run(rank, world, dp, cp, tp, flavor_overrides, layout, exchange):
     dp_rank = dims.get_mesh("batch").get_local_rank() if dp > 1 else 0
     cp_rank = dims.get_mesh("cp").get_local_rank() if cp > 1 else 0
     rows = slice(dp_rank * 2, dp_rank * 2 + 2)
-    shard = lambda t: shard_sequence(t[rows], 1, cp_rank, cp, layout)  # noqa: E731
+    shard = lambda t: rank_segments(t[rows], 1, cp_rank, cp, layout)  # noqa: E731
     logits = model(shard(inputs), shard(positions))
     loss_sum = F.cross_entropy(logits.flatten(0, 1), shard(labels).flatten(), reduction="sum")
     (loss_sum / (B * T)).backward()
@@ -126,8 +126,8 @@ def _compiled(rank, world):
     model.init_weights()
     apply_cp(model, CPContext(group=dist.group.WORLD))
     tokens = torch.randint(0, 2048, (2, 33))
-    inputs, labels = shard_sequence(tokens[:, :-1], 1, rank, world, "contiguous"), tokens[:, 1:]
-    labels = shard_sequence(labels, 1, rank, world, "contiguous")
+    inputs, labels = rank_segments(tokens[:, :-1], 1, rank, world, "contiguous"), tokens[:, 1:]
+    labels = rank_segments(labels, 1, rank, world, "contiguous")
     eager = F.cross_entropy(model(inputs).flatten(0, 1), labels.flatten())
     eager.backward()
     eager_grads = [p.grad.clone() for p in model.parameters()]

@@ -55,7 +55,7 @@ def _cp_errors(rank: int, P: int, dtype: torch.dtype) -> dict:
     float64 runs TorchTitan's own init (see tiny_model), float32 FLA's decay init.
     """
     from titan_cp.cp.context import CPContext
-    from titan_cp.cp.layout import shard_sequence
+    from titan_cp.cp.layout import rank_segments
     from titan_cp.models.common.parallelize import apply_cp
 
     model = tiny_model(fla_decay=dtype == torch.float32, dtype=dtype)
@@ -66,7 +66,7 @@ def _cp_errors(rank: int, P: int, dtype: torch.dtype) -> dict:
         ref_loss, ref_grads = _reference(model, inputs, labels, positions)
         for exchange, layout in _cp_cases(P):
             apply_cp(model, CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange))
-            shard = lambda t: None if t is None else shard_sequence(t, 1, rank, P, layout)  # noqa: E731
+            shard = lambda t: None if t is None else rank_segments(t, 1, rank, P, layout)  # noqa: E731
             model.zero_grad()
             logits = model(shard(inputs), positions=shard(positions))
             loss_sum = F.cross_entropy(logits.flatten(0, 1), shard(labels).flatten(), reduction="sum")
@@ -95,7 +95,7 @@ def _mesh_errors(rank: int, world: int, dp_replicate: int, dp_shard: int, cp: in
     from torchtitan.distributed import ParallelDims
 
     from titan_cp.components import compat
-    from titan_cp.cp.layout import shard_sequence
+    from titan_cp.cp.layout import rank_segments
     from titan_cp.models.qwen3_5.parallelize import parallelize_qwen3_5_cp
     from tests.support.qwen35_common import tiny_config
 
@@ -122,7 +122,7 @@ def _mesh_errors(rank: int, world: int, dp_replicate: int, dp_shard: int, cp: in
     dp_rank = dims.get_mesh("batch").get_local_rank() if dp > 1 else 0
     cp_rank = dims.get_mesh("cp").get_local_rank() if cp > 1 else 0
     rows = slice(dp_rank * 2, dp_rank * 2 + 2)
-    shard = lambda t: shard_sequence(t[rows], 1, cp_rank, cp, layout)  # noqa: E731
+    shard = lambda t: rank_segments(t[rows], 1, cp_rank, cp, layout)  # noqa: E731
     logits = model(shard(inputs), positions=shard(positions))
     loss_sum = F.cross_entropy(logits.flatten(0, 1), shard(labels).flatten(), reduction="sum")
     (loss_sum / (B * T)).backward()
@@ -154,7 +154,7 @@ def _moe_errors(rank: int, P: int) -> dict:
     token's forward is the same bf16 arithmetic either way) at FP32_REL.
     """
     from titan_cp.cp.context import CPContext
-    from titan_cp.cp.layout import shard_sequence
+    from titan_cp.cp.layout import rank_segments
     from titan_cp.models.common.parallelize import apply_cp
     from titan_cp.models.qwen3_5.config_registry import model_spec
 
@@ -166,7 +166,7 @@ def _moe_errors(rank: int, P: int) -> dict:
     B, T = inputs.shape
     ref_loss, ref_grads = _reference(model, inputs, labels, positions)
     apply_cp(model, CPContext(group=dist.group.WORLD, layout="zigzag"))
-    shard = lambda t: shard_sequence(t, 1, rank, P, "zigzag")  # noqa: E731
+    shard = lambda t: rank_segments(t, 1, rank, P, "zigzag")  # noqa: E731
     model.zero_grad()
     loss_sum = F.cross_entropy(model(shard(inputs), positions=shard(positions)).flatten(0, 1),
                                shard(labels).flatten(), reduction="sum")

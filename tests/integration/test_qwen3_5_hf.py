@@ -65,12 +65,12 @@ def _load_hf_into(model, path) -> None:
 
 def _cp2(rank: int, world: int, titan_dir, hf_dir) -> dict:
     from titan_cp.cp.context import CPContext
-    from titan_cp.cp.layout import shard_sequence
+    from titan_cp.cp.layout import rank_segments
     from titan_cp.models.common.parallelize import apply_cp
 
     tokens = _batch()
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    shard = lambda t: shard_sequence(t, 1, rank, world, "zigzag")  # noqa: E731
+    shard = lambda t: rank_segments(t, 1, rank, world, "zigzag")  # noqa: E731
     out = {}
 
     model = tiny_config(cp_layout="zigzag").build()

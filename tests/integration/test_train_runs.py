@@ -123,7 +123,7 @@ def test_trainer_sharding_matches_layout(world):
     from torch.testing._internal.distributed.fake_pg import FakeStore
     from torchtitan.distributed.context_parallel import prepare_context_parallel_input
 
-    from titan_cp.cp.layout import shard_sequence
+    from titan_cp.cp.layout import rank_segments
 
     L = 8 * world
     tokens = torch.arange(2 * L).reshape(2, L)
@@ -138,10 +138,10 @@ def test_trainer_sharding_matches_layout(world):
                     tokens.clone(), tokens.clone() + 1000, {"positions": positions.clone()},
                     mesh, torch.device("cpu"), balancer,
                 )
-                want = shard_sequence(tokens, 1, rank, world, layout)
+                want = rank_segments(tokens, 1, rank, world, layout)
                 assert torch.equal(inputs, want), (layout, rank, inputs, want)
                 assert torch.equal(labels, want + 1000)
-                assert torch.equal(extra["positions"], shard_sequence(positions, 1, rank, world, layout))
+                assert torch.equal(extra["positions"], rank_segments(positions, 1, rank, world, layout))
         finally:
             dist.destroy_process_group()
 

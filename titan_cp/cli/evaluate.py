@@ -48,7 +48,7 @@ def packed_rows(text_path: str, tokenizer, seq_len: int, max_rows: int | None):
 @torch.no_grad()
 def evaluate_rows(model, rows, *, batch_size: int = 1, cp=None) -> tuple[float, int]:
     """(sum of token cross-entropies, number of tokens) over ``rows``; under CP each rank its shard."""
-    from titan_cp.cp.layout import shard_sequence
+    from titan_cp.cp.layout import rank_segments
 
     nll_sum = torch.zeros((), dtype=torch.float64)
     n_tokens = 0
@@ -58,7 +58,7 @@ def evaluate_rows(model, rows, *, batch_size: int = 1, cp=None) -> tuple[float, 
         nonlocal nll_sum, n_tokens
         tokens, positions, labels = (torch.stack(t) for t in zip(*batch))
         if cp is not None and cp.size > 1:
-            tokens, positions, labels = (shard_sequence(t, 1, cp.rank, cp.size, cp.layout)
+            tokens, positions, labels = (rank_segments(t, 1, cp.rank, cp.size, cp.layout)
                                          for t in (tokens, positions, labels))
         logits = model(tokens, positions=positions)
         nll_sum += F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum").double()

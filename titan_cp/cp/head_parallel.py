@@ -21,7 +21,7 @@ import torch
 
 from titan_cp.cp.comm import AllToAll, all_gather_list
 from titan_cp.cp.context import CPContext
-from titan_cp.cp.layout import reassemble, shard_sequence
+from titan_cp.cp.layout import reassemble, rank_segments
 from titan_cp.ops.gated_delta_rule.mixing import GDNMixingInputs, mix_local
 
 
@@ -39,7 +39,7 @@ def _seq_to_heads(tensors: list[torch.Tensor], cp: CPContext, layer_name: str) -
 def _heads_to_seq(o_BLC: torch.Tensor, cp: CPContext, layer_name: str) -> torch.Tensor:
     """[B, L, C / P] of this rank's head group -> [B, T_local, C] of all heads."""
     P = cp.size
-    shards = torch.stack([shard_sequence(o_BLC, 1, r, P, cp.layout) for r in range(P)])  # [P dest, B, T, w]
+    shards = torch.stack([rank_segments(o_BLC, 1, r, P, cp.layout) for r in range(P)])  # [P dest, B, T, w]
     received = AllToAll.apply(shards, cp, layer_name, "alltoall_out")  # [P head group, B, T, w]
     return received.permute(1, 2, 0, 3).flatten(2)
 

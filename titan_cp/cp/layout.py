@@ -58,7 +58,7 @@ def check_divisible(seq_len: int, cp_size: int, layout: str, field: str = "train
     return seq_len // n
 
 
-def shard_sequence(x: torch.Tensor, dim: int, rank: int, cp_size: int, layout: str) -> torch.Tensor:
+def rank_segments(x: torch.Tensor, dim: int, rank: int, cp_size: int, layout: str) -> torch.Tensor:
     """The part of a full sequence tensor that ``rank`` holds (segments concatenated)."""
     seg_len = check_divisible(x.shape[dim], cp_size, layout, field=f"sequence dim {dim} of a tensor")
     pieces = [x.narrow(dim, s * seg_len, seg_len) for s in segments_of_rank(rank, cp_size, layout)]
@@ -71,7 +71,7 @@ def unshard_sequence(local: torch.Tensor, dim: int, group: dist.ProcessGroup | N
 
 
 def reassemble(parts: list[torch.Tensor], dim: int, layout: str) -> torch.Tensor:
-    """Inverse of :func:`shard_sequence` over all ranks' parts (index = rank)."""
+    """Inverse of :func:`rank_segments` over all ranks' parts (index = rank)."""
     cp_size = len(parts)
     n = num_segments(cp_size, layout)
     per_rank = n // cp_size

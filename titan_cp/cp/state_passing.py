@@ -231,7 +231,7 @@ def mix_state_passing(inp: GDNMixingInputs, kernel: str, cp: CPContext, layer_na
     if T % n:
         raise ValueError(
             f"context parallel {layer_name}: this rank holds {T} tokens, not divisible into its {n} "
-            f"segments of layout '{cp.layout}'; shard the batch with titan_cp.cp.layout.shard_sequence."
+            f"segments of layout '{cp.layout}'; shard the batch with titan_cp.cp.layout.rank_segments."
         )
     rows = replace(
         inp,

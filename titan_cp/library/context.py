@@ -22,8 +22,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from titan_cp.cp.context import CPContext
 from titan_cp.cp.settings import EXCHANGES
-from titan_cp.cp.layout import LAYOUTS, unshard_sequence
-from titan_cp.cp.layout import shard_sequence as _shard_sequence
+from titan_cp.cp.layout import LAYOUTS, rank_segments, unshard_sequence
 from titan_cp.errors import ConfigError, unknown_choice_message
 
 
@@ -83,7 +82,7 @@ def shard_sequence(x: torch.Tensor, cp: CPContext | None, dim: int = 1) -> torch
     """
     if cp is None or cp.size == 1:
         return x
-    return _shard_sequence(x, dim, cp.rank, cp.size, cp.layout)
+    return rank_segments(x, dim, cp.rank, cp.size, cp.layout)
 
 
 def gather_sequence(x_local: torch.Tensor, cp: CPContext | None, dim: int = 1) -> torch.Tensor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from titan_cp.cp.context import CPContext
-from titan_cp.cp.layout import shard_sequence
+from titan_cp.cp.layout import rank_segments
 
 
 @dataclass
@@ -45,7 +45,7 @@ def sequence_info(
     B, T = tokens.shape[:2]
     index = torch.arange(T * (cp.size if cp else 1), device=tokens.device)
     if cp is not None and cp.size > 1:
-        index = shard_sequence(index, 0, cp.rank, cp.size, cp.layout)
+        index = rank_segments(index, 0, cp.rank, cp.size, cp.layout)
     index = index.expand(B, T)
     if positions is None or not doc_masking:
         return SequenceInfo(positions=index if positions is None else positions)

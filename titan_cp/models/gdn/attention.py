@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from titan_cp.cp.context import CPContext
-from titan_cp.cp.layout import shard_sequence
+from titan_cp.cp.layout import rank_segments
 from titan_cp.cp.ring_attention import check_ring_inputs_agree, ring_attention
 from titan_cp.models.common.sequence import SequenceInfo
 
@@ -107,7 +107,7 @@ class Attention(nn.Module):
         P = cp.size if cp is not None else 1
         index = torch.arange(T * P, device=device)
         if P > 1:
-            index = shard_sequence(index, 0, cp.rank, P, cp.layout)
+            index = rank_segments(index, 0, cp.rank, P, cp.layout)
         return index.expand(B, T)
 
     def project_qkv(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor):
