@@ -12,10 +12,11 @@ extrapolates to the whole model. One process, one thread; ratios from one run.
 
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass
 
 import torch
+import tyro
 from torch import nn
 
 from titan_cp.models.gdn import model_config
@@ -27,11 +28,16 @@ def _bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+@dataclass
+class Args:
+    flavor: str = "1.3B"
+    """the GDN flavor to initialise"""
+    layers: int = 2
+    """blocks to measure (the rest extrapolated)"""
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--flavor", default="1.3B")
-    parser.add_argument("--layers", type=int, default=2, help="blocks to measure (the rest extrapolated)")
-    args = parser.parse_args()
+    args = tyro.cli(Args, description=__doc__)
     torch.set_num_threads(1)
     config = model_config(args.flavor)
     names = ["tok_embeddings", *(f"layers.{i}" for i in range(args.layers)), "norm", "lm_head"]

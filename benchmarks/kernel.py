@@ -11,14 +11,15 @@ its Python loops.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import pathlib
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import tyro
 
 from titan_cp.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
 
@@ -70,13 +71,19 @@ def time_fwd_bwd(run, tensors, weights, repeats):
     return min(fwd_times), min(total_times)
 
 
+@dataclass
+class Args:
+    seq_lens: tuple[int, ...] = (2048, 8192)
+    """sequence lengths to time"""
+    repeats: int = 5
+    """timed repeats (the best is reported)"""
+    heads: int = 4
+    chunk_size: int = 64
+    """the chunk kernel's chunk C"""
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-lens", type=int, nargs="+", default=[2048, 8192])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--chunk-size", type=int, default=64)
-    args = parser.parse_args()
+    args = tyro.cli(Args, description=__doc__)
 
     torch.set_num_threads(1)
     B, H, K, V = 1, args.heads, 64, 128

@@ -20,10 +20,12 @@ Usage: python scripts/build_assets.py [--out titan_cp/assets] [--docs 800] [--vo
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
+
+import tyro
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
@@ -146,16 +148,22 @@ def build_tokenizer(texts: list[str], vocab_size: int):
     return tok
 
 
+@dataclass
+class Args:
+    out: Path = Path(__file__).resolve().parents[1] / "titan_cp" / "assets"
+    """the package's asset folder (data/ and tokenizer/ are written below it)"""
+    docs: int = 800
+    """training documents"""
+    vocab: int = 1024
+    """BPE vocabulary size"""
+    seed: int = 0
+    val_docs: int = 100
+    """held-out documents (those equal to a training one are dropped)"""
+    val_seed: int = 1
+
+
 def main() -> None:
-    repo = Path(__file__).resolve().parents[1]
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=repo / "titan_cp" / "assets")
-    p.add_argument("--docs", type=int, default=800)
-    p.add_argument("--vocab", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val_docs", type=int, default=100)
-    p.add_argument("--val_seed", type=int, default=1)
-    args = p.parse_args()
+    args = tyro.cli(Args, description=__doc__.splitlines()[0], use_underscores=True)
 
     texts = build_corpus(args.docs, args.seed)
     seen = set(texts)

@@ -13,11 +13,12 @@ runs no Triton kernel.
 
 from __future__ import annotations
 
-import argparse
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import tyro
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_heads=2, head_dim=16, expand_v=2.0, num_v_heads=4,
@@ -38,11 +39,16 @@ def make(out: str | Path, seed: int = 0) -> Path:
     return out
 
 
+@dataclass
+class Args:
+    out: str = str(REPO / "outputs" / "fla_tiny")
+    """where the FLA Hugging Face folder is written"""
+    seed: int = 0
+    """seed of the random weights"""
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(REPO / "outputs" / "fla_tiny"))
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = tyro.cli(Args, description=__doc__.splitlines()[0])
     print(f"wrote {make(args.out, args.seed)}")
 
 

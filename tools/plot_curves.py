@@ -17,7 +17,9 @@ every scalar. One subplot per tag, one line per run, step on the x axis.
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
+
+import tyro
 import math
 import re
 import sys
@@ -115,17 +117,25 @@ def plot(runs: dict[str, dict[str, Series]], tags: list[str], out: Path, title: 
     return out
 
 
+@dataclass
+class Args:
+    paths: tyro.conf.Positional[tuple[Path, ...]]
+    """TensorBoard dir(s) or run dump folder(s); searched recursively"""
+    out: Path = Path("curves.png")
+    tags: str = DEFAULT_TAGS
+    """regex of tags to plot"""
+    all: bool = False
+    """plot every scalar tag"""
+    list: bool = False
+    """print runs and tags, plot nothing"""
+    title: str | None = None
+    ncols: int = 3
+    logy: str | None = None
+    """regex of tags drawn with a log y axis, e.g. 'loss'"""
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("paths", nargs="+", type=Path, help="TensorBoard dir(s) or run dump folder(s); searched recursively")
-    p.add_argument("--out", type=Path, default=Path("curves.png"))
-    p.add_argument("--tags", default=DEFAULT_TAGS, help=f"regex of tags to plot (default {DEFAULT_TAGS!r})")
-    p.add_argument("--all", action="store_true", help="plot every scalar tag")
-    p.add_argument("--list", action="store_true", help="print runs and tags, plot nothing")
-    p.add_argument("--title")
-    p.add_argument("--ncols", type=int, default=3)
-    p.add_argument("--logy", default=None, help="regex of tags drawn with a log y axis, e.g. 'loss'")
-    a = p.parse_args(argv)
+    a = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
 
     runs = load_scalars(a.paths)
     if not runs:
