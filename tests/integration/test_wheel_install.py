@@ -82,6 +82,13 @@ def test_console_script_and_every_command_print_help(installed):
         assert "usage" in out.lower() or command in out.lower(), f"titan_cp {command} --help printed:\n{out[:500]}"
 
 
+def test_smoke_needs_a_checkout_and_says_so(installed):
+    proc = subprocess.run(["titan_cp", "smoke", "--nproc", "2", "--device", "cpu"], cwd=installed.cwd,
+                          env=installed.env(), capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "checkout" in proc.stderr and "pip install -e ." in proc.stderr, proc.stderr[-2000:]
+
+
 def _assert_trained(installed: Installed, dump_folder: str) -> None:
     losses = installed.losses(dump_folder)
     assert len(losses) == STEPS and all(math.isfinite(v) for v in losses), losses

@@ -2,33 +2,47 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from titan_cp.cli.smoke import checks, plan, report
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m titan_cp.cli.smoke", description=sys.modules["titan_cp.cli.smoke"].__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nproc", type=int, required=True, help="ranks this runner has (GPUs, or CPU processes)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                   help="auto: cuda when torch sees at least --nproc GPUs, else cpu")
-    p.add_argument("--configs", nargs="*", help="only these train_configs (file stems); default: every one that fits")
-    p.add_argument("--config-dir", type=Path, default=plan.TRAIN_CONFIGS)
-    p.add_argument("--out", type=Path, default=Path("outputs/smoke"), help="runs, logs, summary.md, junit.xml")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--checkpoint-step", type=int, default=3, help="save here, resume from here")
-    p.add_argument("--rel-tol", type=float, help="per-step loss tolerance (default 1e-5 on CPU, 1e-3 on GPU)")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds per launch")
-    p.add_argument("--reuse", action="store_true", help="reuse seed checkpoints and reference runs found in --out")
-    return p
+@dataclass
+class Args:
+    nproc: int
+    """ranks this runner has (GPUs, or CPU processes)"""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: cuda when torch sees at least --nproc GPUs, else cpu"""
+    configs: tuple[str, ...] = ()
+    """only these train_configs (file stems); default: every one that fits"""
+    config_dir: Path = plan.TRAIN_CONFIGS
+    """the folder of TOML jobs (the checkout's train_configs/)"""
+    out: Path = Path("outputs/smoke")
+    """runs, logs, summary.md, junit.xml"""
+    seq_len: int = 128
+    steps: int = 6
+    checkpoint_step: int = 3
+    """save here, resume from here"""
+    rel_tol: float | None = None
+    """per-step loss tolerance (default 1e-5 on CPU, 1e-3 on GPU)"""
+    timeout: float = 900.0
+    """seconds per launch"""
+    reuse: bool = False
+    """reuse seed checkpoints and reference runs found in --out"""
 
 
-def settings_from(a: argparse.Namespace) -> plan.Settings:
+def parse(argv: list[str] | None = None) -> Args:
+    import tyro
+
+    return tyro.cli(Args, args=argv, prog="python -m titan_cp.cli.smoke",
+                    description=sys.modules["titan_cp.cli.smoke"].__doc__)
+
+
+def settings_from(a: Args) -> plan.Settings:
     device = a.device
     if device == "auto":
         import torch
@@ -42,7 +56,8 @@ def settings_from(a: argparse.Namespace) -> plan.Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    a = parse(argv)
+    plan.require_checkout()
     s = settings_from(a)
     start = time.perf_counter()
     configs = plan.discover(a.config_dir)

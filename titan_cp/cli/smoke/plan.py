@@ -30,6 +30,15 @@ REPO = Path(__file__).resolve().parents[3]  # the checkout: smoke runs the repos
 TRAIN_CONFIGS = REPO / "train_configs"
 
 
+def require_checkout() -> None:
+    """Smoke proves a checkout's ``train_configs/`` through its ``train.py`` (their paths are the repository's)."""
+    if not ((REPO / "train.py").is_file() and TRAIN_CONFIGS.is_dir()):
+        raise SystemExit(
+            f"titan_cp smoke: it runs the shipped train_configs/ and train.py of a titan_cp checkout, and this "
+            f"titan_cp is an installed package ({REPO / 'titan_cp'}) without them. Run it from a clone: "
+            f"git clone <titan_cp> && cd titan_cp && pip install -e . && python -m titan_cp.cli.smoke --nproc N")
+
+
 @dataclass(frozen=True)
 class Settings:
     nproc: int  # ranks this runner has
