@@ -18,10 +18,12 @@ Both directions copy tensors unchanged (bit-exact in float32).
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
+from typing import Annotated, Literal, Union
 
 import torch
+import tyro
 
 from titan_cp.errors import ConfigError
 
@@ -52,26 +54,45 @@ def to_dcp(checkpoint: str, out: str) -> str:
     return f"{source} -> {out} (model-only DCP)"
 
 
+@dataclass
+class ToHf:
+    """DCP checkpoint -> FLA Hugging Face folder"""
+
+    checkpoint: str
+    """a step-N folder, or a checkpoint folder (latest step)"""
+    out: str
+    config_file: str | None = None
+    """the training TOML (gives the model shape and tokenizer)"""
+    flavor: str | None = None
+    """the model flavor, instead of --config_file"""
+    tokenizer: str | None = None
+    """tokenizer folder to copy (default: the config's hf_assets_path)"""
+    dtype: Literal["bfloat16", "float32"] = "float32"
+
+    def run(self) -> str:
+        return to_hf(self.checkpoint, self.out, config_file=self.config_file, flavor=self.flavor,
+                     tokenizer=self.tokenizer, dtype=self.dtype)
+
+
+@dataclass
+class ToDcp:
+    """FLA Hugging Face folder -> model-only DCP folder"""
+
+    checkpoint: str
+    out: str
+
+    def run(self) -> str:
+        return to_dcp(self.checkpoint, self.out)
+
+
+Direction = Union[Annotated[ToHf, tyro.conf.subcommand("to-hf")], Annotated[ToDcp, tyro.conf.subcommand("to-dcp")]]
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m titan_cp.cli.convert", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="direction", required=True)
-    hf = sub.add_parser("to-hf", help="DCP checkpoint -> FLA Hugging Face folder")
-    hf.add_argument("--checkpoint", required=True, help="a step-N folder, or a checkpoint folder (latest step)")
-    hf.add_argument("--out", required=True)
-    hf.add_argument("--config_file", help="the training TOML (gives the model shape and tokenizer)")
-    hf.add_argument("--flavor", help="the model flavor, instead of --config_file")
-    hf.add_argument("--tokenizer", help="tokenizer folder to copy (default: the config's hf_assets_path)")
-    hf.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    dcp_parser = sub.add_parser("to-dcp", help="FLA Hugging Face folder -> model-only DCP folder")
-    dcp_parser.add_argument("--checkpoint", required=True)
-    dcp_parser.add_argument("--out", required=True)
-    args = parser.parse_args(argv)
+    args = tyro.cli(Direction, args=argv, prog="python -m titan_cp.cli.convert", description=__doc__.split("\n\n")[0],
+                    use_underscores=True)
     try:
-        if args.direction == "to-hf":
-            print(to_hf(args.checkpoint, args.out, config_file=args.config_file, flavor=args.flavor,
-                        tokenizer=args.tokenizer, dtype=args.dtype))
-        else:
-            print(to_dcp(args.checkpoint, args.out))
+        print(args.run())
     except ConfigError as e:
         print(f"titan_cp.cli.convert: {e}", file=sys.stderr)
         return 2

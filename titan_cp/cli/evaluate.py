@@ -18,16 +18,18 @@ cross-entropy (nats/token) and perplexity = exp(loss); ``--json`` also writes th
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from titan_cp.cli.trained_model import CheckpointArgs, parse
+from titan_cp.components.data import VALIDATION_PATH
 from titan_cp.errors import ConfigError
 
 
@@ -78,20 +80,24 @@ def evaluate_rows(model, rows, *, batch_size: int = 1, cp=None) -> tuple[float, 
     return nll_sum.item(), n_tokens
 
 
-def main(argv: list[str] | None = None) -> int:
-    from titan_cp.components.data import VALIDATION_PATH
-    from titan_cp.cli.trained_model import add_checkpoint_args, load_checkpoint, tokenizer_folder
+@dataclass
+class EvaluateArgs(CheckpointArgs):
+    text: str = str(VALIDATION_PATH)
+    """.jsonl ({'text': ...} per line) or a text file; default: the shipped held-out documents"""
+    seq_len: int = 512
+    batch_size: int = 1
+    max_rows: int | None = None
+    """evaluate the first N rows only"""
+    cp_layout: str = "contiguous"
+    """how each row is split over the CP ranks (under torchrun)"""
+    cp_exchange: str = "allgather"
+    """how states cross the shards"""
+    json: str | None = None
+    """also write the result to this file"""
 
-    parser = argparse.ArgumentParser(prog="python -m titan_cp.cli.evaluate", description=__doc__.split("\n\n")[0])
-    add_checkpoint_args(parser)
-    parser.add_argument("--text", default=str(VALIDATION_PATH), help=".jsonl ({'text': ...} per line) or a text file")
-    parser.add_argument("--seq_len", type=int, default=512)
-    parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--max_rows", type=int, default=None, help="evaluate the first N rows only")
-    parser.add_argument("--cp_layout", default="contiguous")
-    parser.add_argument("--cp_exchange", default="allgather")
-    parser.add_argument("--json", help="also write the result to this file")
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(EvaluateArgs, argv, "python -m titan_cp.cli.evaluate", __doc__)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         if world > 1:  # before any process group: the row length must split into the CP segments
@@ -101,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 check_divisible(args.seq_len, world, args.cp_layout)
             except ValueError as e:
                 raise ConfigError(f"--seq_len: {e}") from e
-        model, weights = load_checkpoint(args.checkpoint, config_file=args.config_file, flavor=args.flavor,
-                                         kernel=args.kernel)
+        model, weights = args.load()
     except ConfigError as e:
         print(f"titan_cp.cli.evaluate: {e}", file=sys.stderr)
         return 2
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         apply_cp(model, cp)
     from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
-    tokenizer = HuggingFaceTokenizer(tokenizer_path=str(tokenizer_folder(weights, args.config_file)))
+    tokenizer = HuggingFaceTokenizer(tokenizer_path=str(args.tokenizer(weights)))
     rows = packed_rows(args.text, tokenizer, args.seq_len, args.max_rows)
     nll_sum, n_tokens = evaluate_rows(model, rows, batch_size=args.batch_size, cp=cp)
     if n_tokens == 0:

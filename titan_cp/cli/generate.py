@@ -13,35 +13,39 @@ Generation stops at the end-of-text token or after ``--max_new_tokens``.
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 
 import torch
 
+from titan_cp.cli.trained_model import CheckpointArgs, parse
 from titan_cp.errors import ConfigError
 
 
+@dataclass
+class GenerateArgs(CheckpointArgs):
+    prompt: str = ""
+    """text to continue (default: start a document)"""
+    max_new_tokens: int = 60
+    temperature: float = 0.7
+    """0 = greedy"""
+    top_k: int = 40
+    """sample from the k most likely tokens (0 = all)"""
+    seed: int = 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    from titan_cp.cli.trained_model import add_checkpoint_args, load_checkpoint, tokenizer_folder
     from titan_cp.models.gdn.decode import generate
 
-    parser = argparse.ArgumentParser(prog="python -m titan_cp.cli.generate", description=__doc__.split("\n\n")[0])
-    add_checkpoint_args(parser)
-    parser.add_argument("--prompt", default="", help="text to continue (default: start a document)")
-    parser.add_argument("--max_new_tokens", type=int, default=60)
-    parser.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=40, help="sample from the k most likely tokens (0 = all)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    args = parse(GenerateArgs, argv, "python -m titan_cp.cli.generate", __doc__)
     try:
-        model, weights = load_checkpoint(args.checkpoint, config_file=args.config_file, flavor=args.flavor,
-                                         kernel=args.kernel)
+        model, weights = args.load()
     except ConfigError as e:
         print(f"titan_cp.cli.generate: {e}", file=sys.stderr)
         return 2
     from torchtitan.components.tokenizer import HuggingFaceTokenizer
 
-    tokenizer = HuggingFaceTokenizer(tokenizer_path=str(tokenizer_folder(weights, args.config_file)))
+    tokenizer = HuggingFaceTokenizer(tokenizer_path=str(args.tokenizer(weights)))
     prompt_ids = tokenizer.encode(args.prompt, add_bos=True, add_eos=False)
     out = generate(model, torch.tensor([prompt_ids]), args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, eos_id=tokenizer.eos_id, generator=torch.Generator().manual_seed(args.seed))

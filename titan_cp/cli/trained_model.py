@@ -2,16 +2,18 @@
 
 ``--checkpoint`` (DCP step folder, run checkpoint folder or FLA HF folder) with
 ``--config_file`` (the training TOML, which gives a DCP checkpoint its model
-shape and tokenizer) or ``--flavor``, and ``--kernel``. The TOML is parsed
-here, in the command layer: :mod:`titan_cp.hf` takes a model config, so the
-config layer (which imports ``titan_cp.hf``) is never imported back from it.
+shape and tokenizer) or ``--flavor``, and ``--kernel``: :class:`CheckpointArgs`,
+a dataclass the commands extend and parse with tyro (:func:`parse`). The TOML
+is parsed here, in the command layer: :mod:`titan_cp.models.gdn.hf_folder`
+takes a model config, so the trainer layer is never imported from the model.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -23,13 +25,32 @@ ONE_RANK = ["--parallelism.data_parallel_shard_degree", "1", "--parallelism.data
             "--parallelism.pipeline_parallel_degree", "1"]
 
 
-def add_checkpoint_args(parser) -> None:
+@dataclass
+class CheckpointArgs:
     """``--checkpoint`` / ``--config_file`` / ``--flavor`` / ``--kernel`` of the evaluate and generate commands."""
-    parser.add_argument("--checkpoint", required=True,
-                        help="FLA HF folder, DCP step-N folder, or a run's checkpoint folder (its latest step)")
-    parser.add_argument("--config_file", help="the training TOML (the model shape of a DCP checkpoint)")
-    parser.add_argument("--flavor", help="the model flavor of a DCP checkpoint, instead of --config_file")
-    parser.add_argument("--kernel", default="torch", help="gated delta rule kernel: torch (CPU/GPU) or triton (GPU)")
+
+    checkpoint: str
+    """FLA HF folder, DCP step-N folder, or a run's checkpoint folder (its latest step)"""
+    config_file: str | None = None
+    """the training TOML (the model shape of a DCP checkpoint)"""
+    flavor: str | None = None
+    """the model flavor of a DCP checkpoint, instead of --config_file"""
+    kernel: Literal["torch", "triton"] = "torch"
+    """gated delta rule kernel: torch (CPU/GPU) or triton (GPU)"""
+
+    def load(self):
+        """(model, weights folder) of :func:`load_checkpoint`."""
+        return load_checkpoint(self.checkpoint, config_file=self.config_file, flavor=self.flavor, kernel=self.kernel)
+
+    def tokenizer(self, weights: str | Path) -> Path:
+        return tokenizer_folder(weights, self.config_file)
+
+
+def parse(cls, argv: list[str] | None, prog: str, doc: str):
+    """``argv`` parsed into the dataclass ``cls`` by tyro; flags spelled as the fields (``--config_file``)."""
+    import tyro
+
+    return tyro.cli(cls, args=argv, prog=prog, description=doc.split("\n\n")[0], use_underscores=True)
 
 
 def model_config_from_train_config(config_file: str | Path, overrides: dict[str, Any] | None = None):
