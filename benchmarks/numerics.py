@@ -28,20 +28,20 @@ documents shorter than the conv kernel.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from typing import Annotated, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import tyro
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 DEFAULT_RTOL = {"float32": 1e-5, "float64": 1e-10, "bfloat16": 2e-2}
-MODEL_FIELDS = ("dim", "n_layers", "num_heads", "head_dim", "num_v_heads", "hidden_dim", "vocab_size", "conv_size")
 REF_FORMAT = 1
 
 
@@ -83,11 +83,7 @@ def default_device() -> torch.device:
 
 
 def run_single(a) -> int:
-    overrides = {k: getattr(a, k) for k in MODEL_FIELDS if getattr(a, k) is not None}
-    if a.expand_v is not None:
-        overrides["expand_v"] = a.expand_v
-    if a.layer_pattern is not None:
-        overrides["layer_pattern"] = a.layer_pattern
+    overrides = a.model.given()
     meta = {"format": REF_FORMAT, "flavor": a.flavor, "overrides": overrides, "seq_len": a.seq_len, "batch": a.batch,
             "seed": a.seed, "packed": a.packed, "dtype": a.dtype, "kernel": a.kernel}
     device = torch.device(a.device) if a.device else default_device()
@@ -219,36 +215,59 @@ def _run_cp(a, rank: int, P: int, device: torch.device) -> int:
 # --------------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--mode", choices=("single", "cp"), required=True)
-    p.add_argument("--save_ref", type=Path, help="single: where to write the reference")
-    p.add_argument("--ref", type=Path, help="cp: the reference written by --mode single")
-    p.add_argument("--cp_size", type=int, default=1, help="cp: number of ranks (= torchrun --nproc_per_node)")
-    m = p.add_argument_group("model and batch (single mode; cp mode takes them from the reference)")
-    m.add_argument("--flavor", default="debug")
-    for name in MODEL_FIELDS:
-        m.add_argument(f"--{name}", type=int)
-    m.add_argument("--expand_v", type=float)
-    m.add_argument("--layer_pattern", help="hybrid layers, e.g. GGGA (A = softmax attention, ring attention under CP)")
-    m.add_argument("--seq_len", type=int, default=1024)
-    m.add_argument("--batch", type=int, default=2)
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--packed", action="store_true", help="packed documents (positions restart at document starts)")
-    m.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    c = p.add_argument_group("what the CP run uses")
-    c.add_argument("--kernel", default=None, help="torch | recurrent | triton (single: default torch; cp: the reference's)")
-    c.add_argument("--exchange", default="allgather", help="allgather | logscan | alltoall")
-    c.add_argument("--layout", default="contiguous", help="contiguous | zigzag")
-    c.add_argument("--rtol", type=float, default=None, help="default by dtype: float32 1e-5, float64 1e-10, bfloat16 2e-2")
-    c.add_argument("--atol", type=float, default=0.0)
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
-    return p
+@dataclass
+class ModelOverrides:
+    """Model fields over the flavor's (single mode; cp mode takes them from the reference)."""
+
+    dim: int | None = None
+    n_layers: int | None = None
+    num_heads: int | None = None
+    head_dim: int | None = None
+    num_v_heads: int | None = None
+    hidden_dim: int | None = None
+    vocab_size: int | None = None
+    conv_size: int | None = None
+    expand_v: float | None = None
+    layer_pattern: str | None = None
+    """hybrid layers, e.g. GGGA (A = softmax attention, ring attention under CP)"""
+
+    def given(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
-def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
+@dataclass
+class Args:
+    mode: Literal["single", "cp"]
+    save_ref: Path | None = None
+    """single: where to write the reference"""
+    ref: Path | None = None
+    """cp: the reference written by --mode single"""
+    cp_size: int = 1
+    """cp: number of ranks (= torchrun --nproc_per_node)"""
+    flavor: str = "debug"
+    """the model flavor (single mode)"""
+    model: Annotated[ModelOverrides, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=ModelOverrides)
+    seq_len: int = 1024
+    batch: int = 2
+    seed: int = 0
+    packed: bool = False
+    """packed documents (positions restart at document starts)"""
+    dtype: Literal["bfloat16", "float32", "float64"] = "float32"
+    kernel: str | None = None
+    """torch | recurrent | triton (single: default torch; cp: the reference's)"""
+    exchange: str = "allgather"
+    """allgather | logscan | alltoall"""
+    layout: str = "contiguous"
+    """contiguous | zigzag"""
+    rtol: float | None = None
+    """default by dtype: float32 1e-5, float64 1e-10, bfloat16 2e-2"""
+    atol: float = 0.0
+    device: str | None = None
+    """default: cuda:LOCAL_RANK if CUDA is available, else cpu"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = tyro.cli(Args, args=argv, prog="python -m benchmarks.numerics", description=__doc__, use_underscores=True)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))))
     if a.mode == "single":
         if a.save_ref is None:
