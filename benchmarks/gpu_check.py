@@ -49,7 +49,7 @@ Shared helpers: benchmarks/gpu_common.py.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -58,16 +58,17 @@ import platform
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-REPO = Path(__file__).resolve().parents[1]
+import torch
+import torch.distributed as dist
+import tyro
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from benchmarks.gpu_common import build_model, cp_batch, dtype_of, errors, gdn_inputs, loss_and_grads, run_kernel  # noqa: E402
-from benchmarks.gpu_measure import measure  # noqa: E402
-from titan_cp.testing import rel_err, run_on_ranks  # noqa: E402
+from benchmarks.gpu_common import build_model, cp_batch, dtype_of, errors, gdn_inputs, loss_and_grads, run_kernel
+from benchmarks.gpu_measure import measure
+from titan_cp.testing import rel_err, run_on_ranks
 
 SECTIONS = ("parity", "cp", "measure")
 TENSOR_NAMES = ("o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dh0")
@@ -110,40 +111,47 @@ CP_FLOOR = {"float32": 1e-5, "bfloat16": 5e-3}
 # ------------------------------------------------------------------------------- arguments, report
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    default_device = "cuda" if torch.cuda.is_available() else "cpu"
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("gpu_check_report.json"), help="JSON report path")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-    p.add_argument("--kernel", default="triton", help="kernel under test (model.kernel): triton | torch | recurrent")
-    p.add_argument("--reference", default="torch", help="reference kernel for the parity section")
-    p.add_argument("--device", default=default_device, help=f"cuda | cpu (default here: {default_device})")
-    p.add_argument("--quick", action="store_true", help="small shapes everywhere (minutes; CPU tests use it)")
-    p.add_argument("--dtypes", default="float32,bfloat16", help="dtypes for parity and cp")
-    p.add_argument("--cp-sizes", default=None, help="P values for the cp section (default 2,4,8; quick: 2)")
-    p.add_argument("--seq-lens", default=None, help="L values for measure (default 16384,65536,262144)")
-    p.add_argument("--measure-sizes", default=None, help="P values for measure (default 1,2,4,8)")
-    p.add_argument("--exchange", default="allgather", help="parallelism.cp_exchange for measure")
-    p.add_argument("--iters", type=int, default=5, help="timed iterations (median reported)")
-    p.add_argument("--fp32-ieee", action="store_true",
-                   help="TRITON_F32_DEFAULT=ieee (full fp32 dots in FLA) and the tight fp32 tolerances")
-    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per multi-process cp launch")
-    args = p.parse_args(argv)
-    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(args.sections) - set(SECTIONS)
-    if unknown:
-        p.error(f"--sections: unknown {sorted(unknown)}; choose from {SECTIONS}")
-    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    for d in args.dtypes:
-        if d not in ("float32", "bfloat16"):
-            p.error(f"--dtypes: '{d}' is not float32 or bfloat16")
-    ints = lambda s: [int(x) for x in s.split(",") if x.strip()]  # noqa: E731
-    args.cp_sizes = ints(args.cp_sizes) if args.cp_sizes else ([2] if args.quick else [2, 4, 8])
-    args.seq_lens = ints(args.seq_lens) if args.seq_lens else ([256] if args.quick else [16384, 65536, 262144])
-    args.measure_sizes = ints(args.measure_sizes) if args.measure_sizes else ([1, 2] if args.quick else [1, 2, 4, 8])
-    if args.quick:
-        args.iters = min(args.iters, 2)
-    return args
+@dataclass
+class Args:
+    out: Path = Path("gpu_check_report.json")
+    """JSON report path"""
+    sections: tuple[Literal[SECTIONS], ...] = SECTIONS
+    """which sections run, in this order"""
+    kernel: str = "triton"
+    """kernel under test (model.kernel): triton | torch | recurrent"""
+    reference: str = "torch"
+    """reference kernel for the parity section"""
+    device: Literal["cuda", "cpu"] = "cuda" if torch.cuda.is_available() else "cpu"
+    """default: cuda where torch sees a GPU"""
+    quick: bool = False
+    """small shapes everywhere (minutes; CPU tests use it)"""
+    dtypes: tuple[Literal["float32", "bfloat16"], ...] = ("float32", "bfloat16")
+    """dtypes for parity and cp"""
+    cp_sizes: tuple[int, ...] | None = None
+    """P values for the cp section (default 2 4 8; quick: 2)"""
+    seq_lens: tuple[int, ...] | None = None
+    """L values for measure (default 16384 65536 262144; quick: 256)"""
+    measure_sizes: tuple[int, ...] | None = None
+    """P values for measure (default 1 2 4 8; quick: 1 2)"""
+    exchange: str = "allgather"
+    """parallelism.cp_exchange for measure"""
+    iters: int = 5
+    """timed iterations (median reported; quick: at most 2)"""
+    fp32_ieee: bool = False
+    """TRITON_F32_DEFAULT=ieee (full fp32 dots in FLA) and the tight fp32 tolerances"""
+    timeout: float = 1800.0
+    """seconds per multi-process cp launch"""
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """The command line with the shape lists filled in (the quick ones under ``--quick``)."""
+    a = tyro.cli(Args, args=argv, prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
+    quick = a.quick
+    return dataclasses.replace(
+        a, cp_sizes=a.cp_sizes or ((2,) if quick else (2, 4, 8)),
+        seq_lens=a.seq_lens or ((256,) if quick else (16384, 65536, 262144)),
+        measure_sizes=a.measure_sizes or ((1, 2) if quick else (1, 2, 4, 8)),
+        iters=min(a.iters, 2) if quick else a.iters)
 
 
 def versions() -> dict:

@@ -60,12 +60,13 @@ def test_quick_run_on_cpu_reports_pass(tmp_path):
 
 def test_parse_args():
     args = gpu_check.parse_args(["--quick", "--sections", "cp", "--dtypes", "float32"])
-    assert args.sections == ["cp"] and args.dtypes == ["float32"] and args.cp_sizes == [2] and args.iters <= 2
+    assert args.sections == ("cp",) and args.dtypes == ("float32",) and args.cp_sizes == (2,) and args.iters <= 2
     full = gpu_check.parse_args([])
-    assert full.sections == list(gpu_check.SECTIONS) and full.cp_sizes == [2, 4, 8]
-    assert full.seq_lens == [16384, 65536, 262144] and full.measure_sizes == [1, 2, 4, 8]
+    assert full.sections == gpu_check.SECTIONS and full.cp_sizes == (2, 4, 8)
+    assert full.seq_lens == (16384, 65536, 262144) and full.measure_sizes == (1, 2, 4, 8)
+    assert gpu_check.parse_args(["--cp-sizes", "2", "8"]).cp_sizes == (2, 8)
     with pytest.raises(SystemExit):
-        gpu_check.parse_args(["--sections", "parity,bogus"])
+        gpu_check.parse_args(["--sections", "parity", "bogus"])
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--dtypes", "float16"])
 
