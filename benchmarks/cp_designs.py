@@ -47,17 +47,17 @@ titan_cp.models.gdn.flops).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-
 
 import torch
 import torch.nn.functional as F
+import tyro
 
 from benchmarks.model_steps import KEEP_FREED_MEMORY
 from titan_cp.models.gdn.flops import gdn_chunk_flops_per_token
@@ -259,22 +259,28 @@ def check_designs_agree(a) -> float:
     return worst
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--T", type=int, default=2048, help="tokens of the segment (a CP shard)")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--K", type=int, default=64)
-    p.add_argument("--V", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--json", type=Path)
-    p.add_argument("--markdown", action="store_true")
-    p.add_argument("--system_malloc", action="store_true",
-                   help="keep glibc's malloc defaults (default: freed memory reused, benchmarks/model_steps.py)")
-    a = p.parse_args(argv)
+@dataclass
+class Args:
+    T: int = 2048
+    """tokens of the segment (a CP shard)"""
+    heads: int = 4
+    K: int = 64
+    V: int = 128
+    repeats: int = 5
+    warmup: int = 1
+    json: Path | None = None
+    """write the results here as JSON"""
+    markdown: bool = False
+    """print a markdown table"""
+    system_malloc: bool = False
+    """keep glibc's malloc defaults (default: freed memory reused, benchmarks/model_steps.py)"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = tyro.cli(Args, args=argv, prog="python -m benchmarks.cp_designs", description=__doc__.split("\n\n")[0], use_underscores=True)
     if not a.system_malloc and sys.platform == "linux" and os.environ.get("GLIBC_TUNABLES") != KEEP_FREED_MEMORY:
         os.environ["GLIBC_TUNABLES"] = KEEP_FREED_MEMORY  # glibc reads it at start: run this script again
-        os.execv(sys.executable, [sys.executable, *sys.argv])
+        os.execv(sys.executable, [sys.executable, "-m", __spec__.name, *sys.argv[1:]])
     agree = check_designs_agree(a)
     out = run(a)
     out["designs_agree_max_rel_diff"] = agree
