@@ -72,6 +72,12 @@ Strategies (``parallelism.cp_exchange``)
   inclusive and exclusive aggregates. ceil(log2 P) rounds, one summary sent
   and received per round. Backward: the mirrored (suffix) scan of (M^T, G).
 
+Scalar transitions (Mamba-2: M_t = a_t I per head, titan_cp/ops/mamba2/). A segment
+kernel with ``scalar_transition = True`` returns M as [B, H, 1, 1]; every product
+above is then the scalar one (:func:`apply_transition`: M S, M2 M1, M^T = M), and
+a summary is H (1 + K V) floats instead of H K (K + V). A [.., 1, 1] matrix and a
+scalar are the same map, so the rule is exact for either kind.
+
 Summaries travel in float32 (float64 for float64 inputs). The head-parallel
 ``alltoall`` strategy does not use summaries; it lives in cp/head_parallel.py.
 """
@@ -93,20 +99,40 @@ from titan_cp.ops.denormals import flush_denormals
 from titan_cp.ops.gated_delta_rule.transition import state_dtype
 
 
+def apply_transition(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """M X for a transition M [.., K, K] (matrix) or [.., 1, 1] (a scalar per head)."""
+    return M * X if M.shape[-1] == 1 and M.shape[-2] == 1 else M @ X
+
+
+def identity_transition_like(M: torch.Tensor) -> torch.Tensor:
+    """The identity of M's kind: I [.., K, K] or ones [.., 1, 1]."""
+    return torch.eye(M.shape[-1], dtype=M.dtype, device=M.device).expand_as(M)
+
+
 def compose(
     later: tuple[torch.Tensor, torch.Tensor], earlier: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(M2, S2) o (M1, S1) = (M2 M1, M2 S1 + S2): apply ``earlier`` then ``later``."""
     M2, S2 = later
     M1, S1 = earlier
-    return M2 @ M1, M2 @ S1 + S2
+    return apply_transition(M2, M1), apply_transition(M2, S1) + S2
+
+
+def pack_summary(M: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """[.., m, m] and [.., K, V] -> one payload [.., m m + K V] (m = K, or 1 for a scalar)."""
+    return torch.cat([M.flatten(-2), S.flatten(-2)], dim=-1).contiguous()
+
+
+def unpack_summary(payload: torch.Tensor, m: int, S_shape) -> tuple[torch.Tensor, torch.Tensor]:
+    lead = payload.shape[:-1]
+    return payload[..., : m * m].reshape(*lead, m, m), payload[..., m * m:].reshape(*lead, *S_shape)
 
 
 def exclusive_fold(Ms: list[torch.Tensor], Ss: list[torch.Tensor]) -> list[torch.Tensor]:
     """Equation (2) sequentially: the incoming state of every segment, in order."""
     starts = [torch.zeros_like(Ss[0])]
     for M, S in zip(Ms[:-1], Ss[:-1]):
-        starts.append(M @ starts[-1] + S)
+        starts.append(apply_transition(M, starts[-1]) + S)
     return starts
 
 
@@ -126,11 +152,10 @@ def _all_gather_segments(local_BNX: torch.Tensor, cp: CPContext, layer_name: str
 
 
 def _allgather_fold(M_BNHKK, S_BNHKV, cp: CPContext, layer_name: str):
-    payload = torch.cat([M_BNHKK, S_BNHKV], dim=-1)
-    K = M_BNHKK.shape[-1]
+    payload = pack_summary(M_BNHKK, S_BNHKV)
+    m = M_BNHKK.shape[-1]
     per_segment = _all_gather_segments(payload, cp, layer_name, "state_fwd")
-    Ms = [p[..., :K] for p in per_segment]
-    Ss = [p[..., K:] for p in per_segment]
+    Ms, Ss = zip(*(unpack_summary(p, m, S_BNHKV.shape[-2:]) for p in per_segment))
     with flush_denormals():  # M decays below normal floats (kernels/denormals.py)
         starts = exclusive_fold(Ms, Ss)
     mine = torch.stack([starts[s] for s in cp.local_segments], dim=1)
@@ -147,7 +172,7 @@ def _allgather_reverse_fold(grad_start_BNHKV, saved, cp: CPContext, layer_name: 
     with flush_denormals():
         for s in range(n - 1, -1, -1):
             grad_end[s] = running
-            running = grads[s] + Ms[s].transpose(-1, -2) @ running
+            running = grads[s] + apply_transition(Ms[s].transpose(-1, -2), running)
     return torch.stack([grad_end[s] for s in cp.local_segments], dim=1)
 
 
@@ -169,19 +194,19 @@ def _exclusive_scan_over_ranks(
     def rank_at(position: int) -> int:
         return P - 1 - position if reverse else position
 
-    K = M.shape[-1]
+    m = M.shape[-1]
     incl_M, incl_S = M, S
-    excl_M = torch.eye(K, dtype=M.dtype, device=M.device).expand_as(M)
+    excl_M = identity_transition_like(M)
     excl_S = torch.zeros_like(S)
     for d in range(math.ceil(math.log2(P))):
         offset = 2**d
-        payload = torch.cat([incl_M, incl_S], dim=-1).contiguous()
+        payload = pack_summary(incl_M, incl_S)
         received = torch.empty_like(payload)
         outgoing = [(payload, rank_at(pos + offset), 0)] if pos + offset < P else []
         incoming = [(received, rank_at(pos - offset), 0)] if pos - offset >= 0 else []
         exchange_p2p(cp, outgoing, incoming, layer_name, kind)
         if pos - offset >= 0:
-            earlier = (received[..., :K], received[..., K:])
+            earlier = unpack_summary(received, m, S.shape[-2:])
             excl_M, excl_S = compose((excl_M, excl_S), earlier)
             incl_M, incl_S = compose((incl_M, incl_S), earlier)
     return excl_S
@@ -202,7 +227,7 @@ def _logscan_reverse_fold(grad_start_BNHKV, saved, cp: CPContext, layer_name: st
 
 EXCHANGE_FOLDS = {"allgather": (_allgather_fold, _allgather_reverse_fold),
              "logscan": (_logscan_fold, _logscan_reverse_fold)}
-"""Strategy name -> (fold, reverse fold). Fold: (M [B, n, H, K, K], S_local [B, n, H, K, V]) -> the
+"""Strategy name -> (fold, reverse fold). Fold: (M [B, n, H, K, K] or [B, n, H, 1, 1], S_local [B, n, H, K, V]) -> the
 incoming states S_start [B, n, H, K, V] of the local segments and what the reverse fold keeps;
 reverse fold: G = dL/dS_start through each local segment's own outputs -> T = dL/dS_end."""
 
@@ -272,7 +297,7 @@ def delta_rule_over_segments(
     g: torch.Tensor,
     beta: torch.Tensor,
     cp: CPContext,
-    kernel: str,
+    kernel,
     layer_name: str,
     *,
     doc_starts: torch.Tensor | None = None,
@@ -283,7 +308,8 @@ def delta_rule_over_segments(
 
     One :class:`_SegmentsWithStatePassing` node. ``initial_state`` [B, H, K, V] is S_0 of
     segment 0 (folded into that segment's summary); the other segments start from 0 * it, so
-    every rank gets a gradient for it (zero except on segment 0's rank).
+    every rank gets a gradient for it (zero except on segment 0's rank). ``kernel``: a GDN
+    kernel name, or any segment kernel object (e.g. Mamba-2's, titan_cp.ops.mamba2).
     """
     N, T_seg, H, V = v.shape
     n = len(cp.local_segments)
@@ -292,7 +318,8 @@ def delta_rule_over_segments(
         initial = initial_state.to(state_dtype(v))
         initial_rows = torch.stack([initial if s == 0 else initial * 0 for s in cp.local_segments], dim=1)
         initial_rows = initial_rows.reshape(N, H, *initial.shape[-2:])
-    return _SegmentsWithStatePassing.apply(q, k, v, g, beta, initial_rows, doc_starts, get_segment_kernel(kernel),
+    segment_kernel = get_segment_kernel(kernel) if isinstance(kernel, str) else kernel
+    return _SegmentsWithStatePassing.apply(q, k, v, g, beta, initial_rows, doc_starts, segment_kernel,
                                            cp, layer_name, scale, N // n)
 
 
@@ -317,9 +344,10 @@ class _SegmentsWithStatePassing(torch.autograd.Function):
         with_transition = cp.local_segments != [0]  # else: only the sequence's first segment, S_start = 0
         seg = segment_kernel.forward(q, k, v, g, beta, scale=scale, initial_state=initial_rows,
                                      doc_starts=doc_starts, with_transition=with_transition)
-        M = seg.M if with_transition else seg.S_local.new_zeros(N, H, K, K)
+        m = 1 if getattr(segment_kernel, "scalar_transition", False) else K
+        M = seg.M if with_transition else seg.S_local.new_zeros(N, H, m, m)
         fold, _ = _exchange(cp)
-        S_start, fold_saved = fold(M.reshape(B, n, H, K, K), seg.S_local.reshape(B, n, H, K, V), cp, layer_name)
+        S_start, fold_saved = fold(M.reshape(B, n, H, m, m), seg.S_local.reshape(B, n, H, K, V), cp, layer_name)
         S_start = S_start.reshape(N, H, K, V)
         tensors, meta = seg.saved_tensors, seg.saved_meta
         o = seg.o
