@@ -8,9 +8,12 @@ Two sources, both selectable from TOML (``[dataloader] dataset = ...``):
     dataset table, and read by TorchTitan's own ``HuggingFaceTextDataLoader``:
     same packing, positions, dp split and checkpoint state as TorchTitan's c4
     path, no network. The tokenizer is ``titan_cp/assets/tokenizer``
-    (``hf_assets_path``). ``dataset_path`` may point the same loader at any
-    local ``.jsonl`` file (one ``{"text": ...}`` per line) or a plain-text file
-    (one document).
+    (``hf_assets_path``). ``dataset_path`` points the same loader at a local
+    dataset: JSONL, parquet, arrow, a ``save_to_disk`` folder or a glob of
+    shards (:mod:`titan_cp.components.datasets`), ``text_column``,
+    ``streaming`` and ``min_doc_tokens`` choose what is read
+    (:mod:`titan_cp.components.text_loader`; start-up checks in
+    :mod:`titan_cp.components.data_checks`).
 
 ``tiny_corpus_validation``
     Held-out documents of the same grammar
@@ -49,7 +52,6 @@ only.
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,19 +75,12 @@ VALIDATION_STEPS = 5
 
 
 def _read_documents(path: str):
-    """A local text dataset: ``.jsonl`` = one ``{"text": ...}`` per line, any other file = one document."""
-    from datasets import Dataset
+    """A local text dataset in any format of :func:`titan_cp.components.datasets.load_local`."""
+    from titan_cp.components.datasets import load_local
 
-    if not Path(path).is_file():
+    if not Path(path).exists() and not any(c in str(path) for c in "*?["):
         raise FileNotFoundError(f"dataloader.dataset_path = '{path}' does not exist")
-    with open(path) as f:
-        if str(path).endswith(".jsonl"):
-            rows = [json.loads(line) for line in f if line.strip()]
-        else:
-            rows = [{"text": f.read()}]
-    # An in-memory map-style dataset: no HF cache directory, no lock files
-    # shared between ranks, resumable by index (TorchTitan's skip()).
-    return Dataset.from_list(rows)
+    return load_local(str(path))
 
 
 def register_datasets() -> None:
@@ -102,11 +97,12 @@ def register_datasets() -> None:
 
 
 def tiny_corpus_config(**kwargs):
-    """TorchTitan's text dataloader config reading the shipped corpus."""
-    from torchtitan.hf_datasets.text_datasets import HuggingFaceTextDataLoader
+    """titan_cp's text dataloader config (:class:`~titan_cp.components.text_loader.TextDataLoader`) reading
+    the shipped corpus; ``dataset_path`` points it at a local JSONL / parquet / arrow / save_to_disk dataset."""
+    from titan_cp.components.text_loader import TextDataLoader
 
     register_datasets()
-    return HuggingFaceTextDataLoader.Config(dataset=TINY_CORPUS, **kwargs)
+    return TextDataLoader.Config(dataset=TINY_CORPUS, **kwargs)
 
 
 def validation_config(**kwargs):

@@ -90,6 +90,9 @@ class TitanCPMetricsProcessor(MetricsProcessor):
         watchdog_silence_seconds: float = 60.0
         """Log an error naming a rank whose heartbeat stopped for this long (0 disables the watchdog)."""
 
+        watchdog_no_step_seconds: float = 1800.0
+        """End the run (exit code 3) when no training step began for this long, busy or not (0 disables)."""
+
     def __init__(self, config: Config, *, dump_folder: str = "./outputs", config_dict=None, **kwargs):
         super().__init__(config, dump_folder=dump_folder, config_dict=config_dict, **kwargs)
         self._metrics_rank = _get_metrics_rank(
@@ -106,6 +109,17 @@ class TitanCPMetricsProcessor(MetricsProcessor):
             from titan_cp.components.watchdog import HeartbeatWatchdog
 
             self._watchdog = HeartbeatWatchdog.start(silence_s=config.watchdog_silence_seconds)
+        self._step_watchdog = None
+        if config.watchdog_no_step_seconds > 0:
+            from titan_cp.components.watchdog import StepWatchdog
+
+            self._step_watchdog = StepWatchdog(config.watchdog_no_step_seconds)
+
+    def should_log(self, step: int) -> bool:
+        """TorchTitan asks this at the start of every step: the step watchdog's clock."""
+        if self._step_watchdog is not None:
+            self._step_watchdog.step_seen(step)
+        return super().should_log(step)
 
     # --- TensorBoard: one folder per run -----------------------------------------------------
 
@@ -210,6 +224,8 @@ class TitanCPMetricsProcessor(MetricsProcessor):
             self._jsonl.write(record)
 
     def close(self):
+        if self._step_watchdog is not None:
+            self._step_watchdog.stop()
         if self._watchdog is not None:
             self._watchdog.stop()
         super().close()

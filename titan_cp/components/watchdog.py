@@ -20,7 +20,19 @@ singles out ranks whose whole process stopped or died. Pick ``silence_s``
 below ``comm.train_timeout_seconds`` so the name is printed before the
 collectives fail (titan_cp's default: 60 s vs TorchTitan's 100 s).
 
-Tested in ``tests/integration/test_watchdog.py`` (2 ranks, one SIGSTOPs itself). Checked
+A rank can also be busy and never step (a data loader re-looping a dataset
+that yields no rows, a wedged start-up loop): it keeps beating, so step 3
+does not fire. :class:`StepWatchdog` covers that: the trainer's per-step
+``should_log(step)`` call (titan_cp's metrics processor) calls
+:meth:`StepWatchdog.step_seen`; a thread checks every ``interval_s`` and, if
+no step began for ``no_step_s`` seconds (counted from the watchdog's start,
+so the first step's set-up counts), logs an ERROR naming
+``metrics.watchdog_no_step_seconds`` and ends the process with exit code 3
+(``os._exit``: a busy main thread never returns to check a flag). It runs on
+every rank, also in a 1-rank run.
+
+Tested in ``tests/integration/test_watchdog.py`` (2 ranks, one SIGSTOPs itself) and
+``tests/unit/test_data_watchdog.py`` (a busy loop that never steps). Checked
 by hand with the trainer: ``torchrun --nproc_per_node=2 train.py
 --job.config_file train_configs/cp2.toml --training.steps 200
 --comm.train_timeout_seconds 30 --metrics.watchdog_silence_seconds 10``, then
@@ -92,4 +104,42 @@ class HeartbeatWatchdog:
         self._stop.set()
 
 
-__all__ = ["HeartbeatWatchdog"]
+class StepWatchdog:
+    """Ends a process whose training loop has not begun a step for ``no_step_s`` seconds (busy or not)."""
+
+    EXIT_CODE = 3
+
+    def __init__(self, no_step_s: float, interval_s: float | None = None, exit_fn=None):
+        self.no_step_s = no_step_s
+        self.interval_s = interval_s if interval_s is not None else max(0.05, min(5.0, no_step_s / 10))
+        self._exit = exit_fn or os._exit
+        self._last_step, self._last_time = None, time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="titan_cp-step-watchdog", daemon=True)
+        self._thread.start()
+
+    def step_seen(self, step: int) -> None:
+        """The training loop began ``step`` (called once per step)."""
+        if step != self._last_step:
+            self._last_step, self._last_time = step, time.monotonic()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            quiet = time.monotonic() - self._last_time
+            if quiet > self.no_step_s:
+                where = "before the first step" if self._last_step is None else f"after step {self._last_step}"
+                logger.error(
+                    f"no training step began for {quiet:.0f} s ({where}) although this process is alive "
+                    f"(pid {os.getpid()}): the run is busy without progress (e.g. a data loader re-looping a "
+                    f"dataset that yields no rows). Ending it. Check dataloader.dataset_path with "
+                    f"`titan_cp data-report`, or raise metrics.watchdog_no_step_seconds "
+                    f"(now {self.no_step_s:g}; 0 disables) if steps are really this slow."
+                )
+                self._exit(self.EXIT_CODE)
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+__all__ = ["HeartbeatWatchdog", "StepWatchdog"]

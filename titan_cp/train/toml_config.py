@@ -176,8 +176,48 @@ def dataloader_config_for(dataset: str):
     if dataset == "synthetic":
         return SyntheticDataLoader.Config()
     if dataset.lower() in DATASETS:
-        return HuggingFaceTextDataLoader.Config(dataset=dataset)
+        if not str(DATASETS[dataset.lower()].path).startswith(("/", ".")):
+            return HuggingFaceTextDataLoader.Config(dataset=dataset)  # a hub dataset: TorchTitan's loader
+        from titan_cp.components.data import tiny_corpus_config
+
+        return dataclasses.replace(tiny_corpus_config(), dataset=dataset)
     raise ConfigError(unknown_choice_message("dataloader.dataset", dataset, ["synthetic", *DATASETS]))
+
+
+def _param_shapes(model_config) -> dict[str, tuple[int, ...]]:
+    import torch
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in model_config.build().state_dict().items()}
+
+
+def _check_model_overrides_used(before, after, settings: Sequence[Setting], family: str) -> None:
+    """Every ``[model]`` override must change what is built: a shape field (int) that leaves every
+    parameter shape as it was is not read by this family's model (e.g. Qwen3.5's top-level ``dim``:
+    its layers are built from the flavor's own sub-configs), so it is an error, not a silent no-op."""
+    shapes = None
+    for s in settings:
+        if s.section != "model" or "." in s.key or s.key.endswith("seed"):
+            continue
+        old, new = getattr(before, s.key, None), getattr(after, s.key, None)
+        if dataclasses.is_dataclass(old) or (isinstance(old, list) and old and dataclasses.is_dataclass(old[0])):
+            raise ConfigError(f"{s.origin}: {s.field} is a sub-config built by model.flavor; it cannot be set "
+                              f"as one value. Pick another model.flavor.")
+        if not isinstance(old, int) or isinstance(old, bool) or old == new:
+            continue
+        try:
+            shapes = _param_shapes(before) if shapes is None else shapes
+            changed = _param_shapes(dataclasses.replace(before, **{s.key: new}))
+        except Exception:  # noqa: BLE001 - the override breaks the build: preflight names it later
+            continue
+        if changed == shapes:
+            from titan_cp.models.registry import MODEL_FAMILIES
+
+            flavors = list(MODEL_FAMILIES[family].flavors) if family in MODEL_FAMILIES else []
+            raise ConfigError(
+                f"{s.origin}: {s.field} = {s.value!r} changes nothing in model.name = {family!r} (every "
+                f"parameter keeps its shape: this family builds its layers from model.flavor, not from "
+                f"{s.field}). Remove it and pick a model.flavor with the shape you want (one of {flavors}).")
 
 
 def _ac_config(mode: str):
@@ -276,7 +316,9 @@ class TomlJob:
             def parse(args: list[str]):
                 return tyro.cli(type(model), args=args, default=model, registry=custom_registry)
 
+            before = model
             model = parse_settings(parse, items, model, self.source)
+            _check_model_overrides_used(before, model, [s for s, _, _ in items], config.model_spec.name)
             config.model_spec = dataclasses.replace(config.model_spec, model=model)
             if hasattr(config.loss, "global_vocab_size") and hasattr(model, "vocab_size"):
                 config.loss.global_vocab_size = model.vocab_size
@@ -363,7 +405,10 @@ class TomlJob:
         head = ["--module", __name__, "--config", "toml_job"]
         config = parse_settings(lambda args: ConfigManager().parse_args(head + args), items, base, self.source,
                                 ac_tokens)
-        validate(config, world_size=world_size, check_runtime=check_runtime)
+        degrees = validate(config, world_size=world_size, check_runtime=check_runtime)
+        from titan_cp.components.data_checks import check_data
+
+        check_data(config, degrees["dp_replicate"] * degrees["dp_shard"])
         return config
 
 

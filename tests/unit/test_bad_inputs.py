@@ -1,0 +1,89 @@
+"""Bad data / config inputs fail at start-up with a ConfigError naming the field (docs/data.md's table).
+
+Each case is built through the TOML front end (``build_config``: exactly what
+``train.py`` runs before any process group); two are also launched as real
+``train.py`` processes (rc != 0, field in the output, under a timeout).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from titan_cp.errors import ConfigError
+from titan_cp.train.toml_config import build_config
+from tests.support.train_runs import REPO, run_env
+
+
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def _cases(d):
+    doc = json.dumps({"text": "the cat sat on the mat " * 40})
+    (d / "folder").mkdir()
+    (d / "mix").mkdir()
+    _write(d / "mix" / "a.jsonl", [doc])
+    (d / "mix" / "b.parquet").write_bytes(b"")
+    return {  # name -> (overrides, field the message must name)
+        "empty file": ([("dataloader", "dataset_path", _write(d / "empty.jsonl", []))], "dataloader.dataset_path"),
+        "blank lines only": ([("dataloader", "dataset_path", _write(d / "blank.jsonl", ["", " "]))],
+                             "dataloader.dataset_path"),
+        "fewer tokens than a batch": ([("dataloader", "dataset_path", _write(d / "short.jsonl", ['{"text": "a cat"}']))],
+                                      "training.seq_len"),
+        "missing column": ([("dataloader", "dataset_path", _write(d / "ok.jsonl", [doc] * 4)),
+                            ("dataloader", "text_column", "content")], "dataloader.text_column"),
+        "malformed line": ([("dataloader", "dataset_path", _write(d / "bad.jsonl", [doc, '{"text": "unclosed']))],
+                           "bad.jsonl:2"),
+        "line not an object": ([("dataloader", "dataset_path", _write(d / "list.jsonl", [doc, "[1, 2]"]))],
+                               "list.jsonl:2"),
+        "text not a string": ([("dataloader", "dataset_path", _write(d / "num.jsonl", ['{"text": 7}']))],
+                              "dataloader.text_column"),
+        "path does not exist": ([("dataloader", "dataset_path", str(d / "nope.jsonl"))], "dataloader.dataset_path"),
+        "glob matches nothing": ([("dataloader", "dataset_path", str(d / "none-*.parquet"))],
+                                 "dataloader.dataset_path"),
+        "folder not save_to_disk": ([("dataloader", "dataset_path", str(d / "folder"))], "dataloader.dataset_path"),
+        "glob mixes formats": ([("dataloader", "dataset_path", str(d / "mix" / "*"))], "dataloader.dataset_path"),
+        "min_doc_tokens above every doc": ([("dataloader", "dataset_path", str(d / "ok.jsonl")),
+                                            ("dataloader", "min_doc_tokens", 100_000)], "dataloader.min_doc_tokens"),
+        "tokenizer ids past the vocab": ([("model", "vocab_size", 512)], "model.vocab_size"),
+        "qwen3_5 model.dim": ([("model", "name", "qwen3_5"), ("model", "dim", 32)], "model.dim"),
+        "qwen3_5 model.vocab_size": ([("model", "name", "qwen3_5"), ("model", "vocab_size", 2048)],
+                                     "model.vocab_size"),
+        "gdn attention field without attention": ([("model", "attn_num_heads", 8)], "model.attn_num_heads"),
+        "unknown dataloader key": ([("dataloader", "text_colum", "text")], "dataloader.text_colum"),
+        "unknown dataset": ([("dataloader", "dataset", "no_such_set")], "dataloader.dataset"),
+    }
+
+
+def test_every_bad_input_names_its_field(tmp_path):
+    cases = _cases(tmp_path)
+    assert len(cases) >= 15
+    missed = {}
+    for name, (overrides, field) in cases.items():
+        try:
+            build_config({}, [("training", "seq_len", 128), *overrides], world_size=1, check_runtime=False)
+            missed[name] = "accepted"
+        except ConfigError as e:
+            if field not in str(e):
+                missed[name] = str(e)
+    assert not missed, missed
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--job.config_file", "train_configs/debug_cpu.toml", "--dataloader.dataset_path", "{empty}"],
+     "dataloader.dataset_path"),
+    (["--job.config_file", "train_configs/qwen3_5_debug_cp2.toml", "--model.dim", "32"], "model.dim"),
+])
+def test_train_py_stops_before_any_step(tmp_path, args, field):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    cmd = [sys.executable, "train.py", "--job.dump_folder", str(tmp_path / "out"), *[a.format(empty=empty) for a in args]]
+    run = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert field in run.stderr + run.stdout
+    assert "step:" not in run.stdout + run.stderr
