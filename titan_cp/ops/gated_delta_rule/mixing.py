@@ -65,8 +65,9 @@ def causal_short_conv(
     history_BHC: torch.Tensor | None = None,
     doc_starts_BT: torch.Tensor | None = None,
     history_starts_BH: torch.Tensor | None = None,
+    bias_C: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SiLU(depthwise causal conv1d) with an optional history and document resets.
+    """SiLU(depthwise causal conv1d) with an optional history, document resets and bias (Mamba-2's).
 
         y_t = silu( sum_{j=0}^{W-1} w[:, j] * x_{t-W+1+j} * [doc(t-W+1+j) == doc(t)] )
 
@@ -98,6 +99,8 @@ def causal_short_conv(
             x_ext[:, j:j + T] * weight_WC[j] * (doc_ext[:, j:j + T] == doc_now).unsqueeze(-1).to(acc)
             for j in range(W)
         )
+    if bias_C is not None:
+        y = y + bias_C.to(acc)
     return F.silu(y).to(x_BTC.dtype)
 
 
