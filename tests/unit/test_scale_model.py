@@ -226,7 +226,7 @@ def test_markdown_and_cli(tmp_path):
     assert "| P | tokens/rank | compute |" in md and "First P" in md
     out = tmp_path / "scale.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "tools.scale_model", "--markdown", "--json", str(out), "--max-p", "64"],
+        [sys.executable, "-m", "tools.scale_tables", "--markdown", "--json", str(out), "--max-p", "64"],
         capture_output=True, text=True, check=True, timeout=60, cwd=ROOT,
     )
     assert "### 340M" in proc.stdout and "### 7B-like" in proc.stdout

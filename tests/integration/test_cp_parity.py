@@ -1,4 +1,4 @@
-"""benchmarks/numerics.py: one-rank reference, then CP on 2 torchrun ranks; a wrong reference fails loudly."""
+"""benchmarks/cp_parity.py: one-rank reference, then CP on 2 torchrun ranks; a wrong reference fails loudly."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ["-m", "benchmarks.numerics"]  # run from ROOT
+SCRIPT = ["-m", "benchmarks.cp_parity"]  # run from ROOT
 TINY = ["--n_layers", "2", "--dim", "32", "--hidden_dim", "64", "--num_heads", "2", "--head_dim", "8",
         "--vocab_size", "97", "--seq_len", "64", "--batch", "2"]
 

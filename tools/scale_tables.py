@@ -9,10 +9,10 @@ exchange exceeds ``--hide-fraction`` of compute. The formulas (bytes, rounds,
 link model, GDN chunk FLOPs) are in the module docstring of
 titan_cp.analysis.scale_model.
 
-    python -m tools.scale_model                       # plain-text tables
-    python -m tools.scale_model --markdown > docs/scale_model.md
-    python -m tools.scale_model --json scale.json --gpus-per-node 1 --inter-bw 25
-    python -m tools.scale_model --shape 340M --shape 1.3B:dim=2048,n_layers=24,num_heads=8,head_dim=128
+    python -m tools.scale_tables                       # plain-text tables
+    python -m tools.scale_tables --markdown > docs/scale_model.md
+    python -m tools.scale_tables --json scale.json --gpus-per-node 1 --inter-bw 25
+    python -m tools.scale_tables --shape 340M --shape 1.3B:dim=2048,n_layers=24,num_heads=8,head_dim=128
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class Args:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = tyro.cli(Args, args=argv, prog="python -m tools.scale_model", description=__doc__.split("\n\n")[0])
+    a = tyro.cli(Args, args=argv, prog="python -m tools.scale_tables", description=__doc__.split("\n\n")[0])
     shapes = [parse_shape(s) for s in a.shape] if a.shape else [(n, named_shape(n)) for n in SHAPE_SOURCES]
     n, c, w = a.network, a.compute, a.workload
     net = Network(n.inter_bw * 1e9, n.inter_latency * 1e-6, n.intra_bw * 1e9, n.intra_latency * 1e-6,

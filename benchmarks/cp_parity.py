@@ -4,12 +4,12 @@
 Step 1, one process: run the full sequence and save the reference (inputs,
 weights, logits, loss and every gradient):
 
-    python -m benchmarks.numerics --mode single --save_ref ref.pt [--flavor debug --seq_len 1024 --packed]
+    python -m benchmarks.cp_parity --mode single --save_ref ref.pt [--flavor debug --seq_len 1024 --packed]
 
 Step 2, P ranks: run the same model and batch under CP (each rank its shard),
 gather logits, all-reduce loss and gradients, and compare with the reference:
 
-    torchrun --standalone --nproc_per_node=P -m benchmarks.numerics --mode cp --cp_size P --ref ref.pt \\
+    torchrun --standalone --nproc_per_node=P -m benchmarks.cp_parity --mode cp --cp_size P --ref ref.pt \\
         [--exchange allgather|logscan|alltoall] [--layout contiguous|zigzag] [--kernel torch|recurrent|triton]
 
 For every tensor it prints the max absolute error and the relative error
@@ -130,7 +130,7 @@ def compare(name: str, got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: 
 def run_cp(a) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if a.cp_size != world:
-        print(f"check_numerics: --cp_size {a.cp_size} but WORLD_SIZE is {world}; launch with "
+        print(f"benchmarks.cp_parity: --cp_size {a.cp_size} but WORLD_SIZE is {world}; launch with "
               f"torchrun --nproc_per_node={a.cp_size}", file=sys.stderr)
         return 2
     device = torch.device(a.device) if a.device else default_device()
@@ -154,7 +154,7 @@ def _run_cp(a, rank: int, P: int, device: torch.device) -> int:
     ref = torch.load(a.ref, map_location="cpu", weights_only=False)
     meta = ref["meta"]
     if meta.get("format") != REF_FORMAT:
-        raise SystemExit(f"check_numerics: {a.ref} is not a reference of format {REF_FORMAT} (made by --mode single)")
+        raise SystemExit(f"benchmarks.cp_parity: {a.ref} is not a reference of format {REF_FORMAT} (made by --mode single)")
     kernel = a.kernel or meta["kernel"]
     rtol = a.rtol if a.rtol is not None else DEFAULT_RTOL[meta["dtype"]]
     L, B = meta["seq_len"], meta["batch"]
@@ -191,7 +191,7 @@ def _run_cp(a, rank: int, P: int, device: torch.device) -> int:
     missing = set(grads) - set(ref["grads"])
     failed = [r for r in rows if not r["ok"]]
     if rank == 0:
-        print(f"check_numerics: CP {P} ({a.exchange}, {a.layout}), kernel {kernel} vs reference {a.ref} "
+        print(f"benchmarks.cp_parity: CP {P} ({a.exchange}, {a.layout}), kernel {kernel} vs reference {a.ref} "
               f"(flavor {meta['flavor']}, seq_len {L}, batch {B}, {'packed, ' if meta['packed'] else ''}"
               f"{meta['dtype']}, reference kernel {meta['kernel']}); tolerance atol {a.atol:g} + rtol {rtol:g} x max|ref|")
         width = max(len(r["name"]) for r in rows)
@@ -267,15 +267,15 @@ class Args:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = tyro.cli(Args, args=argv, prog="python -m benchmarks.numerics", description=__doc__, use_underscores=True)
+    a = tyro.cli(Args, args=argv, prog="python -m benchmarks.cp_parity", description=__doc__, use_underscores=True)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))))
     if a.mode == "single":
         if a.save_ref is None:
-            raise SystemExit("check_numerics: --mode single needs --save_ref PATH")
+            raise SystemExit("benchmarks.cp_parity: --mode single needs --save_ref PATH")
         a.kernel = a.kernel or "torch"
         return run_single(a)
     if a.ref is None:
-        raise SystemExit("check_numerics: --mode cp needs --ref PATH (written by --mode single)")
+        raise SystemExit("benchmarks.cp_parity: --mode cp needs --ref PATH (written by --mode single)")
     return run_cp(a)
 
 
