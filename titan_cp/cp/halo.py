@@ -116,3 +116,25 @@ def exchange_halo(x_BNTC: torch.Tensor, history: int, cp: CPContext, layer_name:
     hops = math.ceil(history / w)
     halo = _HaloExchange.apply(x_BNTC[:, :, T_seg - w:], cp, hops, layer_name)
     return halo[:, :, hops * w - history:]
+
+
+def conv_halo(x_NTC: torch.Tensor, starts_NT: torch.Tensor | None, history: int, cp: CPContext, layer_name: str,
+              n_local: int):
+    """The conv halo of segment rows, for any family's short conv.
+
+    ``x_NTC`` [B n, T_seg, C] pre-conv channels (every convolved channel concatenated),
+    ``starts_NT`` their document starts. Returns (x, halo [B n, history, C], halo_starts or
+    None): ``x`` is ``x_NTC`` with the tail split off for the send (:func:`split_tail`),
+    the document starts travel as one extra channel.
+    """
+    N, T_seg = x_NTC.shape[:2]
+    tail = min(T_seg, history)
+    x, x_tail = split_tail(x_NTC, tail)
+    if starts_NT is not None:
+        x_tail = torch.cat([x_tail, starts_NT[:, T_seg - tail:].unsqueeze(-1).to(x_tail.dtype)], dim=-1)
+    B = N // n_local
+    halo = exchange_halo(x_tail.reshape(B, n_local, tail, -1), history, cp, layer_name).reshape(N, history, -1)
+    halo_starts = None
+    if starts_NT is not None:
+        halo, halo_starts = halo[..., :-1], halo[..., -1] > 0.5
+    return x, halo, halo_starts

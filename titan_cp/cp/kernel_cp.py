@@ -25,8 +25,12 @@ import torch
 from titan_cp.cp.comm import all_gather_list
 from titan_cp.cp.context import CPContext, dtype_code
 from titan_cp.cp.head_parallel import _heads_to_seq, _seq_to_heads
+from titan_cp.cp.halo import conv_halo
 from titan_cp.cp.layout import reassemble
 from titan_cp.cp.state_passing import as_segment_rows, delta_rule_over_segments
+from titan_cp.ops import mamba2
+from titan_cp.ops.gated_delta_rule.mixing import causal_short_conv
+from titan_cp.ops.mamba2.mixing import mamba2_mixer
 
 
 def _head_parallel(q, k, v, g, beta, kernel, cp: CPContext, name, initial_state, doc_starts, scale):
@@ -71,4 +75,28 @@ def kernel_over_shards(q, k, v, g, beta, *, kernel, segment_kernel, cp: CPContex
     return o.reshape(B, T, H, V)
 
 
-__all__ = ["kernel_over_shards"]
+def short_conv_over_shards(x_BTC, weight_C1W, bias_C, doc_starts_BT, cp: CPContext, name: str) -> torch.Tensor:
+    """SiLU(causal depthwise conv + bias) of this rank's tokens: each segment reads the W-1 pre-conv
+    tokens before it from their holder (cp/halo.py), document resets included."""
+    n = len(cp.local_segments)
+    B, T, C = x_BTC.shape
+    W = weight_C1W.shape[-1]
+    starts = as_segment_rows(doc_starts_BT, n)
+    x, halo, halo_starts = conv_halo(as_segment_rows(x_BTC, n), starts, W - 1, cp, name, n)
+    return causal_short_conv(x, weight_C1W, halo, starts, halo_starts, bias_C=bias_C).reshape(B, T, C)
+
+
+def mamba2_mixer_over_shards(mixer, h_BTD, *, cp: CPContext, kernel: str = "torch", name: str = "mamba2",
+                             doc_starts_BT=None) -> torch.Tensor:
+    """A Mamba-2 mixer (transformers' parameterisation, titan_cp.ops.mamba2.mixing) on this rank's
+    tokens: the conv through the halo, the SSD through ``cp.exchange`` (any of the three)."""
+    return mamba2_mixer(
+        mixer, h_BTD, doc_starts_BT=doc_starts_BT,
+        conv=lambda x, w, b, starts: short_conv_over_shards(x, w, b, starts, cp, name),
+        ssd=lambda *a, **kw: kernel_over_shards(*a, kernel=mamba2.get_kernel(kernel),
+                                                segment_kernel=mamba2.get_segment_kernel(kernel), cp=cp, name=name,
+                                                scale=1.0, **kw),
+    )
+
+
+__all__ = ["kernel_over_shards", "mamba2_mixer_over_shards", "short_conv_over_shards"]

@@ -91,7 +91,7 @@ import torch
 
 from titan_cp.cp.comm import all_gather_stacked, exchange_p2p
 from titan_cp.cp.context import CPContext, dtype_code
-from titan_cp.cp.halo import exchange_halo, split_tail
+from titan_cp.cp.halo import conv_halo
 from titan_cp.cp.layout import segments_of_rank
 from titan_cp.ops.gated_delta_rule.mixing import GDNMixingInputs, conv_qkv, conv_qkv_input
 from titan_cp.ops.gated_delta_rule import get_segment_kernel
@@ -273,15 +273,8 @@ def mix_state_passing(inp: GDNMixingInputs, kernel: str, cp: CPContext, layer_na
 
     # b. conv halo: pre-conv q|k|v plus a document-start channel, W-1 tokens per segment. Only
     # each segment's tail (its last min(T_seg, W-1) tokens) travels.
-    tail = min(T_seg, W - 1)
-    x, x_tail = split_tail(conv_qkv_input(rows), tail)
     starts = rows.doc_starts_BT
-    if starts is not None:
-        x_tail = torch.cat([x_tail, starts[:, T_seg - tail:].unsqueeze(-1).to(x_tail.dtype)], dim=-1)
-    halo = exchange_halo(x_tail.reshape(B, n, tail, -1), W - 1, cp, layer_name).reshape(B * n, W - 1, -1)
-    halo_starts = None
-    if starts is not None:
-        halo, halo_starts = halo[..., :-1], halo[..., -1] > 0.5
+    x, halo, halo_starts = conv_halo(conv_qkv_input(rows), starts, W - 1, cp, layer_name, n)
     q, k, v = conv_qkv(rows, halo, halo_starts, x_BTC=x)
 
     # c + d. one kernel call per segment, the summary exchange, the corrected outputs.
