@@ -127,7 +127,7 @@ def test_checkpoint_config_json_must_match_the_flavor(tmp_path):
             check_hf_checkpoint(model, str(tmp_path))
 
 
-def test_vision_under_cp_and_moe_with_tp_are_refused():
+def test_vision_under_cp_and_moe_with_tp_are_refused_moe_with_ep_accepted():
     from torchtitan.config import ParallelismConfig
 
     from titan_cp.models.qwen3_5.config_registry import model_spec
@@ -139,6 +139,8 @@ def test_vision_under_cp_and_moe_with_tp_are_refused():
         check_layout(vision, parallelism)
     moe = model_spec("debugmodel_moe").model
     check_moe(moe, parallelism)  # token-local: CP composes (tests/integration/test_qwen3_5_cp.py)
-    for field in ("tensor_parallel_degree", "expert_parallel_degree"):
-        with pytest.raises(ConfigError, match=f"parallelism.{field} = 2 with a Qwen3.5 MoE"):
-            check_moe(moe, ParallelismConfig(**{field: 2}))
+    check_moe(moe, ParallelismConfig(context_parallel_degree=2, expert_parallel_degree=2))  # test_qwen3_5_moe_ep.py
+    with pytest.raises(ConfigError, match="parallelism.tensor_parallel_degree = 2 with a Qwen3.5 MoE"):
+        check_moe(moe, ParallelismConfig(tensor_parallel_degree=2))
+    with pytest.raises(ConfigError, match="parallelism.expert_parallel_degree = 3 does not divide"):
+        check_moe(moe, ParallelismConfig(expert_parallel_degree=3))

@@ -90,7 +90,9 @@ def apply_fsdp(model: nn.Module, *, parallel_dims, training, parallelism) -> Non
     """FSDP2 (HSDP when dp_replicate > 1) over :func:`fsdp_mesh` with TorchTitan's decoder wrapping.
 
     Always applied, as TorchTitan does: with a mesh of size 1 it only installs
-    the mixed-precision policy. Works on a pipeline stage (``tok_embeddings``,
+    the mixed-precision policy. Under expert parallel the routed experts shard
+    over ``efsdp`` (= dp_shard x cp x tp / ep; HSDP adds ``dp_replicate``), as
+    TorchTitan's ``parallelize_qwen3_5``. Works on a pipeline stage (``tok_embeddings``,
     ``norm``, ``lm_head`` may be None). On gloo (CPU) FSDP's PREMUL_SUM reduce
     becomes a plain SUM (:mod:`titan_cp.components.compat` item 5).
     """
@@ -106,7 +108,15 @@ def apply_fsdp(model: nn.Module, *, parallel_dims, training, parallelism) -> Non
         cpu_offload=training.enable_cpu_offload,
         reshard_after_forward_policy=parallelism.fsdp_reshard_after_forward,
         enable_symm_mem=getattr(parallelism, "enable_fsdp_symm_mem", False),
+        **_expert_fsdp(parallel_dims),
     )
+
+
+def _expert_fsdp(parallel_dims) -> dict:
+    if not parallel_dims.ep_enabled:
+        return {}
+    names = ["dp_replicate", "efsdp"] if parallel_dims.dp_replicate_enabled else ["efsdp"]
+    return {"ep_degree": parallel_dims.ep, "edp_mesh": parallel_dims.get_optional_mesh(names)}
 
 
 def parallelize_decoder(

@@ -25,8 +25,9 @@ from torchtitan.models.common.decoder import Decoder
 from torchtitan.models.qwen3_5.model import Qwen35Model
 
 from titan_cp.cp.context import CPContext
-from titan_cp.errors import ConfigError
+from titan_cp.errors import ConfigError, unknown_choice_message
 from titan_cp.models.common.sequence import sequence_info
+from titan_cp.models.qwen3_5.moe import EXPERT_COMPUTE, ExactGroupedExperts
 from titan_cp.models.qwen3_5.layers import CPGatedDeltaNet, CPQwen35Attention, CPQwen35Block, RingAttention
 
 
@@ -44,6 +45,8 @@ class Qwen35CPModel(Qwen35Model):
         cp_layout: str = "contiguous"
         cp_exchange: str = "allgather"
         doc_masking: bool = True  # reset state, conv and attention at positions == 0
+        # Routed experts: TorchTitan's bf16 grouped_mm, or "exact" (titan_cp.models.qwen3_5.moe).
+        expert_compute: str = "grouped_mm_bf16"
 
         def update_from_config(self, *, config, **kwargs) -> None:
             """TorchTitan's RoPE / seq_len checks, then titan_cp's start-up checks (titan_cp.models.common.preflight)."""
@@ -131,8 +134,11 @@ def titan_cp_config(config: Qwen35Model.Config, **fields) -> Qwen35CPModel.Confi
     """A TorchTitan Qwen3.5 config with titan_cp's CP layers (same shapes, inits and names).
 
     ``fields``: :class:`Qwen35CPModel.Config` fields (kernel, cp_layout,
-    cp_exchange, doc_masking, with_vision).
+    cp_exchange, doc_masking, with_vision, expert_compute).
     """
+    expert_compute = fields.get("expert_compute", "grouped_mm_bf16")
+    if expert_compute not in EXPERT_COMPUTE:
+        raise ConfigError(unknown_choice_message("model.expert_compute", expert_compute, EXPERT_COMPUTE))
     layers = []
     for layer in config.layers:
         values = _fields(layer)
@@ -141,5 +147,10 @@ def titan_cp_config(config: Qwen35Model.Config, **fields) -> Qwen35CPModel.Confi
             values["attention"] = CPQwen35Attention.Config(**attention)
         if layer.delta_net is not None:
             values["delta_net"] = CPGatedDeltaNet.Config(**_fields(layer.delta_net))
+        if layer.moe is not None and expert_compute == "exact":
+            routed = layer.moe.routed_experts
+            exact = ExactGroupedExperts.Config(**_fields(routed.inner_experts))
+            values["moe"] = dataclasses.replace(layer.moe, routed_experts=dataclasses.replace(routed,
+                                                                                           inner_experts=exact))
         layers.append(CPQwen35Block.Config(**values))
     return Qwen35CPModel.Config(**(_fields(config) | {"layers": layers} | fields))

@@ -36,6 +36,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from titan_cp.models.common.parallelize import fsdp_mesh, parallelize_decoder, shard_param
+from titan_cp.models.qwen3_5.moe import apply_ep
 
 
 def _norm_on(placement, n_inputs: int = 1) -> PrepareModuleInputOutput:
@@ -95,5 +96,7 @@ def parallelize_qwen3_5_cp(model: nn.Module, *, parallel_dims, training, paralle
             reshard_after_forward_policy=parallelism.fsdp_reshard_after_forward,
             pp_enabled=parallel_dims.pp_enabled,
         )
+    if parallel_dims.ep_enabled:  # TorchTitan's expert parallel (titan_cp.models.qwen3_5.moe)
+        apply_ep(model, parallel_dims.get_mesh("ep"))
     return parallelize_decoder(model, apply_tp_fn=apply_tp, parallel_dims=parallel_dims, training=training,
                                parallelism=parallelism, **kwargs)

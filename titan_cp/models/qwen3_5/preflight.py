@@ -3,7 +3,7 @@
 The shared rules (degrees, kernel / exchange / layout names, load balancer,
 seq_len, paths) live in :mod:`titan_cp.models.common.preflight`; it calls
 ``Qwen35CPModel.Config.check_job`` (:func:`check_job` here) for what only
-this model knows: its head counts, text only under CP, MoE limits and the
+this model knows: its head counts, text only under CP, MoE (EP yes, TP not yet) and the
 HF checkpoint's ``config.json``. Every message names the field and a fix.
 """
 
@@ -43,15 +43,23 @@ def check_layout(model, parallelism) -> None:
 
 
 def check_moe(model, parallelism) -> None:
-    """MoE flavors run TorchTitan's MoE token-locally (CP composes); TP / EP of the experts is not wired here."""
-    if not any(getattr(layer, "moe", None) is not None for layer in model.layers):
+    """MoE flavors: expert parallel (TorchTitan's, beside CP) yes; TP of a MoE model is not wired yet."""
+    moe = [layer.moe for layer in model.layers if getattr(layer, "moe", None) is not None]
+    if not moe:
         return
-    for field in ("tensor_parallel_degree", "expert_parallel_degree"):
-        if getattr(parallelism, field) > 1:
-            raise ConfigError(
-                f"parallelism.{field} = {getattr(parallelism, field)} with a Qwen3.5 MoE flavor: titan_cp runs "
-                f"TorchTitan's MoE without tensor / expert parallelism; set {field} = 1 (use FSDP x CP)."
-            )
+    tp, ep = parallelism.tensor_parallel_degree, parallelism.expert_parallel_degree
+    if tp > 1:
+        raise ConfigError(
+            f"parallelism.tensor_parallel_degree = {tp} with a Qwen3.5 MoE flavor: titan_cp does not shard "
+            "the routed / shared experts over TP yet; set tensor_parallel_degree = 1 and use expert "
+            f"parallelism instead (e.g. expert_parallel_degree = {tp} x context_parallel_degree)."
+        )
+    num_experts = moe[0].num_experts
+    if ep > 1 and num_experts % ep:
+        raise ConfigError(
+            f"parallelism.expert_parallel_degree = {ep} does not divide the flavor's {num_experts} routed "
+            "experts; pick a degree that divides it."
+        )
 
 
 def check_hf_checkpoint(model, path: str) -> None:
