@@ -27,7 +27,7 @@ from torchtitan.models.qwen3_5.model import Qwen35Model
 from titan_cp.cp.context import CPContext
 from titan_cp.errors import ConfigError, unknown_choice_message
 from titan_cp.models.common.sequence import sequence_info
-from titan_cp.models.qwen3_5.moe import EXPERT_COMPUTE, ExactGroupedExperts
+from titan_cp.models.qwen3_5.moe import EXPERT_COMPUTE, CPGroupedExperts, moe_layers
 from titan_cp.models.qwen3_5.layers import CPGatedDeltaNet, CPQwen35Attention, CPQwen35Block, RingAttention
 
 
@@ -79,6 +79,10 @@ class Qwen35CPModel(Qwen35Model):
             block.attn.layer_name = f"layers.{layer_id}.attn"
             if not block.full_attn:
                 block.attn.mixing_kernel = config.kernel
+        if config.expert_compute not in EXPERT_COMPUTE:
+            raise ConfigError(unknown_choice_message("model.expert_compute", config.expert_compute, EXPERT_COMPUTE))
+        for _, moe in moe_layers(self):
+            moe.routed_experts.inner_experts.exact = config.expert_compute == "exact"
         self.cp: CPContext | None = None  # set by apply_cp with every mixer's cp
 
     def verify_module_protocol(self) -> None:
@@ -136,9 +140,6 @@ def titan_cp_config(config: Qwen35Model.Config, **fields) -> Qwen35CPModel.Confi
     ``fields``: :class:`Qwen35CPModel.Config` fields (kernel, cp_layout,
     cp_exchange, doc_masking, with_vision, expert_compute).
     """
-    expert_compute = fields.get("expert_compute", "grouped_mm_bf16")
-    if expert_compute not in EXPERT_COMPUTE:
-        raise ConfigError(unknown_choice_message("model.expert_compute", expert_compute, EXPERT_COMPUTE))
     layers = []
     for layer in config.layers:
         values = _fields(layer)
@@ -147,10 +148,10 @@ def titan_cp_config(config: Qwen35Model.Config, **fields) -> Qwen35CPModel.Confi
             values["attention"] = CPQwen35Attention.Config(**attention)
         if layer.delta_net is not None:
             values["delta_net"] = CPGatedDeltaNet.Config(**_fields(layer.delta_net))
-        if layer.moe is not None and expert_compute == "exact":
+        if layer.moe is not None:
             routed = layer.moe.routed_experts
-            exact = ExactGroupedExperts.Config(**_fields(routed.inner_experts))
+            experts = CPGroupedExperts.Config(**_fields(routed.inner_experts))
             values["moe"] = dataclasses.replace(layer.moe, routed_experts=dataclasses.replace(routed,
-                                                                                           inner_experts=exact))
+                                                                                           inner_experts=experts))
         layers.append(CPQwen35Block.Config(**values))
     return Qwen35CPModel.Config(**(_fields(config) | {"layers": layers} | fields))

@@ -12,7 +12,7 @@ this rank's experts, sorted by expert (``num_tokens_per_expert_E`` rows each)::
   over a different grouping of tokens (CP shards, EP ranks) then differ at
   bf16 rounding: measured up to ~5e-3 relative vs one rank
   (tests/integration/test_qwen3_5_moe_ep.py, docs/qwen3_5.md).
-- ``"exact"``: :class:`ExactGroupedExperts`, one matmul per expert in the
+- ``"exact"``: :class:`CPGroupedExperts` with ``exact``, one matmul per expert in the
   input's dtype (float32 / float64), so every layout equals one rank to the
   dtype's rounding. For tests and for checking a layout; slower on GPUs.
 
@@ -46,14 +46,22 @@ from titan_cp.models.common.parallelize import shard_param
 EXPERT_COMPUTE = ("grouped_mm_bf16", "exact")
 
 
-class ExactGroupedExperts(GroupedExperts):
-    """TorchTitan's GroupedExperts (same parameters, init, names) computed expert by expert in the input's dtype."""
+class CPGroupedExperts(GroupedExperts):
+    """TorchTitan's GroupedExperts (same parameters, init, names); ``exact``: expert by expert in the input's dtype.
+
+    ``exact`` is set by the model from ``model.expert_compute`` (so a TOML
+    ``[model] expert_compute = "exact"`` takes effect); off, it is TorchTitan's forward.
+    """
 
     @dataclass(kw_only=True, slots=True)
     class Config(GroupedExperts.Config):
         pass
 
+    exact = False
+
     def forward(self, x_RD: torch.Tensor, num_tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        if not self.exact:
+            return super().forward(x_RD, num_tokens_per_expert_E)
         w1_EFD, w2_EDF, w3_EFD = (local_tensor(w) for w in (self.w1_EFD, self.w2_EDF, self.w3_EFD))
         outputs = []
         for x_rD, w1_FD, w2_DF, w3_FD in zip(torch.split(x_RD, num_tokens_per_expert_E.tolist()),

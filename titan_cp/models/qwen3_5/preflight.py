@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-from titan_cp.errors import ConfigError
+from titan_cp.errors import ConfigError, unknown_choice_message
 
 
 def check_layout(model, parallelism) -> None:
@@ -44,6 +44,10 @@ def check_layout(model, parallelism) -> None:
 
 def check_moe(model, parallelism) -> None:
     """MoE flavors: expert parallel (TorchTitan's, beside CP) yes; TP of a MoE model is not wired yet."""
+    from titan_cp.models.qwen3_5.moe import EXPERT_COMPUTE
+
+    if model.expert_compute not in EXPERT_COMPUTE:
+        raise ConfigError(unknown_choice_message("model.expert_compute", model.expert_compute, EXPERT_COMPUTE))
     moe = [layer.moe for layer in model.layers if getattr(layer, "moe", None) is not None]
     if not moe:
         return
