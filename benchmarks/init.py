@@ -37,7 +37,7 @@ class Args:
 
 
 def main() -> None:
-    args = tyro.cli(Args, description=__doc__)
+    args = tyro.cli(Args, prog="python -m benchmarks.init", description=__doc__)
     torch.set_num_threads(1)
     config = model_config(args.flavor)
     names = ["tok_embeddings", *(f"layers.{i}" for i in range(args.layers)), "norm", "lm_head"]

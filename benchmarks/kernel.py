@@ -83,7 +83,7 @@ class Args:
 
 
 def main():
-    args = tyro.cli(Args, description=__doc__)
+    args = tyro.cli(Args, prog="python -m benchmarks.kernel", description=__doc__)
 
     torch.set_num_threads(1)
     B, H, K, V = 1, args.heads, 64, 128

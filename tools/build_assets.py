@@ -15,7 +15,7 @@ construction, has document lengths spread from a few dozen to several hundred
 words (packed sequences then contain real document boundaries), and enough
 repeated structure for a tiny model's loss to fall in a few steps.
 
-Usage: python scripts/build_assets.py [--out titan_cp/assets] [--docs 800] [--vocab 1024]
+Usage: python -m tools.build_assets [--out titan_cp/assets] [--docs 800] [--vocab 1024]
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ class Args:
 
 
 def main() -> None:
-    args = tyro.cli(Args, description=__doc__.splitlines()[0], use_underscores=True)
+    args = tyro.cli(Args, prog="python -m tools.build_assets", description=__doc__.splitlines()[0], use_underscores=True)
 
     texts = build_corpus(args.docs, args.seed)
     seen = set(texts)

@@ -48,7 +48,7 @@ class Args:
 
 
 def main() -> None:
-    args = tyro.cli(Args, description=__doc__.splitlines()[0])
+    args = tyro.cli(Args, prog="python -m tools.make_tiny_fla_checkpoint", description=__doc__.splitlines()[0])
     print(f"wrote {make(args.out, args.seed)}")
 
 
