@@ -9,7 +9,8 @@
   weight by ~lr) the saved tensors are the loaded ones to 1e-9, and
   transformers loads them again without missing keys.
 Start-up checks (no launch): a checkpoint ``config.json`` that disagrees with
-the flavor names the field; vision with CP and MoE with TP / EP are refused.
+the flavor names the field; vision with CP and MoE with TP are refused, MoE with EP accepted.
+The MoE config (train_configs/qwen3_5_moe_debug_cp2_ep2.toml, CP 2 x EP 2): loss falls, resume exact.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ COMMON = [
 ]
 
 
-def _torchrun(root, name: str, extra: list[str]) -> dict[int, dict]:
+def _torchrun(root, name: str, extra: list[str], config: str = "qwen3_5_debug_cp2.toml") -> dict[int, dict]:
     dump = root / name
     cmd = ["torchrun", "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
-           "--job.config_file", str(REPO / "train_configs" / "qwen3_5_debug_cp2.toml"),
+           "--job.config_file", str(REPO / "train_configs" / config),
            *COMMON, "--job.dump_folder", str(dump), *extra]
     proc = subprocess.run(cmd, check=False, cwd=root, env=run_env(), capture_output=True, text=True, timeout=900)
     (root / f"{name}.log").write_text(proc.stdout + proc.stderr)
@@ -70,6 +71,30 @@ def test_cp2_resume_reproduces_uninterrupted_run(root, full_run):
     steps = range(CKPT_STEP + 1, STEPS + 1)
     assert_losses_close([resumed[s]["loss"] for s in steps], [full_run[s]["loss"] for s in steps], 1e-6,
                   "resumed vs uninterrupted")
+
+
+MOE_CONFIG = "qwen3_5_moe_debug_cp2_ep2.toml"  # debugmodel_moe, CP 2 x EP 2, experts in float32
+
+
+@pytest.fixture(scope="module")
+def moe_run(root):
+    return _torchrun(root, "moe_full", ["--checkpoint.enable", "--checkpoint.interval", str(CKPT_STEP),
+                                        "--checkpoint.last_save_model_only", "false"], MOE_CONFIG)
+
+
+@needs_torchrun
+def test_moe_cp2_ep2_loss_falls_and_resume_is_exact(root, moe_run):
+    """The MoE config (experts over the CP ranks): loss falls; resuming at step 3 (expert bias and the
+    optimizer restored) logs the uninterrupted run's losses."""
+    losses = [moe_run[s]["loss"] for s in range(1, STEPS + 1)]
+    assert losses[-1] < losses[0] - 0.5, losses
+    ckpt = root / "moe_full" / "checkpoint" / f"step-{CKPT_STEP}"
+    resumed = _torchrun(root, "moe_resumed", ["--checkpoint.enable", "--checkpoint.initial_load_path", str(ckpt),
+                                              "--checkpoint.initial_load_model_only", "false"], MOE_CONFIG)
+    assert min(resumed) == CKPT_STEP + 1, sorted(resumed)
+    steps = range(CKPT_STEP + 1, STEPS + 1)
+    assert_losses_close([resumed[s]["loss"] for s in steps], [moe_run[s]["loss"] for s in steps], 1e-6,
+                        "MoE CP 2 x EP 2 resumed vs uninterrupted")
 
 
 def _debug_shape():

@@ -60,6 +60,12 @@ def qwen3_5_debug() -> Trainer.Config:
                    optimizer_impl="foreach", checkpoint_interval=10, log_freq=1)
 
 
+def qwen3_5_moe_debug() -> Trainer.Config:
+    """TorchTitan's debugmodel_moe (4 layers, vocab 1024; 8 experts top-2 + shared) on CPU, as qwen3_5_debug."""
+    return trainer_config(model_spec("debugmodel_moe", **DEBUG_SHAPE), training=cpu_training(), lr=3e-3,
+                          warmup_steps=2, optimizer_impl="foreach", checkpoint_interval=10, log_freq=1)
+
+
 def _finetune(flavor: str, *, seq_len: int, cp: int, tp: int, lr: float = 1e-5) -> Trainer.Config:
     """Long-context fine-tuning of an HF Qwen3.5 checkpoint on GPUs: triton kernel, zigzag CP, full AC."""
     spec = model_spec(flavor, kernel="triton", cp_layout="zigzag")
@@ -94,7 +100,7 @@ DEFAULT_FLAVOR = "debugmodel"
 
 def config_for_flavor(flavor: str) -> Trainer.Config:
     """The starting config of ``[model] name = "qwen3_5"``, ``flavor``."""
-    named = {"debugmodel": qwen3_5_debug, "2B": qwen3_5_2b_128k, "9B": qwen3_5_9b_256k}
+    named = {"debugmodel": qwen3_5_debug, "debugmodel_moe": qwen3_5_moe_debug, "2B": qwen3_5_2b_128k, "9B": qwen3_5_9b_256k}
     if flavor in named:
         return named[flavor]()
     config = qwen3_5_2b_128k()
@@ -105,4 +111,4 @@ def config_for_flavor(flavor: str) -> Trainer.Config:
 
 
 __all__ = ["DEFAULT_FLAVOR", "FLAVORS", "config_for_flavor", "model_spec", "qwen3_5_2b_128k", "qwen3_5_9b_256k",
-           "qwen3_5_debug"]
+           "qwen3_5_debug", "qwen3_5_moe_debug"]
