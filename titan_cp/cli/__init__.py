@@ -6,6 +6,7 @@
     convert   DCP checkpoint <-> Hugging Face folder (FLA's format for GDN)
     smoke     the CI smoke run: shipped train_configs, losses vs a one-rank reference, resume
     estimate  per-rank memory of a layout, and the longest sequence that fits a budget
+    data-report  documents, tokens and document-length histogram of a dataset (long documents?)
 """
 
 COMMANDS = {
@@ -15,4 +16,5 @@ COMMANDS = {
     "convert": "titan_cp.cli.convert",
     "smoke": "titan_cp.cli.smoke.__main__",
     "estimate": "titan_cp.cli.estimate",
+    "data-report": "titan_cp.cli.data_report",
 }

@@ -32,7 +32,7 @@ so the first step's set-up counts), logs an ERROR naming
 every rank, also in a 1-rank run.
 
 Tested in ``tests/integration/test_watchdog.py`` (2 ranks, one SIGSTOPs itself) and
-``tests/unit/test_data_watchdog.py`` (a busy loop that never steps). Checked
+``tests/unit/test_data_formats.py`` (a busy loop that never steps). Checked
 by hand with the trainer: ``torchrun --nproc_per_node=2 train.py
 --job.config_file train_configs/cp2.toml --training.steps 200
 --comm.train_timeout_seconds 30 --metrics.watchdog_silence_seconds 10``, then

@@ -259,7 +259,8 @@ def _check_paths(config) -> None:
         local = DATASETS.get(str(dataset).lower())
         if local is not None and str(local.path).startswith(("/", ".")):
             dataset_path = local.path  # a registered local dataset (e.g. the shipped corpus)
-    if dataset_path is not None and not Path(dataset_path).exists():
+    is_glob = dataset_path is not None and any(c in str(dataset_path) for c in "*?[")  # shards: data_checks
+    if dataset_path is not None and not is_glob and not Path(dataset_path).exists():
         raise ConfigError(
             f"dataloader.dataset_path = '{dataset_path}' does not exist (dataset {dataset!r}). Point it at "
             f"the dataset's file or folder, or remove it to use the dataset's default location."
