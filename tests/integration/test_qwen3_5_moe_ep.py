@@ -2,7 +2,8 @@
 
 TorchTitan's ``debugmodel_moe`` (8 routed experts, top-2, a gated shared
 expert, expert-bias load balancing; 4 layers, vocab 96) on 2 gloo ranks:
-CP 2 x EP 2 (EP borrows the CP ranks: efsdp = cp / ep = 1). The reference is
+CP 2 x EP 2 (EP borrows the CP ranks: efsdp = cp / ep = 1), and on 4 ranks
+FSDP 2 x CP 2 x EP 4 (EP spans both the dp_shard and the CP ranks). The reference is
 the same model on the whole batch in each process. Checked: the loss, every
 parameter gradient, and after 2 SGD steps (momentum) (TorchTitan's load-balancing
 hook before each) every parameter and every ``expert_bias_E``.
@@ -74,7 +75,7 @@ def _train(model, parallel_dims, batches, shard):
                                    shard(labels).flatten(), reduction="sum")
         (loss_sum / (B * T)).backward()
         loss = loss_sum.detach().clone()
-        if dist.is_initialized() and shard(inputs) is not inputs:
+        if dist.is_initialized() and shard(inputs).numel() != inputs.numel():
             dist.all_reduce(loss)
         history.append((loss / (B * T), {n: _full(p.grad).clone() for n, p in model.named_parameters()}))
         optimizer.step()
@@ -83,12 +84,12 @@ def _train(model, parallel_dims, batches, shard):
     return history, state
 
 
-def _batches(P: int):
+def _batches(P: int, dp: int):
     from tests.support.qwen35_common import packed_positions
 
     torch.manual_seed(1)
     out = []
-    B, T = 2, 12 * P
+    B, T = 2 * dp, 12 * P
     for _ in range(STEPS):
         tokens = torch.randint(0, 96, (B, T + 1))
         out.append((tokens[:, :-1], tokens[:, 1:], packed_positions(B, T, {0: [5, 7, T - 4], 1: [2]})))
@@ -109,10 +110,11 @@ def _errors(rank: int, world: int, expert_compute: str, cp: int, ep: int) -> dic
     reference = _config(expert_compute).build()
     reference.init_weights()
     initial = {k: v.clone() for k, v in reference.state_dict().items()}
-    batches = _batches(cp)
+    dp = world // cp
+    batches = _batches(cp, dp)
     ref_history, ref_state = _train(reference, _NoMesh(), batches, lambda t: t)
 
-    dims = ParallelDims(dp_replicate=1, dp_shard=world // cp, cp=cp, tp=1, pp=1, ep=ep, world_size=world,
+    dims = ParallelDims(dp_replicate=1, dp_shard=dp, cp=cp, tp=1, pp=1, ep=ep, world_size=world,
                         spmd_backend="partial_dtensor")
     dims.build_mesh()
     with torch.device("meta"):
@@ -126,7 +128,9 @@ def _errors(rank: int, world: int, expert_compute: str, cp: int, ep: int) -> dic
     model.init_weights()
     load_full_state(model, initial)
     cp_rank = dims.get_mesh("cp").get_local_rank()
-    history, state = _train(model, dims, batches, lambda t: rank_segments(t, 1, cp_rank, cp, "zigzag"))
+    rows = 2 * (dims.get_mesh("batch").get_local_rank() if dp > 1 else 0)
+    history, state = _train(model, dims, batches,
+                            lambda t: rank_segments(t[rows:rows + 2], 1, cp_rank, cp, "zigzag"))
 
     errors = {}
     for step, ((loss, grads), (ref_loss, ref_grads)) in enumerate(zip(history, ref_history)):
@@ -139,6 +143,8 @@ def _errors(rank: int, world: int, expert_compute: str, cp: int, ep: int) -> dic
 
 
 def _launch(rank: int, world: int) -> dict:
+    if world == 4:  # FSDP 2 x CP 2 x EP 4 (efsdp = 2 * 2 / 4 = 1)
+        return {"exact": _errors(rank, world, "exact", cp=2, ep=4)}
     return {compute: _errors(rank, world, compute, cp=2, ep=2) for compute in ("exact", "grouped_mm_bf16")}
 
 
@@ -158,3 +164,12 @@ def test_qwen3_5_moe_cp2_ep2_matches_one_rank(cp2_ep2, expert_compute, tolerance
         print(f"rank {rank} {expert_compute}: worst {worst} = {errors[worst]:.2e}")
         bad = {k: v for k, v in errors.items() if not v <= tolerance}
         assert not bad, f"rank {rank} {expert_compute}: {bad}"
+
+
+def test_qwen3_5_moe_fsdp2_cp2_ep4_matches_one_rank():
+    """4 ranks, FSDP 2 x CP 2 x EP 4 (2 experts per rank, EP spans the dp_shard and CP ranks), exact experts."""
+    for rank, result in enumerate(run_on_ranks(_launch, 4, timeout=900, pg_timeout=300)):
+        errors = result["exact"]["errors"]
+        assert result["exact"]["expert_bias_moved"] > 0
+        bad = {k: v for k, v in errors.items() if not v <= FP32_REL}
+        assert not bad, f"rank {rank}: {bad}"
