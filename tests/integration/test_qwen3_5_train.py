@@ -162,6 +162,8 @@ def test_vision_under_cp_and_moe_with_tp_are_refused_moe_with_ep_accepted():
     vision = model_spec("debugmodel", with_vision=True).model
     with pytest.raises(ConfigError, match="text only"):
         check_layout(vision, parallelism)
+    with pytest.raises(ConfigError, match="parallelism.pipeline_parallel_degree = 2: .* no pipeline split"):
+        check_layout(model_spec("debugmodel").model, ParallelismConfig(pipeline_parallel_degree=2))
     moe = model_spec("debugmodel_moe").model
     check_moe(moe, parallelism)  # token-local: CP composes (tests/integration/test_qwen3_5_cp.py)
     check_moe(moe, ParallelismConfig(context_parallel_degree=2, expert_parallel_degree=2))  # test_qwen3_5_moe_ep.py
