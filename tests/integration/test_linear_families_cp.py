@@ -1,7 +1,7 @@
 """Op-level CP for the linear-attention families over one engine: exact against one rank.
 
 One launch per P (2, 3, 4) checks, for Mamba-2's SSD (scalar transition per head) and
-KDA (per-channel decay, K x K transition; its recurrent kernel):
+KDA (per-channel decay, K x K transition; its torch chunk kernel):
 every exchange (allgather, logscan, alltoall) x every layout it allows (contiguous,
 zigzag; logscan needs contiguous) x {one document, packed documents with starts on,
 just before and just after segment boundaries} x {float64, float32}, with an initial
@@ -27,7 +27,7 @@ from titan_cp.testing import rel_err, run_on_ranks
 B, H, K, V = 2, 4, 3, 5  # H divisible by P = 2, 4; P = 3 skips alltoall (heads must divide)
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 FAMILIES = {"mamba2": (mamba2.get_kernel("torch"), mamba2.get_segment_kernel("torch")),
-            "kda": (kda.get_kernel("recurrent"), kda.get_segment_kernel("recurrent"))}
+            "kda": (kda.get_kernel("torch"), kda.get_segment_kernel("torch"))}
 SUMMARY_FLOATS = {"mamba2": H * (1 + K * V), "kda": H * K * (K + V)}
 
 
