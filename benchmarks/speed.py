@@ -64,7 +64,7 @@ from benchmarks.model_steps import (
     train_step,
 )
 from benchmarks.report import plot_scaling, report
-from benchmarks.timing import Timers, comm_per_layer, core_probe, ring_attention_bytes, set_cp, timed_steps
+from benchmarks.timing import Timers, comm_per_layer, core_probe, quietness, ring_attention_bytes, set_cp, timed_steps
 
 # --------------------------------------------------------------------------- rank functions
 
@@ -342,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cores", type=int, default=None, help="cores of this machine (default os.cpu_count())")
     p.add_argument("--quick", action="store_true", help="smaller L, fewer repeats, P up to 4")
     p.add_argument("--no_probe", action="store_true", help="skip the 1-vs-all-cores matmul probe (CPU)")
+    p.add_argument("--require_quiet", action="store_true",
+                   help="refuse to run (exit 3) when the start probe says the machine is busy; "
+                        "without it a busy run is flagged in the report and the JSON")
     p.add_argument("--system_malloc", action="store_true",
                    help="CPU: keep glibc's malloc defaults in the ranks (default: freed memory is reused; "
                         "bench_model.KEEP_FREED_MEMORY)")
@@ -385,6 +388,10 @@ def main(argv=None) -> int:
         print(f"# note: P > {a.cores} ranks share {a.cores} cores (oversubscribed): their times measure contention; "
               "bytes, rounds and ratios stay meaningful")
     probe_start = core_probe(a.cores) if not a.no_probe else {}
+    verdict = quietness(probe_start, None, a.cores)
+    if a.require_quiet and not verdict["quiet"]:
+        print("# REFUSED: machine not quiet enough for a timing figure: " + "; ".join(verdict["reasons"]))
+        return 3
     t0 = time.perf_counter()
     if a.strategies:
         result = run_strategies(a, margs)
@@ -394,11 +401,15 @@ def main(argv=None) -> int:
         result = run_scaling(a, margs)
     if not a.no_probe:
         result["core_probe"] = {"start": probe_start, "end": core_probe(a.cores)}
+    result["quietness"] = quietness(probe_start, result.get("core_probe", {}).get("end"), a.cores)
     result.update(mode=mode, model=margs.describe(), machine=machine, date=time.strftime("%Y-%m-%d"),
                   threads_per_rank=a.threads, wall_s=time.perf_counter() - t0, load_average_end=load_average(),
                   args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()})
     print(report(result, a.markdown))
     print(f"# total {result['wall_s']:.0f} s, load average {result['load_average_end']:.1f} at the end")
+    if not result["quietness"]["quiet"]:
+        print("# FLAGGED: timings taken on a busy machine, not a quiet figure: "
+              + "; ".join(result["quietness"]["reasons"]))
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))
         print(f"# wrote {a.json}")

@@ -208,3 +208,33 @@ def core_probe(cores: int) -> dict:
           f"{' + '.join(f'{r:.0f}' for r in many)} GFLOP/s -> effective parallelism "
           f"{result['effective_parallelism']:.2f} of {cores} (load average {result['load_average']:.1f})", flush=True)
     return result
+
+
+def quietness(start: dict, end: dict | None, cores: int, min_parallelism: float = 0.9,
+              max_extra_load: float = 0.5, max_drift: float = 0.05) -> dict:
+    """Is the machine quiet enough for a timing figure? A verdict from the core probes around a run.
+
+    Quiet means all three hold (else the figure is flagged, or refused under ``--require_quiet``):
+    - ``effective_parallelism`` (sum of ``cores`` concurrent one-thread matmul rates / one alone)
+      >= ``min_parallelism * cores`` at the start and the end: every rank gets its own core;
+    - the 1-minute load average before the run <= ``max_extra_load`` (nothing else running;
+      the probe itself adds < 0.1);
+    - the one-process rate drifts <= ``max_drift`` between start and end: the machine the
+      run saw did not change under it (a 5% drift alone can move a CP overhead by 5 points).
+    Returns ``{"quiet": bool, "reasons": [...]}``; an empty probe (GPU, ``--no_probe``) is
+    reported as unchecked, never as quiet.
+    """
+    if not start:
+        return {"quiet": False, "checked": False, "reasons": ["no core probe (GPU or --no_probe)"]}
+    reasons = []
+    for name, probe in (("start", start), ("end", end)):
+        if probe and probe["effective_parallelism"] < min_parallelism * cores:
+            reasons.append(f"{name}: effective parallelism {probe['effective_parallelism']:.2f} "
+                           f"< {min_parallelism * cores:.2f} of {cores} cores")
+    if start["load_average"] > max_extra_load:
+        reasons.append(f"load average {start['load_average']:.1f} > {max_extra_load} before the run")
+    if end:
+        drift = abs(end["one_process_gflops"] / start["one_process_gflops"] - 1)
+        if drift > max_drift:
+            reasons.append(f"one-process matmul rate drifted {100 * drift:.0f}% (> {100 * max_drift:.0f}%)")
+    return {"quiet": not reasons, "checked": True, "reasons": reasons}
