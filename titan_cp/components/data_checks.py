@@ -1,8 +1,10 @@
 """Start-up checks of the training data, before any process group: a named field and a fix, or nothing.
 
 :func:`check_data` runs from the TOML front end (``TomlJob.build``, after
-:func:`titan_cp.models.common.preflight.validate`) for titan_cp's text
-loader (:class:`~titan_cp.components.text_loader.TextDataLoader`):
+:func:`titan_cp.models.common.preflight.validate`, with ``check_runtime``
+like the kernel checks: the data is the machine's, so parsing a GPU config
+elsewhere does not read it) for titan_cp's text loader
+(:class:`~titan_cp.components.text_loader.TextDataLoader`):
 
 - the dataset opens (file, glob, ``save_to_disk`` folder; JSONL lines parse:
   file and line named) and has ``dataloader.text_column``;

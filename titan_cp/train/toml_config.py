@@ -406,9 +406,10 @@ class TomlJob:
         config = parse_settings(lambda args: ConfigManager().parse_args(head + args), items, base, self.source,
                                 ac_tokens)
         degrees = validate(config, world_size=world_size, check_runtime=check_runtime)
-        from titan_cp.components.data_checks import check_data
+        if check_runtime:  # the data is the machine's, like the kernels: read where the job runs
+            from titan_cp.components.data_checks import check_data
 
-        check_data(config, degrees["dp_replicate"] * degrees["dp_shard"])
+            check_data(config, degrees["dp_replicate"] * degrees["dp_shard"])
         return config
 
 
