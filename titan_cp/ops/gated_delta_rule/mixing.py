@@ -47,7 +47,8 @@ class GDNMixingInputs:
 
 
 def gdn_gates(a_BTH: torch.Tensor, b_BTH: torch.Tensor, A_log_H: torch.Tensor, dt_bias_H: torch.Tensor):
-    """The per-token, per-value-head gates of GDN, in float32 (Mamba-2's decay parametrisation):
+    """The per-token, per-value-head gates of GDN, in float32 (float64 when any input is
+    float64, so float64 runs stay float64 end to end; Mamba-2's decay parametrisation):
 
         g    = -exp(A_log) * softplus(a + dt_bias)   (log decay, <= 0)
         beta = sigmoid(b)                              (write strength in (0, 1))
@@ -55,8 +56,10 @@ def gdn_gates(a_BTH: torch.Tensor, b_BTH: torch.Tensor, A_log_H: torch.Tensor, d
     ``a``/``b`` are the a/b projections of x [B, T, Hv]; ``A_log``/``dt_bias`` are local
     (per-rank) tensors [Hv]. Returns (g_BTH, beta_BTH).
     """
-    g_BTH = -A_log_H.float().exp() * F.softplus(a_BTH.float() + dt_bias_H.float())
-    return g_BTH, b_BTH.float().sigmoid()
+    acc = torch.promote_types(torch.promote_types(a_BTH.dtype, A_log_H.dtype), torch.float32)
+    acc = torch.promote_types(torch.promote_types(acc, dt_bias_H.dtype), b_BTH.dtype)
+    g_BTH = -A_log_H.to(acc).exp() * F.softplus(a_BTH.to(acc) + dt_bias_H.to(acc))
+    return g_BTH, b_BTH.to(acc).sigmoid()
 
 
 def causal_short_conv(
@@ -105,8 +108,9 @@ def causal_short_conv(
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """FLA's l2norm: x / sqrt(sum x^2 + eps) over the head dim, computed in float32."""
-    x_f = x.float()
+    """FLA's l2norm: x / sqrt(sum x^2 + eps) over the head dim, computed in float32
+    (float64 for float64 inputs)."""
+    x_f = x.to(torch.promote_types(x.dtype, torch.float32))
     return (x_f * torch.rsqrt(x_f.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
