@@ -116,7 +116,7 @@ def test_min_doc_tokens_keeps_only_long_documents(files, tokenizer):
 def test_a_share_without_rows_raises_instead_of_relooping(tmp_path, tokenizer):
     (tmp_path / "one.jsonl").write_text(json.dumps({"body": "a cat"}) + "\n")
     with pytest.raises(RuntimeError, match="dataloader.dataset_path"):
-        batches(loader(tokenizer, str(tmp_path / "one.jsonl")), 1)
+        batches(loader(tokenizer, str(tmp_path / "one.jsonl"), min_doc_tokens=1000), 1)  # every doc filtered
 
 
 def test_step_watchdog_ends_a_busy_process_without_steps():

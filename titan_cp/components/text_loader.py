@@ -58,7 +58,9 @@ class TextDataset(HuggingFaceTextDataset):
             yield item
 
     def reloop(self) -> None:
-        if self._rows_this_epoch == 0:
+        grew = len(self._inputs_buffer) != getattr(self, "_buffer_at_pass_start", 0)
+        self._buffer_at_pass_start = len(self._inputs_buffer)
+        if self._rows_this_epoch == 0 and not grew:  # a pass that added no token: it would loop forever
             raise RuntimeError(
                 f"dataloader.dataset_path = '{self.path}': a whole pass over this data-parallel rank's share "
                 f"gave no row of seq_len tokens (no document, too few tokens, or none with >= "
