@@ -71,10 +71,10 @@ def _run_case(rank, P, group, layout, seg, *, docs=None, dtype=torch.float32, se
     ref_grads = torch.autograd.grad(ref, (q32, k32, v32), dout.float())
 
     def shard(x):
-        return cp_layout.shard_sequence(x, 2, rank, P, layout)
+        return cp_layout.rank_segments(x, 2, rank, P, layout)
 
     ql, kl, vl = (shard(t).requires_grad_() for t in (q, k, v))
-    docs_local = cp_layout.shard_sequence(doc_ids, 1, rank, P, layout) if doc_ids is not None else None
+    docs_local = cp_layout.rank_segments(doc_ids, 1, rank, P, layout) if doc_ids is not None else None
     out = ring_attention(ql, kl, vl, CPContext(group=group, layout=layout), scale=scale, doc_ids=docs_local,
                          layer_name=f"case.{layout}")
     assert out.dtype == dtype and out.shape == ql.shape
