@@ -22,21 +22,13 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from tests.support.triton_interpreter import version_skip_reason
 
 VERIFIED = {"triton": "3.9.", "fla-core": "0.6.0", "transformers": "5.6.2"}
 
 
 def skip_reason() -> str | None:
-    from importlib import metadata
-
-    for package, prefix in VERIFIED.items():
-        try:
-            found = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return f"{package} is not installed"
-        if not found.startswith(prefix):
-            return f"the FLA reference is verified with {package} {prefix}*, found {found}"
-    return None
+    return version_skip_reason(VERIFIED, "the FLA reference")
 
 
 def flash_attn_func(q, k, v, causal=True, window_size=(-1, -1), **kwargs):

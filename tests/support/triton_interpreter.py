@@ -16,6 +16,23 @@ import os
 from titan_cp.ops.gated_delta_rule.triton import fla_varlen, gated_delta_rule_via_varlen
 
 
+VERIFIED = {"triton": "3.9.", "fla-core": "0.6.0"}  # the shim patches Triton internals: other versions skip
+
+
+def version_skip_reason(verified: dict[str, str] = VERIFIED, what: str = "the interpreter shim") -> str | None:
+    """Why a test that needs these package versions (name -> version prefix) must skip, or None."""
+    from importlib import metadata
+
+    for package, prefix in verified.items():
+        try:
+            found = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return f"{package} is not installed"
+        if not found.startswith(prefix):
+            return f"{what} is verified with {package} {prefix}*, found {found}"
+    return None
+
+
 def install_interpreter_shim() -> None:
     """Make FLA 0.6.0's chunk_gated_delta_rule run under ``TRITON_INTERPRET=1`` on CPU (tiny shapes).
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parents[2]
 from benchmarks import gpu_check, gpu_common, gpu_measure  # noqa: E402
+from tests.support.triton_interpreter import version_skip_reason  # noqa: E402
 
 
 def test_quick_run_on_cpu_reports_pass(tmp_path):
@@ -177,13 +178,7 @@ def _fla_cp_main() -> None:
     print("FLA_CP_REPORT " + json.dumps(report))
 
 
-def _interpret_skip() -> str | None:
-    from tests.unit.test_triton_kernel import _interpret_skip_reason
-
-    return _interpret_skip_reason()
-
-
-@pytest.mark.skipif(_interpret_skip() is not None, reason=str(_interpret_skip()))
+@pytest.mark.skipif(version_skip_reason() is not None, reason=str(version_skip_reason()))
 def test_fla_op_level_cp_equals_titan_cp_on_loopback_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-m", "tests.unit.test_gpu_check", "--fla-cp"], env=env, capture_output=True, text=True,

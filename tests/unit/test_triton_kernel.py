@@ -34,6 +34,7 @@ from titan_cp.ops.gated_delta_rule.triton import (
     varlen_layout,
 )
 from titan_cp.ops.gated_delta_rule.triton_transition import VarlenSegmentKernel, VarlenSegmentOps
+from tests.support.triton_interpreter import version_skip_reason
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -284,27 +285,13 @@ def test_triton_matches_torch_kernel_on_gpu(dtype):
 
 # ----------------------------------------------------------------------- FLA under the interpreter
 # FLA's real Triton kernels on CPU through TRITON_INTERPRET=1 plus a two-patch shim
-# (tests/support/triton_interpreter.py). Verified with the versions below; other
+# (tests/support/triton_interpreter.py). Verified with its VERIFIED versions; other
 # versions skip (the shim patches Triton internals). Runs in a subprocess: the interpreter must be
 # chosen before FLA's kernels are decorated, and the patches are process-global.
-INTERPRET_VERIFIED = {"triton": "3.9.", "fla-core": "0.6.0"}
 INTERPRET_CASES = [  # (B, T, K, V, docs): varlen with document starts; two chunks with a tail; CP width V + K
     (2, 40, 16, 16, True),
     (1, 80, 16, 24, False),
 ]
-
-
-def _interpret_skip_reason() -> str | None:
-    from importlib import metadata
-
-    for package, prefix in INTERPRET_VERIFIED.items():
-        try:
-            found = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            return f"{package} is not installed"
-        if not found.startswith(prefix):
-            return f"the interpreter shim is verified with {package} {prefix}*, found {found}"
-    return None
 
 
 def _interpret_main() -> None:
@@ -343,7 +330,7 @@ def _interpret_main() -> None:
     print("INTERPRET_REPORT " + json.dumps(report))
 
 
-@pytest.mark.skipif(_interpret_skip_reason() is not None, reason=str(_interpret_skip_reason()))
+@pytest.mark.skipif(version_skip_reason() is not None, reason=str(version_skip_reason()))
 def test_fla_triton_kernels_under_the_interpreter_match_recurrent():
     import json
     import os
