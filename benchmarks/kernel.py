@@ -1,17 +1,43 @@
-"""Tokens/s of fwd+bwd: titan_cp's chunk kernel vs FLA's naive_chunk_gated_delta_rule.
+"""The torch chunk kernel against the machine: tokens/s, FLOP rate, and the fraction of
+this machine's one-thread matmul rate at the kernel's own shapes.
 
-One thread (torch.set_num_threads(1)), fp32, B=1, H=4, K=64, V=128, the loss
-depending on both the output and the final state. FLA's pure-PyTorch reference
-is loaded from its file (fla/ops/gated_delta_rule/naive.py) so that FLA's
-package __init__ (Triton) is never imported; its backward is autograd through
-its Python loops.
+One thread (torch.set_num_threads(1)), fp32, B=1, H heads, K=64, V=128, the loss
+depending on both the output and the final state.
 
-    python -m benchmarks.kernel [--seq-lens 2048 8192] [--repeats 5]
+FLOP count (titan_cp/ops/gated_delta_rule/chunk.py), per chunk of C tokens and per head,
+a matmul [m x n] x [n p] counted as 2 m n p; the triangular solve T = (I + A)^{-1}
+(C right-hand sides, unit lower triangular) as C^3::
+
+    forward   K K^T 2C^2K, solve C^3, T [bgK | bV] 2C^2(K+V), u = U - W H 2CKV,
+              H_out += K^T u 2CKV, Q K^T 2C^2K, (QK^T*D) u 2C^2V, Q H 2CKV
+              = 6 C^2K + 4 C^2V + C^3 + 6 CKV
+    backward  recomputes the forward's WY part and u (6 C^2K + 2 C^2V + C^3 + 2 CKV), then
+              du = (QK^T*D)^T dO 2C^2V, dH = Q^T dO 2CKV, chunk loop du += K dH, dH -= W^T du
+              4CKV, dO H^T 2CKV, dO u^T 2C^2V, dqk K 2C^2K, dqk^T Q 2C^2K, u dH^T 2CKV,
+              du H^T 2CKV, T^T dW 2C^2K, T^T dU 2C^2V, dA = dks W^T + dvs U^T 2C^2(K+V),
+              d(KK^T) K 2C^2K
+              = 16 C^2K + 10 C^2V + C^3 + 14 CKV   (of which the recompute 6 C^2K + 2 C^2V + C^3 + 2 CKV)
+
+At C = K = 64, V = 128: forward 7.08 MFLOP, backward 17.0 MFLOP per chunk and head.
+Element-wise work (decays, masks, row dots, O(C^2 + CK + CV)) is not counted.
+
+The reference rate: torch.matmul in this process, one thread, batched over the same
+N*H chunks at the shapes above, [C x K] x [K x V], [C x C] x [C x V], [C x K] x [K x C]
+and [C x C] x [C x C] (for the solve); the kernel's *ideal* time is the sum over its
+matmuls of FLOPs / the rate at that shape, and the fraction reported is ideal / measured
+(1.0 = the kernel runs as fast as its matmuls alone would). Kernel and matmul rounds are
+interleaved and the minimum of the repeats is kept (other processes only ever add time).
+
+FLA's pure-PyTorch naive_chunk_gated_delta_rule is timed beside it when FLA is installed
+(loaded from its file so that FLA's Triton __init__ is never imported; autograd backward).
+
+    python -m benchmarks.kernel [--seq_lens 2048 8192] [--repeats 5] [--json kernel.json]
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pathlib
 import time
@@ -38,6 +64,30 @@ def load_fla_naive():
     return module
 
 
+def chunk_flops(C: int, K: int, V: int) -> dict[str, dict[str, int]]:
+    """FLOPs per chunk and head of the torch chunk kernel (module docstring), by matmul shape.
+
+    Keys of each pass: ``ckv`` ([C x K] x [K x V] and its transposes), ``ccv`` ([C x C] x [C x V]),
+    ``cck`` ([C x K] x [K x C], [C x C] x [C x K]), ``ccc`` (the triangular solve).
+    ``recompute`` is the part of ``bwd`` that repeats the forward.
+    """
+    return {
+        "fwd": {"cck": 6 * C * C * K, "ccv": 4 * C * C * V, "ccc": C**3, "ckv": 6 * C * K * V},
+        "bwd": {"cck": 16 * C * C * K, "ccv": 10 * C * C * V, "ccc": C**3, "ckv": 14 * C * K * V},
+        "recompute": {"cck": 6 * C * C * K, "ccv": 2 * C * C * V, "ccc": C**3, "ckv": 2 * C * K * V},
+    }
+
+
+def matmul_shapes(C: int, K: int, V: int) -> dict[str, tuple[int, int, int]]:
+    """(m, n, p) of [m x n] x [n x p] per FLOP class of :func:`chunk_flops`."""
+    return {"ckv": (C, K, V), "ccv": (C, C, V), "cck": (C, K, C), "ccc": (C, C, C)}
+
+
+def ideal_seconds(flops: dict[str, int], rates: dict[str, float], chunks: int) -> float:
+    """Time the counted matmuls alone would take: sum of FLOPs / rate (FLOP/s) per shape, for ``chunks`` chunks."""
+    return sum(chunks * f / rates[key] for key, f in flops.items())
+
+
 def make_inputs(B, T, H, K, V, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
@@ -51,72 +101,110 @@ def make_inputs(B, T, H, K, V, seed=0):
     return (q, k, v, g, beta, h0), (w_o, w_s)
 
 
-def time_fwd_bwd(run, tensors, weights, repeats):
-    """Best (minimum) seconds of forward alone and of forward + backward over `repeats` runs.
+def spread(samples: list[float]) -> float:
+    """(max - min) / min of the repeats."""
+    return (max(samples) - min(samples)) / min(samples)
 
-    The minimum, not the median: other processes on a shared machine only ever add time.
-    """
-    fwd_times, total_times = [], []
-    for i in range(repeats + 1):  # first round is warm-up
-        xs = [x.detach().clone().requires_grad_() for x in tensors]
-        start = time.perf_counter()
-        o, state = run(*xs)
-        mid = time.perf_counter()
-        loss = (o * weights[0]).sum() + (state * weights[1]).sum()
-        loss.backward()
-        end = time.perf_counter()
-        if i:
-            fwd_times.append(mid - start)
-            total_times.append(end - start)
-    return min(fwd_times), min(total_times)
+
+def time_fwd_bwd_once(run, tensors, weights) -> tuple[float, float]:
+    """Seconds of one forward and of the backward after it."""
+    xs = [x.detach().clone().requires_grad_() for x in tensors]
+    start = time.perf_counter()
+    o, state = run(*xs)
+    mid = time.perf_counter()
+    loss = (o * weights[0]).sum() + (state * weights[1]).sum()
+    loss.backward()
+    return mid - start, time.perf_counter() - mid
+
+
+def time_matmul_once(batch: int, m: int, n: int, p: int) -> float:
+    """Seconds of one batched [batch, m, n] x [batch, n, p] torch.matmul (fresh output, as the kernel's)."""
+    a, b = torch.randn(batch, m, n), torch.randn(batch, n, p)
+    start = time.perf_counter()
+    torch.matmul(a, b)
+    return time.perf_counter() - start
 
 
 @dataclass
 class Args:
     seq_lens: tuple[int, ...] = (2048, 8192)
     """sequence lengths to time"""
-    repeats: int = 5
-    """timed repeats (the best is reported)"""
+    repeats: int = 7
+    """timed repeats, kernel and matmul rounds interleaved (the minimum is reported)"""
     heads: int = 4
     chunk_size: int = 64
     """the chunk kernel's chunk C"""
+    fla: bool = True
+    """also time FLA's naive chunk reference (autograd backward)"""
+    json: pathlib.Path | None = None
+    """write the rows here"""
+
+
+def measure(T: int, H: int, C: int, repeats: int, K: int = 64, V: int = 128) -> dict:
+    """One row: min fwd / bwd seconds of the kernel, the matmul rates at its shapes, the fractions."""
+    tensors, weights = make_inputs(1, T, H, K, V)
+    chunks = H * -(-T // C)
+
+    def ours(q, k, v, g, beta, h0):
+        return chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, chunk_size=C)
+
+    shapes = matmul_shapes(C, K, V)
+    fwd, bwd, mm = [], [], {key: [] for key in shapes}
+    for i in range(repeats + 1):  # round 0 is warm-up
+        f, b = time_fwd_bwd_once(ours, tensors, weights)
+        t_mm = {key: time_matmul_once(chunks, *s) for key, s in shapes.items()}
+        if i:
+            fwd.append(f)
+            bwd.append(b)
+            for key, t in t_mm.items():
+                mm[key].append(t)
+    rates = {key: 2 * chunks * m * n * p / min(mm[key]) for key, (m, n, p) in shapes.items()}
+    flops = chunk_flops(C, K, V)
+    t_f, t_b = min(fwd), min(bwd)
+    total_flops = chunks * (sum(flops["fwd"].values()) + sum(flops["bwd"].values()))
+    useful_flops = total_flops - chunks * sum(flops["recompute"].values())
+    ideal_f, ideal_b = ideal_seconds(flops["fwd"], rates, chunks), ideal_seconds(flops["bwd"], rates, chunks)
+    return {"T": T, "heads": H, "C": C, "K": K, "V": V, "fwd_s": t_f, "bwd_s": t_b, "tokens_per_s": T / (t_f + t_b),
+            "gflops_executed": total_flops / (t_f + t_b) / 1e9, "gflops_no_recompute": useful_flops / (t_f + t_b) / 1e9,
+            "matmul_gflops": {key: r / 1e9 for key, r in rates.items()},
+            "fraction_fwd": ideal_f / t_f, "fraction_bwd": ideal_b / t_b,
+            "fraction": (ideal_f + ideal_b) / (t_f + t_b),
+            "spread_fwd_bwd": spread([f + b for f, b in zip(fwd, bwd)])}
 
 
 def main():
     args = tyro.cli(Args, prog="python -m benchmarks.kernel", description=__doc__)
-
     torch.set_num_threads(1)
-    B, H, K, V = 1, args.heads, 64, 128
-    naive = load_fla_naive()
-    if naive is None:
-        print("FLA not installed: only titan_cp's kernel is timed")
-
-    def ours(q, k, v, g, beta, h0):
-        return chunk_gated_delta_rule(
-            q, k, v, g, beta, initial_state=h0, output_final_state=True, chunk_size=args.chunk_size
-        )
-
-    def fla(q, k, v, g, beta, h0):
-        return naive.naive_chunk_gated_delta_rule(
-            q, k, v, g, beta, chunk_size=args.chunk_size, initial_state=h0, output_final_state=True
-        )
-
-    print(f"torch {torch.__version__}, 1 thread, fp32, B={B} H={H} K={K} V={V}, chunk {args.chunk_size}, "
-          f"best of {args.repeats} (after 1 warm-up); load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores (others' processes slow both columns alike)")
-    header = f"{'T':>6} | {'ours fwd ms':>11} {'ours fwd+bwd ms':>15} {'ours tok/s':>10} | " \
-             f"{'FLA fwd ms':>10} {'FLA fwd+bwd ms':>14} {'FLA tok/s':>9} | {'ours/FLA':>8}"
-    print(header)
-    print("-" * len(header))
+    H, C = args.heads, args.chunk_size
+    naive = load_fla_naive() if args.fla else None
+    print(f"torch {torch.__version__}, 1 thread, fp32, B=1 H={H} K=64 V=128, chunk {C}, min of {args.repeats} "
+          f"interleaved repeats (after 1 warm-up); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print("| T | fwd ms | bwd ms | tok/s | GFLOP/s (executed / without recompute) | matmul GFLOP/s ckv ccv cck ccc "
+          "| of matmul rate fwd / bwd / fwd+bwd | spread | FLA naive fwd+bwd ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for T in args.seq_lens:
-        tensors, weights = make_inputs(B, T, H, K, V)
-        ours_fwd, ours_total = time_fwd_bwd(ours, tensors, weights, args.repeats)
-        line = f"{T:>6} | {ours_fwd * 1e3:>11.1f} {ours_total * 1e3:>15.1f} {B * T / ours_total:>10.0f} | "
+        row = measure(T, H, C, args.repeats)
+        fla_ms = ""
         if naive is not None:
-            fla_fwd, fla_total = time_fwd_bwd(fla, tensors, weights, args.repeats)
-            line += f"{fla_fwd * 1e3:>10.1f} {fla_total * 1e3:>14.1f} {B * T / fla_total:>9.0f} | " \
-                    f"{fla_total / ours_total:>7.2f}x"
-        print(line, flush=True)
+            tensors, weights = make_inputs(1, T, H, 64, 128)
+
+            def fla(q, k, v, g, beta, h0):
+                return naive.naive_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=C, initial_state=h0,
+                                                          output_final_state=True)
+
+            row["fla_naive_s"] = min(sum(time_fwd_bwd_once(fla, tensors, weights)) for _ in range(3))
+            fla_ms = f"{1e3 * row['fla_naive_s']:.0f}"
+        rows.append(row)
+        mm = row["matmul_gflops"]
+        print(f"| {T:,} | {1e3 * row['fwd_s']:.1f} | {1e3 * row['bwd_s']:.1f} | {row['tokens_per_s']:,.0f} | "
+              f"{row['gflops_executed']:.1f} / {row['gflops_no_recompute']:.1f} | "
+              f"{mm['ckv']:.0f} {mm['ccv']:.0f} {mm['cck']:.0f} {mm['ccc']:.0f} | "
+              f"{100 * row['fraction_fwd']:.0f}% / {100 * row['fraction_bwd']:.0f}% / {100 * row['fraction']:.0f}% | "
+              f"{100 * row['spread_fwd_bwd']:.0f}% | {fla_ms} |", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"load_average": os.getloadavg()[0], "rows": rows}, indent=1))
+        print(f"# wrote {args.json}")
 
 
 if __name__ == "__main__":
