@@ -134,7 +134,8 @@ LAYERS = (
     ("analysis and library", ("titan_cp.analysis", "titan_cp.library")),
     ("components", ("titan_cp.components",)),
     ("trainer", ("titan_cp.train", "titan_cp.models.registry", "titan_cp.config_registry",
-                 *(f"titan_cp.models.{f}.config_registry" for f in ("gdn", "qwen3_5")))),
+                 *(f"titan_cp.models.{f.parent.name}.config_registry"
+                   for f in sorted((REPO / "titan_cp" / "models").glob("*/config_registry.py"))))),
     ("cli", ("titan_cp.cli",)),
     ("testing", ("titan_cp.testing",)),
 )

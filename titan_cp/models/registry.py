@@ -42,6 +42,7 @@ class ModelFamily:
 
 MODEL_FAMILIES: dict[str, ModelFamily] = {
     "gdn": ModelFamily("titan_cp.models.gdn.config_registry"),
+    "kda": ModelFamily("titan_cp.models.kda.config_registry"),
     "qwen3_5": ModelFamily("titan_cp.models.qwen3_5.config_registry"),
 }
 

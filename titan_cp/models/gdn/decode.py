@@ -14,6 +14,9 @@ Gated DeltaNet layer (constant size, O(1) work per token)
               (the model's chunk kernel for a prompt, the one-step recurrence for T = 1:
                S <- exp(g) (I - beta k k^T) S + beta k v^T,  o = K^-1/2 S^T q)
 
+KDA layer: the same cache (conv history of its q|k|v, state [B, Hv, K, V]); the step is
+    S <- (I - beta k k^T) diag(exp g) S + beta k v^T,  o = K^-1/2 S^T q   (titan_cp.ops.kda)
+
 Softmax attention layer (hybrid models; a KV cache)
     k, v          [B, P, Hkv, D]  keys (after RoPE at their positions) and values so far
 
@@ -33,9 +36,11 @@ import torch
 import torch.nn.functional as F
 
 from titan_cp.ops.gated_delta_rule.mixing import conv_qkv
+from titan_cp.ops import kda
 from titan_cp.ops.gated_delta_rule import get_kernel
+from titan_cp.ops.gated_delta_rule.mixing import causal_short_conv
 from titan_cp.models.gdn.attention import Attention
-from titan_cp.models.gdn.layers import GatedDeltaNet
+from titan_cp.models.gdn.layers import GatedDeltaNet, KimiDeltaAttention
 
 
 @dataclass
@@ -76,6 +81,19 @@ def _gdn_cached(layer: GatedDeltaNet, x_BTD: torch.Tensor, cache: GDNCache | Non
     return layer.output(o_BTHV, x_BTD), GDNCache(new_history, state)
 
 
+def _kda_cached(layer: KimiDeltaAttention, x_BTD: torch.Tensor,
+                cache: GDNCache | None) -> tuple[torch.Tensor, GDNCache]:
+    x_BTC, weight = layer.conv_input(x_BTD)
+    B, T, C = x_BTC.shape
+    history_BWC = x_BTC.new_zeros(B, weight.shape[-1] - 1, C) if cache is None else cache.conv_history_BWC
+    q, k, v, g, beta = layer.heads(causal_short_conv(x_BTC, weight, history_BWC), x_BTD)
+    kernel = kda.get_kernel("recurrent" if T == 1 else layer.kernel)
+    o_BTHV, state = kernel(q, k, v, g, beta, initial_state=None if cache is None else cache.state_BHKV,
+                           output_final_state=True)
+    new_history = torch.cat([history_BWC, x_BTC], dim=1)[:, T:]
+    return layer.output(o_BTHV, x_BTD), GDNCache(new_history, state)
+
+
 def _attention_cached(layer: Attention, x_BTD: torch.Tensor, cache: KVCache | None,
                       start: int) -> tuple[torch.Tensor, KVCache]:
     B, T, _ = x_BTD.shape
@@ -100,6 +118,8 @@ def forward_cached(model, tokens_BT: torch.Tensor, cache: DecodeCache) -> torch.
         x = block.attention_norm(h)
         if isinstance(block.attention, Attention):
             y, cache.layers[i] = _attention_cached(block.attention, x, cache.layers[i], cache.length)
+        elif isinstance(block.attention, KimiDeltaAttention):
+            y, cache.layers[i] = _kda_cached(block.attention, x, cache.layers[i])
         else:
             y, cache.layers[i] = _gdn_cached(block.attention, x, cache.layers[i])
         h = h + y

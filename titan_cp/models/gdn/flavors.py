@@ -36,13 +36,15 @@ gdn_configs["1.3B_hybrid"] = {**gdn_configs["1.3B"], "n_layers": 24, **_HYBRID_A
 FLAVORS = tuple(sorted(gdn_configs))
 
 
-def model_config(flavor: str, **overrides):
-    """``GDNModel.Config`` of ``flavor`` with field ``overrides`` (e.g. n_layers=1, kernel="recurrent")."""
+def model_config(flavor: str, *, flavors: dict[str, dict] | None = None, **overrides):
+    """``GDNModel.Config`` of ``flavor`` with field ``overrides`` (e.g. n_layers=1, kernel="recurrent");
+    ``flavors``: another family's table of the same decoder (default: the GDN flavors)."""
     from titan_cp.models.gdn.model import GDNModel
 
-    if flavor not in gdn_configs:
-        raise ValueError(unknown_choice_message("model.flavor", flavor, FLAVORS))
-    values = {**gdn_configs[flavor], **overrides}
+    flavors = gdn_configs if flavors is None else flavors
+    if flavor not in flavors:
+        raise ValueError(unknown_choice_message("model.flavor", flavor, tuple(sorted(flavors))))
+    values = {**flavors[flavor], **overrides}
     known = {f.name for f in dataclasses.fields(GDNModel.Config) if not f.name.startswith("_")}
     for key in values:
         if key not in known:

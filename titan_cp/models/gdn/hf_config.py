@@ -1,6 +1,8 @@
-"""FLA's Hugging Face ``config.json`` (model_type ``gated_deltanet``) <-> ``GDNModel.Config``.
+"""FLA's Hugging Face ``config.json`` (model_type ``gated_deltanet`` or ``kda``) <-> ``GDNModel.Config``.
 
-FLA 0.6.0's ``GatedDeltaNetConfig`` fields and titan_cp's, one to one:
+FLA 0.6.0's ``GatedDeltaNetConfig`` / ``KDAConfig`` fields and titan_cp's, one to one
+(the two configs share these fields; the model_type picks the linear layer letter of
+``layer_pattern``: ``G`` for gated_deltanet, ``K`` for kda, :data:`FORMATS`):
 
     hidden_size        dim                 num_hidden_layers  n_layers
     vocab_size         vocab_size          num_heads          num_heads
@@ -37,6 +39,8 @@ from titan_cp.errors import ConfigError
 
 MODEL_TYPE = "gated_deltanet"
 ARCHITECTURE = "GatedDeltaNetForCausalLM"
+# FLA model_type -> (titan_cp layer letter of its linear layers, FLA architecture).
+FORMATS = {MODEL_TYPE: ("G", ARCHITECTURE), "kda": ("K", "KDAForCausalLM")}
 
 # config.json key -> GDNModel.Config field (the direct copies).
 FIELD_OF_KEY = {
@@ -61,6 +65,8 @@ SUPPORTED_VALUES = {
     "output_gate_activation": ("swish", "silu"),
     "attnres_block_size": (None,),
     "use_l2warp": (False,),
+    "safe_gate": (False,),  # KDA
+    "lower_bound": (None,),  # KDA
 }
 ATTN_SUPPORTED_VALUES = {"window_size": (None,), "qkv_bias": (False,), "qk_norm": (False,)}  # absent = default
 
@@ -98,11 +104,12 @@ def _shortest_period(pattern: str) -> str:
 
 
 def model_fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    """``GDNModel.Config`` field values of an FLA ``gated_deltanet`` config dict (every shape field)."""
+    """``GDNModel.Config`` field values of an FLA ``gated_deltanet`` / ``kda`` config dict (every shape field)."""
     model_type = hf.get("model_type")
-    if model_type != MODEL_TYPE:
-        raise ConfigError(f"model.hf_config: model_type = {model_type!r}; titan_cp reads FLA Gated DeltaNet "
-                          f"checkpoints (model_type = {MODEL_TYPE!r}).")
+    if model_type not in FORMATS:
+        raise ConfigError(f"model.hf_config: model_type = {model_type!r}; titan_cp reads FLA Gated DeltaNet and "
+                          f"KDA checkpoints (model_type in {sorted(FORMATS)}).")
+    letter = FORMATS[model_type][0]
     for key, allowed in SUPPORTED_VALUES.items():
         if key in hf and hf[key] not in allowed:
             raise ConfigError(f"model.hf_config: {key} = {hf[key]!r} is not supported by titan_cp's GDN layers "
@@ -111,7 +118,7 @@ def model_fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     if hf.get("intermediate_size") is None:  # FLA's GatedMLP rule: 2/3 * hidden * ratio, rounded up to 256
         ratio = hf.get("hidden_ratio") or 4
         values["hidden_dim"] = 256 * -(-int(hf["hidden_size"] * ratio * 2 / 3) // 256)
-    values["layer_pattern"] = ""
+    values["layer_pattern"] = "" if letter == "G" else letter
     layers, spec = attention_layers(hf)
     if spec is not None:
         for key, allowed in ATTN_SUPPORTED_VALUES.items():
@@ -119,7 +126,7 @@ def model_fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
                 raise ConfigError(f"model.hf_config: attn.{key} = {spec.get(key)!r} is not supported "
                                   f"(supported: {allowed[0]!r}).")
         n_layers = values["n_layers"]
-        pattern = "".join("A" if i in layers else "G" for i in range(n_layers))
+        pattern = "".join("A" if i in layers else letter for i in range(n_layers))
         values.update(
             layer_pattern=_shortest_period(pattern),
             attn_num_heads=spec["num_heads"],
@@ -139,13 +146,18 @@ def model_config_from_hf(hf: dict[str, Any], **overrides):
 
 def hf_config_from_model(config, *, bos_token_id: int | None = None, eos_token_id: int | None = None,
                          dtype: str = "float32") -> dict[str, Any]:
-    """FLA's ``config.json`` dict for a titan_cp ``GDNModel.Config`` (ConfigError if FLA cannot express it)."""
-    hf: dict[str, Any] = {"model_type": MODEL_TYPE, "architectures": [ARCHITECTURE]}
+    """FLA's ``config.json`` dict for a titan_cp ``GDNModel.Config`` (ConfigError if FLA cannot express it):
+    ``gated_deltanet`` for G (+ A) layers, ``kda`` for K (+ A) layers."""
+    types = config.layer_types()
+    if "G" in types and "K" in types:
+        raise ConfigError(f"model.layer_pattern = '{config.layer_pattern}' mixes G and K layers; an FLA checkpoint "
+                          "has one linear layer type (gated_deltanet or kda): use G or K (+ A) only.")
+    model_type = "kda" if "K" in types else MODEL_TYPE
+    hf: dict[str, Any] = {"model_type": model_type, "architectures": [FORMATS[model_type][1]]}
     for key, field in FIELD_OF_KEY.items():
         hf[key] = getattr(config, field)
     if hf["num_v_heads"] in (None, config.num_heads):
         hf["num_v_heads"] = None
-    types = config.layer_types()
     if "A" in types:
         if config.attn_num_heads * config.attn_head_dim != config.dim:
             raise ConfigError(
@@ -163,8 +175,11 @@ def hf_config_from_model(config, *, bos_token_id: int | None = None, eos_token_i
         }
     else:
         hf["attn"] = None
-    hf.update(attn_mode="chunk", use_gate=True, use_short_conv=True, allow_neg_eigval=False,
-              hidden_act="swish", output_gate_activation="swish", dtype=dtype)
+    hf.update(attn_mode="chunk", use_short_conv=True, allow_neg_eigval=False, hidden_act="swish", dtype=dtype)
+    if model_type == "kda":
+        hf.update(safe_gate=False, lower_bound=None)
+    else:
+        hf.update(use_gate=True, output_gate_activation="swish")
     if bos_token_id is not None:
         hf["bos_token_id"] = bos_token_id
     if eos_token_id is not None:

@@ -5,7 +5,7 @@ A titan_cp checkpoint is either
 * a DCP step folder ``<dump_folder>/checkpoint/step-N`` (TorchTitan's ``.metadata`` +
   ``__*_*.distcp``; full training state or model only), whose model shape comes
   from the training config (``--config_file``/``--flavor``), or
-* an FLA Hugging Face folder: ``config.json`` (model_type ``gated_deltanet``) +
+* an FLA Hugging Face folder: ``config.json`` (model_type ``gated_deltanet`` or ``kda``) +
   ``*.safetensors`` (+ tokenizer files), as FLA's ``save_pretrained`` writes it
   and as :func:`save_hf` writes it.
 

@@ -1,4 +1,4 @@
-"""The modules of a GDN language model: norms, SwiGLU, the Gated DeltaNet layer, the block.
+"""The modules of a GDN language model: norms, SwiGLU, the Gated DeltaNet and KDA layers, the block.
 
 Parameter names of :class:`GatedDeltaNet` follow FLA's ``fla.layers.GatedDeltaNet``
 one-to-one (q_proj, k_proj, v_proj, a_proj, b_proj, g_proj, q_conv1d, k_conv1d,
@@ -24,7 +24,9 @@ from torch import nn
 
 from titan_cp.cp import CPContext, mix_sequence
 from titan_cp.models.common.sequence import SequenceInfo
-from titan_cp.ops.gated_delta_rule.mixing import GDNMixingInputs, gdn_gates
+from titan_cp.cp.kernel_cp import kernel_over_shards, short_conv_over_shards
+from titan_cp.ops import kda
+from titan_cp.ops.gated_delta_rule.mixing import GDNMixingInputs, causal_short_conv, gdn_gates, l2norm
 from titan_cp.models.common.dtensor import local_tensor
 
 
@@ -46,12 +48,17 @@ class RMSNorm(nn.Module):
 
 
 class GatedRMSNorm(RMSNorm):
-    """FLA's FusedRMSNormGated (swish gate, norm before gate): RMSNorm(o) * w * silu(gate)."""
+    """FLA's FusedRMSNormGated (norm before gate): RMSNorm(o) * w * act(gate), act = silu
+    (``activation='swish'``, GDN) or sigmoid (``'sigmoid'``, KDA)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, activation: str = "swish"):
+        super().__init__(dim, eps)
+        self.activation = {"swish": F.silu, "sigmoid": torch.sigmoid}[activation]
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         # Shared by all heads; under TP each rank holds some heads, so its weight grad is partial.
         weight = local_tensor(self.weight, grad_is_partial=True)
-        return (self.normalize(x) * weight.float() * F.silu(gate.float())).to(x.dtype)
+        return (self.normalize(x) * weight.float() * self.activation(gate.float())).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -197,6 +204,115 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x_BTD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
         inputs = self.mixing_inputs(x_BTD, seq.doc_starts)
         o_BTHV = mix_sequence(inputs, kernel=self.kernel, cp=self.cp, layer_name=self.layer_name)
+        return self.output(o_BTHV, x_BTD)
+
+
+class KimiDeltaAttention(nn.Module):
+    """FLA's Kimi Delta Attention layer (``fla.layers.KimiDeltaAttention``, same parameter names), with CP.
+
+        q, k = l2norm(silu(conv(x W_q))), l2norm(silu(conv(x W_k)))   [B, T, H, K]
+        v    = silu(conv(x W_v))                                       [B, T, Hv, V]
+        g    = -exp(A_log) * softplus(f_proj(x) + dt_bias)             [B, T, Hv, K] (per key channel)
+        beta = sigmoid(x W_b)                                          [B, T, Hv]
+        o    = kda(q, k, v, g, beta)    S_t = (I - beta_t k_t k_t^T) diag(exp g_t) S_{t-1} + beta_t k_t v_t^T
+        y    = o_proj(RMSNorm(o) * sigmoid(g_proj(x)))
+
+    f_proj and g_proj are FLA's low-rank pairs (D -> V -> Hv K, and D -> V -> Hv V with a bias);
+    A_log [Hv], dt_bias [Hv K]. The convs are GDN's (:func:`causal_short_conv`, halo under CP),
+    the gates GDN's :func:`gdn_gates` broadcast per key channel; the kernel is ``titan_cp.ops.kda``
+    per ``kernel``, over CP shards by :func:`titan_cp.cp.kernel_cp.kernel_over_shards` (every
+    exchange and layout). Grouped value heads (Hv > H) repeat q, k as GDN does.
+    """
+
+    def __init__(self, *, dim: int, num_heads: int, head_dim: int, expand_v: float, num_v_heads: int | None,
+                 conv_size: int, norm_eps: float, kernel: str):
+        super().__init__()
+        num_v_heads = num_v_heads or num_heads
+        head_v_dim = int(head_dim * expand_v)
+        if head_v_dim != head_dim * expand_v or num_v_heads % num_heads:
+            raise ValueError(f"model.expand_v = {expand_v} x model.head_dim = {head_dim} must be whole and "
+                             f"model.num_v_heads = {num_v_heads} a multiple of model.num_heads = {num_heads}.")
+        self.head_dim, self.head_v_dim = head_dim, head_v_dim
+        self.num_heads, self.num_v_heads = num_heads, num_v_heads
+        self.kernel = kernel
+        key_dim, value_dim = num_heads * head_dim, num_v_heads * head_v_dim
+        self.q_proj = nn.Linear(dim, key_dim, bias=False)
+        self.k_proj = nn.Linear(dim, key_dim, bias=False)
+        self.v_proj = nn.Linear(dim, value_dim, bias=False)
+        self.q_conv1d = ShortConv(key_dim, conv_size)
+        self.k_conv1d = ShortConv(key_dim, conv_size)
+        self.v_conv1d = ShortConv(value_dim, conv_size)
+        self.f_proj = nn.Sequential(nn.Linear(dim, head_v_dim, bias=False),
+                                    nn.Linear(head_v_dim, num_v_heads * head_dim, bias=False))
+        self.b_proj = nn.Linear(dim, num_v_heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(num_v_heads))
+        self.dt_bias = nn.Parameter(torch.empty(num_v_heads * head_dim))
+        self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
+        self.dt_bias._no_weight_decay = True  # type: ignore[attr-defined]
+        self.g_proj = nn.Sequential(nn.Linear(dim, head_v_dim, bias=False),
+                                    nn.Linear(head_v_dim, value_dim, bias=True))
+        self.o_norm = GatedRMSNorm(head_v_dim, eps=norm_eps, activation="sigmoid")
+        self.o_proj = nn.Linear(value_dim, dim, bias=False)
+        self.cp: CPContext | None = None
+        self.layer_name = ""
+
+    mixes_sequence = True
+
+    def init_weights(self, init_std: float) -> None:
+        """FLA's A_log (log U(1, 16)) / dt_bias (inverse softplus of log-uniform [1e-3, 0.1]) / conv init;
+        TorchTitan's truncated normals for linears."""
+        linears = (self.q_proj, self.k_proj, self.v_proj, self.b_proj, *self.f_proj, *self.g_proj)
+        for linear in linears:
+            nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(self.g_proj[1].bias)
+        nn.init.trunc_normal_(self.o_proj.weight, mean=0.0, std=init_std)
+        for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
+            conv.reset_parameters()
+        self.o_norm.reset_parameters()
+        with torch.no_grad():
+            self.A_log.uniform_(1, 16).log_()
+            dt = self.dt_bias.uniform_(0, 1)
+            dt.mul_(math.log(0.1) - math.log(1e-3)).add_(math.log(1e-3)).exp_().clamp_(min=1e-4)
+            dt.add_(torch.log(-torch.expm1(-dt)))
+
+    def conv_input(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-conv q | k | v [B, T, 2 H K + Hv V] (local heads under TP) and the three conv weights
+        as one [C, 1, W]."""
+        x_BTC = torch.cat([self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)], dim=-1)
+        weight = torch.cat([local_tensor(c.weight) for c in (self.q_conv1d, self.k_conv1d, self.v_conv1d)])
+        return x_BTC, weight
+
+    def heads(self, y_BTC: torch.Tensor, x_BTD: torch.Tensor):
+        """Post-conv channels -> q, k [B, T, Hv, K] (L2-normalised), v [B, T, Hv, V], g [B, T, Hv, K], beta."""
+        B, T, _ = x_BTD.shape
+        f_BTHK = self.f_proj(x_BTD).view(B, T, -1, self.head_dim)
+        # Local channels: v has Hv_local V, q and k H_local K each with H_local = Hv_local H / Hv.
+        cv = f_BTHK.shape[2] * self.head_v_dim
+        ck = (y_BTC.shape[-1] - cv) // 2
+        q, k, v = y_BTC.split([ck, ck, cv], dim=-1)
+        q, k = (l2norm(t.reshape(B, T, -1, self.head_dim)) for t in (q, k))
+        v = v.reshape(B, T, -1, self.head_v_dim)
+        if (groups := v.shape[2] // q.shape[2]) > 1:
+            q, k = q.repeat_interleave(groups, dim=2), k.repeat_interleave(groups, dim=2)
+        A_log, dt_bias = local_tensor(self.A_log), local_tensor(self.dt_bias)
+        g, beta = gdn_gates(f_BTHK, self.b_proj(x_BTD), A_log[:, None], dt_bias.view(-1, self.head_dim))
+        return q, k, v, g, beta
+
+    def output(self, o_BTHV: torch.Tensor, x_BTD: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        y_BTHV = self.o_norm(o_BTHV, self.g_proj(x_BTD).view(B, T, -1, self.head_v_dim))
+        return self.o_proj(y_BTHV.reshape(B, T, -1))
+
+    def forward(self, x_BTD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
+        x_BTC, weight = self.conv_input(x_BTD)
+        if self.cp is None or self.cp.size == 1:
+            y_BTC = causal_short_conv(x_BTC, weight, doc_starts_BT=seq.doc_starts)
+        else:
+            y_BTC = short_conv_over_shards(x_BTC, weight, None, seq.doc_starts, self.cp, self.layer_name)
+        q, k, v, g, beta = self.heads(y_BTC, x_BTD)
+        o_BTHV = kernel_over_shards(q, k, v, g, beta, kernel=kda.get_kernel(self.kernel),
+                                    segment_kernel=kda.get_segment_kernel(self.kernel), cp=self.cp,
+                                    name=self.layer_name, doc_starts=seq.doc_starts)
         return self.output(o_BTHV, x_BTD)
 
 

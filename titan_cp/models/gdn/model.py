@@ -24,7 +24,7 @@ from torchtitan.protocols.model import BaseModel
 from titan_cp.cp.context import CPContext
 from titan_cp.models.gdn.init import init_unit_in_full
 from titan_cp.models.common.sequence import SequenceInfo, sequence_info
-from titan_cp.models.gdn.layers import GatedDeltaNet, GDNBlock, RMSNorm
+from titan_cp.models.gdn.layers import GatedDeltaNet, GDNBlock, KimiDeltaAttention, RMSNorm
 from titan_cp.models.common.preflight import validate
 
 
@@ -48,6 +48,7 @@ class GDNModel(BaseModel):
         cp_layout: str = "contiguous"  # titan_cp.cp.layout.LAYOUTS
         doc_masking: bool = True  # reset state + conv history at document starts (positions == 0)
         # Hybrid models: one letter per layer, cycled over n_layers: G = Gated DeltaNet,
+        # K = Kimi Delta Attention (FLA's KDA layer, same head fields),
         # A = softmax attention (RoPE, GQA; ring attention under CP). "" = all GDN.
         layer_pattern: str = ""
         attn_num_heads: int = 4
@@ -60,10 +61,10 @@ class GDNModel(BaseModel):
 
         def layer_types(self) -> list[str]:
             pattern = self.layer_pattern or "G"
-            if set(pattern) - {"G", "A"}:
+            if set(pattern) - {"G", "A", "K"}:
                 raise ValueError(
-                    f"model.layer_pattern = '{self.layer_pattern}' may only contain 'G' (Gated DeltaNet) "
-                    "and 'A' (softmax attention), e.g. 'GGGA'."
+                    f"model.layer_pattern = '{self.layer_pattern}' may only contain 'G' (Gated DeltaNet), "
+                    "'K' (Kimi Delta Attention) and 'A' (softmax attention), e.g. 'GGGA'."
                 )
             return [pattern[i % len(pattern)] for i in range(self.n_layers)]
 
@@ -152,7 +153,8 @@ class GDNModel(BaseModel):
                 head_dim=config.attn_head_dim,
                 rope_theta=config.rope_theta,
             )
-        return GatedDeltaNet(
+        mixer_cls = KimiDeltaAttention if layer_type == "K" else GatedDeltaNet
+        return mixer_cls(
             dim=config.dim,
             num_heads=config.num_heads,
             head_dim=config.head_dim,

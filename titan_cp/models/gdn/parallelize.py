@@ -23,6 +23,8 @@ Layout of a GDN block under TP (degree t; H key heads, Hv value heads):
     o_proj                   rowwise   (all-reduce back to the full dim)
     ffn_norm                 replicated
     feed_forward.w1 / w3     colwise,  w2 rowwise
+    KDA layers: q/k/v_proj, b_proj, f_proj.1, g_proj.1 colwise (heads); f_proj.0, g_proj.0 (D -> V)
+                colwise with the output gathered; convs, A_log, dt_bias Shard(0); o_proj rowwise
     attention layers (hybrid): wq/wk/wv colwise, wo rowwise
     tok_embeddings           rowwise (vocab-sharded), lm_head colwise (logits gathered)
 
@@ -56,7 +58,18 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         parallelize_module(model, tp_mesh, edges)
     for block in model.layers.values():
         mixer = block.attention
-        if getattr(mixer, "q_conv1d", None) is not None:  # Gated DeltaNet
+        if getattr(mixer, "f_proj", None) is not None:  # KDA
+            plan = {name: ColwiseParallel() for name in ("q_proj", "k_proj", "v_proj", "b_proj", "f_proj.1",
+                                                         "g_proj.1")}
+            # The low-rank halves D -> V: weight split over V, output gathered (the heads need all of it).
+            plan.update({name: ColwiseParallel(output_layouts=Replicate()) for name in ("f_proj.0", "g_proj.0")})
+            plan["o_proj"] = RowwiseParallel()
+            for conv in (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d):
+                shard_param(conv, "weight", tp_mesh, Shard(0))
+            for name in ("A_log", "dt_bias"):  # [Hv], [Hv K] head-major
+                shard_param(mixer, name, tp_mesh, Shard(0))
+            shard_param(mixer.o_norm, "weight", tp_mesh, Replicate())
+        elif getattr(mixer, "q_conv1d", None) is not None:  # Gated DeltaNet
             plan = {name: ColwiseParallel() for name in ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj")}
             plan["o_proj"] = RowwiseParallel()
             for conv in (mixer.q_conv1d, mixer.k_conv1d, mixer.v_conv1d):

@@ -6,6 +6,8 @@ Parameter names, titan_cp -> FLA 0.6.0 ``GatedDeltaNetForCausalLM`` (``{i}`` a l
     layers.{i}.attention_norm.weight         model.layers.{i}.attn_norm.weight
     layers.{i}.attention.<p>   (GDN layer)   model.layers.{i}.attn.<p>    the 13 GDN names are FLA's:
         q/k/v/a/b/g_proj.weight, q/k/v_conv1d.weight, A_log, dt_bias, o_norm.weight, o_proj.weight
+    layers.{i}.attention.<p>   (KDA layer)   model.layers.{i}.attn.<p>    FLA's KimiDeltaAttention names
+        (KDA_PARAMS; FLA's KDAForCausalLM has the same block, MLP and top-level names as GDN's)
     layers.{i}.attention.wq/wk/wv/wo.weight  model.layers.{i}.attn.q/k/v/o_proj.weight   (attention layer)
     layers.{i}.ffn_norm.weight               model.layers.{i}.mlp_norm.weight
     layers.{i}.feed_forward.w1/w3/w2.weight  model.layers.{i}.mlp.gate_proj/up_proj/down_proj.weight
@@ -42,17 +44,21 @@ IN_BLOCK = {
 GDN_PARAMS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "a_proj.weight", "b_proj.weight",
               "g_proj.weight", "q_conv1d.weight", "k_conv1d.weight", "v_conv1d.weight", "A_log", "dt_bias",
               "o_norm.weight", "o_proj.weight")
+# FLA's KimiDeltaAttention (f_proj / g_proj are its two-layer low-rank projections).
+KDA_PARAMS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "q_conv1d.weight", "k_conv1d.weight",
+              "v_conv1d.weight", "f_proj.0.weight", "f_proj.1.weight", "b_proj.weight", "A_log", "dt_bias",
+              "g_proj.0.weight", "g_proj.1.weight", "g_proj.1.bias", "o_norm.weight", "o_proj.weight")
 ATTENTION_PARAMS = {"wq.weight": "q_proj.weight", "wk.weight": "k_proj.weight", "wv.weight": "v_proj.weight",
                     "wo.weight": "o_proj.weight"}
 
 
 def block_names(layer_type: str) -> dict[str, str]:
-    """titan_cp -> FLA names inside one block of type ``layer_type`` ('G' or 'A')."""
+    """titan_cp -> FLA names inside one block of type ``layer_type`` ('G', 'K' or 'A')."""
     names = dict(IN_BLOCK)
     if layer_type == "A":
         names.update({f"attention.{a}": f"attn.{b}" for a, b in ATTENTION_PARAMS.items()})
     else:
-        names.update({f"attention.{p}": f"attn.{p}" for p in GDN_PARAMS})
+        names.update({f"attention.{p}": f"attn.{p}" for p in (KDA_PARAMS if layer_type == "K" else GDN_PARAMS)})
     return names
 
 

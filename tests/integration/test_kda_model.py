@@ -1,0 +1,182 @@
+"""The KDA family as a whole model: FLA's ``KDAForCausalLM`` checkpoints in and out, CP 2, generation.
+
+One FLA subprocess (its Triton kernels under the interpreter, tests/support/fla_reference.py's
+setup) builds a tiny random hybrid ``KDAForCausalLM`` (layers K, A), ``save_pretrained``s it,
+and records its logits and its greedy ids (each step a full forward: an independent
+reference for titan_cp's O(1)-per-token decode); it also runs FLA on a folder titan_cp
+wrote. One 2-rank launch then checks (a) the FLA folder's logits under CP 2 for every
+exchange x layout, (b) a hybrid 'KA' model with packed documents: loss, every gradient
+and the parameters after 2 SGD steps equal one rank (fp32 1e-5).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from titan_cp.cp.context import CPContext
+from titan_cp.cp.layout import rank_segments
+from titan_cp.models.common.parallelize import apply_cp
+from titan_cp.models.gdn.decode import generate
+from titan_cp.models.gdn.hf_folder import load_model, save_hf
+from titan_cp.models.kda.flavors import model_config
+from titan_cp.testing import rel_err, run_on_ranks
+from tests.support.fla_reference import skip_reason
+
+REPO = Path(__file__).resolve().parents[2]
+T, PROMPT, NEW = 24, 6, 6
+CASES = [("contiguous", "allgather"), ("zigzag", "allgather"), ("contiguous", "logscan"), ("zigzag", "alltoall")]
+pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
+
+
+def _fla_main(folder: str, exported: str, out: str) -> None:
+    """(In the FLA subprocess) random KDAForCausalLM -> ``folder``; its logits / greedy ids; FLA on ``exported``."""
+    from fla.models import KDAConfig, KDAForCausalLM
+
+    torch.manual_seed(0)
+    config = KDAConfig(hidden_size=32, num_hidden_layers=2, num_heads=2, head_dim=8, expand_v=2.0, vocab_size=97,
+                       intermediate_size=64, conv_size=4, norm_eps=1e-6, fuse_cross_entropy=False,
+                       attn={"layers": [1], "num_heads": 4, "num_kv_heads": 2, "qkv_bias": False,
+                             "window_size": None, "rope_theta": 10000.0})
+    model = KDAForCausalLM(config).float().eval()
+    with torch.no_grad():  # non-trivial norms and gate bias
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("g_proj.1.bias"):
+                p.normal_()
+            elif "proj" in name and p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(folder)
+    tokens = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ids = tokens[:, :PROMPT]
+        for _ in range(NEW):  # greedy, each step a full forward
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        theirs = KDAForCausalLM.from_pretrained(exported, fuse_cross_entropy=False, torch_dtype=torch.float32)
+        torch.save({"tokens": tokens, "logits": model(input_ids=tokens).logits.float(), "greedy": ids,
+                    "exported_logits": theirs.eval()(input_ids=tokens).logits.float()}, out)
+
+
+@pytest.fixture(scope="module")
+def fla(tmp_path_factory):
+    """FLA's folder, tokens, logits, greedy ids; a titan_cp 'KA' model exported to an FLA folder and FLA's
+    logits of it."""
+    tmp = tmp_path_factory.mktemp("kda")
+    torch.manual_seed(3)
+    ours = model_config("kda_debug", layer_pattern="KA", dim=32, hidden_dim=64, vocab_size=97, num_heads=2,
+                        head_dim=8, expand_v=2.0, attn_num_heads=4, attn_num_kv_heads=2, attn_head_dim=8).build()
+    ours.init_states()
+    save_hf(ours.state_dict(), ours.config, tmp / "exported")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH", "")] if p)
+    proc = subprocess.run([sys.executable, "-m", "tests.integration.test_kda_model", str(tmp / "fla"),
+                           str(tmp / "exported"), str(tmp / "ref.pt")], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=REPO, check=False)
+    assert proc.returncode == 0, f"FLA reference failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return {"folder": tmp / "fla", "ours": ours.eval(), **torch.load(tmp / "ref.pt")}
+
+
+def _close(ours, theirs, what):
+    err, scale = (ours - theirs).abs().max().item(), theirs.abs().max().item()
+    print(f"{what}: max |titan_cp - FLA| = {err:.2e} at logits up to {scale:.1f}")
+    assert err <= 1e-5 * max(scale, 1.0), f"{what}: {err:.2e}"
+
+
+def test_fla_folder_loads_with_its_logits_and_greedy_ids(fla):
+    model, _ = load_model(fla["folder"])
+    assert model.config.layer_types() == ["K", "A"]
+    with torch.no_grad():
+        _close(model(fla["tokens"]), fla["logits"], "FLA folder, one rank")
+    ids = generate(model, fla["tokens"][:, :PROMPT], NEW)
+    assert torch.equal(ids, fla["greedy"]), f"greedy ids differ:\n{ids}\n{fla['greedy']}"
+
+
+def test_titan_cp_export_gives_fla_the_same_logits(fla):
+    with torch.no_grad():
+        _close(fla["ours"](fla["tokens"]), fla["exported_logits"], "titan_cp -> FLA folder")
+
+
+def _cp_rank(rank, P, folder, tokens, fla_logits):
+    errs = {}
+    for layout, exchange in CASES:  # (a) the FLA checkpoint under CP 2
+        model, _ = load_model(folder)
+        apply_cp(model, CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange))
+        with torch.no_grad():
+            logits = model(rank_segments(tokens, 1, rank, P, layout))
+        ref = rank_segments(fla_logits, 1, rank, P, layout)
+        errs[f"fla {layout}/{exchange}"] = (logits - ref).abs().max().item() / max(ref.abs().max().item(), 1.0)
+    for layout, exchange in CASES:  # (b) a 'KA' hybrid trained 2 steps, packed documents
+        errs.update({f"{layout}/{exchange} {k}": v for k, v in _train_errors(rank, P, layout, exchange).items()})
+    return errs
+
+
+def _hybrid_config():
+    return model_config("kda_debug", layer_pattern="KA", dim=32, hidden_dim=64, vocab_size=97, num_heads=2,
+                        head_dim=8, attn_num_heads=4, attn_num_kv_heads=2, attn_head_dim=8)
+
+
+def _train_errors(rank, P, layout, exchange, steps=2, lr=0.5):
+    cfg = _hybrid_config()
+    B, L = 2, 32
+    gen = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, 97, (B, L + 1), generator=gen)
+    positions = torch.arange(L).repeat(B, 1)
+    positions[0, 8:] -= 8  # row 0: a document starting on a segment boundary (zigzag: 4 segments of 8)
+    positions[1, 15:] -= 15  # row 1: one starting just before the middle boundary
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    ref, cp_model = (cfg.build() for _ in range(2))
+    for m in (ref, cp_model):
+        m.init_states()
+    apply_cp(cp_model, CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange))
+    shard = lambda t: rank_segments(t, 1, rank, P, layout)  # noqa: E731
+    errs = {}
+    for step in range(steps):
+        loss_ref = F.cross_entropy(ref(inputs, positions).flatten(0, 1), labels.flatten())
+        loss_ref.backward()
+        loss_sum = F.cross_entropy(cp_model(shard(inputs), shard(positions)).flatten(0, 1), shard(labels).flatten(),
+                                   reduction="sum")
+        (loss_sum / (B * L)).backward()
+        total = loss_sum.detach().clone()
+        dist.all_reduce(total)
+        errs[f"loss{step}"] = rel_err(total / (B * L), loss_ref.detach())
+        for (name, p_ref), p in zip(ref.named_parameters(), cp_model.parameters()):
+            dist.all_reduce(p.grad)
+            errs[f"grad{step} {name}"] = rel_err(p.grad, p_ref.grad)
+            with torch.no_grad():
+                p_ref -= lr * p_ref.grad
+                p -= lr * p.grad
+            p_ref.grad, p.grad = None, None
+    for (name, p_ref), p in zip(ref.named_parameters(), cp_model.parameters()):
+        errs[f"param {name}"] = rel_err(p, p_ref)
+    return errs
+
+
+def test_cp2_matches_fla_and_one_rank(fla):
+    results = run_on_ranks(_cp_rank, 2, args=(str(fla["folder"]), fla["tokens"], fla["logits"]), timeout=400)
+    worst: dict[str, float] = {}
+    for errs in results:
+        for name, err in errs.items():
+            worst[name] = max(worst.get(name, 0.0), err)
+    names = [name for name, _ in _hybrid_config().build().named_parameters()]
+    for layout, exchange in CASES:  # every gradient and parameter was compared
+        assert {f"{layout}/{exchange} grad1 {n}" for n in names} <= set(worst), (layout, exchange)
+        assert {f"{layout}/{exchange} param {n}" for n in names} <= set(worst), (layout, exchange)
+    for kind in ("fla", "loss", "grad", "param"):
+        print(f"worst {kind}: {max(v for k, v in worst.items() if kind in k):.1e}")
+    bad = {k: v for k, v in worst.items() if v > 1e-5}
+    assert not bad, f"CP 2 != reference beyond 1e-5: {bad}"
+
+
+if __name__ == "__main__":
+    from tests.support.fla_reference import setup_fla
+
+    setup_fla()
+    _fla_main(*sys.argv[1:])
