@@ -274,9 +274,9 @@ class TomlJob:
         if hf_config is not None:  # every shape field from an FLA checkpoint's config.json; [model] keys override
             from titan_cp.models.gdn.hf_config import model_fields_from_hf, read_hf_config
 
-            if config.model_spec.name != "gdn":
-                raise ConfigError(f"{hf_config.origin}: model.hf_config reads FLA gated_deltanet checkpoints; "
-                                  f"it needs model.name = 'gdn', not {config.model_spec.name!r}.")
+            if config.model_spec.name not in ("gdn", "kda"):
+                raise ConfigError(f"{hf_config.origin}: model.hf_config reads FLA gated_deltanet / kda checkpoints; "
+                                  f"it needs model.name = 'gdn' or 'kda', not {config.model_spec.name!r}.")
             try:
                 shape = model_fields_from_hf(read_hf_config(str(hf_config.value)))
             except ConfigError as e:

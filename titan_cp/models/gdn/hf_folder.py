@@ -167,8 +167,9 @@ def load_model(checkpoint: str | Path, *, model_config=None, flavor: str | None 
         return model.eval(), path
     if model_config is None and flavor is not None:
         from titan_cp.models.gdn import model_config as flavor_config
+        from titan_cp.models.kda.flavors import FLAVORS as KDA_FLAVORS, model_config as kda_config
 
-        model_config = flavor_config(flavor, kernel=kernel)
+        model_config = (kda_config if flavor in KDA_FLAVORS else flavor_config)(flavor, kernel=kernel)
     if model_config is None:
         raise ConfigError(f"--checkpoint '{path}' is a DCP checkpoint, which does not record the model shape: "
                           "pass the training config (--config_file train_configs/X.toml) or --flavor.")
