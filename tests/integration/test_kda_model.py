@@ -6,7 +6,8 @@ and records its logits and its greedy ids (each step a full forward: an independ
 reference for titan_cp's O(1)-per-token decode); it also runs FLA on a folder titan_cp
 wrote. One 2-rank launch then checks (a) the FLA folder's logits under CP 2 for every
 exchange x layout, (b) a hybrid 'KA' model with packed documents: loss, every gradient
-and the parameters after 2 SGD steps equal one rank (fp32 1e-5).
+and the parameters after 2 SGD steps equal one rank (fp32 1e-5), (c) the same model under TP 2
+(the KDA TP plan) equal one rank.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
 
 from titan_cp.cp.context import CPContext
 from titan_cp.cp.layout import rank_segments
 from titan_cp.models.common.parallelize import apply_cp
+from titan_cp.models.gdn.parallelize import apply_tp
 from titan_cp.models.gdn.decode import generate
 from titan_cp.models.gdn.hf_folder import load_model, save_hf
 from titan_cp.models.kda.flavors import model_config
@@ -115,7 +118,12 @@ def _cp_rank(rank, P, folder, tokens, fla_logits):
         errs[f"fla {layout}/{exchange}"] = (logits - ref).abs().max().item() / max(ref.abs().max().item(), 1.0)
     for layout, exchange in CASES:  # (b) a 'KA' hybrid trained 2 steps, packed documents
         errs.update({f"{layout}/{exchange} {k}": v for k, v in _train_errors(rank, P, layout, exchange).items()})
+    errs.update({f"tp/None {k}": v for k, v in _train_errors(rank, P, "tp", None).items()})  # (c) TP 2
     return errs
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def _hybrid_config():
@@ -124,6 +132,8 @@ def _hybrid_config():
 
 
 def _train_errors(rank, P, layout, exchange, steps=2, lr=0.5):
+    """layout 'tp': heads split over the P ranks (titan_cp/models/gdn/parallelize.py), whole sequences;
+    else CP over the P ranks with ``layout`` / ``exchange``."""
     cfg = _hybrid_config()
     B, L = 2, 32
     gen = torch.Generator().manual_seed(5)
@@ -135,8 +145,14 @@ def _train_errors(rank, P, layout, exchange, steps=2, lr=0.5):
     ref, cp_model = (cfg.build() for _ in range(2))
     for m in (ref, cp_model):
         m.init_states()
-    apply_cp(cp_model, CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange))
-    shard = lambda t: rank_segments(t, 1, rank, P, layout)  # noqa: E731
+    if layout == "tp":
+        apply_tp(cp_model, init_device_mesh("cpu", (P,), mesh_dim_names=("tp",)))
+        kda_layer = cp_model.layers["0"].attention
+        assert all(w.placements[0].is_shard() for w in (kda_layer.f_proj[1].weight, kda_layer.dt_bias))
+        shard = lambda t: t  # noqa: E731
+    else:
+        apply_cp(cp_model, CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange))
+        shard = lambda t: rank_segments(t, 1, rank, P, layout)  # noqa: E731
     errs = {}
     for step in range(steps):
         loss_ref = F.cross_entropy(ref(inputs, positions).flatten(0, 1), labels.flatten())
@@ -145,17 +161,19 @@ def _train_errors(rank, P, layout, exchange, steps=2, lr=0.5):
                                    reduction="sum")
         (loss_sum / (B * L)).backward()
         total = loss_sum.detach().clone()
-        dist.all_reduce(total)
+        if layout != "tp":  # CP: each rank's tokens' share
+            dist.all_reduce(total)
         errs[f"loss{step}"] = rel_err(total / (B * L), loss_ref.detach())
         for (name, p_ref), p in zip(ref.named_parameters(), cp_model.parameters()):
-            dist.all_reduce(p.grad)
-            errs[f"grad{step} {name}"] = rel_err(p.grad, p_ref.grad)
+            if layout != "tp":
+                dist.all_reduce(p.grad)
+            errs[f"grad{step} {name}"] = rel_err(_full(p.grad), p_ref.grad)
             with torch.no_grad():
                 p_ref -= lr * p_ref.grad
                 p -= lr * p.grad
             p_ref.grad, p.grad = None, None
     for (name, p_ref), p in zip(ref.named_parameters(), cp_model.parameters()):
-        errs[f"param {name}"] = rel_err(p, p_ref)
+        errs[f"param {name}"] = rel_err(_full(p.detach()), p_ref.detach())
     return errs
 
 
@@ -166,7 +184,7 @@ def test_cp2_matches_fla_and_one_rank(fla):
         for name, err in errs.items():
             worst[name] = max(worst.get(name, 0.0), err)
     names = [name for name, _ in _hybrid_config().build().named_parameters()]
-    for layout, exchange in CASES:  # every gradient and parameter was compared
+    for layout, exchange in [*CASES, ("tp", None)]:  # every gradient and parameter was compared
         assert {f"{layout}/{exchange} grad1 {n}" for n in names} <= set(worst), (layout, exchange)
         assert {f"{layout}/{exchange} param {n}" for n in names} <= set(worst), (layout, exchange)
     for kind in ("fla", "loss", "grad", "param"):
