@@ -141,13 +141,16 @@ def estimate_row(margs: ModelArgs, L: int, P: int, batch: int, loss_chunks: int)
     from titan_cp.analysis.train_setup import Parallelism, TrainSetup
     from titan_cp.analysis.profiles import kernel_profile
 
+    from titan_cp.analysis.qwen3_5_memory import is_qwen3_5
+
     c = margs.config()
     dt = {"float32": "fp32", "bfloat16": "bf16", "float64": "fp32"}[margs.dtype]
-    prof = kernel_profile(c.kernel, c, dt)
+    prof = None if is_qwen3_5(c) else kernel_profile(c.kernel, c, dt)  # Qwen3.5: its own kernel terms
     setup = TrainSetup(seq_len=L, batch=batch, param_dtype=dt, act_dtype=dt, grad_dtype=dt, optimizer_states=0,
-                       loss_chunks=loss_chunks, cp_exchange=margs.exchange, cp_layout=margs.layout, **prof.setup)
+                       loss_chunks=loss_chunks, cp_exchange=margs.exchange, cp_layout=margs.layout,
+                       **(prof.setup if prof else {}))
     par = Parallelism(cp=P, fsdp_over_cp=False)
-    return estimate_memory(c, setup, par, calibration=prof.calibration)
+    return estimate_memory(c, setup, par, calibration=prof.calibration if prof else None)
 
 
 # --------------------------------------------------------------------------- main

@@ -4,8 +4,8 @@ TorchTitan's Qwen3.5 flavor (default ``debugmodel`` shrunk like the CPU debug
 config: 4 layers = 3 Gated DeltaNet + 1 gated full attention, vocabulary
 1024) on titan_cp's CP layers (titan_cp.models.qwen3_5). :class:`QwenArgs` has the
 interface the memory script uses from its own ``ModelArgs`` (``build``,
-``hidden``, ``layer_kind``, ``describe``); there is no analytic estimate for
-this model, so rows carry none.
+``hidden``, ``layer_kind``, ``describe``); rows carry the analytic estimate of
+titan_cp.analysis.qwen3_5_memory (through ``estimate_memory``) and its error.
 
 Per layer kind (GDN / attention) the script reports the bytes autograd saves
 in the decoder blocks of that kind, per layer and per token of the rank.
@@ -32,14 +32,14 @@ class QwenArgs:
     layout: str = "contiguous"
     dtype: str = "float32"
     kernel: str = "torch"
-    has_estimate = False  # titan_cp.analysis models titan_cp's GDN LM only
+    has_estimate = True  # titan_cp.analysis.qwen3_5_memory
 
     def config(self, max_seq_len: int | None = None):
-        from titan_cp.models.qwen3_5.flavors import torchtitan_config
+        from titan_cp.models.qwen3_5.flavors import MOE_FLAVORS, torchtitan_config
         from titan_cp.models.qwen3_5.model import titan_cp_config
 
         shape = dict(self.overrides)
-        if max_seq_len is not None:  # RoPE table length; the flavor's default may be shorter than the run
+        if max_seq_len is not None and self.flavor not in MOE_FLAVORS:  # MoE flavors keep their RoPE table  # RoPE table length; the flavor's default may be shorter than the run
             shape["max_seq_len"] = max(max_seq_len, shape.get("max_seq_len", 0))
         return titan_cp_config(torchtitan_config(self.flavor, **shape), kernel=self.kernel,
                                cp_layout=self.layout, cp_exchange=self.exchange)
@@ -79,14 +79,16 @@ class QwenArgs:
 
 
 def qwen_args_from(a: argparse.Namespace) -> QwenArgs:
-    """``--flavor`` (debug: TorchTitan's debugmodel with 4 layers and vocabulary 1024), kernel and CP strategy.
+    """``--flavor`` (debug / debug_moe: TorchTitan's debugmodel / debugmodel_moe with 4 layers and vocabulary
+    1024), kernel and CP strategy.
 
     The GDN model's shape flags (--dim, --n_layers ...) do not apply: the shape is the flavor's.
     """
-    if a.flavor == "debug":
+    if a.flavor in ("debug", "debug_moe"):
         from titan_cp.models.qwen3_5.config_registry import DEBUG_SHAPE  # the CPU debug config's shape (imports TorchTitan)
 
-        return QwenArgs("debugmodel", dict(DEBUG_SHAPE), a.exchange, a.layout, a.dtype, a.kernel)
+        flavor = "debugmodel" if a.flavor == "debug" else "debugmodel_moe"
+        return QwenArgs(flavor, dict(DEBUG_SHAPE), a.exchange, a.layout, a.dtype, a.kernel)
     return QwenArgs(a.flavor, {}, a.exchange, a.layout, a.dtype, a.kernel)
 
 

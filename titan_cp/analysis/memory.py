@@ -119,25 +119,12 @@ fp32 gradient under FSDP).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 
+from titan_cp.analysis.memory_terms import ActTerm, MemoryEstimate, _terms_bytes
+from titan_cp.analysis.qwen3_5_memory import estimate_qwen3_5, is_qwen3_5
 from titan_cp.analysis.shape import Dims, param_counts
 from titan_cp.analysis.train_setup import AC_MODES, Parallelism, TrainSetup, dtype_bytes
-
-@dataclass(frozen=True)
-class ActTerm:
-    name: str
-    elems_per_token: float
-    bytes_per_elem: float
-    shard: str  # "tp": divided by tp; "sp": by tp under sequence parallel; "rep": replicated
-    doc: str
-
-    def bytes_per_token(self, par: Parallelism) -> float:
-        div = 1
-        if self.shard == "tp" or (self.shard == "sp" and par.sequence_parallel):
-            div = par.tp
-        return self.elems_per_token * self.bytes_per_elem / div
-
 
 def layer_activation_terms(shape: Dims, setup: TrainSetup, par: Parallelism) -> list[ActTerm]:
     """Saved-for-backward tensors of one block without checkpointing (see the module docstring)."""
@@ -233,45 +220,6 @@ def model_activation_terms(shape: Dims, setup: TrainSetup) -> list[ActTerm]:
 # ----------------------------------------------------------------------------- estimate
 
 
-@dataclass
-class MemoryEstimate:
-    params: float
-    grads: float
-    optimizer: float
-    fsdp_buffers: float
-    activations: float  # all layers' saved tensors
-    model_activations: float  # saved tensors outside blocks
-    loss_phase: float
-    backward_phase: float
-    tokens_per_rank: int
-    layer_activation_bytes: float  # one layer, no AC, after calibration
-    layer_terms: dict[str, float] = field(default_factory=dict)  # bytes per layer by term
-    grads_at_peak: float | None = None  # gradient bytes alive at the activation peak (None: all of them)
-
-    @property
-    def static(self) -> float:
-        return self.params + self.grads + self.optimizer + self.fsdp_buffers
-
-    @property
-    def transient(self) -> float:
-        return max(self.loss_phase, self.backward_phase)
-
-    @property
-    def total(self) -> float:
-        grads_at_peak = self.grads if self.grads_at_peak is None else self.grads_at_peak
-        during_backward = grads_at_peak + self.activations + self.model_activations + self.transient
-        return self.params + self.optimizer + self.fsdp_buffers + max(self.grads, during_backward)
-
-    def as_dict(self) -> dict:
-        out = asdict(self)
-        out.update(static=self.static, transient=self.transient, total=self.total)
-        return out
-
-
-def _terms_bytes(terms: list[ActTerm], par: Parallelism, tokens: float, calibration: dict[str, float]) -> dict[str, float]:
-    return {t.name: calibration.get(t.name, 1.0) * t.bytes_per_token(par) * tokens for t in terms}
-
-
 def estimate_memory(
     model,
     setup: TrainSetup,
@@ -279,7 +227,10 @@ def estimate_memory(
     calibration: dict[str, float] | None = None,
     activation_scale: float = 1.0,
 ) -> MemoryEstimate:
-    """Per-rank peak memory in bytes of ``model`` (a ``GDNModel.Config``; module docstring for every term)."""
+    """Per-rank peak memory in bytes of ``model``: a ``GDNModel.Config`` (module docstring for every term) or a
+    TorchTitan Qwen3.5 config (:mod:`titan_cp.analysis.qwen3_5_memory`)."""
+    if is_qwen3_5(model):
+        return estimate_qwen3_5(model, setup, par, calibration, activation_scale)
     shape = Dims.of(model, allow_attention=True)
     if setup.ac not in AC_MODES:
         raise ValueError(f"ac = '{setup.ac}' is not one of {list(AC_MODES)}")

@@ -24,6 +24,9 @@ class Parallelism:
     cp: int = 1
     sequence_parallel: bool = True  # TorchTitan's default with TP
     fsdp_over_cp: bool = True  # False: CP ranks hold full parameter replicas (no FSDP over cp)
+    replicate: int = 1  # HSDP replicas (dp_replicate): parameters are not sharded over them
+    ep: int = 1  # expert parallel (MoE): borrows ranks from dp x cp x tp (TorchTitan's efsdp = dp cp tp / ep)
+    pp: int = 1  # pipeline stages (layers split evenly)
 
     @property
     def fsdp(self) -> int:
@@ -54,6 +57,7 @@ class TrainSetup:
     cp_layout: str = "contiguous"  # contiguous (1 segment per rank) | zigzag (2)
     loss_chunks: int = 8  # TorchTitan ChunkedLossWrapper.num_chunks (1 = full logits)
     loss_bytes_per_logit: float = 12.0  # logits (act) + fp32 log-softmax + fp32 grad + act grad
+    microbatches: int = 1  # pipeline microbatches the local batch is split into (1F1B keeps min(pp, this) in flight)
     workspace_fraction: float = 0.5  # activation gradients alive in one layer's backward
     attention_score_tensors: float = 4.6  # hybrids: fp32 [Hq, T_loc, T_loc] score-sized tensors in an attention
     # block's backward (titan_cp's block attention materialises them; fitted on CPU, P 1-8, 8K tokens)
