@@ -1,0 +1,58 @@
+"""The Qwen3.5 memory estimator against the real models' parameter counts, its dispatch from the public
+entry points, and tools.max_context_table against the estimator (the length it reports fits, 2x does not)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from titan_cp.analysis.memory import estimate_memory, max_seq_len
+from titan_cp.analysis.qwen3_5_memory import QwenDims, param_counts
+from titan_cp.analysis.train_setup import Parallelism, TrainSetup
+from titan_cp.library.planning import estimate_cp_memory
+from titan_cp.models.qwen3_5.config_registry import DEBUG_SHAPE
+from titan_cp.models.qwen3_5.flavors import torchtitan_config
+from titan_cp.models.qwen3_5.model import titan_cp_config
+
+
+@pytest.mark.parametrize("flavor", ["debugmodel", "debugmodel_moe"])
+def test_param_count_matches_the_built_model(flavor):
+    config = titan_cp_config(torchtitan_config(flavor, **DEBUG_SHAPE))
+    model = config.build()
+    assert param_counts(QwenDims.of(config))["total"] == sum(p.numel() for p in model.parameters())
+
+
+def test_layout_dimensions_shrink_what_they_shard():
+    config = titan_cp_config(torchtitan_config("35B-A3B"), kernel="triton", cp_layout="zigzag")
+    setup = TrainSetup(seq_len=65536, ac="full", cp_layout="zigzag")
+    base = estimate_memory(config, setup, Parallelism(dp=8))
+    cp = estimate_memory(config, setup, Parallelism(cp=8))
+    ep = estimate_memory(config, setup, Parallelism(cp=8, ep=8))
+    pp = estimate_memory(config, replace(setup, batch=2, microbatches=2), Parallelism(cp=4, pp=2))
+    assert cp.params == pytest.approx(base.params)  # FSDP over dp x cp either way
+    assert cp.activations == pytest.approx(base.activations / 8)
+    assert ep.fsdp_buffers < cp.fsdp_buffers and ep.params == pytest.approx(cp.params)
+    assert pp.params < estimate_memory(config, setup, Parallelism(cp=4)).params
+    with pytest.raises(ValueError, match="pp 3"):
+        estimate_memory(config, setup, Parallelism(pp=3))
+
+
+def test_planning_entry_point_takes_qwen3_5():
+    config = titan_cp_config(torchtitan_config("2B"), kernel="triton", cp_layout="zigzag")
+    est = estimate_cp_memory(config, 131072, 8, activation_checkpointing=True, budget_gib=70)
+    assert est.with_cp < est.without_cp and est.max_seq_len_with_cp > est.max_seq_len_without_cp > 0
+
+
+def test_max_context_table_rows_fit_and_double_does_not():
+    from tools.max_context_table import Args, best_rows, model_config, setup_for
+
+    a = Args()
+    rows = best_rows("35B-A3B", 16, a)
+    best = rows[0]
+    assert best.seq_len > 0 and best.par.cp > 1
+    budget, model, setup = a.budget_gib * 2**30, model_config("35B-A3B"), setup_for(best.par, a)
+    assert estimate_memory(model, replace(setup, seq_len=best.seq_len), best.par).total <= budget
+    assert estimate_memory(model, replace(setup, seq_len=2 * best.seq_len), best.par).total > budget
+    assert best.seq_len == max(r.seq_len for r in rows)
+    assert max_seq_len(budget, model, setup, best.par, multiple_of=256 * best.par.cp) == best.seq_len
