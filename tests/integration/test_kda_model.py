@@ -7,7 +7,7 @@ reference for titan_cp's O(1)-per-token decode); it also runs FLA on a folder ti
 wrote. One 2-rank launch then checks (a) the FLA folder's logits under CP 2 for every
 exchange x layout, (b) a hybrid 'KA' model with packed documents: loss, every gradient
 and the parameters after 2 SGD steps equal one rank (fp32 1e-5), (c) the same model under TP 2
-(the KDA TP plan) equal one rank.
+(the KDA TP plan) equal one rank; and one KDA layer's exchange bytes do not depend on L.
 """
 
 from __future__ import annotations
@@ -23,9 +23,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
+from titan_cp.cp.comm import comm_stats
 from titan_cp.cp.context import CPContext
 from titan_cp.cp.layout import rank_segments
 from titan_cp.models.common.parallelize import apply_cp
+from titan_cp.models.common.sequence import SequenceInfo
+from titan_cp.models.gdn.layers import KimiDeltaAttention
 from titan_cp.models.gdn.parallelize import apply_tp
 from titan_cp.models.gdn.decode import generate
 from titan_cp.models.gdn.hf_folder import load_model, save_hf
@@ -119,7 +122,22 @@ def _cp_rank(rank, P, folder, tokens, fla_logits):
     for layout, exchange in CASES:  # (b) a 'KA' hybrid trained 2 steps, packed documents
         errs.update({f"{layout}/{exchange} {k}": v for k, v in _train_errors(rank, P, layout, exchange).items()})
     errs.update({f"tp/None {k}": v for k, v in _train_errors(rank, P, "tp", None).items()})  # (c) TP 2
-    return errs
+    return errs, _bytes_per_layer(rank, P, lengths=(64, 1024))
+
+
+def _bytes_per_layer(rank, P, lengths):
+    """Bytes one KDA layer sends / receives (forward + backward) by kind, per sequence length L."""
+    out = {}
+    for L in lengths:
+        layer = KimiDeltaAttention(dim=32, num_heads=2, head_dim=8, expand_v=2.0, num_v_heads=None, conv_size=4,
+                                   norm_eps=1e-6, kernel="torch")
+        layer.init_weights(0.02)
+        layer.cp = CPContext(group=dist.group.WORLD, layout="contiguous", exchange="allgather")
+        x = rank_segments(torch.randn(1, L, 32), 1, rank, P, "contiguous").requires_grad_()
+        comm_stats.reset()
+        layer(x, SequenceInfo()).sum().backward()
+        out[L] = {kind: (r.bytes_sent, r.bytes_received) for (_, kind), r in comm_stats.records.items()}
+    return out
 
 
 def _full(t):
@@ -179,8 +197,11 @@ def _train_errors(rank, P, layout, exchange, steps=2, lr=0.5):
 
 def test_cp2_matches_fla_and_one_rank(fla):
     results = run_on_ranks(_cp_rank, 2, args=(str(fla["folder"]), fla["tokens"], fla["logits"]), timeout=400)
+    for rank, (_, per_length) in enumerate(results):  # exchange bytes per layer: constant in L
+        print(f"rank {rank} KDA layer bytes (sent, received) by kind:", per_length)
+        assert per_length[64] == per_length[1024] and per_length[64]["state_fwd"][1] > 0
     worst: dict[str, float] = {}
-    for errs in results:
+    for errs, _ in results:
         for name, err in errs.items():
             worst[name] = max(worst.get(name, 0.0), err)
     names = [name for name, _ in _hybrid_config().build().named_parameters()]
