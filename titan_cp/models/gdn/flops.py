@@ -65,6 +65,8 @@ def training_flops_per_token(config, matmul_params: int, seq_len: int) -> float:
     layer_types = config.layer_types()
     num_v_heads = config.num_v_heads or config.num_heads
     value_head_dim = int(config.head_dim * config.expand_v)
-    delta_rule = layer_types.count("G") * num_v_heads * gdn_chunk_flops_per_token(config.head_dim, value_head_dim)
+    # KDA ('K') runs the same chunked delta rule with a per-channel decay: the same matmuls to first order.
+    delta_rule = (layer_types.count("G") + layer_types.count("K")) * num_v_heads \
+        * gdn_chunk_flops_per_token(config.head_dim, value_head_dim)
     attention = 12 * layer_types.count("A") * config.attn_num_heads * config.attn_head_dim * seq_len
     return 6 * matmul_params + 3 * delta_rule + attention
