@@ -59,6 +59,19 @@ def test_layout_matches_single_rank(runs, layout):
 
 
 @needs_torchrun
+def test_kda_cp2_matches_single_rank(runs):
+    """FLA's KDA architecture (train_configs/kda_debug_cp2.toml: CP 2, zigzag, allgather) vs one rank,
+    both initialised from --debug.seed alone; the loss falls."""
+    steps = range(1, STEPS + 1)
+    args = ["--debug.seed", "7", "--training.local_batch_size", "4"]
+    ref = losses_at(runs.launch("kda_ref", 1, "kda_debug_cp2", [*args, "--parallelism.context_parallel_degree", "1"]),
+                    steps)
+    assert ref[-1] < ref[0], f"loss did not fall: {ref}"
+    assert_losses_close(losses_at(runs.launch("kda_cp2", 2, "kda_debug_cp2", args), steps), ref, REL_TOL,
+                        "kda cp2 vs 1 rank")
+
+
+@needs_torchrun
 def test_per_rank_metrics_logged(runs):
     """Per-rank peak memory and CP bytes/step reach the metrics log and TensorBoard."""
     cp2 = runs.layout("cp2", ["--metrics.enable_tensorboard"])
