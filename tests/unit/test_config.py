@@ -220,7 +220,7 @@ def test_train_configs_parse(path, tmp_path):
         (tmp_path / "config.json").write_text(json.dumps(hf_config_from_model(model_config(model["flavor"]))))
         argv += ["--model.hf_config", str(tmp_path / "config.json"), "--job.hf_assets_path", str(TOKENIZER_PATH),
                  "--checkpoint.initial_load_path", str(tmp_path)]
-    if model.get("name") == "qwen3_5" and "cp8" in path.name:  # the HF checkpoint is the user's: a stand-in
+    if model.get("name") == "qwen3_5" and re.search(r"_cp(8|16)", path.name):  # GPU: the HF checkpoint is the user's
         from titan_cp.components.data import TOKENIZER_PATH
         from titan_cp.models.qwen3_5.config_registry import model_spec
 
@@ -229,7 +229,7 @@ def test_train_configs_parse(path, tmp_path):
     config = config_from_args(argv, world_size=world, check_runtime=False)
     if path.name.startswith("qwen3_5"):  # TorchTitan's Qwen3.5 (docs/qwen3_5.md)
         assert config.model_spec.name == "qwen3_5"
-        gpu = "cp8" in path.name
+        gpu = bool(re.search(r"_cp(8|16)", path.name))
         assert config.model_spec.model.kernel == ("triton" if gpu else "torch")
         assert config.checkpoint.initial_load_in_hf == config.checkpoint.last_save_in_hf == gpu
         return
