@@ -147,8 +147,9 @@ def chunked_loss_backward(model, h: torch.Tensor, labels: torch.Tensor, n_chunks
     return total
 
 
-def train_step(model, inputs, labels, n_chunks: int, global_tokens: int) -> float:
-    h = decoder_hidden(model, inputs)
+def train_step(model, inputs, labels, n_chunks: int, global_tokens: int, hidden=decoder_hidden) -> float:
+    """Forward to the decoder output (``hidden(model, inputs)``: the model args' ``hidden``), chunked loss, backward."""
+    h = hidden(model, inputs)
     return chunked_loss_backward(model, h, labels, n_chunks, global_tokens)
 
 

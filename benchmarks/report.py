@@ -36,7 +36,7 @@ def report(result: dict, markdown: bool) -> str:
             rows.append([r["P"], r["kind"], f"{r['L']:,}", f"{r['tokens_per_rank']:,}", f"{r['step_s']:.2f}",
                          f"{r['tokens_per_s_per_rank']:,.0f}", f"{r['tokens_per_s']:,.0f}", rel,
                          f"{r['step_cpu_s']:.2f}", rel_cpu, ("oversubscribed" if r["oversubscribed"] else "")])
-        out.append("Scaling (step = forward + chunked loss + backward; median of repeats; slowest rank). "
+        out.append("Scaling (step = forward + chunked loss + backward; minimum of interleaved repeats; slowest rank). "
                    "'vs CP=1' = speed-up (strong) or efficiency (weak) in wall time; 'CPU' = the same from the "
                    "slowest rank's CPU time (what dedicated cores would give; wall time here is shared with other jobs):")
         out.append(table(["P", "scaling", "L", "tokens/rank", "step s", "tok/s/rank", "tok/s total", "vs CP=1",

@@ -63,6 +63,7 @@ from benchmarks.model_steps import (
     model_args_from,
     train_step,
 )
+from benchmarks.qwen3_5_memory import qwen_args_from
 from benchmarks.report import plot_scaling, report
 from benchmarks.timing import Timers, comm_per_layer, core_probe, quietness, ring_attention_bytes, set_cp, timed_steps
 
@@ -76,26 +77,27 @@ def _scaling_rank(rank, P, device, margs: ModelArgs, runs, warmup, repeats, loss
 
     timers = Timers(device)
     timers.install()
-    model = build_model(margs, device, dist.group.WORLD if P > 1 else None)
-    cfg = model.config
+    model = margs.build(device, dist.group.WORLD if P > 1 else None, max(L for _, L in runs))
+    vocab = model.lm_head.weight.shape[0]
     results = []
     for label, L in runs:
-        inputs, labels = make_batch(cfg.vocab_size, L, batch, rank, P, margs.layout, device)
+        inputs, labels = make_batch(vocab, L, batch, rank, P, margs.layout, device)
         variants = {"cp": lambda: set_cp(model, margs, P)}
         if P > 1 and label == "strong":
             variants["alone"] = lambda: set_cp(model, margs, 1)
             if P <= same_load_max_p:  # every rank also runs the whole sequence alone: P = 1 under the same load
-                full = make_batch(cfg.vocab_size, L, batch, 0, 1, margs.layout, device)
+                full = make_batch(vocab, L, batch, 0, 1, margs.layout, device)
                 variants["full"] = lambda full=full: (set_cp(model, margs, 1), full)[1]
-        res = timed_steps(model, inputs, labels, batch * L, timers, warmup, repeats, loss_chunks, variants)
+        res = timed_steps(model, inputs, labels, batch * L, timers, warmup, repeats, loss_chunks, variants,
+                          hidden=margs.hidden)
         results.append({"label": label, "L": L, "tokens_per_rank": batch * L // P, **res})
     set_cp(model, margs, P)
     bytes_by_len = {}
-    if P > 1:
+    if P > 1 and isinstance(margs, ModelArgs):  # bytes per layer: the GDN LM only
         for L in bytes_lens:  # one step per L on a one-layer copy: bytes per layer only
             small = build_model(ModelArgs(margs.flavor, {**margs.overrides, "n_layers": 1}, margs.exchange,
                                           margs.layout, margs.dtype), device, dist.group.WORLD)
-            inputs, labels = make_batch(cfg.vocab_size, L, batch, rank, P, margs.layout, device)
+            inputs, labels = make_batch(vocab, L, batch, rank, P, margs.layout, device)
             comm_stats.reset()
             train_step(small, inputs, labels, loss_chunks, batch * L)
             bytes_by_len[L] = comm_per_layer()
@@ -167,7 +169,7 @@ def run_scaling(a, margs: ModelArgs) -> dict:
         if not ok:
             rows.append({"P": P, "status": f"skipped: {why}"})
             continue
-        runs = [("strong", strong_L)] + [("weak", a.weak_per_rank * P)]
+        runs = [("strong", strong_L)] + ([("weak", a.weak_per_rank * P)] if a.weak_per_rank else [])
         if P == 1 and a.weak_per_rank == strong_L:
             runs = [("strong", strong_L)]
         t0 = time.perf_counter()
@@ -324,13 +326,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     add_model_arguments(p, dim=256, n_layers=2, num_heads=4, head_dim=64, hidden_dim=768, vocab_size=2048)
+    p.add_argument("--model", choices=("gdn", "qwen3_5"), default="gdn",
+                   help="gdn: titan_cp's GDN LM (the shape flags above); qwen3_5: TorchTitan's Qwen3.5 on titan_cp's "
+                        "CP layers, --flavor debug = the CPU debug shape (benchmarks/qwen3_5_memory.py; "
+                        "scaling mode only, no bytes table)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--strategies", action="store_true", help="allgather / logscan / alltoall at P = 2, 4, 8")
     mode.add_argument("--hybrid", action="store_true", help="contiguous vs zigzag balance on the hybrid flavor")
     p.add_argument("--strategy_list", nargs="+", default=["allgather", "logscan", "alltoall"])
     p.add_argument("--cp_sizes", type=int, nargs="+", default=None, help="default 1 2 4 8 (2 4 8 for --strategies)")
     p.add_argument("--strong_len", type=int, default=4096, help="global L of strong scaling / strategies")
-    p.add_argument("--weak_per_rank", type=int, default=1024, help="tokens per rank of weak scaling")
+    p.add_argument("--weak_per_rank", type=int, default=1024, help="tokens per rank of weak scaling (0: none)")
     p.add_argument("--hybrid_len", type=int, default=4096)
     p.add_argument("--bytes_lens", type=int, nargs="+", default=[1024, 4096, 16384],
                    help="global L values at which bytes per layer are counted (one 1-layer step each)")
@@ -377,7 +383,12 @@ def main(argv=None) -> int:
             plot_scaling(result, a.plot)
             print(f"# wrote {a.plot}")
         return 0
-    margs = model_args_from(a)
+    if a.model == "qwen3_5":
+        if a.strategies or a.hybrid:
+            raise SystemExit("--model qwen3_5 runs the scaling mode only (drop --strategies / --hybrid)")
+        margs = qwen_args_from(a)
+    else:
+        margs = model_args_from(a)
     mode = "strategies" if a.strategies else "hybrid" if a.hybrid else "scaling"
     print(f"# benchmark_speed ({mode}): {margs.describe()}, batch {a.batch}, {a.threads} thread(s) per rank")
     machine = machine_description()

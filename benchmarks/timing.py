@@ -4,7 +4,8 @@
   calls (time blocked in communication), the CP exchange autograd functions and
   the torch chunk kernel.
 - ``timed_steps``: several variants of a training step (e.g. CP vs the shard
-  alone) interleaved step by step, medians over repeats.
+  alone) interleaved step by step (forward and reversed order in turn), minimum and
+  spread over repeats.
 - ``comm_per_layer`` (bytes, rounds per GDN layer from titan_cp.cp.comm.comm_stats)
   and ``ring_attention_bytes`` (what ring attention would send, for comparison).
 - ``core_probe``: how much of a shared CPU machine is ours right now.
@@ -13,7 +14,6 @@
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from collections import defaultdict
 
@@ -113,18 +113,41 @@ def set_cp(model, args: ModelArgs, P: int, exchange: str | None = None, layout: 
     apply_cp(model, _CONTEXTS[key])
 
 
-def timed_steps(model, inputs, labels, global_tokens, timers: Timers, warmup: int, repeats: int,
-                loss_chunks: int, variants=None):
-    """Per variant (name -> setup callable): median step wall time and timer totals over ``repeats``.
+def interleaved_order(names: list[str], rounds: int) -> list[list[str]]:
+    """The variants' order in every round: forwards, then backwards (A B C, C B A, A B C, ...).
 
-    Variants are interleaved step by step so load changes hit them alike.
-    Ranks meet at a barrier before every step (not timed).
+    Interleaving spreads a load change over all variants alike; reversing every other round
+    cancels what a fixed order would add to one of them (the previous variant's cache and
+    allocator state, a rank's start-up skew).
+    """
+    return [list(names) if i % 2 == 0 else list(reversed(names)) for i in range(rounds)]
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Per key the minimum over the repeats (noise on a shared machine only ever adds time),
+    plus ``walls`` (every repeat's wall time) and ``spread`` = (max - min) / min of the walls."""
+    keys = set().union(*rows)
+    out = {k: min(r.get(k, 0.0) for r in rows) for k in keys}
+    walls = [r["wall"] for r in rows]
+    out["walls"] = walls
+    out["spread"] = (max(walls) - min(walls)) / min(walls)
+    return out
+
+
+def timed_steps(model, inputs, labels, global_tokens, timers: Timers, warmup: int, repeats: int,
+                loss_chunks: int, variants=None, hidden=None):
+    """Per variant (name -> setup callable): :func:`summarize` of its steps over ``repeats`` rounds.
+
+    Variants are interleaved step by step (:func:`interleaved_order`) so load changes hit them
+    alike; ``warmup`` rounds first are not kept. Ranks meet at a barrier before every step (not timed).
+    ``hidden(model, inputs)``: the model's forward to the decoder output (default: the GDN LM's).
     """
     variants = variants or {"cp": lambda: None}
+    step_kwargs = {} if hidden is None else {"hidden": hidden}
     samples = {name: [] for name in variants}
-    for i in range(warmup + repeats):
-        for name, setup in variants.items():
-            batch_override = setup()  # may return (inputs, labels) of its own
+    for i, order in enumerate(interleaved_order(list(variants), warmup + repeats)):
+        for name in order:
+            batch_override = variants[name]()  # may return (inputs, labels) of its own
             x, y = batch_override if batch_override is not None else (inputs, labels)
             model.zero_grad(set_to_none=True)
             if dist.is_initialized():
@@ -132,18 +155,13 @@ def timed_steps(model, inputs, labels, global_tokens, timers: Timers, warmup: in
             timers.reset()
             timers.sync()
             c0, o0, t0 = time.process_time(), os.times(), time.perf_counter()
-            train_step(model, x, y, loss_chunks, global_tokens)
+            train_step(model, x, y, loss_chunks, global_tokens, **step_kwargs)
             timers.sync()
             wall, cpu, o1 = time.perf_counter() - t0, time.process_time() - c0, os.times()
             if i >= warmup:
                 samples[name].append({"wall": wall, "cpu": cpu, "cpu_user": o1.user - o0.user,
                                       "cpu_sys": o1.system - o0.system, **timers.t})
-    out = {}
-    for name, rows in samples.items():
-        keys = set().union(*rows)
-        out[name] = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in keys}
-        out[name]["walls"] = [r["wall"] for r in rows]
-    return out
+    return {name: summarize(rows) for name, rows in samples.items()}
 
 
 def comm_per_layer():

@@ -1,0 +1,169 @@
+"""Five back-to-back runs of the speed benchmark's P = 2 figures: do they repeat?
+
+Every run launches P = 2 ranks once per model and times, interleaved step by step
+(forward and reversed order in turn, benchmarks/timing.py ``interleaved_order``),
+three steps on every rank: its shard under CP, the same shard with cp = None, and the
+whole sequence with cp = None. The minimum over the repeats is kept for each (noise on
+a shared machine only ever adds time), and per run
+
+    CP overhead  = (t(CP) - t(shard alone)) / t(CP)          mean over ranks
+    scaling      = t(whole sequence alone) / t(CP step)      the same load, P = 2
+
+(benchmarks/speed.py, strong scaling with ``--cp_sizes 2``). A core probe
+(benchmarks/timing.py ``core_probe``) runs before the first run and after every run;
+each run gets the quietness verdict of the probes around it. The summary gives, per
+model, the five figures, their half-range (max - min) / 2 against the issue's spread
+(+-1.5 points overhead, +-0.05x scaling) and the targets (overhead <= 5%, scaling
+>= 1.9x). ``--require_quiet`` refuses to start on a busy machine (exit 3); otherwise
+a busy run is flagged in the table and the JSON.
+
+Models: ``gdn`` = the GDN debug model at the speed benchmark's defaults (dim 256,
+2 layers, 4 heads x 64), ``qwen3_5`` = TorchTitan's Qwen3.5 debug shape on titan_cp's CP
+layers (3 GDN + 1 attention layers, benchmarks/qwen3_5_memory.py).
+
+    python -m benchmarks.repeatability --runs 5 --json repeatability.json --markdown repeatability.md
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import tyro
+
+from benchmarks.model_steps import keep_freed_memory, load_average, machine_description
+from benchmarks.timing import core_probe, quietness
+
+SPREAD = {"overhead_pct": 1.5, "scaling": 0.05}
+"""Largest half-range (max - min) / 2 over the runs for a figure to count as repeating."""
+TARGET = {"overhead_pct": ("<=", 5.0), "scaling": (">=", 1.9)}
+
+
+@dataclass
+class Args:
+    runs: int = 5
+    """back-to-back runs"""
+    models: tuple[Literal["gdn", "qwen3_5"], ...] = ("gdn", "qwen3_5")
+    gdn_len: int = 4096
+    """global L of the GDN debug model"""
+    qwen3_5_len: int = 2048
+    """global L of the Qwen3.5 debug shape"""
+    repeats: int = 5
+    """timed rounds per launch (after ``warmup``); the minimum is kept"""
+    warmup: int = 1
+    require_quiet: bool = False
+    """refuse to run (exit 3) when the first core probe says the machine is busy"""
+    json: Path | None = None
+    markdown: Path | None = None
+    """write the table here as markdown"""
+
+
+def speed_args(model: str, L: int, repeats: int, warmup: int):
+    """The speed benchmark's arguments (its own parser and defaults) for one P = 2 strong-scaling launch."""
+    from benchmarks.speed import build_parser
+
+    argv = ["--cp_sizes", "2", "--strong_len", str(L), "--weak_per_rank", "0", "--repeats", str(repeats),
+            "--warmup", str(warmup), "--model", model, "--no_probe"]
+    a = build_parser().parse_args(argv)
+    a.cores, a.bytes_lens = os.cpu_count(), []
+    return a
+
+
+def one_launch(model: str, L: int, repeats: int, warmup: int) -> dict:
+    """The P = 2 overhead (% of the CP step) and same-load scaling of one launch."""
+    from benchmarks.model_steps import model_args_from
+    from benchmarks.qwen3_5_memory import qwen_args_from
+    from benchmarks.speed import run_scaling
+
+    a = speed_args(model, L, repeats, warmup)
+    margs = qwen_args_from(a) if model == "qwen3_5" else model_args_from(a)
+    result = run_scaling(a, margs)
+    over = result["overhead"][0]
+    strong = next(r for r in result["scaling"] if r.get("kind") == "strong")
+    return {"model": model, "L": L, "overhead_pct": 100 * over["overhead_fraction"],
+            "scaling": strong["same_load_speedup"], "step_cp_s": over["step_cp_s"],
+            "step_alone_s": over["step_alone_s"], "full_alone_s": strong["same_load_full_step_s"],
+            "cpu_overhead_pct": 100 * over["cpu_overhead_fraction"], "cpu_scaling": strong["same_load_cpu_speedup"],
+            "load_average": over["load_average"], "description": margs.describe()}
+
+
+def summarize_runs(rows: list[dict]) -> dict:
+    """Per model and figure: the runs' values, min, max, half-range, within the spread, target met."""
+    out = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        figures = {}
+        for key, limit in SPREAD.items():
+            values = [r[key] for r in mine]
+            half = (max(values) - min(values)) / 2
+            op, target = TARGET[key]
+            met = [v <= target if op == "<=" else v >= target for v in values]
+            figures[key] = {"values": values, "min": min(values), "max": max(values), "half_range": half,
+                            "within_spread": half <= limit, "spread_limit": limit, "target": f"{op} {target}",
+                            "target_met_every_run": all(met)}
+        out[model] = {"figures": figures, "all_runs_quiet": all(r["quiet"] for r in mine)}
+    return out
+
+
+def table(rows: list[dict], summary: dict) -> str:
+    lines = ["| run | model | L | CP overhead (% of step) | scaling P = 2 | CP step s | shard alone s | "
+             "whole L alone s | quiet |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['model']} | {r['L']:,} | {r['overhead_pct']:+.1f} | {r['scaling']:.2f}x | "
+                     f"{r['step_cp_s']:.3f} | {r['step_alone_s']:.3f} | {r['full_alone_s']:.3f} | "
+                     f"{'yes' if r['quiet'] else 'NO: ' + '; '.join(r['quiet_reasons'])} |")
+    lines += ["", "| model | figure | min | max | half-range (limit) | within spread | target | met every run |",
+              "|---|---|---|---|---|---|---|---|"]
+    for model, s in summary.items():
+        for key, f in s["figures"].items():
+            lines.append(f"| {model} | {key} | {f['min']:.2f} | {f['max']:.2f} | {f['half_range']:.2f} "
+                         f"({f['spread_limit']}) | {'yes' if f['within_spread'] else 'no'} | {f['target']} | "
+                         f"{'yes' if f['target_met_every_run'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = tyro.cli(Args, args=argv, prog="python -m benchmarks.repeatability", description=__doc__)
+    cores = os.cpu_count()
+    machine = machine_description() + "; " + keep_freed_memory(True)
+    print(f"# machine: {machine}", flush=True)
+    probes = [core_probe(cores)]
+    first = quietness(probes[0], None, cores)
+    if args.require_quiet and not first["quiet"]:
+        print("# REFUSED: machine not quiet enough for a timing figure: " + "; ".join(first["reasons"]))
+        return 3
+    t0 = time.perf_counter()
+    rows = []
+    lens = {"gdn": args.gdn_len, "qwen3_5": args.qwen3_5_len}
+    for run in range(1, args.runs + 1):
+        launched = [one_launch(m, lens[m], args.repeats, args.warmup) for m in args.models]
+        probes.append(core_probe(cores))
+        verdict = quietness(probes[-2], probes[-1], cores)
+        for row in launched:
+            rows.append({"run": run, **row, "quiet": verdict["quiet"], "quiet_reasons": verdict["reasons"]})
+            print(f"# run {run} {row['model']}: overhead {row['overhead_pct']:+.1f}%, scaling {row['scaling']:.2f}x"
+                  f"{'' if verdict['quiet'] else ' (FLAGGED: not quiet)'}", flush=True)
+    summary = summarize_runs(rows)
+    text = table(rows, summary)
+    print(text)
+    wall = time.perf_counter() - t0
+    print(f"# {args.runs} runs in {wall:.0f} s, load average {load_average():.1f} at the end")
+    if not all(s["all_runs_quiet"] for s in summary.values()):
+        print("# FLAGGED: some runs were taken on a busy machine: not quiet figures")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "summary": summary, "probes": probes, "machine": machine,
+                                         "date": time.strftime("%Y-%m-%d %H:%M"), "wall_s": wall,
+                                         "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
+        print(f"# wrote {args.json}")
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+        print(f"# wrote {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
