@@ -167,7 +167,8 @@ def test_vision_under_cp_and_moe_with_tp_are_refused_moe_with_ep_accepted():
     moe = model_spec("debugmodel_moe").model
     check_moe(moe, parallelism)  # token-local: CP composes (tests/integration/test_qwen3_5_cp.py)
     check_moe(moe, ParallelismConfig(context_parallel_degree=2, expert_parallel_degree=2))  # test_qwen3_5_moe_ep.py
-    with pytest.raises(ConfigError, match="parallelism.tensor_parallel_degree = 2 with a Qwen3.5 MoE"):
-        check_moe(moe, ParallelismConfig(tensor_parallel_degree=2))
+    check_moe(moe, ParallelismConfig(context_parallel_degree=2, tensor_parallel_degree=2))  # test_qwen3_5_tp.py
+    with pytest.raises(ConfigError, match="parallelism.expert_parallel_degree = 2 with tensor_parallel_degree = 2"):
+        check_moe(moe, ParallelismConfig(tensor_parallel_degree=2, expert_parallel_degree=2))
     with pytest.raises(ConfigError, match="parallelism.expert_parallel_degree = 3 does not divide"):
         check_moe(moe, ParallelismConfig(expert_parallel_degree=3))

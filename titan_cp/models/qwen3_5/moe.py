@@ -37,7 +37,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_module
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    PrepareModuleInputOutput,
+    RowwiseParallel,
+    parallelize_module,
+)
+from torch.distributed.tensor.parallel.style import ParallelStyle
 from torchtitan.models.common.moe import GroupedExperts
 
 from titan_cp.models.common.dtensor import local_tensor
@@ -85,3 +93,76 @@ def apply_ep(model: nn.Module, ep_mesh: DeviceMesh) -> None:
         for name in ("w1_EFD", "w2_EDF", "w3_EFD"):
             shard_param(experts, name, ep_mesh, Shard(0))
         moe.routed_experts.token_dispatcher.wire_meshes(ep_mesh=ep_mesh)
+
+
+def _tp_enter(t: torch.Tensor, mesh: DeviceMesh) -> torch.Tensor:
+    """Replicated over TP in, the TP region's partial gradients summed on the way back (Megatron's f)."""
+    return DTensor.from_local(t, mesh, (Replicate(),), run_check=False).to_local(grad_placements=(Partial(),))
+
+
+class RoutedExpertsTP(ParallelStyle):
+    """TorchTitan's expert TP for ``RoutedExperts`` (no EP): every expert's hidden dim F sharded over TP.
+
+    ``w1_EFD`` / ``w3_EFD`` Shard(1), ``w2_EDF`` Shard(2) (TorchTitan's
+    ``_GROUPED_EXPERTS_PARAM_LAYOUT``); each TP rank runs all experts on all
+    (replicated) tokens with its F / tp columns, so its output is a partial sum
+    over TP, reduced into ``output_layout`` (Replicate, or Shard(1) under SP: a
+    reduce-scatter). The tokens and their top-k scores enter with partial
+    gradients that backward sums over TP: TorchTitan's ``local_map`` with
+    ``in_grad_placements = Partial`` (``models/common/moe_sharding.py``).
+    """
+
+    def __init__(self, *, output_layout):
+        super().__init__()
+        self.output_layout = output_layout
+
+    def _prepare_input(self, module, inputs, mesh):
+        x_BLD, topk_scores_BLK, topk_expert_ids_BLK, num_local_tokens_per_expert_E = inputs
+        return (_tp_enter(x_BLD, mesh), _tp_enter(topk_scores_BLK, mesh), topk_expert_ids_BLK,
+                num_local_tokens_per_expert_E)
+
+    def _prepare_output(self, module, out_BLD, mesh):
+        partial_BLD = DTensor.from_local(out_BLD, mesh, (Partial(),), run_check=False)
+        return partial_BLD.redistribute(placements=(self.output_layout,)).to_local()
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        experts = module.inner_experts
+        for name, placement in (("w1_EFD", Shard(1)), ("w2_EDF", Shard(2)), ("w3_EFD", Shard(1))):
+            shard_param(experts, name, device_mesh, placement)
+        return distribute_module(module, device_mesh, input_fn=self._prepare_input,
+                                 output_fn=self._prepare_output)
+
+
+def _replicated_linear(linear: nn.Module, tp_mesh: DeviceMesh, output_layout) -> None:
+    """A small Linear every TP rank runs whole (router / shared-expert gate) on its replicated tokens."""
+    for name in ("weight", "bias"):
+        if getattr(linear, name, None) is not None:
+            shard_param(linear, name, tp_mesh, Replicate())
+    parallelize_module(linear, tp_mesh, PrepareModuleInputOutput(
+        input_layouts=Replicate(), desired_input_layouts=Replicate(), output_layouts=Replicate(),
+        desired_output_layouts=output_layout, use_local_output=True))
+
+
+def apply_expert_tp(moe: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
+    """TP of one MoE block (TorchTitan's plan without EP), on the replicated CP-local tokens [B, T, D].
+
+    Under SP the block's input [B, T/tp, D] is all-gathered first. The router
+    (gate weight Replicate) runs on every TP rank on the same tokens, so top-k
+    choices and ``tokens_per_expert_E`` are the same on each TP rank (TorchTitan's
+    load-balancing hook sums them over dp x cp only). Routed experts:
+    :class:`RoutedExpertsTP`. Shared expert: w1 / w3 colwise, w2 rowwise, its
+    sigmoid gate replicated; both outputs land in the residual stream's layout
+    (Replicate, or Shard(1) under SP) and are added there.
+    """
+    seq = Shard(1) if sequence_parallel else Replicate()
+    if sequence_parallel:
+        parallelize_module(moe, tp_mesh, PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True))
+    _replicated_linear(moe.router.gate, tp_mesh, Replicate())
+    parallelize_module(moe.routed_experts, tp_mesh, RoutedExpertsTP(output_layout=seq))
+    shared = moe.shared_experts
+    if shared is not None:
+        parallelize_module(shared, tp_mesh, {"w1": ColwiseParallel(), "w3": ColwiseParallel(),
+                                             "w2": RowwiseParallel(output_layouts=seq)})
+        if getattr(shared, "gate", None) is not None:
+            _replicated_linear(shared.gate, tp_mesh, seq)

@@ -1,8 +1,7 @@
-"""parallelize_qwen3_5_cp: CP + TP + AC + compile + FSDP/HSDP for Qwen35CPModel.
+"""parallelize_qwen3_5_cp: CP + TP (with or without SP) + AC + compile + FSDP/HSDP for Qwen35CPModel.
 
 TP places every parameter where TorchTitan's ``qwen3_5/sharding.py`` does
-(heads sharded, nothing else), with torch's classic TP styles and without
-sequence parallelism (activations between blocks stay replicated over TP):
+(heads sharded, nothing else), with torch's classic TP styles:
 
     tok_embeddings            vocab-sharded (TorchTitan's Embedding: masked local lookup, then an
                               all-reduce over TP)        lm_head  colwise, logits gathered
@@ -12,9 +11,18 @@ sequence parallelism (activations between blocks stay replicated over TP):
     attention      wq (query + gate per head), wk, wv colwise   wo rowwise
                    q_norm / k_norm weight Replicate, run on Shard(2) heads
     feed_forward   w1 / w3 colwise, w2 rowwise
-    block / final norms  weight Replicate on replicated activations
+    MoE            experts TP-sharded on their hidden dim (titan_cp.models.qwen3_5.moe.apply_expert_tp)
+    block / final norms  weight Replicate
 
-Per-head norms take their local heads as a ``Shard(2)`` DTensor, so the
+``parallelism.enable_sequence_parallel`` (TorchTitan's field, default on) picks
+the residual stream's layout over TP. Off: replicated [B, T, D] (T = this CP
+rank's shard), rowwise outputs all-reduced. On (TorchTitan's SP): Shard(1),
+each TP rank holds [B, T/tp, D]; the norms run on their piece, every sequence
+mixer and FFN / MoE all-gathers the CP shard on entry (so CP state passing and
+the conv halo see the whole shard) and reduce-scatters its output; the
+replicated embeddings are split before layer 0, as TorchTitan's Qwen3.5 does.
+
+Norms take their piece as a ``Shard(1)`` / ``Shard(2)`` DTensor, so the
 gradient of their shared weight is summed over TP by DTensor itself.
 CP, AC, compile and FSDP / HSDP are titan_cp's shared
 :func:`~titan_cp.models.gdn.parallelize.parallelize_decoder` (every sequence mixer gets
@@ -24,11 +32,14 @@ a CPContext; FSDP shards over ``fsdp`` = dp_shard x cp, HSDP adds
 
 from __future__ import annotations
 
+from functools import partial
+
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    PrepareModuleInput,
     PrepareModuleInputOutput,
     PrepareModuleOutput,
     RowwiseParallel,
@@ -36,7 +47,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from titan_cp.models.common.parallelize import fsdp_mesh, parallelize_decoder, shard_param
-from titan_cp.models.qwen3_5.moe import apply_ep
+from titan_cp.models.qwen3_5.moe import apply_ep, apply_expert_tp
 
 
 def _norm_on(placement, n_inputs: int = 1) -> PrepareModuleInputOutput:
@@ -53,34 +64,57 @@ def _replicated_norm(norm: nn.Module, tp_mesh: DeviceMesh, placement, n_inputs: 
     parallelize_module(norm, tp_mesh, _norm_on(placement, n_inputs))
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
-    """The TP layout of the module docstring."""
+def _gather_input(n_inputs: int = 1) -> PrepareModuleInput:
+    """SP: the sequence-sharded input [B, T/tp, D] is all-gathered over TP (backward: reduce-scatter)."""
+    return PrepareModuleInput(input_layouts=(Shard(1),) + (None,) * (n_inputs - 1),
+                              desired_input_layouts=(Replicate(),) + (None,) * (n_inputs - 1),
+                              use_local_output=True)
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool = False) -> None:
+    """The TP layout of the module docstring (``sequence_parallel``: the SP column). Works on a pipeline stage."""
+    seq = Shard(1) if sequence_parallel else Replicate()  # the residual stream's layout over TP
     embeddings = model.tok_embeddings
-    shard_param(embeddings, "weight", tp_mesh, Shard(0))
-    embeddings.tp_group = tp_mesh.get_group()  # its vocab-parallel forward
-    parallelize_module(embeddings, tp_mesh, PrepareModuleOutput(
-        output_layouts=Partial(), desired_output_layouts=Replicate(), use_local_output=True))
-    parallelize_module(model, tp_mesh, {"lm_head": ColwiseParallel(output_layouts=Replicate())})
-    for block in model.layers.values():
+    if embeddings is not None:
+        shard_param(embeddings, "weight", tp_mesh, Shard(0))
+        embeddings.tp_group = tp_mesh.get_group()  # its vocab-parallel forward
+        parallelize_module(embeddings, tp_mesh, PrepareModuleOutput(
+            output_layouts=Partial(), desired_output_layouts=Replicate(), use_local_output=True))
+    if model.lm_head is not None:
+        parallelize_module(model, tp_mesh, {"lm_head": ColwiseParallel(input_layouts=seq,
+                                                                       output_layouts=Replicate())})
+    for layer_id, block in model.layers.items():
+        if sequence_parallel and layer_id == "0":  # replicated embeddings -> this rank's sequence piece
+            parallelize_module(block, tp_mesh, PrepareModuleInput(
+                input_layouts=(Replicate(), None), desired_input_layouts=(Shard(1), None), use_local_output=True))
         mixer = block.attn
         if block.full_attn:
-            plan = {name: ColwiseParallel() for name in ("wq", "wk", "wv")} | {"wo": RowwiseParallel()}
+            plan = {name: ColwiseParallel() for name in ("wq", "wk", "wv")}
+            plan["wo"] = RowwiseParallel(output_layouts=seq)
             for norm in (mixer.q_norm, mixer.k_norm):
                 _replicated_norm(norm, tp_mesh, Shard(2))
         else:
             names = ("in_proj_q", "in_proj_k", "in_proj_v", "in_proj_z", "in_proj_a", "in_proj_b")
-            plan = {name: ColwiseParallel() for name in names} | {"out_proj": RowwiseParallel()}
+            plan = {name: ColwiseParallel() for name in names} | {"out_proj": RowwiseParallel(output_layouts=seq)}
             for conv in (mixer.conv_q, mixer.conv_k, mixer.conv_v):
                 shard_param(conv, "weight", tp_mesh, Shard(0))
             for name in ("A_log", "dt_bias"):
                 shard_param(mixer, name, tp_mesh, Shard(0))
             _replicated_norm(mixer.norm, tp_mesh, Shard(2), n_inputs=2)
         parallelize_module(mixer, tp_mesh, plan)
-        parallelize_module(block.feed_forward, tp_mesh,
-                           {"w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel()})
+        if sequence_parallel:  # the sequence mixer (CP state passing, conv halo) sees the whole CP shard
+            parallelize_module(mixer, tp_mesh, _gather_input(n_inputs=2))
+        if block.moe_enabled:
+            apply_expert_tp(block.moe, tp_mesh, sequence_parallel=sequence_parallel)
+        else:
+            parallelize_module(block.feed_forward, tp_mesh, {
+                "w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel(output_layouts=seq)})
+            if sequence_parallel:
+                parallelize_module(block.feed_forward, tp_mesh, _gather_input())
         for norm in (block.attention_norm, block.ffn_norm):
-            _replicated_norm(norm, tp_mesh, Replicate())
-    _replicated_norm(model.norm, tp_mesh, Replicate())
+            _replicated_norm(norm, tp_mesh, seq)
+    if model.norm is not None:
+        _replicated_norm(model.norm, tp_mesh, seq)
 
 
 def parallelize_qwen3_5_cp(model: nn.Module, *, parallel_dims, training, parallelism, **kwargs):
@@ -98,5 +132,8 @@ def parallelize_qwen3_5_cp(model: nn.Module, *, parallel_dims, training, paralle
         )
     if parallel_dims.ep_enabled:  # TorchTitan's expert parallel (titan_cp.models.qwen3_5.moe)
         apply_ep(model, parallel_dims.get_mesh("ep"))
-    return parallelize_decoder(model, apply_tp_fn=apply_tp, parallel_dims=parallel_dims, training=training,
+    # TorchTitan's parallelism.enable_sequence_parallel (its default: on); configs built without it: off
+    sequence_parallel = getattr(parallelism, "enable_sequence_parallel", False)
+    return parallelize_decoder(model, apply_tp_fn=partial(apply_tp, sequence_parallel=sequence_parallel),
+                               parallel_dims=parallel_dims, training=training,
                                parallelism=parallelism, **kwargs)

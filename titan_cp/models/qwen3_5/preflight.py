@@ -3,7 +3,7 @@
 The shared rules (degrees, kernel / exchange / layout names, load balancer,
 seq_len, paths) live in :mod:`titan_cp.models.common.preflight`; it calls
 ``Qwen35CPModel.Config.check_job`` (:func:`check_job` here) for what only
-this model knows: its head counts, text only under CP, MoE (EP yes, TP not yet) and the
+this model knows: its head counts, text only under CP, MoE (EP or expert TP, not both yet), SP and the
 HF checkpoint's ``config.json``. Every message names the field and a fix.
 """
 
@@ -50,7 +50,7 @@ def check_layout(model, parallelism) -> None:
 
 
 def check_moe(model, parallelism) -> None:
-    """MoE flavors: expert parallel (TorchTitan's, beside CP) yes; TP of a MoE model is not wired yet."""
+    """MoE flavors: expert parallel (TorchTitan's, beside CP) or TP-sharded experts; not TP x EP yet."""
     from titan_cp.models.qwen3_5.moe import EXPERT_COMPUTE
 
     if model.expert_compute not in EXPERT_COMPUTE:
@@ -59,11 +59,12 @@ def check_moe(model, parallelism) -> None:
     if not moe:
         return
     tp, ep = parallelism.tensor_parallel_degree, parallelism.expert_parallel_degree
-    if tp > 1:
+    if tp > 1 and ep > 1:
         raise ConfigError(
-            f"parallelism.tensor_parallel_degree = {tp} with a Qwen3.5 MoE flavor: titan_cp does not shard "
-            "the routed / shared experts over TP yet; set tensor_parallel_degree = 1 and use expert "
-            f"parallelism instead (e.g. expert_parallel_degree = {tp} x context_parallel_degree)."
+            f"parallelism.expert_parallel_degree = {ep} with tensor_parallel_degree = {tp} on a Qwen3.5 MoE "
+            "flavor: titan_cp does not wire TorchTitan's TP x EP (EP borrowing the TP ranks, tokens split over "
+            "TP inside the MoE) beside CP yet. Either set expert_parallel_degree = 1 (the experts are then "
+            "TP-sharded on their hidden dim) or tensor_parallel_degree = 1 (EP over dp_shard x cp)."
         )
     num_experts = moe[0].num_experts
     if ep > 1 and num_experts % ep:
@@ -91,9 +92,24 @@ def check_hf_checkpoint(model, path: str) -> None:
         )
 
 
+def check_sequence_parallel(parallelism, seq_len: int) -> None:
+    """TP with ``enable_sequence_parallel`` splits each rank's sequence over TP: it must divide evenly.
+
+    (Under CP, :mod:`titan_cp.models.common.preflight` checks seq_len against 2 x cp x tp.)
+    """
+    tp, cp = parallelism.tensor_parallel_degree, parallelism.context_parallel_degree
+    if tp > 1 and cp <= 1 and parallelism.enable_sequence_parallel and seq_len % tp:
+        raise ConfigError(
+            f"training.seq_len = {seq_len} is not divisible by parallelism.tensor_parallel_degree = {tp}: "
+            "sequence parallelism splits the sequence over TP. Use a multiple of "
+            f"{tp} (e.g. {(seq_len // tp + 1) * tp}) or set parallelism.enable_sequence_parallel = false."
+        )
+
+
 def check_job(model, config) -> None:
     """Everything above against a TorchTitan ``Trainer.Config`` (no process group needed)."""
     check_layout(model, config.parallelism)
+    check_sequence_parallel(config.parallelism, config.training.seq_len)
     check_moe(model, config.parallelism)
     checkpoint = config.checkpoint
     if checkpoint.initial_load_path and checkpoint.initial_load_in_hf:
