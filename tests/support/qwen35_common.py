@@ -78,3 +78,72 @@ def hf_config_of_tiny():
     from titan_cp.models.qwen3_5.flavors import hf_text_config, shape_of
 
     return Qwen3_5TextConfig(**hf_text_config(shape_of(tiny_config())))
+
+
+def hf_moe_causal_lm_class():
+    """transformers' ``Qwen3_5MoeForCausalLM`` on its pure-PyTorch path (as :func:`hf_causal_lm_class`)."""
+    from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as hf
+
+    for name in ("FusedRMSNormGated", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule",
+                 "causal_conv1d_fn", "causal_conv1d_update"):
+        setattr(hf, name, None)
+    return hf.Qwen3_5MoeForCausalLM
+
+
+def hf_moe_config_of(config):
+    """``Qwen3_5MoeTextConfig`` of a TorchTitan MoE Qwen3.5 config (e.g. ``debugmodel_moe`` resized)."""
+    from transformers import Qwen3_5MoeTextConfig
+
+    from titan_cp.models.qwen3_5.flavors import hf_text_config, shape_of
+
+    moe = next(layer.moe for layer in config.layers if layer.moe is not None)
+    fields = hf_text_config(shape_of(config)) | dict(
+        num_experts=moe.num_experts, num_experts_per_tok=moe.router.top_k,
+        moe_intermediate_size=moe.routed_experts.inner_experts.hidden_dim,
+        shared_expert_intermediate_size=moe.shared_experts.w1.out_features)
+    return Qwen3_5MoeTextConfig(**fields)
+
+
+class _Fields:
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+
+def parallel_qwen3_5(config, dims):
+    """``config`` built on meta, parallelized by titan_cp's Qwen3.5 ``parallelize_fn`` on ``dims`` (fp32, gloo).
+
+    Then materialised and initialised; FSDP reduces with a plain sum (gloo has no PREMUL_SUM).
+    """
+    from titan_cp.models.qwen3_5.parallelize import parallelize_qwen3_5_cp
+
+    with torch.device("meta"):
+        model = config.build()
+    parallelize_qwen3_5_cp(
+        model, parallel_dims=dims, compile_config=None, ac_config=None, dump_folder="/tmp",
+        training=_Fields(mixed_precision_param="float32", mixed_precision_reduce="float32",
+                         enable_cpu_offload=False),
+        parallelism=_Fields(fsdp_reshard_after_forward="default"),
+    )
+    model.to_empty(device="cpu")
+    model.init_weights()
+    for module in model.modules():
+        if hasattr(module, "set_force_sum_reduction_for_comms"):
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def load_hf_checkpoint(model, path) -> list[str]:
+    """TorchTitan's checkpointer's HF load (``to_hf`` -> ``dcp.load`` with the HF reader -> ``from_hf``).
+
+    Works on plain and on parallelized (DTensor) models; returns the model keys the checkpoint did not fill.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    from titan_cp.models.qwen3_5.state_dict_adapter import Qwen35CPStateDictAdapter
+
+    adapter = Qwen35CPStateDictAdapter(model.config, str(path))
+    hf_state = adapter.to_hf(model.state_dict())
+    dcp.load(hf_state, storage_reader=adapter.get_hf_storage_reader(str(path)))
+    missing, unexpected = model.load_state_dict(adapter.from_hf(hf_state), strict=False)
+    assert not unexpected, unexpected
+    return list(missing)
