@@ -162,8 +162,14 @@ def test_vision_under_cp_and_moe_with_tp_are_refused_moe_with_ep_accepted():
     vision = model_spec("debugmodel", with_vision=True).model
     with pytest.raises(ConfigError, match="text only"):
         check_layout(vision, parallelism)
-    with pytest.raises(ConfigError, match="parallelism.pipeline_parallel_degree = 2: .* no pipeline split"):
-        check_layout(model_spec("debugmodel").model, ParallelismConfig(pipeline_parallel_degree=2))
+    from titan_cp.models.common.pipeline import check_pipeline_parallel
+
+    dense = model_spec("debugmodel", n_layers=4).model  # PP: the GDN LM's checks (test_qwen3_5_pp.py runs it)
+    check_layout(dense, ParallelismConfig(pipeline_parallel_degree=2))
+    check_pipeline_parallel(dense, ParallelismConfig(pipeline_parallel_degree=2), local_batch_size=2)
+    with pytest.raises(ConfigError, match="parallelism.pipeline_parallel_schedule"):
+        check_pipeline_parallel(dense, ParallelismConfig(pipeline_parallel_degree=2,
+                                                         pipeline_parallel_schedule="ZBVZeroBubble"), 2)
     moe = model_spec("debugmodel_moe").model
     check_moe(moe, parallelism)  # token-local: CP composes (tests/integration/test_qwen3_5_cp.py)
     check_moe(moe, ParallelismConfig(context_parallel_degree=2, expert_parallel_degree=2))  # test_qwen3_5_moe_ep.py

@@ -1,16 +1,22 @@
-"""Pipeline parallelism for GDN models: TorchTitan's own, plus the start-up checks.
+"""Pipeline parallelism for titan_cp decoders: TorchTitan's own, plus the start-up checks.
 
-The model spec's ``pipelining_fn`` is TorchTitan's generic decoder
-pipelining, ``torchtitan.distributed.pipeline_parallel.pipeline_llm``: it
-splits the model into stages by module names (``tok_embeddings``,
-``layers.<i>``, ``norm``, ``lm_head``; pruned units become None and
-:meth:`titan_cp.models.gdn.GDNModel.forward` runs what a stage holds), applies
-``parallelize_gdn`` (FSDP/HSDP, TP, CP, AC, compile) to every stage and builds
-the schedule. Positions (document starts) reach every stage as model kwargs;
-under CP each microbatch is sharded along the sequence before the schedule
-runs, so every stage sees the same shard layout. Weights are initialised
-per unit by name (:mod:`titan_cp.models.gdn.init`), so a stage gets exactly the
-weights those units have in a one-rank run.
+The model spec's ``pipelining_fn`` is TorchTitan's: ``pipeline_llm`` for the
+GDN LM, ``pipeline_vlm`` for Qwen3.5 (as TorchTitan's own Qwen3.5 spec; it
+puts ``vision_encoder``, when built, into the first stage and calls
+``pipeline_llm``). It splits the model into stages by module names
+(``tok_embeddings``, ``layers.<i>``, ``norm``, ``lm_head``; pruned units become
+None and the model's ``forward`` (:meth:`titan_cp.models.gdn.GDNModel.forward`,
+:meth:`titan_cp.models.qwen3_5.model.Qwen35CPModel.forward`) runs what a stage
+holds), applies the family's ``parallelize_fn`` (CP, TP, EP, AC, compile,
+FSDP/HSDP) to every stage and builds the schedule. A stage holds whole layers
+(GDN / attention mixer and FFN / MoE together). Positions (document starts)
+reach every stage as model kwargs; under CP each microbatch is sharded along
+the sequence before the schedule runs, so every stage sees the same shard
+layout and builds the same SequenceInfo. MoE load balancing is per stage:
+TorchTitan's hook updates the expert bias of the layers each stage holds,
+summing tokens-per-expert over dp x cp as without PP. The GDN LM initialises
+weights per unit by name (:mod:`titan_cp.models.gdn.init`), so a stage gets
+exactly the weights those units have in a one-rank run.
 
 The stage split is configurable through TorchTitan's fields:
 ``parallelism.pipeline_parallel_layers_per_stage``,
@@ -38,9 +44,10 @@ SUPPORTED_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B", "LoopedBFS")
 _SINGLE_STAGE_SCHEDULES = ("1F1B", "GPipe")
 
 
-def unit_names(n_layers: int) -> list[str]:
-    """The model's units in forward order: what a stage split partitions."""
-    return ["tok_embeddings", *(f"layers.{i}" for i in range(n_layers)), "norm", "lm_head"]
+def unit_names(model) -> list[str]:
+    """The model's units in forward order: what a stage split partitions (``vision_encoder`` first when built)."""
+    vision = ["vision_encoder"] if getattr(model, "with_vision", False) else []
+    return [*vision, "tok_embeddings", *(f"layers.{i}" for i in range(len(model.layers))), "norm", "lm_head"]
 
 
 def stage_split(model, parallelism) -> list[list[str]]:
@@ -51,7 +58,10 @@ def stage_split(model, parallelism) -> list[list[str]]:
 
     dims = SimpleNamespace(pp=parallelism.pipeline_parallel_degree)
     stages, n_layers, input_weight, output_weight = _get_pipeline_metadata(dims, parallelism, model)
-    return _generate_llm_fqn_per_model_part(stages, n_layers, input_weight, output_weight)
+    parts = _generate_llm_fqn_per_model_part(stages, n_layers, input_weight, output_weight)
+    if getattr(model, "with_vision", False):  # as TorchTitan's pipeline_vlm
+        parts[0].insert(0, "vision_encoder")
+    return parts
 
 
 def check_pipeline_parallel(model, parallelism, local_batch_size: int) -> None:
@@ -72,23 +82,25 @@ def check_pipeline_parallel(model, parallelism, local_batch_size: int) -> None:
             "custom schedule files are not supported by titan_cp; set it to \"\" and pick "
             f"parallelism.pipeline_parallel_schedule from {list(SUPPORTED_SCHEDULES)}."
         )
-    if getattr(model, "tie_embeddings", False):
+    tie_field = "tie_embeddings" if hasattr(model, "tie_embeddings") else "enable_weight_tying"
+    if getattr(model, tie_field, False):
         raise ConfigError(
-            "model.tie_embeddings = true cannot be pipelined: tok_embeddings (first stage) and lm_head "
-            "(last stage) would share one weight across stages. Set model.tie_embeddings = false or "
+            f"model.{tie_field} = true cannot be pipelined: tok_embeddings (first stage) and lm_head "
+            f"(last stage) would share one weight across stages. Set model.{tie_field} = false or "
             "parallelism.pipeline_parallel_degree = 1."
         )
     try:
         parts = stage_split(model, parallelism)
     except (ValueError, AssertionError) as e:
         raise ConfigError(
-            f"parallelism.pipeline_parallel_degree = {pp} cannot split {model.n_layers} layers: {str(e).rstrip('.')}. "
+            f"parallelism.pipeline_parallel_degree = {pp} cannot split {len(model.layers)} layers: "
+            f"{str(e).rstrip('.')}. "
             "Adjust parallelism.pipeline_parallel_layers_per_stage / pipeline_parallel_first_stage_less_layers "
             "/ pipeline_parallel_last_stage_less_layers, or give parallelism.module_fqns_per_model_part."
         ) from e
     field = ("parallelism.module_fqns_per_model_part" if parallelism.module_fqns_per_model_part is not None
              else "the automatic split (parallelism.pipeline_parallel_layers_per_stage)")
-    want = unit_names(model.n_layers)
+    want = unit_names(model)
     flat = [name for part in parts for name in part]
     if flat != want or any(not part for part in parts):
         raise ConfigError(

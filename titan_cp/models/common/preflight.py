@@ -302,7 +302,7 @@ def validate(config, *, world_size: int | None = None, check_runtime: bool = Tru
         family_check(config)
     _check_seq_len(config, degrees["cp"], degrees["tp"])
     _check_paths(config)
-    if hasattr(config.model_spec.model, "n_layers"):  # a GDN model: its pipeline split
+    if hasattr(config.model_spec.model, "layers"):  # a decoder (GDN LM, Qwen3.5): its pipeline split
         from titan_cp.models.common.pipeline import check_pipeline_parallel
 
         check_pipeline_parallel(config.model_spec.model, config.parallelism, config.training.local_batch_size)

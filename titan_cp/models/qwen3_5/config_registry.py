@@ -35,6 +35,7 @@ def model_spec(flavor: str = "debugmodel", *, kernel: str = "torch", cp_layout: 
                cp_exchange: str = "allgather", with_vision: bool = False, **shape) -> ModelSpec:
     """TorchTitan's Qwen3.5 ``flavor`` (with :class:`~titan_cp.models.qwen3_5.flavors.TextShape` overrides) on titan_cp."""
     from torchtitan.components.optimizer import register_moe_load_balancing_hook
+    from torchtitan.distributed.pipeline_parallel import pipeline_vlm
 
     from titan_cp.models.qwen3_5.state_dict_adapter import Qwen35CPStateDictAdapter
     from titan_cp.models.qwen3_5.flavors import torchtitan_config
@@ -48,7 +49,7 @@ def model_spec(flavor: str = "debugmodel", *, kernel: str = "torch", cp_layout: 
         flavor=flavor,
         model=model,
         parallelize_fn=parallelize_qwen3_5_cp,
-        pipelining_fn=None,
+        pipelining_fn=pipeline_vlm,  # TorchTitan's (as its Qwen3.5 spec); checks: titan_cp/models/common/pipeline.py
         post_optimizer_build_fn=register_moe_load_balancing_hook,
         state_dict_adapter=Qwen35CPStateDictAdapter,
     )

@@ -102,9 +102,17 @@ class Qwen35CPModel(Qwen35Model):
         mrope_positions: torch.Tensor | None = None,
         special_tokens: dict[str, int] | None = None,
     ) -> torch.Tensor:
-        """tokens [B, T] -> logits [B, T, vocab]. ``attention_masks`` is unused (documents come from positions)."""
+        """tokens [B, T] -> logits [B, T, vocab]. ``attention_masks`` is unused (documents come from positions).
+
+        A pipeline stage (TorchTitan's split prunes units to None) runs the units
+        it holds: without ``tok_embeddings`` its input is the previous stage's
+        hidden states [B, T, D]; without ``norm`` / ``lm_head`` it returns them.
+        ``positions`` reach every stage (the schedule forwards model kwargs).
+        """
         has_vision = pixel_values is not None or pixel_values_videos is not None or mrope_positions is not None
-        if has_vision:
+        if self.tok_embeddings is None:
+            h = tokens
+        elif has_vision:
             self._check_vision_allowed()
             h = self._prepare_multimodal_embeds(
                 tokens, pixel_values=pixel_values, pixel_values_videos=pixel_values_videos,
@@ -112,13 +120,13 @@ class Qwen35CPModel(Qwen35Model):
             )
         else:
             h = self.tok_embeddings(tokens)
-        seq = sequence_info(tokens, positions, self.cp, self.config.doc_masking)
+        seq = sequence_info(h, positions, self.cp, self.config.doc_masking)
         if mrope_positions is not None:
             seq.positions = mrope_positions
         for block in self.layers.values():
             h = block(h, seq)
-        h = self.norm(h)
-        return h if self._skip_lm_head else self.lm_head(h)
+        h = self.norm(h) if self.norm is not None else h
+        return h if self._skip_lm_head or self.lm_head is None else self.lm_head(h)
 
     def _check_vision_allowed(self) -> None:
         if self.cp is not None and self.cp.size > 1:

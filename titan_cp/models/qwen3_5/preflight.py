@@ -16,7 +16,11 @@ from titan_cp.errors import ConfigError, unknown_choice_message
 
 
 def check_layout(model, parallelism) -> None:
-    """Heads divisible by TP (GDN heads by TP x CP for alltoall); no PP yet; text only under CP."""
+    """Heads divisible by TP (GDN heads by TP x CP for alltoall); text only under CP.
+
+    Pipeline parallel (TorchTitan's ``pipeline_vlm``) is checked with the GDN LM's rules in
+    :func:`titan_cp.models.common.pipeline.check_pipeline_parallel` (schedule, stage split, microbatches).
+    """
     from titan_cp.models.qwen3_5.flavors import shape_of
 
     tp, cp = parallelism.tensor_parallel_degree, parallelism.context_parallel_degree
@@ -34,13 +38,6 @@ def check_layout(model, parallelism) -> None:
                 f"parallelism.cp_exchange = 'alltoall' needs TP x CP = {tp * cp} to divide {name} = {count}; "
                 "use cp_exchange = 'allgather' or 'logscan'."
             )
-    pp = parallelism.pipeline_parallel_degree
-    if pp > 1:
-        raise ConfigError(
-            f"parallelism.pipeline_parallel_degree = {pp}: titan_cp's Qwen3.5 has no pipeline split yet (its "
-            "ModelSpec has pipelining_fn = None); set pipeline_parallel_degree = 1 and spread the model with "
-            "FSDP (data_parallel_shard_degree), expert_parallel_degree and context_parallel_degree."
-        )
     if cp > 1 and model.with_vision:
         raise ConfigError(
             f"parallelism.context_parallel_degree = {cp} with model.with_vision = true: Qwen3.5 under CP "
