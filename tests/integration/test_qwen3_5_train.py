@@ -152,7 +152,7 @@ def test_checkpoint_config_json_must_match_the_flavor(tmp_path):
             check_hf_checkpoint(model, str(tmp_path))
 
 
-def test_vision_under_cp_and_moe_with_tp_are_refused_moe_with_ep_accepted():
+def test_start_up_accepts_the_tested_layouts_and_refuses_the_rest():
     from torchtitan.config import ParallelismConfig
 
     from titan_cp.models.qwen3_5.config_registry import model_spec
@@ -178,3 +178,5 @@ def test_vision_under_cp_and_moe_with_tp_are_refused_moe_with_ep_accepted():
         check_moe(moe, ParallelismConfig(tensor_parallel_degree=2, expert_parallel_degree=2))
     with pytest.raises(ConfigError, match="parallelism.expert_parallel_degree = 3 does not divide"):
         check_moe(moe, ParallelismConfig(expert_parallel_degree=3))
+    with pytest.raises(ConfigError, match="parallelism.pipeline_parallel_degree = 2 on a Qwen3.5 MoE"):
+        check_moe(moe, ParallelismConfig(context_parallel_degree=2, pipeline_parallel_degree=2))

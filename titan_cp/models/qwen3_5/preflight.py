@@ -3,7 +3,7 @@
 The shared rules (degrees, kernel / exchange / layout names, load balancer,
 seq_len, paths) live in :mod:`titan_cp.models.common.preflight`; it calls
 ``Qwen35CPModel.Config.check_job`` (:func:`check_job` here) for what only
-this model knows: its head counts, text only under CP, MoE (EP or expert TP, not both yet), SP and the
+this model knows: its head counts, text only under CP, MoE (EP or expert TP, not both yet; no PP yet), SP and the
 HF checkpoint's ``config.json``. Every message names the field and a fix.
 """
 
@@ -62,6 +62,15 @@ def check_moe(model, parallelism) -> None:
             "flavor: titan_cp does not wire TorchTitan's TP x EP (EP borrowing the TP ranks, tokens split over "
             "TP inside the MoE) beside CP yet. Either set expert_parallel_degree = 1 (the experts are then "
             "TP-sharded on their hidden dim) or tensor_parallel_degree = 1 (EP over dp_shard x cp)."
+        )
+    pp = parallelism.pipeline_parallel_degree
+    if pp > 1:
+        raise ConfigError(
+            f"parallelism.pipeline_parallel_degree = {pp} on a Qwen3.5 MoE flavor: under PP the "
+            "tokens-per-expert counts that TorchTitan's load-balancing hook reads differ from one rank's "
+            "(the expert-bias update drifts), so titan_cp refuses it until that is fixed. Set "
+            "pipeline_parallel_degree = 1 and fit the model with expert_parallel_degree (EP) and "
+            "data_parallel_shard_degree (FSDP) beside CP; dense Qwen3.5 flavors run PP x CP."
         )
     num_experts = moe[0].num_experts
     if ep > 1 and num_experts % ep:
