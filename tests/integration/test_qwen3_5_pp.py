@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
+from tests.integration.test_qwen3_5_moe_ep import _NoMesh
 from titan_cp.testing import load_full_state, rel_err, run_on_ranks
 
 FP32_REL = 1e-5
@@ -64,17 +65,6 @@ def _batches(B: int, T: int):
         tokens = torch.randint(0, VOCAB, (B, T + 1))
         out.append((tokens[:, :-1], tokens[:, 1:], packed_positions(B, T, {0: [5, 7, T - 4], 1: [2]})))
     return out
-
-
-class _NoMesh:
-    """The ParallelDims fields TorchTitan's load-balancing hook reads, for the one-rank reference."""
-
-    ep_enabled = False
-    tp = 1
-
-    @staticmethod
-    def get_optional_mesh(name):
-        return None
 
 
 def _optimizer(parts, parallel_dims):
