@@ -3,9 +3,9 @@
 One launch per world size checks many cases (processes are expensive on 2
 cores). The reference is the same model (tiny shape of TorchTitan's debug
 model) run on the whole batch in the same process without CP; losses and
-every parameter gradient must agree within rel 1e-5, with and without packed
-documents (document starts on, next to and inside shard boundaries), in
-float32 (FLA's decay init) and float64 (TorchTitan's own init).
+every parameter gradient must agree within rel 1e-5 in float32 (FLA's decay
+init) and 1e-10 in float64 (TorchTitan's own init), with and without packed
+documents (document starts on, next to and inside shard boundaries).
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from torch.distributed.tensor import DTensor
 from titan_cp.testing import load_full_state, rel_err, run_on_ranks
 from tests.support.qwen35_common import packed_positions, tiny_model
 
-# Both dtypes: rel 1e-5. The float64 runs (TorchTitan's own init, whose decay gradients are
-# ~1e-11..1e-6 and ill-conditioned) still see float32 rounding: titan_cp's ring attention does
-# its block math in float32 (q.float()); measured worst 1.2e-6 there.
 FP32_REL = 1e-5
+# float64 runs stay float64 end to end (ring attention, gates, l2norm and the norms follow the
+# input dtype): measured worst 1.1e-13 at CP 3 (dt_bias, packed), 4.7e-14 at CP 2, 7.7e-15 at CP 4;
+# 3.8e-7 while ring attention and TorchTitan's norms computed in float32.
+FP64_REL = 1e-10
 MOE_BF16_REL = 2e-2  # see _moe_errors
 
 
@@ -196,9 +197,10 @@ def test_qwen3_5_parallel_layouts_match_one_rank(P):
     bad = {}
     for rank, per_case in enumerate(results):
         for case, errors in per_case.items():
-            tolerance = {k: MOE_BF16_REL if case[0] == "moe" and k != "loss" else FP32_REL for k in errors}
+            base = FP64_REL if str(torch.float64) in case else FP32_REL
+            tolerance = {k: MOE_BF16_REL if case[0] == "moe" and k != "loss" else base for k in errors}
             worst = {k: v for k, v in errors.items() if v > tolerance[k]}
             if worst:
                 bad[(rank, case)] = worst
-    assert not bad, f"parallel run != one rank beyond {FP32_REL}: {bad}"
+    assert not bad, f"parallel run != one rank beyond {FP32_REL} (float32) / {FP64_REL} (float64): {bad}"
     assert len(results[0]) >= 4 * len(_cp_cases(P))

@@ -35,7 +35,7 @@ block-causal within documents (key allowed iff same document and not later)
 and a full block whose keys all belong to earlier documents than all its
 queries (max key id < min query id, for every batch row) is skipped as well.
 
-Each block op returns the block-normalised output O_b (float32) and its
+Each block op returns the block-normalised output O_b (accumulation dtype) and its
 log-sum-exp L_b = log sum_j exp(s_ij) (-inf for a row with no allowed key).
 Partial results merge exactly (online softmax / log-sum-exp):
 
@@ -46,7 +46,7 @@ so after the last step O is softmax(s) V over all allowed keys and L its LSE.
 
 Backward (flash-attention-2 style, recomputation from the saved LSE)
 --------------------------------------------------------------------
-Saved: q, k, v, the output O and L (float32, [B, Hq, Tloc]); no probabilities.
+Saved: q, k, v, the output O and L (accumulation dtype, [B, Hq, Tloc]); no probabilities.
 With dO the output gradient and delta = rowsum(dO * O), a block recomputes
 
     P  = exp(s - L)          (masked entries 0)
@@ -54,7 +54,7 @@ With dO the output gradient and delta = rowsum(dO * O), a block recomputes
     dQ = scale * dS K,        dK = scale * dS^T Q
 
 dQ accumulates locally. K/V make a second trip around the ring (P-1 hops)
-together with a float32 dK/dV accumulator for that block: at step i a rank
+together with a dK/dV accumulator (accumulation dtype) for that block: at step i a rank
 adds its contribution to the accumulator of the block it holds and passes it
 on; after the P-th hop every accumulator is back at its owner and is that
 block's dK, dV. The skip plan of the forward is reused, so skipped blocks are
@@ -70,10 +70,11 @@ and (layer_name, "ring_bwd"). With P = 1 (``cp`` None, or a context of one
 rank) nothing is sent or recorded and the result is plain causal attention.
 
 The block math lives in :func:`block_attention_forward` and
-:func:`block_attention_backward` (plain PyTorch, float32 accumulation); a GPU
-flash kernel with (causal flag, LSE out, varlen/document masking) can replace
-just those two functions. :data:`block_counts` counts segment blocks computed
-and skipped (for tests and benchmarks).
+:func:`block_attention_backward` (plain PyTorch); a GPU flash kernel with (causal
+flag, LSE out, varlen/document masking) can replace just those two functions.
+Accumulation dtype (:func:`accumulation_dtype`): float32 for bf16 / fp16 / fp32
+inputs, float64 for float64 (float64 runs stay float64 end to end).
+:data:`block_counts` counts segment blocks computed and skipped (for tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -89,12 +90,8 @@ from titan_cp.cp.comm import Ring
 from titan_cp.cp.context import CPContext, dtype_code
 
 __all__ = [
-    "ring_attention",
-    "block_attention_forward",
-    "block_attention_backward",
-    "block_counts",
-    "plan_step",
-    "BlockTask",
+    "ring_attention", "accumulation_dtype", "block_attention_forward", "block_attention_backward",
+    "block_counts", "plan_step", "BlockTask",
 ]
 
 # Segment blocks computed / skipped per pass and block-op calls made, summed over
@@ -108,8 +105,12 @@ _TAG_DKV = 2
 
 
 # ---------------------------------------------------------------------------
-# Block op: one (query block, key block) attention, float32, LSE out.
+# Block op: one (query block, key block) attention, accumulation dtype, LSE out.
 # ---------------------------------------------------------------------------
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # float32 for bf16 / fp16 / fp32, float64 for float64
 
 
 def _block_mask(tq: int, tk: int, causal: bool, q_doc, k_doc, device) -> torch.Tensor | None:
@@ -127,8 +128,8 @@ def _scores(q, k, scale, causal, q_doc, k_doc):
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     G = Hq // Hkv
-    qf = q.float().reshape(B, Hkv, G * Tq, D)
-    s = torch.matmul(qf, k.float().transpose(-1, -2)).mul_(scale).view(B, Hkv, G, Tq, Tk)
+    qa, ka = q.to(accumulation_dtype(q.dtype)), k.to(accumulation_dtype(q.dtype))
+    s = torch.matmul(qa.reshape(B, Hkv, G * Tq, D), ka.transpose(-1, -2)).mul_(scale).view(B, Hkv, G, Tq, Tk)
     mask = _block_mask(Tq, Tk, causal, q_doc, k_doc, q.device)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
@@ -141,8 +142,8 @@ def block_attention_forward(q, k, v, *, scale: float, causal: bool, q_doc=None, 
     q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D]; ``causal`` masks key j > query i
     (aligned at the bottom right, i.e. the diagonal block when Tq == Tk);
     q_doc [B, Tq] / k_doc [B, Tk] restrict keys to the query's document.
-    Returns out [B, Hq, Tq, D] float32 (normalised within the block; 0 for a row
-    without allowed keys) and lse [B, Hq, Tq] float32 (-inf for such a row).
+    Returns out [B, Hq, Tq, D] (normalised within the block; 0 for a row without
+    allowed keys) and lse [B, Hq, Tq] (-inf for such a row), in the accumulation dtype.
     """
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -152,8 +153,8 @@ def block_attention_forward(q, k, v, *, scale: float, causal: bool, q_doc=None, 
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     p = torch.exp(s - m)
     l = p.sum(dim=-1, keepdim=True)  # noqa: E741
-    out = torch.matmul(p.view(B, Hkv, G * Tq, Tk), v.float()).view(B, Hkv, G, Tq, -1)
-    out = out / l.clamp_min(torch.finfo(torch.float32).tiny)
+    out = torch.matmul(p.view(B, Hkv, G * Tq, Tk), v.to(s.dtype)).view(B, Hkv, G, Tq, -1)
+    out = out / l.clamp_min(torch.finfo(s.dtype).tiny)
     lse = (m + torch.log(l)).squeeze(-1)
     return out.reshape(B, Hq, Tq, -1), lse.reshape(B, Hq, Tq)
 
@@ -163,7 +164,7 @@ def block_attention_backward(q, k, v, dout, lse, delta, *, scale: float, causal:
 
     dout [B, Hq, Tq, D], lse / delta [B, Hq, Tq] (final log-sum-exp of the
     queries over all keys, rowsum(dout * out)). Returns dq [B, Hq, Tq, D],
-    dk, dv [B, Hkv, Tk, D], all float32.
+    dk, dv [B, Hkv, Tk, D], all in the accumulation dtype.
     """
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -172,13 +173,13 @@ def block_attention_backward(q, k, v, dout, lse, delta, *, scale: float, causal:
     lse = lse.reshape(B, Hkv, G, Tq, 1)
     lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     p = torch.exp(s - lse).view(B, Hkv, G * Tq, Tk)
-    do = dout.float().reshape(B, Hkv, G * Tq, -1)
+    do = dout.to(s.dtype).reshape(B, Hkv, G * Tq, -1)
     dv = torch.matmul(p.transpose(-1, -2), do)
-    dp = torch.matmul(do, v.float().transpose(-1, -2))
+    dp = torch.matmul(do, v.to(s.dtype).transpose(-1, -2))
     ds = p * (dp - delta.reshape(B, Hkv, G * Tq, 1))
     ds.mul_(scale)
-    dq = torch.matmul(ds, k.float()).view(B, Hq, Tq, D)
-    dk = torch.matmul(ds.transpose(-1, -2), q.float().reshape(B, Hkv, G * Tq, D))
+    dq = torch.matmul(ds, k.to(s.dtype)).view(B, Hq, Tq, D)
+    dk = torch.matmul(ds.transpose(-1, -2), q.to(s.dtype).reshape(B, Hkv, G * Tq, D))
     return dq, dk, dv
 
 
@@ -273,8 +274,9 @@ class _RingAttentionFn(torch.autograd.Function):
 
         kv = torch.stack([k, v]).contiguous()
         doc = doc_ids.contiguous() if doc_ids is not None else None
-        out_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=torch.float32, device=q.device)
+        acc = accumulation_dtype(q.dtype)
+        out_acc = torch.zeros(q.shape, dtype=acc, device=q.device)
+        lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
         plans: list[list[BlockTask]] = []
         key_docs: list[torch.Tensor | None] = []
         for i in range(P):
@@ -323,12 +325,12 @@ class _RingAttentionFn(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         P, seg, scale = ctx.P, ctx.seg, ctx.scale
         ring = Ring(ctx.cp) if P > 1 else None
-        delta = (dout.float() * out.float()).sum(dim=-1)  # [B, Hq, Tloc]
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        acc = lse.dtype  # accumulation_dtype(q.dtype)
+        delta = (dout.to(acc) * out.to(acc)).sum(dim=-1)  # [B, Hq, Tloc]
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         kv = torch.stack([k, v]).contiguous()
         dkv_shape = (2,) + tuple(k.shape)
-        dkv = None
-        dkv_pending = None
+        dkv = dkv_pending = None
         for i in range(P):
             kv_pending = None
             if i < P - 1:
@@ -345,16 +347,14 @@ class _RingAttentionFn(torch.autograd.Function):
                 )
                 dq[:, :, qs] += dq_b
                 if block_dkv is None:
-                    block_dkv = torch.zeros(dkv_shape, dtype=torch.float32, device=q.device)
+                    block_dkv = torch.zeros(dkv_shape, dtype=acc, device=q.device)
                 block_dkv[0][:, :, ks] += dk_b
                 block_dkv[1][:, :, ks] += dv_b
                 block_counts["bwd_blocks"] += t.n_blocks
                 block_counts["bwd_calls"] += 1
             # The accumulator of the block held now: what came with it plus our part.
             if i == 0:
-                dkv = block_dkv
-                if dkv is None:
-                    dkv = torch.zeros(dkv_shape, dtype=torch.float32, device=q.device)
+                dkv = block_dkv if block_dkv is not None else torch.zeros(dkv_shape, dtype=acc, device=q.device)
             else:
                 dkv = dkv_pending.wait()[0]
                 if block_dkv is not None:

@@ -35,15 +35,23 @@ Gated attention (:class:`CPQwen35Attention`)::
 with the softmax attention done by titan_cp's ring attention on GLOBAL
 positions (this rank's shard of the layout, or the trainer's per-document
 positions).
+
+Norms (:class:`CPOffsetRMSNorm`, :class:`CPRMSNormGated`) are TorchTitan's
+arithmetic with a dtype-following upcast: float32 for bf16 / fp16 / fp32 inputs
+(exactly TorchTitan's), float64 for float64, where TorchTitan's always cast to
+float32.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
-from torchtitan.models.qwen3_5.model import GatedDeltaNet, Qwen35Attention, Qwen35TransformerBlock
+import torch.nn.functional as F
+
+from torchtitan.models.qwen3_5.model import (GatedDeltaNet, OffsetRMSNorm, Qwen35Attention, Qwen35TransformerBlock,
+                                             RMSNormGated)
 from torchtitan.protocols.module import Module
 
 from titan_cp.cp.context import CPContext
@@ -52,6 +60,46 @@ from titan_cp.ops.gated_delta_rule.mixing import GDNMixingInputs, gdn_gates
 from titan_cp.cp.ring_attention import check_ring_inputs_agree, ring_attention
 from titan_cp.models.common.sequence import SequenceInfo
 from titan_cp.models.common.dtensor import local_tensor
+
+
+def _normalized(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) over the last dim, in float32 (float64 for float64 x)."""
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class CPOffsetRMSNorm(OffsetRMSNorm):
+    """TorchTitan's ``(1 + weight) * norm(x)``, upcast to float32 only for float32-or-narrower x."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(OffsetRMSNorm.Config):
+        pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_n = _normalized(x, self.eps)
+        return ((1.0 + self.weight.to(x_n.dtype)) * x_n).to(x.dtype)
+
+
+class CPRMSNormGated(RMSNormGated):
+    """TorchTitan's ``silu(gate) * weight * norm(x)`` (rounded to x's dtype before the gate, as
+    TorchTitan's), upcast to float32 only for float32-or-narrower x."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(RMSNormGated.Config):
+        pass
+
+    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        x_n = _normalized(x, self.eps)
+        y = (self.weight.to(x_n.dtype) * x_n).to(x.dtype)
+        return (y * F.silu(gate.to(x_n.dtype))).to(x.dtype)
+
+
+def dtype_following_norm(config):
+    """TorchTitan's OffsetRMSNorm / RMSNormGated config -> the same fields on CPOffsetRMSNorm / CPRMSNormGated."""
+    for cp_norm in (CPOffsetRMSNorm, CPRMSNormGated):
+        if isinstance(config, cp_norm.__mro__[1].Config):
+            return cp_norm.Config(**{f.name: getattr(config, f.name) for f in fields(config)})
+    raise TypeError(f"not a Qwen3.5 norm config: {type(config).__qualname__}")
 
 
 class CPGatedDeltaNet(GatedDeltaNet):
