@@ -186,6 +186,19 @@ def test_single_process_equals_causal_attention(layout):
     assert not comm_stats.records  # nothing sent, nothing recorded
 
 
+def test_float64_inputs_accumulate_in_float64():
+    """float64 q/k/v: output and gradients match a float64 masked softmax to float64 rounding (1e-12)."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, dout = (torch.randn(B, h, 12, D, generator=gen, dtype=torch.float64) for h in (HQ, HKV, HKV, HQ))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 11 + [1]])
+    out = ring_attention(q, k, v, None, doc_ids=doc_ids)
+    ref = _reference(q, k, v, doc_ids)
+    assert out.dtype == torch.float64 and rel_err(out, ref) <= 1e-12
+    for g, r in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
+        assert g.dtype == torch.float64 and rel_err(g, r) <= 1e-12
+
+
 @pytest.mark.parametrize("layout", cp_layout.LAYOUTS)
 @pytest.mark.parametrize("P", [1, 2, 3, 4, 7])
 def test_plan_covers_each_causal_block_once(P, layout):
