@@ -5,7 +5,9 @@ shared expert; 4 layers, vocab 96), routed experts ``expert_compute =
 "exact"`` (fp32), at CP 1 and on 2 gloo ranks CP 2 x EP 2 (4 experts per rank,
 weights read per rank through the adapter's DTensor path):
 
-1. titan_cp weights -> ``Qwen35CPStateDictAdapter.to_hf`` -> safetensors ->
+1. titan_cp weights -> ``Qwen35CPStateDictAdapter.to_hf`` -> safetensors, with the
+   ``config.json`` of the model config's ``hf_config()`` -> ``AutoConfig`` reads a
+   ``Qwen3_5MoeTextConfig`` with the MoE fields of transformers' own config of the shape;
    ``Qwen3_5MoeForCausalLM.from_pretrained`` (no missing / unexpected keys):
    transformers' logits equal titan_cp's at CP 1 and CP 2 x EP 2.
 2. ``save_pretrained`` of a tiny random ``Qwen3_5MoeForCausalLM`` (per-expert
@@ -65,6 +67,8 @@ def _step_losses(model, logits_of, labels, n_labels: int, reduce=lambda t: t):
 
 
 def _save_titan_cp_as_hf(model, path) -> None:
+    import json
+
     from safetensors.torch import save_file
 
     from titan_cp.models.qwen3_5.state_dict_adapter import Qwen35CPStateDictAdapter
@@ -73,7 +77,7 @@ def _save_titan_cp_as_hf(model, path) -> None:
     hf_state = {k.replace("model.language_model.", "model."): v for k, v in hf_state.items()}  # text-only names
     save_file({k: v.detach().contiguous() for k, v in hf_state.items()}, str(path / "model.safetensors"),
               metadata={"format": "pt"})
-    hf_moe_config_of(model.config).save_pretrained(path)
+    (path / "config.json").write_text(json.dumps(model.config.hf_config()))  # titan_cp's own export
 
 
 def _cp2_ep2(rank: int, world: int, titan_dir, hf_dir) -> dict:
@@ -131,6 +135,12 @@ def interop(tmp_path_factory):
             if name.endswith("norm.weight"):  # TorchTitan zero-inits OffsetRMSNorm: make them count
                 p.normal_(0.0, 0.2)
     _save_titan_cp_as_hf(model, titan_dir)
+    from transformers import AutoConfig
+
+    exported, expected = AutoConfig.from_pretrained(titan_dir), hf_moe_config_of(_config())
+    out["config_json"] = {k: (getattr(exported, k), getattr(expected, k)) for k in (
+        "model_type", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+        "shared_expert_intermediate_size", "layer_types", "hidden_size", "linear_num_value_heads")}
     hf_model, info = hf_cls.from_pretrained(titan_dir, dtype=torch.float32, output_loading_info=True)
     assert not any(info.values()), info
     assert hf_model.model.layers[0].linear_attn.chunk_gated_delta_rule.__name__ == "torch_chunk_gated_delta_rule"
@@ -173,6 +183,11 @@ def test_transformers_saves_per_expert_weights(interop):
     keys = interop["hf_keys"]
     assert "model.layers.0.mlp.experts.7.gate_proj.weight" in keys and "model.layers.3.mlp.experts.0.down_proj.weight" in keys
     assert not any("gate_up_proj" in k for k in keys)
+
+
+def test_exported_config_json_is_transformers_moe_config(interop):
+    assert interop["config_json"]["model_type"][0] == "qwen3_5_moe_text"
+    assert all(got == want for got, want in interop["config_json"].values()), interop["config_json"]
 
 
 def test_titan_cp_weights_give_transformers_logits_at_cp1_and_cp2_ep2(interop):

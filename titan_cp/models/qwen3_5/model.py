@@ -63,11 +63,16 @@ class Qwen35CPModel(Qwen35Model):
             check_job(self, config)
 
         def hf_config(self, **extra) -> dict:
-            """``config.json`` of transformers' ``Qwen3_5ForCausalLM`` for this shape (+ ``extra`` fields)."""
+            """``config.json`` of transformers' ``Qwen3_5ForCausalLM`` (dense) or ``Qwen3_5MoeForCausalLM``
+            (MoE flavors: state_dict_adapter.hf_moe_fields) for this shape (+ ``extra`` fields)."""
             from titan_cp.models.qwen3_5.flavors import hf_text_config, shape_of
+            from titan_cp.models.qwen3_5.state_dict_adapter import hf_moe_fields
 
-            return {"architectures": ["Qwen3_5ForCausalLM"], "model_type": "qwen3_5_text",
-                    **hf_text_config(shape_of(self)), **extra}
+            moe = hf_moe_fields(self)
+            architecture, model_type = ("Qwen3_5MoeForCausalLM", "qwen3_5_moe_text") if moe else (
+                "Qwen3_5ForCausalLM", "qwen3_5_text")
+            return {"architectures": [architecture], "model_type": model_type,
+                    **hf_text_config(shape_of(self)), **moe, **extra}
 
         def get_nparams_and_flops(self, model, seq_len: int) -> tuple[int, int]:
             return Qwen35Model.Config.get_nparams_and_flops(self, model, seq_len)

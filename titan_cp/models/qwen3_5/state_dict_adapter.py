@@ -33,6 +33,13 @@ checkpoint leaves it at its init (zero, so routing equals transformers'); an
 export drops it, with a warning when it is non-zero (the HF model then routes
 without the learned bias, i.e. not exactly like the trained titan_cp model).
 
+``config.json`` of an MoE flavor: :func:`hf_moe_fields` (read by the model
+config's ``hf_config()``) gives transformers' ``Qwen3_5MoeTextConfig`` fields
+(``num_experts``, ``num_experts_per_tok``, ``moe_intermediate_size``,
+``shared_expert_intermediate_size``) and refuses routing transformers cannot
+express (its sparse block: MoE in every layer, softmax scores, top-k
+renormalised, scale 1, no expert groups, a sigmoid-gated shared expert).
+
 For fine-tuning, point ``hf_assets_path`` (tokenizer, config.json, index)
 and ``checkpoint.initial_load_path`` at the same HF directory; the HF save
 at the end then uses the checkpoint's own key names (transformers loads
@@ -51,6 +58,7 @@ from torch.distributed.tensor import DTensor
 from torchtitan.models.qwen3_5.state_dict_adapter import Qwen35StateDictAdapter
 from torchtitan.models.utils import MoEStateDictAdapter
 
+from titan_cp.errors import ConfigError
 from titan_cp.models.common.dtensor import local_tensor
 
 logger = logging.getLogger(__name__)
@@ -64,6 +72,44 @@ EXPERT_KEYS = {
     "layers.{}.moe.routed_experts.inner_experts.w2_EDF": MULTIMODAL_PREFIX + "layers.{}.mlp.experts.{}.down_proj.weight",
 }
 HF_EXPERT_KEYS = {hf: tt for tt, hf in EXPERT_KEYS.items()}
+
+
+def hf_moe_fields(config) -> dict[str, Any]:
+    """``Qwen3_5MoeTextConfig`` fields of a TorchTitan Qwen3.5 config with MoE layers ({} for a dense one).
+
+    Raises ConfigError (naming the field) for what transformers' ``Qwen3_5MoeForCausalLM`` cannot load
+    as the same model (module docstring).
+    """
+    moes = [layer.moe for layer in config.layers]
+    if all(moe is None for moe in moes):
+        return {}
+    where = "HF config.json of a Qwen3.5 MoE model (transformers' Qwen3_5MoeForCausalLM)"
+    dense = [i for i, moe in enumerate(moes) if moe is None]
+    if dense:
+        raise ConfigError(f"{where}: layers {dense} have a dense feed-forward (model.layers[{dense[0]}].moe is "
+                          "None) but transformers puts experts in every layer; export a flavor whose layers are all "
+                          "MoE (TorchTitan's debugmodel_moe, 35B-A3B, ...) or a dense flavor")
+    per_layer = [_moe_fields(i, moe, where) for i, moe in enumerate(moes)]
+    for i, fields in enumerate(per_layer):
+        if fields != per_layer[0]:
+            raise ConfigError(f"{where}: model.layers[{i}].moe is {fields}, layer 0's {per_layer[0]}, but transformers "
+                              "has one MoE shape for all layers; give every layer the same MoE config")
+    return per_layer[0]
+
+
+def _moe_fields(i: int, moe, where: str) -> dict[str, Any]:
+    router, field = moe.router, f"model.layers[{i}].moe"
+    expected = {"score_func": "softmax", "route_norm": True, "route_scale": 1.0, "num_expert_groups": None}
+    for name, want in expected.items():
+        if getattr(router, name) != want:
+            raise ConfigError(f"{where}: {field}.router.{name} = {getattr(router, name)!r}, but transformers routes "
+                              f"with {name} = {want!r}; set it to {want!r} to export")
+    if moe.shared_experts is None:
+        raise ConfigError(f"{where}: {field}.shared_experts is None but transformers' sparse block has a "
+                          "sigmoid-gated shared expert; keep TorchTitan's shared experts to export")
+    return {"num_experts": moe.num_experts, "num_experts_per_tok": router.top_k,
+            "moe_intermediate_size": moe.routed_experts.inner_experts.hidden_dim,
+            "shared_expert_intermediate_size": moe.shared_experts.w1.out_features}
 
 
 def checkpoint_keys(path: str | None) -> list[str]:
