@@ -213,7 +213,7 @@ def test_scaling_with_parallelism():
     assert cp.activations == pytest.approx(base.activations)  # same tokens per rank
     assert cp.params == pytest.approx(base.params / 2)  # FSDP over dp x cp
     cp_trick = estimate_memory(s, TrainSetup(seq_len=32768), Parallelism(cp=2))
-    assert cp_trick.layer_terms["cp_q_transition"] > 0
+    assert "cp_q_transition" not in cp_trick.layer_terms  # recomputed in the backward, not kept
     assert cp_trick.layer_terms["kernel_internal"] == 0  # the recomputing segment kernel saves none of FLA's
     assert cp_trick.activations > cp.activations
     dp = estimate_memory(s, TrainSetup(seq_len=16384), Parallelism(dp=8))

@@ -336,6 +336,8 @@ def test_segment_kernels_match_the_recurrence(with_documents):
         corrected = seg.o + torch.einsum("bthk,bhkv->bthv", seg.q_transition, S)
         assert_close([corrected], [o_true.detach()], 1e-10, names=("o from S_0 + S",))
         tensors, meta = kernel.bind_incoming_state(seg.saved_tensors, seg.saved_meta, S)
+        # CP's backward recomputes q_transition from the bound context (it is not kept)
+        assert_close([kernel.q_transition(tensors, meta)], want_forward[1:2], 1e-10, names=("recomputed q M",))
         grads = kernel.backward(tensors, meta, d_o, T_grad)
         assert_close(list(grads), want_backward, 1e-10, names=("dq", "dk", "dv", "dg", "dbeta", "dS_0"))
 

@@ -220,14 +220,16 @@ def run_segment_kernel(kernel, inputs, starts, seed=3):
     seg = kernel.forward(q, k, v, g, beta, initial_state=h0, doc_starts=starts, with_transition=True)
     corrected = seg.o + torch.einsum("bthk,bhkv->bthv", seg.q_transition, S)
     tensors, meta = kernel.bind_incoming_state(seg.saved_tensors, seg.saved_meta, S)
+    recomputed = kernel.q_transition(tensors, meta)  # what CP's backward uses (q_transition is not kept)
     grads = kernel.backward(tensors, meta, d_o, T_grad)
     plain = kernel.forward(q, k, v, g, beta, initial_state=h0, doc_starts=starts, with_transition=False)
     plain_grads = kernel.backward(*kernel.bind_incoming_state(plain.saved_tensors, plain.saved_meta, None), d_o, T_grad)
-    return [y.float() for y in (seg.o, seg.q_transition, seg.S_local, seg.M, corrected, *grads, plain.o,
-                                plain.S_local, *plain_grads)]
+    return [y.float() for y in (seg.o, seg.q_transition, seg.S_local, seg.M, corrected, recomputed, *grads,
+                                plain.o, plain.S_local, *plain_grads)]
 
 
-SEGMENT_NAMES = ["o", "q_transition", "S_local", "M", "o from S_0 + S", "dq", "dk", "dv", "dg", "dbeta", "dS_0",
+SEGMENT_NAMES = ["o", "q_transition", "S_local", "M", "o from S_0 + S", "recomputed q_transition", "dq", "dk", "dv",
+                 "dg", "dbeta", "dS_0",
                  "plain o", "plain S_local", "plain dq", "plain dk", "plain dv", "plain dg", "plain dbeta",
                  "plain dS_0"]
 

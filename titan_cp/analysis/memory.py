@@ -55,8 +55,6 @@ kernel_internal    Hv * c       (act)      kernel-private tensors, c per head pe
 kernel_states      Hv K V / C   (fp32)     only if the kernel saves its chunk states
                                            [T/C, Hv, K, V] (``kernel_saves_states``;
                                            under CP the true states, width V)
-cp_q_transition    Hv K         (fp32)     only with CP (state passing): q_t M_<=t,
-                                           kept for the backward's G = (q M)^T dO
 out_gate_norm      5 Dv         (act)      kernel output o, o*rstd, o*rstd*w,
                                            g_proj x (SiLU input), SiLU(g_proj x)
 o_proj_input       Dv           (act)      gated-norm output
@@ -149,8 +147,6 @@ def layer_activation_terms(shape: Dims, setup: TrainSetup, par: Parallelism) -> 
     ]
     if setup.kernel_saves_states and not (state_passing and setup.cp_recomputes_kernel):
         terms.append(ActTerm("kernel_states", Hv * K * shape.V / C, f, "tp", "chunk states [T/C, Hv, K, V] fp32"))
-    if state_passing:
-        terms.append(ActTerm("cp_q_transition", Hv * K, f, "tp", "CP: q M_<=t (fp32), kept for G = (q M)^T dO"))
     terms += [
         ActTerm("out_gate_norm", 5 * Dv, a, "tp", "o, o*rstd, o*rstd*w, g_proj x, SiLU(g_proj x)"),
         ActTerm("o_proj_input", Dv, a, "tp", "gated-norm output: o_proj input"),
@@ -187,7 +183,8 @@ def attention_layer_terms(shape: Dims, setup: TrainSetup, par: Parallelism) -> l
 def cp_state_buffer_bytes(shape: Dims, setup: TrainSetup, par: Parallelism) -> float:
     """Per-layer CP buffers that do not scale with tokens, kept for the backward (state passing).
 
-    allgather: every segment's transition [P n, B, Hv, K, K] (the reverse fold's M_s);
+    allgather: the transitions M_s of the segments after this rank's first, the reverse fold's
+    (at most P n - 1 of [B, Hv, K, K], on the rank holding segment 0);
     logscan: this rank's M [B n, Hv, K, K]; with ``cp_recomputes_kernel`` also the true start
     state [B n, Hv, K, V] the backward reruns the kernel from (n = segments per rank: 1
     contiguous, 2 zigzag). fp32. 0 without CP or for alltoall.
@@ -196,7 +193,9 @@ def cp_state_buffer_bytes(shape: Dims, setup: TrainSetup, par: Parallelism) -> f
         return 0.0
     K, V, Hv = shape.K, shape.V, shape.Hv / par.tp
     rows = setup.batch * (2 if setup.cp_layout == "zigzag" else 1)
-    transitions = par.cp * rows * Hv * K * K if setup.cp_exchange == "allgather" else rows * Hv * K * K
+    n = rows // setup.batch
+    transitions = (par.cp * n - 1) * setup.batch * Hv * K * K if setup.cp_exchange == "allgather" else \
+        rows * Hv * K * K
     start = rows * Hv * K * V if setup.cp_recomputes_kernel else 0
     return 4.0 * (transitions + start)
 

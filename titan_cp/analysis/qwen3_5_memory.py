@@ -21,7 +21,6 @@ gdn_conv               3 (2 Dk + Dv) (a)                     conv input (qkv), c
 gdn_l2                 2 H (f)                               L2 norms of q, k
 gdn_kernel (torch)     4 Hv K V / C + 2 Hv K / C (f)         chunk states / their decays kept by the torch kernel
 gdn_kernel (triton)    2 Hv K + Hv C (a) + Hv (f)            FLA: normalised repeated q, k; WY matrix A; gate cumsum
-cp_q_transition        Hv K (f)                              CP only: q_t M_<=t for the backward
 gdn_out                6 Dv (a) + Hv (f)                     o, o*rstd, normed, z, SiLU(z), out_proj input; rstd
 attn_qkv_norm          3 Hq D + 2 Hkv D (a) + (Hq+Hkv) (f)   wq out [q|gate], normed q, k proj, normed k; rstds
 attn_rope              2 R (f)                               RoPE cos / sin
@@ -136,8 +135,6 @@ def gdn_terms(q: QwenDims, setup: TrainSetup, par: Parallelism, kernel: str) -> 
     else:
         terms += [ActTerm("gdn_kernel", 2 * Hv * K + Hv * C, a, "tp", "FLA: q, k (normalised, repeated), A"),
                   ActTerm("gdn_kernel_gates", Hv, 4, "tp", "FLA: gate cumsum")]
-    if par.cp > 1 and setup.cp_extra:
-        terms.append(ActTerm("cp_q_transition", Hv * K, 4, "tp", "CP: q M_<=t (fp32)"))
     terms += [ActTerm("gdn_out", 6 * Dv, a, "tp", "o, o*rstd, normed, z, SiLU(z), out_proj input"),
               ActTerm("gdn_out_rstd", Hv, 4, "tp", "gated-norm rstd")]
     return terms

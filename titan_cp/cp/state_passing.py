@@ -21,7 +21,10 @@ delta rule (titan_cp/ops/gated_delta_rule/mixing.py). With a state-passing strat
         o_t = o_local_t + (q_t M_<=t) S_start.
   Backward (:class:`_SegmentsWithStatePassing`, one autograd node for c + d):
   the gradient of each S_start through its segment's outputs,
-  G = (q M)^T dO, from the saved q M alone; the exchange's reverse fold gives
+  G = (q M)^T dO, with q M recomputed from the kernel's saved context (the segment
+  kernel's ``q_transition``: nothing [T, H, K]-sized is kept for it, so a rank keeps
+  what one rank keeps for its tokens plus the [K, K] transitions of the fold); the
+  exchange's reverse fold gives
   every segment's final-state gradient T; then each segment runs the plain
   kernel backward from its true start S_start (no transition columns: the
   segment's true outputs and final state are the plain kernel's from there).
@@ -159,20 +162,24 @@ def _allgather_fold(M_BNHKK, S_BNHKV, cp: CPContext, layer_name: str):
     with flush_denormals():  # M decays below normal floats (kernels/denormals.py)
         starts = exclusive_fold(Ms, Ss)
     mine = torch.stack([starts[s] for s in cp.local_segments], dim=1)
-    return mine, (torch.stack(Ms),)
+    # The reverse fold stops at this rank's first segment s0: it reads M_s of the later segments only.
+    later = Ms[min(cp.local_segments) + 1:]
+    return mine, (torch.stack(later),) if later else ()
 
 
 def _allgather_reverse_fold(grad_start_BNHKV, saved, cp: CPContext, layer_name: str):
-    (Ms,) = saved
     grads = _all_gather_segments(grad_start_BNHKV, cp, layer_name, "state_bwd")  # G_s of every segment
-    # Equation (3): the fold in reverse with elements (M^T, G).
-    n = cp.n_segments
-    grad_end = [None] * n
+    # Equation (3): the fold in reverse with elements (M^T, G), from the last segment down to
+    # this rank's first one, s0 (saved: M_s for s > s0).
+    n, first = cp.n_segments, min(cp.local_segments)
+    Ms = saved[0] if saved else None
+    grad_end = {}
     running = torch.zeros_like(grads[0])
     with flush_denormals():
-        for s in range(n - 1, -1, -1):
+        for s in range(n - 1, first - 1, -1):
             grad_end[s] = running
-            running = grads[s] + apply_transition(Ms[s].transpose(-1, -2), running)
+            if s > first:
+                running = grads[s] + apply_transition(Ms[s - first - 1].transpose(-1, -2), running)
     return torch.stack([grad_end[s] for s in cp.local_segments], dim=1)
 
 
@@ -323,7 +330,8 @@ class _SegmentsWithStatePassing(torch.autograd.Function):
               forward on the rank holding only the sequence's first segment, M = 0);
               S_start <- the fold of the exchange strategy;  o = o_local + (q M) S_start;
               the kernel's saved context is bound to S_start (its true start).
-    backward: G = (q M)^T dO (the gradient of S_start through this segment's outputs);
+    backward: G = (q M)^T dO (the gradient of S_start through this segment's outputs; q M
+              recomputed by the segment kernel from its saved context, not kept from the forward);
               T = dL/dS_end <- the exchange's reverse fold of G;
               dq, dk, dv, dg, dbeta, dS_0 <- the kernel's plain backward from the true start, given dO, T.
     """
@@ -349,20 +357,23 @@ class _SegmentsWithStatePassing(torch.autograd.Function):
                 correction_NHTV = seg.q_transition.transpose(1, 2) @ S_start
                 o = o + correction_NHTV.transpose(1, 2).to(o.dtype)
             tensors, meta = segment_kernel.bind_incoming_state(tensors, meta, S_start)
-        ctx.save_for_backward(seg.q_transition, *fold_saved, *tensors)
+        # q_transition is not kept: the backward recomputes it from the kernel's context.
+        ctx.save_for_backward(*fold_saved, *tensors)
         ctx.n_fold_saved, ctx.kernel_meta, ctx.segment_kernel = len(fold_saved), meta, segment_kernel
+        ctx.with_transition = with_transition
         ctx.cp, ctx.layer_name, ctx.shape = cp, layer_name, (B, n, H, K, V)
         return o
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_o_NTHV):
-        q_transition_NTHK, *rest = ctx.saved_tensors
-        fold_saved, tensors = rest[: ctx.n_fold_saved], rest[ctx.n_fold_saved:]
+        saved = ctx.saved_tensors
+        fold_saved, tensors = saved[: ctx.n_fold_saved], saved[ctx.n_fold_saved:]
         B, n, H, K, V = ctx.shape
-        if q_transition_NTHK is None:  # no output depends on S_start
+        if not ctx.with_transition:  # no output depends on S_start
             G = d_o_NTHV.new_zeros(B * n, H, K, V, dtype=state_dtype(d_o_NTHV))
         else:
+            q_transition_NTHK = ctx.segment_kernel.q_transition(tensors, ctx.kernel_meta)
             with flush_denormals():
                 G = q_transition_NTHK.permute(0, 2, 3, 1) @ d_o_NTHV.transpose(1, 2).to(q_transition_NTHK.dtype)
         _, reverse_fold = _exchange(ctx.cp)

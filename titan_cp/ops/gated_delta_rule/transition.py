@@ -16,8 +16,11 @@ The backward needs no transition columns. The segment's true outputs and final s
 the plain kernel's from the true start S_0 + S, so the gradients of q, k, v, g, beta are
 the plain backward from that start, given dO and the final state's gradient T (from the
 exchange's reverse fold). What the exchange needs first, the gradient of S through this
-segment's outputs, G = q_transition^T dO, comes from the saved q_transition alone, so the
-ranks' backward passes stay parallel. Against carrying the K columns through the backward
+segment's outputs, G = q_transition^T dO, needs q_transition alone, so the ranks' backward
+passes stay parallel. q_transition is not kept from the forward ([T, H, K] in float32 per
+layer, 3.3% of a Qwen3.5 debug GDN layer's saved bytes): the segment kernel recomputes
+it in the backward from the context it saves anyway (``q_transition``), so a CP rank keeps
+what one rank keeps for the same tokens. Against carrying the K columns through the backward
 too, this drops every width-(V + K) product of the backward (docs/benchmarks.md section 8).
 
 A :class:`SegmentKernel` does the three steps:
@@ -26,6 +29,8 @@ A :class:`SegmentKernel` does the three steps:
   no autograd; ``with_transition=False`` is the plain forward (the sequence's first
   segment, whose incoming state is 0: q_transition and M are None);
 - ``bind_incoming_state(saved, S)``: the context once S is known (None: plain forward);
+- ``q_transition(saved)``: q_transition of a transition forward again, from its context
+  (bound or not: q_transition does not depend on the start);
 - ``backward(saved, dO, T)``: dq, dk, dv, dg, dbeta and the gradient of S_0.
 
 Implementations (:func:`titan_cp.ops.gated_delta_rule.get_segment_kernel` by name):
@@ -67,6 +72,8 @@ class SegmentKernel(Protocol):
 
     def bind_incoming_state(self, tensors: tuple, meta: Any, incoming_state: torch.Tensor | None
                             ) -> tuple[tuple, Any]: ...
+
+    def q_transition(self, tensors: tuple, meta: Any) -> torch.Tensor: ...
 
     def backward(self, tensors: tuple, meta: Any, d_o: torch.Tensor, d_final_state: torch.Tensor
                  ) -> tuple[torch.Tensor, ...]: ...
@@ -149,6 +156,12 @@ class RecomputingSegmentKernel:
             return tensors, meta
         q, k, v, g, beta, initial_state, doc_starts = tensors
         return (q, k, v, g, beta, true_start(initial_state, incoming_state), doc_starts), meta
+
+    def q_transition(self, tensors, meta):
+        """The transition forward once more (no autograd), its q_transition alone."""
+        q, k, v, g, beta, _, doc_starts = tensors
+        with torch.no_grad():
+            return self.transition(q, k, v, g, beta, scale=meta[0], doc_starts=doc_starts)[1]
 
     def backward(self, tensors, meta, d_o, d_final_state):
         q, k, v, g, beta, start, doc_starts = tensors

@@ -178,6 +178,18 @@ class VarlenSegmentKernel:
         start = true_start(tensors[5], incoming_state.to(state_dtype(tensors[2])))
         return (*tensors[:5], start, *tensors[6:]), meta
 
+    def q_transition(self, tensors, meta):
+        """The transition forward at width V + K once more, from [0 | I]; its q_transition alone."""
+        q, k, v, g, beta, _, cu_seqlens, chunk_indices, first, last, keeps, *_ = tensors
+        scale, B, T = meta[:3]
+        layout = None if cu_seqlens is None else VarlenLayout(cu_seqlens, first, last, keeps)
+        H, K, V = q.shape[2], q.shape[3], v.shape[-1]
+        start_rows = transition_start(None, B, H, K, V, state_dtype(v), q.device)
+        with torch.no_grad():
+            o = self.ops.forward(q, k, v, g, beta, _segment_states(start_rows, layout), scale, cu_seqlens,
+                                 chunk_indices)[0]
+        return o.reshape(B, T, *o.shape[2:])[..., V:].to(state_dtype(v))
+
     def backward(self, tensors, meta, d_o, d_final_state):
         q, k, v, g, beta, start_rows, cu_seqlens, chunk_indices, first, last, keeps, *saved = tensors
         scale, B, T, has_initial_state, dtypes = meta
