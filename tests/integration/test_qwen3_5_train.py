@@ -174,8 +174,12 @@ def test_start_up_accepts_the_tested_layouts_and_refuses_the_rest():
     check_moe(moe, parallelism)  # token-local: CP composes (tests/integration/test_qwen3_5_cp.py)
     check_moe(moe, ParallelismConfig(context_parallel_degree=2, expert_parallel_degree=2))  # test_qwen3_5_moe_ep.py
     check_moe(moe, ParallelismConfig(context_parallel_degree=2, tensor_parallel_degree=2))  # test_qwen3_5_tp.py
-    with pytest.raises(ConfigError, match="parallelism.expert_parallel_degree = 2 with tensor_parallel_degree = 2"):
-        check_moe(moe, ParallelismConfig(tensor_parallel_degree=2, expert_parallel_degree=2))
+    check_moe(moe, ParallelismConfig(context_parallel_degree=2, tensor_parallel_degree=2,
+                                     expert_parallel_degree=2))  # TP x EP: test_qwen3_5_tp.py
+    with pytest.raises(ConfigError, match=r"expert_parallel_degree = 8 does not divide data_parallel_shard_degree "
+                                          r"x context_parallel_degree x tensor_parallel_degree = 1 x 2 x 2"):
+        check_moe(moe, ParallelismConfig(data_parallel_shard_degree=1, context_parallel_degree=2,
+                                         tensor_parallel_degree=2, expert_parallel_degree=8))
     with pytest.raises(ConfigError, match="parallelism.expert_parallel_degree = 3 does not divide"):
         check_moe(moe, ParallelismConfig(expert_parallel_degree=3))
     with pytest.raises(ConfigError, match="parallelism.pipeline_parallel_degree = 2 on a Qwen3.5 MoE"):

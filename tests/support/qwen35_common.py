@@ -1,4 +1,5 @@
-"""Shared pieces of the Qwen3.5 tests: a tiny shape of TorchTitan's debug model, packed positions, transformers."""
+"""Shared pieces of the Qwen3.5 tests: a tiny shape of TorchTitan's debug model, packed positions, transformers,
+and the comparison of a parallel run with its one-rank reference."""
 
 from __future__ import annotations
 
@@ -102,6 +103,33 @@ def hf_moe_config_of(config):
         moe_intermediate_size=moe.routed_experts.inner_experts.hidden_dim,
         shared_expert_intermediate_size=moe.shared_experts.w1.out_features)
     return Qwen3_5MoeTextConfig(**fields)
+
+
+def one_rank_errors(history, state, ref_history, ref_state) -> dict[str, float]:
+    """Relative errors of a parallel run against the one-rank run of the same steps.
+
+    ``history``: per step ``(loss, {name: full gradient})`` (loss None on a rank
+    that has none, e.g. a non-last pipeline stage); ``state``: ``{name: full
+    tensor}`` after the steps (parameters, expert biases). Keys ``step{i}.loss``,
+    ``step{i}.grad.<name>``, ``final.<name>``; every gradient and tensor this
+    rank holds is compared, and the reference must have all of them.
+    """
+    from titan_cp.testing import rel_err
+
+    errors = {}
+    for step, ((loss, grads), (ref_loss, ref_grads)) in enumerate(zip(history, ref_history, strict=True)):
+        if loss is not None:
+            errors[f"step{step}.loss"] = rel_err(loss, ref_loss)
+        errors |= {f"step{step}.grad.{n}": rel_err(g, ref_grads[n]) for n, g in grads.items()}
+    return errors | {f"final.{n}": rel_err(v, ref_state[n]) for n, v in state.items()}
+
+
+def assert_within(errors: dict[str, float], tolerance: float, label: str) -> None:
+    """Every error of :func:`one_rank_errors` within ``tolerance`` (NaN fails); prints the worst one."""
+    worst = max(errors, key=errors.get)
+    print(f"{label}: worst {worst} = {errors[worst]:.2e} ({len(errors)} checks)")
+    bad = {k: v for k, v in errors.items() if not v <= tolerance}
+    assert not bad, f"{label}: {bad}"
 
 
 class _Fields:

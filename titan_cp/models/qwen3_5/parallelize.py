@@ -11,7 +11,9 @@ TP places every parameter where TorchTitan's ``qwen3_5/sharding.py`` does
     attention      wq (query + gate per head), wk, wv colwise   wo rowwise
                    q_norm / k_norm weight Replicate, run on Shard(2) heads
     feed_forward   w1 / w3 colwise, w2 rowwise
-    MoE            experts TP-sharded on their hidden dim (titan_cp.models.qwen3_5.moe.apply_expert_tp)
+    MoE, no EP     experts TP-sharded on their hidden dim (titan_cp.models.qwen3_5.moe.apply_expert_tp)
+    MoE, EP        TorchTitan's TP x EP: experts sharded over ``ep`` only (whole experts, not
+                   TP-sharded), the CP shard's tokens split over TP inside the block (apply_moe_tp_ep)
     block / final norms  weight Replicate
 
 ``parallelism.enable_sequence_parallel`` (TorchTitan's field, default on) picks
@@ -47,7 +49,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from titan_cp.models.common.parallelize import fsdp_mesh, parallelize_decoder, shard_param
-from titan_cp.models.qwen3_5.moe import apply_ep, apply_expert_tp
+from titan_cp.models.qwen3_5.moe import _replicated_linear, apply_ep, apply_expert_tp
 
 
 def _norm_on(placement, n_inputs: int = 1) -> PrepareModuleInputOutput:
@@ -71,8 +73,42 @@ def _gather_input(n_inputs: int = 1) -> PrepareModuleInput:
                               use_local_output=True)
 
 
-def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool = False) -> None:
-    """The TP layout of the module docstring (``sequence_parallel``: the SP column). Works on a pipeline stage."""
+def apply_moe_tp_ep(moe: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool) -> None:
+    """TorchTitan 0.3.0's MoE block under TP x EP (its ``moe_sharding.py`` with EP on), beside CP.
+
+    The block's tokens are this CP rank's shard [B, T, D]; inside the block each
+    TP rank keeps its piece [B, T/tp, D] (SP: the residual stream already is that
+    piece; no SP: the replicated input is split, the output all-gathered back)::
+
+        router      gate weight Replicate, on this rank's T/tp tokens (its gradient summed over TP)
+        routed      whole experts, Shard(0) over ``ep`` (apply_ep); the tokens go to their
+                    experts' owners by the all-to-all over ``ep`` (which spans TP ranks), so
+                    every token meets the one-rank arithmetic
+        shared      all-gathers the T/tp pieces, w1 / w3 colwise, w2 rowwise reduce-scattered
+                    back to T/tp; its sigmoid gate replicated, its output cut to T/tp
+
+    Each TP rank counts only the tokens it routed; TorchTitan's load-balancing hook
+    sums ``tokens_per_expert_E`` over ``tp`` (it does so exactly when EP and TP are
+    both on) and then over ``loss`` (dp x cp), which gives one rank's counts.
+    """
+    if not sequence_parallel:  # replicated [B, T, D] -> [B, T/tp, D] in; the output all-gathered back
+        parallelize_module(moe, tp_mesh, PrepareModuleInputOutput(
+            input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),), use_local_input=True,
+            output_layouts=(Shard(1),), desired_output_layouts=(Replicate(),), use_local_output=True))
+    _replicated_norm(moe.router.gate, tp_mesh, Shard(1))  # a replicated weight on sequence pieces, like a norm
+    shared = moe.shared_experts
+    if shared is not None:
+        parallelize_module(shared, tp_mesh, _gather_input())
+        parallelize_module(shared, tp_mesh, {"w1": ColwiseParallel(), "w3": ColwiseParallel(),
+                                             "w2": RowwiseParallel(output_layouts=Shard(1))})
+        if getattr(shared, "gate", None) is not None:
+            _replicated_linear(shared.gate, tp_mesh, Shard(1))
+
+
+def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool = False,
+             expert_parallel: bool = False) -> None:
+    """The TP layout of the module docstring (``sequence_parallel``: the SP column; ``expert_parallel``:
+    MoE blocks take TorchTitan's TP x EP layout, :func:`apply_moe_tp_ep`). Works on a pipeline stage."""
     seq = Shard(1) if sequence_parallel else Replicate()  # the residual stream's layout over TP
     embeddings = model.tok_embeddings
     if embeddings is not None:
@@ -104,7 +140,9 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool =
         parallelize_module(mixer, tp_mesh, plan)
         if sequence_parallel:  # the sequence mixer (CP state passing, conv halo) sees the whole CP shard
             parallelize_module(mixer, tp_mesh, _gather_input(n_inputs=2))
-        if block.moe_enabled:
+        if block.moe_enabled and expert_parallel:
+            apply_moe_tp_ep(block.moe, tp_mesh, sequence_parallel=sequence_parallel)
+        elif block.moe_enabled:
             apply_expert_tp(block.moe, tp_mesh, sequence_parallel=sequence_parallel)
         else:
             parallelize_module(block.feed_forward, tp_mesh, {
@@ -134,6 +172,7 @@ def parallelize_qwen3_5_cp(model: nn.Module, *, parallel_dims, training, paralle
         apply_ep(model, parallel_dims.get_mesh("ep"))
     # TorchTitan's parallelism.enable_sequence_parallel (its default: on); configs built without it: off
     sequence_parallel = getattr(parallelism, "enable_sequence_parallel", False)
-    return parallelize_decoder(model, apply_tp_fn=partial(apply_tp, sequence_parallel=sequence_parallel),
+    tp_fn = partial(apply_tp, sequence_parallel=sequence_parallel, expert_parallel=parallel_dims.ep_enabled)
+    return parallelize_decoder(model, apply_tp_fn=tp_fn,
                                parallel_dims=parallel_dims, training=training,
                                parallelism=parallelism, **kwargs)

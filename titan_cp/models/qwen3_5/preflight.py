@@ -3,7 +3,7 @@
 The shared rules (degrees, kernel / exchange / layout names, load balancer,
 seq_len, paths) live in :mod:`titan_cp.models.common.preflight`; it calls
 ``Qwen35CPModel.Config.check_job`` (:func:`check_job` here) for what only
-this model knows: its head counts, text only under CP, MoE (EP or expert TP, not both yet; no PP yet), SP and the
+this model knows: its head counts, text only under CP, MoE (EP, expert TP, TP x EP; no PP yet), SP and the
 HF checkpoint's ``config.json``. Every message names the field and a fix.
 """
 
@@ -47,7 +47,8 @@ def check_layout(model, parallelism) -> None:
 
 
 def check_moe(model, parallelism) -> None:
-    """MoE flavors: expert parallel (TorchTitan's, beside CP) or TP-sharded experts; not TP x EP yet."""
+    """MoE flavors: expert parallel (TorchTitan's, beside CP and TP: EP borrows dp_shard x cp x tp ranks) or,
+    without EP, TP-sharded experts."""
     from titan_cp.models.qwen3_5.moe import EXPERT_COMPUTE
 
     if model.expert_compute not in EXPERT_COMPUTE:
@@ -56,12 +57,13 @@ def check_moe(model, parallelism) -> None:
     if not moe:
         return
     tp, ep = parallelism.tensor_parallel_degree, parallelism.expert_parallel_degree
-    if tp > 1 and ep > 1:
+    dp_shard, cp = parallelism.data_parallel_shard_degree, parallelism.context_parallel_degree
+    if ep > 1 and dp_shard > 0 and (dp_shard * cp * tp) % ep:
         raise ConfigError(
-            f"parallelism.expert_parallel_degree = {ep} with tensor_parallel_degree = {tp} on a Qwen3.5 MoE "
-            "flavor: titan_cp does not wire TorchTitan's TP x EP (EP borrowing the TP ranks, tokens split over "
-            "TP inside the MoE) beside CP yet. Either set expert_parallel_degree = 1 (the experts are then "
-            "TP-sharded on their hidden dim) or tensor_parallel_degree = 1 (EP over dp_shard x cp)."
+            f"parallelism.expert_parallel_degree = {ep} does not divide data_parallel_shard_degree x "
+            f"context_parallel_degree x tensor_parallel_degree = {dp_shard} x {cp} x {tp}: TorchTitan's EP "
+            "borrows its ranks from those (efsdp = dp_shard x cp x tp / ep). Pick an EP degree that divides "
+            f"{dp_shard * cp * tp}."
         )
     pp = parallelism.pipeline_parallel_degree
     if pp > 1:
