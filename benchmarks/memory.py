@@ -46,11 +46,10 @@ benchmarks/model_steps.py.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,11 +58,13 @@ import torch
 import torch.distributed as dist
 
 from benchmarks.memory_probes import AllocationTracker, SavedTensorTally, is_oom
-from benchmarks.qwen3_5_memory import layer_kind_rows, qwen_args_from
+from benchmarks.qwen3_5_memory import layer_kind_rows
 from benchmarks.model_steps import (  # noqa: E402
     ModelArgs,
-    add_model_arguments,
-    model_args_from,
+    ModelFlags,
+    OutputFlags,
+    StepFlags,
+    parse_flags,
     make_batch,
     chunked_loss_backward,
     machine_description,
@@ -164,8 +165,8 @@ def _err(pred, meas) -> str:
     return "-" if not meas else f"{100 * (pred - meas) / meas:+.1f}%"
 
 
-def run(a: argparse.Namespace) -> dict:
-    margs = qwen_args_from(a) if a.model == "qwen3_5" else model_args_from(a)
+def run(a: MemoryArgs) -> dict:
+    margs = a.model_args()
     margs.config()  # unknown flavors / fields fail here, before any rank starts
     from titan_cp.cp.layout import num_segments
 
@@ -302,33 +303,33 @@ def plot_memory(result: dict, path: Path) -> None:
     save_figure(fig, path, f"{result['model_description']}\n{result['machine']}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    add_model_arguments(p, dim=256, n_layers=2, num_heads=4, head_dim=64, hidden_dim=768, vocab_size=2048)
-    p.add_argument("--model", default="gdn", choices=["gdn", "qwen3_5"],
-                   help="gdn: titan_cp's GDN LM (the model fields above); qwen3_5: TorchTitan's Qwen3.5 --flavor "
-                        "(debug = debugmodel with 4 layers, vocab 1024; benchmarks/qwen3_5_memory.py)")
-    p.add_argument("--cp_sizes", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--seq_lens", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--loss_chunks", type=int, default=8, help="chunked loss chunks (TorchTitan default 8)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    p.add_argument("--max_gib", type=float, default=8.0,
-                   help="CPU: skip rows whose estimate for all P ranks together exceeds this (default 8)")
-    p.add_argument("--quick", action="store_true", help="P 1,2,4 and L 1K,2K (about a minute)")
-    p.add_argument("--json", type=Path, help="write the result as JSON here")
-    p.add_argument("--markdown", action="store_true", help="print the table as markdown")
-    p.add_argument("--plot", type=Path, help="save a PNG of memory vs L per CP size here")
-    p.add_argument("--from_json", type=Path, help="print / plot a saved --json result instead of running")
-    p.add_argument("--estimate_only", action="store_true",
-                   help="print the estimator's activation cut vs CP = 1 for --cp_sizes x --seq_lens; run nothing")
-    return p
+@dataclass
+class MemoryArgs(OutputFlags, StepFlags, ModelFlags):
+    """The memory benchmark's command line: the shared flag groups (benchmarks/model_steps.py) and its own."""
+
+    seq_lens: tuple[int, ...] = (2048, 4096, 8192, 16384)
+    """global sequence lengths L"""
+    max_gib: float = 8.0
+    """CPU: skip rows whose estimate for all P ranks together exceeds this"""
+    quick: bool = False
+    """P 1,2,4 and L 1K,2K (about a minute)"""
+    estimate_only: bool = False
+    """print the estimator's activation cut vs CP = 1 for --cp_sizes x --seq_lens; run nothing"""
+
+
+def parse_args(argv=None) -> MemoryArgs:
+    a = parse_flags(MemoryArgs, argv, "python -m benchmarks.memory", __doc__)
+    if a.cp_sizes is None:
+        a.cp_sizes = (1, 2, 4, 8)
+    if a.quick:
+        a.cp_sizes, a.seq_lens = (1, 2, 4), (1024, 2048)
+    a.seq_lens = tuple(sorted(a.seq_lens))
+    return a
 
 
 def print_estimated_cut(a) -> None:
     """Activation memory (saved tensors + decoder output) per rank from the estimator, and its cut vs CP = 1."""
-    margs = model_args_from(a)
+    margs = a.model_args()
     print(f"# estimator only: {margs.describe()}, batch {a.batch}")
     print("| L | P | est act MiB | cut | cut / P |\n|---|---|---|---|---|")
     for L in a.seq_lens:
@@ -341,10 +342,7 @@ def print_estimated_cut(a) -> None:
 
 
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
-    if a.quick:
-        a.cp_sizes, a.seq_lens = [1, 2, 4], [1024, 2048]
-    a.seq_lens = sorted(a.seq_lens)
+    a = parse_args(argv)
     if a.estimate_only:
         print_estimated_cut(a)
         return 0

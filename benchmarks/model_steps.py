@@ -6,12 +6,12 @@ Used by ``benchmarks/memory.py``, ``benchmarks/speed.py`` and ``benchmarks/timin
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,20 +67,76 @@ class ModelArgs:
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
-def add_model_arguments(p: argparse.ArgumentParser, **defaults) -> None:
-    """--flavor and model-field overrides; ``defaults`` sets this script's defaults."""
-    g = p.add_argument_group("model (a flavor of titan_cp/models/gdn/flavors.py, fields overridden one by one)")
-    g.add_argument("--flavor", default=defaults.get("flavor", "debug"))
-    for name in ("dim", "n_layers", "num_heads", "head_dim", "num_v_heads", "hidden_dim", "vocab_size"):
-        g.add_argument(f"--{name}", type=int, default=defaults.get(name))
-    g.add_argument("--expand_v", type=float, default=defaults.get("expand_v"))
-    g.add_argument("--kernel", default=defaults.get("kernel", "torch"), help="torch | recurrent | triton")
-    g.add_argument("--exchange", default=defaults.get("exchange", "allgather"), help="allgather | logscan | alltoall")
-    g.add_argument("--layout", default=defaults.get("layout", "contiguous"), help="contiguous | zigzag")
-    g.add_argument("--dtype", default=defaults.get("dtype", "float32"), choices=sorted(DTYPES))
+@dataclass
+class ModelFlags:
+    """The model a benchmark builds (--model, --flavor, the GDN LM's shape overrides, kernel, CP strategy, dtype)."""
+
+    model: Literal["gdn", "qwen3_5"] = "gdn"
+    """gdn: titan_cp's GDN LM (a --flavor of titan_cp/models/gdn/flavors.py, the shape flags override its fields);
+    qwen3_5: TorchTitan's Qwen3.5 --flavor on titan_cp's CP layers (debug / debug_moe = the CPU debug shapes,
+    benchmarks/qwen3_5_memory.py; the shape flags do not apply)"""
+    flavor: str = "debug"
+    dim: int | None = 256
+    n_layers: int | None = 2
+    num_heads: int | None = 4
+    head_dim: int | None = 64
+    num_v_heads: int | None = None
+    hidden_dim: int | None = 768
+    vocab_size: int | None = 2048
+    expand_v: float | None = None
+    kernel: str = "torch"
+    """torch | recurrent | triton"""
+    exchange: str = "allgather"
+    """allgather | logscan | alltoall"""
+    layout: str = "contiguous"
+    """contiguous | zigzag"""
+    dtype: Literal["bfloat16", "float32", "float64"] = "float32"
+
+    def model_args(self):
+        """:class:`ModelArgs` (gdn) or :class:`benchmarks.qwen3_5_memory.QwenArgs` (qwen3_5)."""
+        if self.model == "qwen3_5":
+            from benchmarks.qwen3_5_memory import qwen_args_from
+
+            return qwen_args_from(self)
+        return model_args_from(self)
 
 
-def model_args_from(a: argparse.Namespace) -> ModelArgs:
+@dataclass
+class StepFlags:
+    """The measured training step and its ranks."""
+
+    cp_sizes: tuple[int, ...] | None = None
+    """CP degrees P (None: the benchmark's own list)"""
+    batch: int = 1
+    loss_chunks: int = 8
+    """chunked loss chunks (TorchTitan default 8)"""
+    threads: int = 1
+    """torch threads per rank"""
+
+
+@dataclass
+class OutputFlags:
+    """Where the result goes."""
+
+    json: Path | None = None
+    """write the result as JSON here"""
+    markdown: bool = False
+    """print the table as markdown"""
+    plot: Path | None = None
+    """save a PNG of the figure here"""
+    from_json: Path | None = None
+    """print / plot a saved --json result instead of running"""
+
+
+def parse_flags(cls, argv, prog: str, doc: str):
+    """``cls`` (a dataclass built from the flag groups above) from the command line, flags spelled with
+    underscores (``--cp_sizes 1 2``), the module docstring as the help text."""
+    import tyro
+
+    return tyro.cli(cls, args=argv, prog=prog, description=doc, use_underscores=True)
+
+
+def model_args_from(a: ModelFlags) -> ModelArgs:
     over = {k: getattr(a, k) for k in ("dim", "n_layers", "num_heads", "head_dim", "num_v_heads", "hidden_dim",
                                        "vocab_size", "expand_v") if getattr(a, k, None) is not None}
     over["kernel"] = a.kernel

@@ -15,7 +15,6 @@ in the decoder blocks of that kind, per layer and per token of the rank.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 
 import torch
@@ -78,9 +77,9 @@ class QwenArgs:
         return "attention" if block.full_attn else "gdn"
 
 
-def qwen_args_from(a: argparse.Namespace) -> QwenArgs:
-    """``--flavor`` (debug / debug_moe: TorchTitan's debugmodel / debugmodel_moe with 4 layers and vocabulary
-    1024), kernel and CP strategy.
+def qwen_args_from(a) -> QwenArgs:
+    """From :class:`benchmarks.model_steps.ModelFlags`: ``--flavor`` (debug / debug_moe: TorchTitan's
+    debugmodel / debugmodel_moe with 4 layers and vocabulary 1024), kernel and CP strategy.
 
     The GDN model's shape flags (--dim, --n_layers ...) do not apply: the shape is the flavor's.
     """

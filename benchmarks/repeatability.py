@@ -64,23 +64,21 @@ class Args:
 
 def speed_args(model: str, L: int, repeats: int, warmup: int):
     """The speed benchmark's arguments (its own parser and defaults) for one P = 2 strong-scaling launch."""
-    from benchmarks.speed import build_parser
+    from benchmarks.speed import parse_args
 
     argv = ["--cp_sizes", "2", "--strong_len", str(L), "--weak_per_rank", "0", "--repeats", str(repeats),
             "--warmup", str(warmup), "--model", model, "--no_probe"]
-    a = build_parser().parse_args(argv)
-    a.cores, a.bytes_lens = os.cpu_count(), []
+    a = parse_args(argv)
+    a.bytes_lens = ()
     return a
 
 
 def one_launch(model: str, L: int, repeats: int, warmup: int) -> dict:
     """The P = 2 overhead (% of the CP step) and same-load scaling of one launch."""
-    from benchmarks.model_steps import model_args_from
-    from benchmarks.qwen3_5_memory import qwen_args_from
     from benchmarks.speed import run_scaling
 
     a = speed_args(model, L, repeats, warmup)
-    margs = qwen_args_from(a) if model == "qwen3_5" else model_args_from(a)
+    margs = a.model_args()
     result = run_scaling(a, margs)
     over = result["overhead"][0]
     strong = next(r for r in result["scaling"] if r.get("kind") == "strong")

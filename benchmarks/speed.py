@@ -40,11 +40,11 @@ plot in benchmarks/report.py.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -52,7 +52,9 @@ import torch
 import torch.distributed as dist
 from benchmarks.model_steps import (
     ModelArgs,
-    add_model_arguments,
+    ModelFlags,
+    OutputFlags,
+    StepFlags,
     build_model,
     can_launch,
     keep_freed_memory,
@@ -60,10 +62,9 @@ from benchmarks.model_steps import (
     load_average,
     machine_description,
     make_batch,
-    model_args_from,
+    parse_flags,
     train_step,
 )
-from benchmarks.qwen3_5_memory import qwen_args_from
 from benchmarks.report import plot_scaling, report
 from benchmarks.timing import Timers, comm_per_layer, core_probe, quietness, ring_attention_bytes, set_cp, timed_steps
 
@@ -322,47 +323,47 @@ def run_hybrid(a, margs: ModelArgs) -> dict:
     return {"hybrid": rows}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    add_model_arguments(p, dim=256, n_layers=2, num_heads=4, head_dim=64, hidden_dim=768, vocab_size=2048)
-    p.add_argument("--model", choices=("gdn", "qwen3_5"), default="gdn",
-                   help="gdn: titan_cp's GDN LM (the shape flags above); qwen3_5: TorchTitan's Qwen3.5 on titan_cp's "
-                        "CP layers, --flavor debug = the CPU debug shape (benchmarks/qwen3_5_memory.py; "
-                        "scaling mode only, no bytes table)")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--strategies", action="store_true", help="allgather / logscan / alltoall at P = 2, 4, 8")
-    mode.add_argument("--hybrid", action="store_true", help="contiguous vs zigzag balance on the hybrid flavor")
-    p.add_argument("--strategy_list", nargs="+", default=["allgather", "logscan", "alltoall"])
-    p.add_argument("--cp_sizes", type=int, nargs="+", default=None, help="default 1 2 4 8 (2 4 8 for --strategies)")
-    p.add_argument("--strong_len", type=int, default=4096, help="global L of strong scaling / strategies")
-    p.add_argument("--weak_per_rank", type=int, default=1024, help="tokens per rank of weak scaling (0: none)")
-    p.add_argument("--hybrid_len", type=int, default=4096)
-    p.add_argument("--bytes_lens", type=int, nargs="+", default=[1024, 4096, 16384],
-                   help="global L values at which bytes per layer are counted (one 1-layer step each)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--loss_chunks", type=int, default=8)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
-    p.add_argument("--cores", type=int, default=None, help="cores of this machine (default os.cpu_count())")
-    p.add_argument("--quick", action="store_true", help="smaller L, fewer repeats, P up to 4")
-    p.add_argument("--no_probe", action="store_true", help="skip the 1-vs-all-cores matmul probe (CPU)")
-    p.add_argument("--require_quiet", action="store_true",
-                   help="refuse to run (exit 3) when the start probe says the machine is busy; "
-                        "without it a busy run is flagged in the report and the JSON")
-    p.add_argument("--system_malloc", action="store_true",
-                   help="CPU: keep glibc's malloc defaults in the ranks (default: freed memory is reused; "
-                        "bench_model.KEEP_FREED_MEMORY)")
-    p.add_argument("--json", type=Path)
-    p.add_argument("--markdown", action="store_true")
-    p.add_argument("--plot", type=Path, help="scaling mode: save a PNG of tokens/s vs CP degree here")
-    p.add_argument("--from_json", type=Path, help="print / plot a saved --json result instead of running")
-    return p
+@dataclass
+class SpeedArgs(OutputFlags, StepFlags, ModelFlags):
+    """The speed benchmark's command line: the shared flag groups (benchmarks/model_steps.py) and its own.
+    ``--model qwen3_5`` runs the scaling mode only (no bytes table)."""
+
+    strategies: bool = False
+    """allgather / logscan / alltoall at P = 2, 4, 8"""
+    hybrid: bool = False
+    """contiguous vs zigzag balance on the hybrid flavor"""
+    strategy_list: tuple[str, ...] = ("allgather", "logscan", "alltoall")
+    strong_len: int = 4096
+    """global L of strong scaling / strategies"""
+    weak_per_rank: int = 1024
+    """tokens per rank of weak scaling (0: none)"""
+    hybrid_len: int = 4096
+    bytes_lens: tuple[int, ...] = (1024, 4096, 16384)
+    """global L values at which bytes per layer are counted (one 1-layer step each)"""
+    warmup: int = 1
+    repeats: int = 3
+    """timed rounds, interleaved (benchmarks/timing.py); the minimum is kept, the spread reported"""
+    cores: int | None = None
+    """cores of this machine (default os.cpu_count())"""
+    quick: bool = False
+    """smaller L, fewer repeats, P up to 4"""
+    no_probe: bool = False
+    """skip the 1-vs-all-cores matmul probe (CPU)"""
+    require_quiet: bool = False
+    """refuse to run (exit 3) when the start probe says the machine is busy; without it a busy run is
+    flagged in the report and the JSON"""
+    system_malloc: bool = False
+    """CPU: keep glibc's malloc defaults in the ranks (default: freed memory is reused;
+    model_steps.KEEP_FREED_MEMORY)"""
 
 
-def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
+def parse_args(argv=None) -> SpeedArgs:
+    """The command line with its mode-dependent defaults applied."""
+    a = parse_flags(SpeedArgs, argv, "python -m benchmarks.speed", __doc__)
+    if a.strategies and a.hybrid:
+        raise SystemExit("benchmarks.speed: --strategies and --hybrid are separate modes; pick one")
+    if a.model == "qwen3_5" and (a.strategies or a.hybrid):
+        raise SystemExit("--model qwen3_5 runs the scaling mode only (drop --strategies / --hybrid)")
     a.cores = a.cores or os.cpu_count()
     if a.hybrid and a.flavor == "debug":
         a.flavor = "debug_hybrid"
@@ -371,11 +372,16 @@ def main(argv=None) -> int:
     if a.strategies and a.num_heads == 4 and a.head_dim == 64:
         a.num_heads, a.head_dim = 8, 32  # alltoall at P = 8 needs 8 heads; same key width
     if a.cp_sizes is None:
-        a.cp_sizes = [2, 4, 8] if (a.strategies or a.hybrid) else [1, 2, 4, 8]
+        a.cp_sizes = (2, 4, 8) if (a.strategies or a.hybrid) else (1, 2, 4, 8)
     if a.quick:
-        a.cp_sizes = [p for p in a.cp_sizes if p <= 4]
+        a.cp_sizes = tuple(p for p in a.cp_sizes if p <= 4)
         a.strong_len, a.weak_per_rank, a.hybrid_len = 2048, 512, 2048
-        a.bytes_lens, a.repeats = [1024, 4096], 2
+        a.bytes_lens, a.repeats = (1024, 4096), 2
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
     if a.from_json:
         result = json.loads(a.from_json.read_text())
         print(report(result, a.markdown))
@@ -383,12 +389,7 @@ def main(argv=None) -> int:
             plot_scaling(result, a.plot)
             print(f"# wrote {a.plot}")
         return 0
-    if a.model == "qwen3_5":
-        if a.strategies or a.hybrid:
-            raise SystemExit("--model qwen3_5 runs the scaling mode only (drop --strategies / --hybrid)")
-        margs = qwen_args_from(a)
-    else:
-        margs = model_args_from(a)
+    margs = a.model_args()
     mode = "strategies" if a.strategies else "hybrid" if a.hybrid else "scaling"
     print(f"# benchmark_speed ({mode}): {margs.describe()}, batch {a.batch}, {a.threads} thread(s) per rank")
     machine = machine_description()

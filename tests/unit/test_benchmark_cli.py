@@ -1,0 +1,49 @@
+"""Every documented command line of the benchmarks parses (the shared tyro flag groups of
+benchmarks/model_steps.py): docs/, README.md and the benchmarks' own docstrings. Nothing runs."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import tyro
+
+from benchmarks import memory, repeatability, speed
+from benchmarks.model_steps import ModelArgs
+
+ROOT = Path(__file__).resolve().parents[2]
+COMMAND = re.compile(r"python -m benchmarks\.(speed|memory|repeatability)([^`|#\"'\n]*)")
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    texts = [p.read_text() for p in [ROOT / "README.md", *ROOT.glob("docs/*.md"), *ROOT.glob("benchmarks/*.py")]]
+    found = {(m.group(1), m.group(2).replace("[--quick]", "--quick").strip()) for t in texts for m in
+             COMMAND.finditer(t)}
+    return sorted((mod, shlex.split(args)) for mod, args in found)
+
+
+PARSERS = {"speed": speed.parse_args, "memory": memory.parse_args,
+           "repeatability": lambda argv: tyro.cli(repeatability.Args, args=argv)}
+
+
+def test_documented_command_lines_parse():
+    commands = documented_commands()
+    assert {mod for mod, _ in commands} == set(PARSERS)
+    for mod, argv in commands:
+        PARSERS[mod](argv)
+
+
+def test_shared_flags_mean_the_same_in_every_benchmark():
+    argv = ["--model", "gdn", "--flavor", "debug", "--dim", "128", "--exchange", "logscan", "--cp_sizes", "1", "2",
+            "--batch", "2", "--threads", "1", "--dtype", "float64"]
+    s, m = speed.parse_args(argv), memory.parse_args(argv)
+    for a in (s, m):
+        margs = a.model_args()
+        assert isinstance(margs, ModelArgs) and margs.overrides["dim"] == 128 and margs.exchange == "logscan"
+        assert a.cp_sizes == (1, 2) and a.batch == 2 and margs.dtype == "float64"
+    assert speed.parse_args([]).cp_sizes == (1, 2, 4, 8) and speed.parse_args(["--strategies"]).cp_sizes == (2, 4, 8)
+    assert memory.parse_args(["--quick"]).seq_lens == (1024, 2048)
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--model", "qwen3_5", "--strategies"])
+    with pytest.raises(SystemExit):
+        memory.parse_args(["--no_such_flag", "1"])
