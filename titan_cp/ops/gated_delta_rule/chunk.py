@@ -456,14 +456,13 @@ def _chunk_backward(saved: ChunkSaved, d_o, d_final_state):
     del minus_d_W, d_new_values, T_inv, T_inv_T
     # Through the UT transform: dA = -T^T dT T^T with dT = dW (beta gamma K)^T + dU (beta V)^T,
     # i.e. dA = -(T^T dW) W^T - (T^T dU) U^T, strictly lower.
-    d_A = d_k_scaled @ W.transpose(-1, -2)  # [N, BH, C, C]
-    _flat(d_A).baddbmm_(_flat(d_v_scaled), _flat(U.transpose(-1, -2)))
-    d_A.neg_().tril_(-1)
+    d_A = torch.matmul(d_k_scaled, W.transpose(-1, -2)).neg_()  # [N, BH, C, C]
+    _flat(d_A).baddbmm_(_flat(d_v_scaled), _flat(U.transpose(-1, -2)), alpha=-1).tril_(-1)
     del W, U, W_and_U
 
     # Through diag(beta gamma) K and diag(beta) V.
     d_v = d_v_scaled * beta_chunks[..., None]
-    d_k.add_(d_k_scaled * (beta_chunks * gamma)[..., None])
+    d_k.addcmul_(d_k_scaled, (beta_chunks * gamma)[..., None])
     d_k_scaled_dot_k = _row_dot(d_k_scaled, k_chunks)  # [N, BH, C]
     d_beta = _row_dot(d_v_scaled, v_chunks).add_(d_k_scaled_dot_k * gamma)
     d_gamma.add_(d_k_scaled_dot_k * beta_chunks)
