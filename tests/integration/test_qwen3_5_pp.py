@@ -67,10 +67,24 @@ def _batches(B: int, T: int):
     return out
 
 
-def _optimizer(parts, parallel_dims):
+def _optimizer(parts, parallel_dims, counts: dict):
+    """SGD + TorchTitan's load-balancing hook; ``counts`` gets, per step, what that hook reads (summed over dp x cp)."""
     from torchtitan.components.optimizer import register_moe_load_balancing_hook
 
     optimizer = torch.optim.SGD([p for m in parts for p in m.parameters()], lr=0.5, momentum=0.9)
+    loss_mesh = parallel_dims.get_optional_mesh("loss")
+
+    def record(*_):  # a step pre-hook registered first, so it runs just before the load-balancing one
+        step = len({key.split(".")[0] for key in counts})
+        for part in parts:
+            for name, block in part.layers.items():
+                if getattr(block, "moe_enabled", False):
+                    seen_E = _full(block.moe.tokens_per_expert_E).clone()
+                    if loss_mesh is not None:
+                        dist.all_reduce(seen_E, group=loss_mesh.get_group())
+                    counts[f"step{step}.tokens_per_expert.layers.{name}"] = seen_E
+
+    optimizer.register_step_pre_hook(record)
     register_moe_load_balancing_hook(optimizer, parts, parallel_dims)
     return optimizer
 
@@ -81,7 +95,8 @@ def _state(parts) -> dict:
 
 
 def _train_reference(model, batches):
-    optimizer = _optimizer([model], _NoMesh())
+    counts = {}
+    optimizer = _optimizer([model], _NoMesh(), counts)
     history = []
     for inputs, labels, positions in batches:
         optimizer.zero_grad()
@@ -89,7 +104,7 @@ def _train_reference(model, batches):
         loss.backward()
         history.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
         optimizer.step()
-    return history, _state([model])
+    return history, _state([model]), counts
 
 
 def _train_pipelined(config, initial, dims, schedule: str, batches):
@@ -127,7 +142,8 @@ def _train_pipelined(config, initial, dims, schedule: str, batches):
         part.to_empty(device="cpu")
         part.init_weights()
         load_full_state(part, initial)
-    optimizer = _optimizer(parts, dims)
+    counts = {}
+    optimizer = _optimizer(parts, dims, counts)
     history = []
     for inputs, labels, positions in batches:
         optimizer.zero_grad()
@@ -144,7 +160,7 @@ def _train_pipelined(config, initial, dims, schedule: str, batches):
             dist.all_reduce(loss, group=dims.get_mesh("loss").get_group())
         history.append((loss, {n: _full(p.grad).clone() for m in parts for n, p in m.named_parameters()}))
         optimizer.step()
-    return history, _state(parts), [[n for n, _ in m.named_children()] for m in parts]
+    return history, _state(parts), counts, [[n for n, _ in m.named_children()] for m in parts]
 
 
 def _errors(rank: int, world: int, *, moe: bool, schedule: str, dp: int, ep: int) -> dict:
@@ -156,13 +172,13 @@ def _errors(rank: int, world: int, *, moe: bool, schedule: str, dp: int, ep: int
     reference = _reference_model(moe)
     initial = {k: v.clone() for k, v in reference.state_dict().items()}
     batches = _batches(2 * dp, 12 * cp)
-    ref_history, ref_state = _train_reference(reference, batches)
+    ref_history, ref_state, ref_counts = _train_reference(reference, batches)
 
     dims = ParallelDims(dp_replicate=1, dp_shard=dp, cp=cp, tp=1, pp=pp, ep=ep, world_size=world,
                         spmd_backend="partial_dtensor")
     dims.build_mesh()
     config = _moe_config() if moe else tiny_config(cp_layout="zigzag")
-    history, state, units = _train_pipelined(config, initial, dims, schedule, batches)
+    history, state, counts, units = _train_pipelined(config, initial, dims, schedule, batches)
 
     errors = {}
     for step, ((loss, grads), (ref_loss, ref_grads)) in enumerate(zip(history, ref_history)):
@@ -170,17 +186,20 @@ def _errors(rank: int, world: int, *, moe: bool, schedule: str, dp: int, ep: int
             errors[f"step{step}.loss"] = rel_err(loss, ref_loss)
         errors |= {f"step{step}.grad.{n}": rel_err(g, ref_grads[n]) for n, g in grads.items()}
     errors |= {f"final.{n}": rel_err(v, ref_state[n]) for n, v in state.items()}
+    errors |= {k: rel_err(v, ref_counts[k]) for k, v in counts.items()}  # this stage's MoE layers, both steps
+    assert bool(ref_counts) == moe and len(counts) == len(ref_counts) // pp  # each rank: its stages' half
     bias = [(ref_state[n] - initial[n]).abs().max().item() for n in ref_state if n.endswith("expert_bias_E")]
     assert bool(bias) == moe
     return {"errors": errors, "held": sorted(state), "all": sorted(ref_state), "units": units,
             "expert_bias_moved": max(bias) if moe else None}
 
 
-# MoE under PP (moe=True) is not in the table yet: its gradients at step 0 equal one rank (1.8e-6), but the
-# tokens-per-expert counts the load-balancing hook reads differ from one rank's, so the expert bias does.
 CASES = {  # name: (world, kwargs)
     "dense_pp2_cp2_interleaved": (4, dict(moe=False, schedule="Interleaved1F1B", dp=1, ep=1)),
     "dense_pp2_cp2_1f1b": (4, dict(moe=False, schedule="1F1B", dp=1, ep=1)),
+    "moe_pp2_cp2_interleaved": (4, dict(moe=True, schedule="Interleaved1F1B", dp=1, ep=1)),
+    "moe_pp2_cp2_1f1b": (4, dict(moe=True, schedule="1F1B", dp=1, ep=1)),
+    "moe_pp2_cp2_ep2_1f1b": (4, dict(moe=True, schedule="1F1B", dp=1, ep=2)),  # EP borrows the CP ranks
 }
 
 

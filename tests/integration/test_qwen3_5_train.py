@@ -182,5 +182,5 @@ def test_start_up_accepts_the_tested_layouts_and_refuses_the_rest():
                                          tensor_parallel_degree=2, expert_parallel_degree=8))
     with pytest.raises(ConfigError, match="parallelism.expert_parallel_degree = 3 does not divide"):
         check_moe(moe, ParallelismConfig(expert_parallel_degree=3))
-    with pytest.raises(ConfigError, match="parallelism.pipeline_parallel_degree = 2 on a Qwen3.5 MoE"):
-        check_moe(moe, ParallelismConfig(context_parallel_degree=2, pipeline_parallel_degree=2))
+    check_moe(moe, ParallelismConfig(context_parallel_degree=2, pipeline_parallel_degree=2,
+                                     expert_parallel_degree=2))  # PP x CP x EP: test_qwen3_5_pp.py

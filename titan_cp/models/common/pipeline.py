@@ -14,7 +14,14 @@ reach every stage as model kwargs; under CP each microbatch is sharded along
 the sequence before the schedule runs, so every stage sees the same shard
 layout and builds the same SequenceInfo. MoE load balancing is per stage:
 TorchTitan's hook updates the expert bias of the layers each stage holds,
-summing tokens-per-expert over dp x cp as without PP. The GDN LM initialises
+summing tokens-per-expert over dp x cp as without PP. On its first step (and
+on every eval <-> train switch) torch's schedule runs a metadata-inference
+forward (``_initialize_pp_stages``: microbatch 0 on the first stage,
+placeholder tensors on later ones) through every stage, and TorchTitan's MoE
+adds the tokens it routes there to ``tokens_per_expert_E``: one microbatch
+too many on the step-0 counts, so the expert bias moved differently from one
+rank. :func:`with_exact_moe_counts` wraps a ``pipelining_fn`` so those counts
+are put back after the inference. The GDN LM initialises
 weights per unit by name (:mod:`titan_cp.models.gdn.init`), so a stage gets
 exactly the weights those units have in a one-rank run.
 
@@ -31,7 +38,10 @@ what titan_cp does not support, naming the field.
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
+
+import torch
 
 from titan_cp.errors import ConfigError, unknown_choice_message
 
@@ -42,6 +52,51 @@ from titan_cp.errors import ConfigError, unknown_choice_message
 # CP exchanges (collectives inside autograd Functions) are not checked with.
 SUPPORTED_SCHEDULES = ("1F1B", "GPipe", "Interleaved1F1B", "LoopedBFS")
 _SINGLE_STAGE_SCHEDULES = ("1F1B", "GPipe")
+
+
+def with_exact_moe_counts(pipelining_fn):
+    """``pipelining_fn`` (TorchTitan's ``pipeline_llm`` / ``pipeline_vlm``) whose schedule leaves MoE counts alone.
+
+    The schedule's metadata inference (shapes and dtypes of what stages send,
+    found by running the stages once) is not a training forward: every MoE
+    layer's ``tokens_per_expert_E`` (the load-balancing hook's input) is
+    snapshot before it and restored after it, so the counts the hook reads are
+    those of the step's microbatches only, as on one rank.
+    """
+
+    @functools.wraps(pipelining_fn)
+    def pipelined(model, **kwargs):
+        schedule, model_parts, has_first_stage, has_last_stage = pipelining_fn(model, **kwargs)
+        moe = [m for part in model_parts for m in part.modules() if hasattr(m, "tokens_per_expert_E")]
+        if moe:
+            _restore_after_metadata_inference(schedule, moe)
+        return schedule, model_parts, has_first_stage, has_last_stage
+
+    return pipelined
+
+
+def _restore_after_metadata_inference(schedule, moe_modules: list[torch.nn.Module]) -> None:
+    """Wrap the schedule's stage initialisation (it runs the inference) to put every ``tokens_per_expert_E`` back.
+
+    The buffers are looked up on each call: ``init_weights`` replaces them after the schedule is built.
+    """
+    initialize = getattr(schedule, "_initialize_pp_stages", None)
+    if initialize is None:  # torch 2.13's name for the step that runs metadata inference
+        raise RuntimeError(
+            f"{type(schedule).__name__} has no _initialize_pp_stages: this torch's pipeline schedule is not the "
+            "one titan_cp keeps MoE tokens-per-expert counts exact under (torch 2.13)."
+        )
+
+    def initialize_keeping_counts(*args, **kwargs):
+        saved = [m.tokens_per_expert_E.detach().clone() for m in moe_modules]
+        try:
+            return initialize(*args, **kwargs)
+        finally:
+            with torch.no_grad():
+                for m, value in zip(moe_modules, saved):
+                    m.tokens_per_expert_E.copy_(value)
+
+    schedule._initialize_pp_stages = initialize_keeping_counts
 
 
 def unit_names(model) -> list[str]:

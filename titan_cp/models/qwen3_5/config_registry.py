@@ -37,6 +37,7 @@ def model_spec(flavor: str = "debugmodel", *, kernel: str = "torch", cp_layout: 
     from torchtitan.components.optimizer import register_moe_load_balancing_hook
     from torchtitan.distributed.pipeline_parallel import pipeline_vlm
 
+    from titan_cp.models.common.pipeline import with_exact_moe_counts
     from titan_cp.models.qwen3_5.state_dict_adapter import Qwen35CPStateDictAdapter
     from titan_cp.models.qwen3_5.flavors import torchtitan_config
     from titan_cp.models.qwen3_5.model import titan_cp_config
@@ -49,7 +50,7 @@ def model_spec(flavor: str = "debugmodel", *, kernel: str = "torch", cp_layout: 
         flavor=flavor,
         model=model,
         parallelize_fn=parallelize_qwen3_5_cp,
-        pipelining_fn=pipeline_vlm,  # TorchTitan's (as its Qwen3.5 spec); checks: titan_cp/models/common/pipeline.py
+        pipelining_fn=with_exact_moe_counts(pipeline_vlm),  # TorchTitan's (as its Qwen3.5 spec): models/common/pipeline.py
         post_optimizer_build_fn=register_moe_load_balancing_hook,
         state_dict_adapter=Qwen35CPStateDictAdapter,
     )

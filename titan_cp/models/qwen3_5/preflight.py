@@ -65,15 +65,6 @@ def check_moe(model, parallelism) -> None:
             "borrows its ranks from those (efsdp = dp_shard x cp x tp / ep). Pick an EP degree that divides "
             f"{dp_shard * cp * tp}."
         )
-    pp = parallelism.pipeline_parallel_degree
-    if pp > 1:
-        raise ConfigError(
-            f"parallelism.pipeline_parallel_degree = {pp} on a Qwen3.5 MoE flavor: under PP the "
-            "tokens-per-expert counts that TorchTitan's load-balancing hook reads differ from one rank's "
-            "(the expert-bias update drifts), so titan_cp refuses it until that is fixed. Set "
-            "pipeline_parallel_degree = 1 and fit the model with expert_parallel_degree (EP) and "
-            "data_parallel_shard_degree (FSDP) beside CP; dense Qwen3.5 flavors run PP x CP."
-        )
     num_experts = moe[0].num_experts
     if ep > 1 and num_experts % ep:
         raise ConfigError(
