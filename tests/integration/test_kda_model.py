@@ -8,6 +8,8 @@ wrote. One 2-rank launch then checks (a) the FLA folder's logits under CP 2 for 
 exchange x layout, (b) a hybrid 'KA' model with packed documents: loss, every gradient
 and the parameters after 2 SGD steps equal one rank (fp32 1e-5), (c) the same model under TP 2
 (the KDA TP plan) equal one rank; and one KDA layer's exchange bytes do not depend on L.
+A 3-rank and a 4-rank launch run (b) in float64 for every exchange x layout (alltoall with
+P heads): equal one rank to 1e-10.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from titan_cp.cp.comm import comm_stats
 from titan_cp.cp.context import CPContext
-from titan_cp.cp.layout import rank_segments
+from titan_cp.cp.layout import num_segments, rank_segments
 from titan_cp.models.common.parallelize import apply_cp
 from titan_cp.models.common.sequence import SequenceInfo
 from titan_cp.models.gdn.layers import KimiDeltaAttention
@@ -144,25 +146,35 @@ def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _hybrid_config():
-    return model_config("kda_debug", layer_pattern="KA", dim=32, hidden_dim=64, vocab_size=97, num_heads=2,
+def _hybrid_config(num_heads=2):
+    return model_config("kda_debug", layer_pattern="KA", dim=32, hidden_dim=64, vocab_size=97, num_heads=num_heads,
                         head_dim=8, attn_num_heads=4, attn_num_kv_heads=2, attn_head_dim=8)
 
 
-def _train_errors(rank, P, layout, exchange, steps=2, lr=0.5):
+def packed_positions(B, L, P, layout):
+    """Positions of B rows of L tokens: row 0 has documents starting on the first segment boundary and just
+    after the last one, row 1 one just before the middle boundary (segments of ``layout`` over P ranks)."""
+    seg = L // num_segments(P, layout)
+    bounds = list(range(seg, L, seg))
+    positions = torch.arange(L).repeat(B, 1)
+    for row, start in ((0, bounds[0]), (0, bounds[-1] + 1), (1, bounds[len(bounds) // 2] - 1)):
+        positions[row, start:] = torch.arange(L - start)
+    return positions
+
+
+def _train_errors(rank, P, layout, exchange, *, dtype=torch.float32, num_heads=2, L=32, steps=2, lr=0.5):
     """layout 'tp': heads split over the P ranks (titan_cp/models/gdn/parallelize.py), whole sequences;
-    else CP over the P ranks with ``layout`` / ``exchange``."""
-    cfg = _hybrid_config()
-    B, L = 2, 32
+    else CP over the P ranks with ``layout`` / ``exchange``; models in ``dtype``."""
+    cfg = _hybrid_config(num_heads)
+    B = 2
     gen = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, 97, (B, L + 1), generator=gen)
-    positions = torch.arange(L).repeat(B, 1)
-    positions[0, 8:] -= 8  # row 0: a document starting on a segment boundary (zigzag: 4 segments of 8)
-    positions[1, 15:] -= 15  # row 1: one starting just before the middle boundary
+    positions = packed_positions(B, L, P, "contiguous" if layout == "tp" else layout)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     ref, cp_model = (cfg.build() for _ in range(2))
     for m in (ref, cp_model):
         m.init_states()
+        m.to(dtype)
     if layout == "tp":
         apply_tp(cp_model, init_device_mesh("cpu", (P,), mesh_dim_names=("tp",)))
         kda_layer = cp_model.layers["0"].attention
@@ -212,6 +224,38 @@ def test_cp2_matches_fla_and_one_rank(fla):
         print(f"worst {kind}: {max(v for k, v in worst.items() if kind in k):.1e}")
     bad = {k: v for k, v in worst.items() if v > 1e-5}
     assert not bad, f"CP 2 != reference beyond 1e-5: {bad}"
+
+
+# Every exchange x layout it allows (logscan: contiguous only); alltoall needs heads divisible by P.
+FP64_CASES = [("contiguous", "allgather"), ("zigzag", "allgather"), ("contiguous", "logscan"),
+              ("contiguous", "alltoall"), ("zigzag", "alltoall")]
+
+
+def _fp64_rank(rank, P):
+    """The 'KA' hybrid in float64 with P KDA heads, L = 24 (whole zigzag segments for P = 3, 4), every case."""
+    errs = {}
+    for layout, exchange in FP64_CASES:
+        case = _train_errors(rank, P, layout, exchange, dtype=torch.float64, num_heads=P, L=24)
+        errs.update({f"{layout}/{exchange} {k}": v for k, v in case.items()})
+    return errs
+
+
+@pytest.mark.parametrize("P", [3, 4])
+def test_cp3_cp4_float64_equal_one_rank(P):
+    """Float64, packed documents on / around the segment boundaries: loss, every gradient (both steps) and
+    the parameters after 2 SGD steps equal one rank to 1e-10 for every exchange x layout."""
+    worst: dict[str, float] = {}
+    for errs in run_on_ranks(_fp64_rank, P, timeout=300):
+        for name, err in errs.items():
+            worst[name] = max(worst.get(name, 0.0), err)
+    names = [name for name, _ in _hybrid_config(P).build().named_parameters()]
+    for layout, exchange in FP64_CASES:
+        for what in ("grad0", "grad1", "param"):
+            assert {f"{layout}/{exchange} {what} {n}" for n in names} <= set(worst), (layout, exchange, what)
+    for kind in ("loss", "grad", "param"):
+        print(f"CP {P} float64 worst {kind}: {max(v for k, v in worst.items() if kind in k):.1e}")
+    bad = {k: v for k, v in worst.items() if v > 1e-10}
+    assert not bad, f"CP {P} float64 != one rank beyond 1e-10: {bad}"
 
 
 if __name__ == "__main__":

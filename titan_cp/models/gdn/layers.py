@@ -40,11 +40,13 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x_f = x.float()
+        """x / rms(x) in float32 (float64 for float64 inputs: half types are upcast, nothing is downcast)."""
+        x_f = x.to(torch.promote_types(x.dtype, torch.float32))
         return x_f * torch.rsqrt(x_f.pow(2).mean(-1, keepdim=True) + self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.normalize(x) * local_tensor(self.weight).float()).to(x.dtype)
+        x_n = self.normalize(x)
+        return (x_n * local_tensor(self.weight).to(x_n.dtype)).to(x.dtype)
 
 
 class GatedRMSNorm(RMSNorm):
@@ -58,7 +60,8 @@ class GatedRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         # Shared by all heads; under TP each rank holds some heads, so its weight grad is partial.
         weight = local_tensor(self.weight, grad_is_partial=True)
-        return (self.normalize(x) * weight.float() * self.activation(gate.float())).to(x.dtype)
+        x_n = self.normalize(x)
+        return (x_n * weight.to(x_n.dtype) * self.activation(gate.to(x_n.dtype))).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -317,24 +320,26 @@ class KimiDeltaAttention(nn.Module):
 
 
 class GDNBlock(nn.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + SwiGLU(norm(x))."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + SwiGLU(norm(x)); with ``hidden_dim`` 0 no MLP
+    (``feed_forward`` / ``ffn_norm`` None: transformers' Mamba-2 block, norm -> mixer -> residual)."""
 
     def __init__(self, layer_id: int, mixer: nn.Module, dim: int, hidden_dim: int, norm_eps: float, n_layers: int):
         super().__init__()
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(dim, norm_eps)
         self.attention = mixer
-        self.ffn_norm = RMSNorm(dim, norm_eps)
-        self.feed_forward = SwiGLU(dim, hidden_dim)
+        self.ffn_norm = RMSNorm(dim, norm_eps) if hidden_dim else None
+        self.feed_forward = SwiGLU(dim, hidden_dim) if hidden_dim else None
         # TorchTitan's depth-scaled init for output projections.
         self.init_std = 0.02 / (2 * (layer_id + 1)) ** 0.5
 
     def forward(self, x: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), seq)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return h if self.feed_forward is None else h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self) -> None:
         self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
         self.attention.init_weights(self.init_std)
-        self.feed_forward.init_weights(self.init_std)
+        if self.feed_forward is not None:
+            self.ffn_norm.reset_parameters()
+            self.feed_forward.init_weights(self.init_std)
