@@ -31,7 +31,14 @@ interleaved and the minimum of the repeats is kept (other processes only ever ad
 FLA's pure-PyTorch naive_chunk_gated_delta_rule is timed beside it when FLA is installed
 (loaded from its file so that FLA's Triton __init__ is never imported; autograd backward).
 
-    python -m benchmarks.kernel [--seq_lens 2048 8192] [--repeats 5] [--json kernel.json]
+What bounds the fraction (``--profile``): one fwd + bwd under torch.profiler, self CPU time by
+op class, matmuls (bmm, baddbmm, addmm, the triangular solve), copies (layout changes, dtype
+casts), the other aten ops (element-wise, masks, exp, reductions, cumsum) and the rest
+(autograd, Python, the profiler's own cost). The matmul ops alone run the counted FLOPs at the
+"in-kernel matmul rate": counted / matmul time. The fraction can be no higher than the matmul
+share times in-kernel rate / isolated rate; both are printed.
+
+    python -m benchmarks.kernel [--seq_lens 2048 8192] [--repeats 5] [--json kernel.json] [--profile]
 """
 
 from __future__ import annotations
@@ -138,6 +145,35 @@ class Args:
     """also time FLA's naive chunk reference (autograd backward)"""
     json: pathlib.Path | None = None
     """write the rows here"""
+    profile: bool = False
+    """also print each T's profiler split of one fwd + bwd (module docstring)"""
+
+
+MATMUL_OPS = frozenset({"aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::addmm", "aten::addmm_", "aten::mm",
+                        "aten::linalg_solve_triangular"})
+COPY_OPS = frozenset({"aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous"})
+
+
+def profile_split(T: int, H: int, C: int, rounds: int = 3, K: int = 64, V: int = 128) -> dict:
+    """Self CPU seconds of one fwd + bwd by op class (module docstring), the mean of ``rounds``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tensors, weights = make_inputs(1, T, H, K, V)
+
+    def ours(q, k, v, g, beta, h0):
+        return chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, chunk_size=C)
+
+    time_fwd_bwd_once(ours, tensors, weights)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(rounds):
+            time_fwd_bwd_once(ours, tensors, weights)
+    split = {"matmul": 0.0, "copy": 0.0, "other aten": 0.0, "autograd/python": 0.0}
+    for event in prof.key_averages():
+        name = event.key
+        key = ("matmul" if name in MATMUL_OPS else "copy" if name in COPY_OPS
+               else "other aten" if name.startswith("aten::") else "autograd/python")
+        split[key] += event.self_cpu_time_total * 1e-6 / rounds
+    return split
 
 
 def measure(T: int, H: int, C: int, repeats: int, K: int = 64, V: int = 128) -> dict:
@@ -195,6 +231,8 @@ def main():
 
             row["fla_naive_s"] = min(sum(time_fwd_bwd_once(fla, tensors, weights)) for _ in range(3))
             fla_ms = f"{1e3 * row['fla_naive_s']:.0f}"
+        if args.profile:
+            row["profile_s"] = profile_split(T, H, C)
         rows.append(row)
         mm = row["matmul_gflops"]
         print(f"| {T:,} | {1e3 * row['fwd_s']:.1f} | {1e3 * row['bwd_s']:.1f} | {row['tokens_per_s']:,.0f} | "
@@ -202,6 +240,17 @@ def main():
               f"{mm['ckv']:.0f} {mm['ccv']:.0f} {mm['cck']:.0f} {mm['ccc']:.0f} | "
               f"{100 * row['fraction_fwd']:.0f}% / {100 * row['fraction_bwd']:.0f}% / {100 * row['fraction']:.0f}% | "
               f"{100 * row['spread_fwd_bwd']:.0f}% | {fla_ms} |", flush=True)
+    for row in rows if args.profile else ():
+        split = row["profile_s"]
+        total = sum(split.values())
+        chunks = H * -(-row["T"] // C)
+        flops = chunk_flops(C, 64, 128)
+        counted = chunks * (sum(flops["fwd"].values()) + sum(flops["bwd"].values()))
+        in_kernel = counted / split["matmul"] / 1e9
+        shares = ", ".join(f"{key} {1e3 * t:.1f} ms ({100 * t / total:.0f}%)" for key, t in split.items())
+        print(f"# T {row['T']:,} profiled fwd+bwd {1e3 * total:.1f} ms: {shares}; counted FLOPs at "
+              f"{in_kernel:.0f} GFLOP/s inside the kernel's matmul ops (isolated: "
+              f"{min(row['matmul_gflops'].values()):.0f}-{max(row['matmul_gflops'].values()):.0f})")
     if args.json:
         args.json.write_text(json.dumps({"load_average": os.getloadavg()[0], "rows": rows}, indent=1))
         print(f"# wrote {args.json}")

@@ -189,9 +189,8 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_j a[..., j] * b[..., j] (as batched [1 x J] x [J x 1] products: no a * b temporary,
-    1.5x faster than vecdot at [N, BH, C, 128])."""
-    return (a.unsqueeze(-2) @ b.unsqueeze(-1))[..., 0, 0]
+    """sum_j a[..., j] * b[..., j]."""
+    return torch.linalg.vecdot(a, b)
 
 
 LOG_DECAY_FLOOR = -1000.0
