@@ -23,6 +23,9 @@ each TP rank holds [B, T/tp, D]; the norms run on their piece, every sequence
 mixer and FFN / MoE all-gathers the CP shard on entry (so CP state passing and
 the conv halo see the whole shard) and reduce-scatters its output; the
 replicated embeddings are split before layer 0, as TorchTitan's Qwen3.5 does.
+On a later pipeline stage the incoming pieces [B, T/tp, D] are all-gathered on
+entry (the stage derives its tokens' sequence positions from the CP shard) and
+split again before the stage's first layer.
 
 Norms take their piece as a ``Shard(1)`` / ``Shard(2)`` DTensor, so the
 gradient of their shared weight is summed over TP by DTensor itself.
@@ -119,8 +122,11 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, *, sequence_parallel: bool =
     if model.lm_head is not None:
         parallelize_module(model, tp_mesh, {"lm_head": ColwiseParallel(input_layouts=seq,
                                                                        output_layouts=Replicate())})
+    if sequence_parallel and embeddings is None:  # a later pipeline stage: the previous stage's pieces gathered
+        parallelize_module(model, tp_mesh, _gather_input())  # (the stage's sequence facts read the CP shard)
+    first_layer = next(iter(model.layers), None)
     for layer_id, block in model.layers.items():
-        if sequence_parallel and layer_id == "0":  # replicated embeddings -> this rank's sequence piece
+        if sequence_parallel and layer_id == first_layer:  # replicated stream -> this rank's sequence piece
             parallelize_module(block, tp_mesh, PrepareModuleInput(
                 input_layouts=(Replicate(), None), desired_input_layouts=(Shard(1), None), use_local_output=True))
         mixer = block.attn
