@@ -43,6 +43,7 @@ class ModelFamily:
 MODEL_FAMILIES: dict[str, ModelFamily] = {
     "gdn": ModelFamily("titan_cp.models.gdn.config_registry"),
     "kda": ModelFamily("titan_cp.models.kda.config_registry"),
+    "mamba2": ModelFamily("titan_cp.models.mamba2.config_registry"),
     "qwen3_5": ModelFamily("titan_cp.models.qwen3_5.config_registry"),
 }
 

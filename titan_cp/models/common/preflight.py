@@ -164,6 +164,12 @@ def _head_fields(model) -> dict[str, int]:
 
 def _check_heads(model, tp: int, cp: int) -> None:
     exchange = getattr(model, "cp_exchange", None)
+    if tp > 1 and "M" in (model.layer_types() if hasattr(model, "layer_types") else []):
+        raise ConfigError(
+            f"parallelism.tensor_parallel_degree = {tp} with Mamba-2 layers ('M' in model.layer_pattern): "
+            "they have no TP plan (in_proj packs z | xBC | dt and the gated norm spans all heads). "
+            "Set tensor_parallel_degree = 1 and use data_parallel_shard_degree / context_parallel_degree."
+        )
     for field, heads in _head_fields(model).items():
         if heads % tp:
             divisors = [d for d in range(1, heads + 1) if heads % d == 0]

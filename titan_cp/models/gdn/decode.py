@@ -17,6 +17,10 @@ Gated DeltaNet layer (constant size, O(1) work per token)
 KDA layer: the same cache (conv history of its q|k|v, state [B, Hv, K, V]); the step is
     S <- (I - beta k k^T) diag(exp g) S + beta k v^T,  o = K^-1/2 S^T q   (titan_cp.ops.kda)
 
+Mamba-2 layer: the same cache, conv history of its pre-conv x|B|C [B, W-1, E + 2 G N] and
+state [B, H, N, P]; the step is  S <- exp(dt A) S + dt B x^T,  y = S^T C + D x  (titan_cp.ops.mamba2,
+through the layer's own titan_cp.ops.mamba2.mixing.mamba2_mixer with the history as the conv halo)
+
 Softmax attention layer (hybrid models; a KV cache)
     k, v          [B, P, Hkv, D]  keys (after RoPE at their positions) and values so far
 
@@ -36,11 +40,13 @@ import torch
 import torch.nn.functional as F
 
 from titan_cp.ops.gated_delta_rule.mixing import conv_qkv
-from titan_cp.ops import kda
+from titan_cp.ops import kda, mamba2
+from titan_cp.ops.mamba2.mixing import mamba2_mixer
 from titan_cp.ops.gated_delta_rule import get_kernel
 from titan_cp.ops.gated_delta_rule.mixing import causal_short_conv
 from titan_cp.models.gdn.attention import Attention
 from titan_cp.models.gdn.layers import GatedDeltaNet, KimiDeltaAttention
+from titan_cp.models.gdn.mamba2_layer import Mamba2Mixer
 
 
 @dataclass
@@ -94,6 +100,26 @@ def _kda_cached(layer: KimiDeltaAttention, x_BTD: torch.Tensor,
     return layer.output(o_BTHV, x_BTD), GDNCache(new_history, state)
 
 
+def _mamba2_cached(layer: Mamba2Mixer, x_BTD: torch.Tensor, cache: GDNCache | None) -> tuple[torch.Tensor, GDNCache]:
+    T = x_BTD.shape[1]
+    new: dict[str, torch.Tensor] = {}
+
+    def conv(xBC_BTC, weight, bias, starts):
+        B, _, C = xBC_BTC.shape
+        history_BWC = xBC_BTC.new_zeros(B, weight.shape[-1] - 1, C) if cache is None else cache.conv_history_BWC
+        new["history"] = torch.cat([history_BWC, xBC_BTC], dim=1)[:, T:]
+        return causal_short_conv(xBC_BTC, weight, history_BWC, bias_C=bias)
+
+    def ssd(q, k, v, g, beta, *, initial_state=None, doc_starts=None):
+        kernel = mamba2.get_kernel("recurrent" if T == 1 else layer.kernel)
+        o, new["state"] = kernel(q, k, v, g, beta, scale=1.0, output_final_state=True,
+                                 initial_state=None if cache is None else cache.state_BHKV)
+        return o
+
+    y = mamba2_mixer(layer, x_BTD, conv=conv, ssd=ssd)
+    return y, GDNCache(new["history"], new["state"])
+
+
 def _attention_cached(layer: Attention, x_BTD: torch.Tensor, cache: KVCache | None,
                       start: int) -> tuple[torch.Tensor, KVCache]:
     B, T, _ = x_BTD.shape
@@ -120,10 +146,13 @@ def forward_cached(model, tokens_BT: torch.Tensor, cache: DecodeCache) -> torch.
             y, cache.layers[i] = _attention_cached(block.attention, x, cache.layers[i], cache.length)
         elif isinstance(block.attention, KimiDeltaAttention):
             y, cache.layers[i] = _kda_cached(block.attention, x, cache.layers[i])
+        elif isinstance(block.attention, Mamba2Mixer):
+            y, cache.layers[i] = _mamba2_cached(block.attention, x, cache.layers[i])
         else:
             y, cache.layers[i] = _gdn_cached(block.attention, x, cache.layers[i])
         h = h + y
-        h = h + block.feed_forward(block.ffn_norm(h))
+        if block.feed_forward is not None:
+            h = h + block.feed_forward(block.ffn_norm(h))
     cache.length += tokens_BT.shape[1]
     return model.lm_head(model.norm(h))
 

@@ -39,7 +39,7 @@ class GDNModel(BaseModel):
         expand_v: float = 2.0  # V = head_dim * expand_v
         num_v_heads: int | None = None  # grouped value heads (multiple of num_heads)
         conv_size: int = 4
-        hidden_dim: int = 512  # SwiGLU hidden size
+        hidden_dim: int = 512  # SwiGLU hidden size; 0 = blocks without an MLP (transformers' Mamba-2 blocks)
         norm_eps: float = 1e-6
         tie_embeddings: bool = False
         kernel: str = "torch"  # titan_cp.ops.gated_delta_rule.KERNEL_NAMES
@@ -49,8 +49,12 @@ class GDNModel(BaseModel):
         doc_masking: bool = True  # reset state + conv history at document starts (positions == 0)
         # Hybrid models: one letter per layer, cycled over n_layers: G = Gated DeltaNet,
         # K = Kimi Delta Attention (FLA's KDA layer, same head fields),
+        # M = Mamba-2 (transformers' Mamba2Mixer: num_heads heads of head_dim channels, state
+        #     ssm_state_size, B/C in ssm_n_groups groups; models/gdn/mamba2_layer.py),
         # A = softmax attention (RoPE, GQA; ring attention under CP). "" = all GDN.
         layer_pattern: str = ""
+        ssm_state_size: int = 128  # Mamba-2 N
+        ssm_n_groups: int = 1  # Mamba-2 groups of B and C
         attn_num_heads: int = 4
         attn_num_kv_heads: int = 2
         attn_head_dim: int = 64
@@ -61,10 +65,10 @@ class GDNModel(BaseModel):
 
         def layer_types(self) -> list[str]:
             pattern = self.layer_pattern or "G"
-            if set(pattern) - {"G", "A", "K"}:
+            if set(pattern) - {"G", "A", "K", "M"}:
                 raise ValueError(
                     f"model.layer_pattern = '{self.layer_pattern}' may only contain 'G' (Gated DeltaNet), "
-                    "'K' (Kimi Delta Attention) and 'A' (softmax attention), e.g. 'GGGA'."
+                    "'K' (Kimi Delta Attention), 'M' (Mamba-2) and 'A' (softmax attention), e.g. 'GGGA'."
                 )
             return [pattern[i % len(pattern)] for i in range(self.n_layers)]
 
@@ -153,6 +157,12 @@ class GDNModel(BaseModel):
                 head_dim=config.attn_head_dim,
                 rope_theta=config.rope_theta,
             )
+        if layer_type == "M":
+            from titan_cp.models.gdn.mamba2_layer import Mamba2Mixer
+
+            return Mamba2Mixer(dim=config.dim, num_heads=config.num_heads, head_dim=config.head_dim,
+                               state_size=config.ssm_state_size, n_groups=config.ssm_n_groups,
+                               conv_size=config.conv_size, norm_eps=config.norm_eps, kernel=config.kernel)
         mixer_cls = KimiDeltaAttention if layer_type == "K" else GatedDeltaNet
         return mixer_cls(
             dim=config.dim,

@@ -26,6 +26,8 @@ Layout of a GDN block under TP (degree t; H key heads, Hv value heads):
     KDA layers: q/k/v_proj, b_proj, f_proj.1, g_proj.1 colwise (heads); f_proj.0, g_proj.0 (D -> V)
                 colwise with the output gathered; convs, A_log, dt_bias Shard(0); o_proj rowwise
     attention layers (hybrid): wq/wk/wv colwise, wo rowwise
+    Mamba-2 layers: no plan (in_proj packs z | xBC | dt, the gated norm spans all heads);
+                titan_cp.models.common.preflight refuses TP > 1 for them
     tok_embeddings           rowwise (vocab-sharded), lm_head colwise (logits gathered)
 
 Under TP every layer sees only its local heads; GDN needs nothing else because
@@ -81,13 +83,14 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
             plan = {name: ColwiseParallel() for name in ("wq", "wk", "wv")}
             plan["wo"] = RowwiseParallel()
         parallelize_module(mixer, tp_mesh, plan)
-        parallelize_module(
-            block.feed_forward,
-            tp_mesh,
-            {"w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel()},
-        )
-        for norm in (block.attention_norm, block.ffn_norm):
-            shard_param(norm, "weight", tp_mesh, Replicate())
+        shard_param(block.attention_norm, "weight", tp_mesh, Replicate())
+        if block.feed_forward is not None:  # blocks without an MLP (model.hidden_dim = 0) have neither
+            parallelize_module(
+                block.feed_forward,
+                tp_mesh,
+                {"w1": ColwiseParallel(), "w3": ColwiseParallel(), "w2": RowwiseParallel()},
+            )
+            shard_param(block.ffn_norm, "weight", tp_mesh, Replicate())
     if model.norm is not None:
         shard_param(model.norm, "weight", tp_mesh, Replicate())
 
