@@ -184,40 +184,41 @@ def dataloader_config_for(dataset: str):
     raise ConfigError(unknown_choice_message("dataloader.dataset", dataset, ["synthetic", *DATASETS]))
 
 
-def _param_shapes(model_config) -> dict[str, tuple[int, ...]]:
-    import torch
+def _check_model_overrides_used(model, model_spec, settings: Sequence[Setting], family: str) -> None:
+    """Every ``[model]`` override must be read by the model it builds (:mod:`titan_cp.train.config_reads`:
+    reads recorded during a meta build + run-time reads of the held config); one that nothing reads (e.g.
+    Qwen3.5's top-level ``dim``: its layers come from the flavor's sub-configs) is an error, not a no-op."""
+    from titan_cp.train.config_reads import used_fields
 
-    with torch.device("meta"):
-        return {k: tuple(v.shape) for k, v in model_config.build().state_dict().items()}
-
-
-def _check_model_overrides_used(before, after, settings: Sequence[Setting], family: str) -> None:
-    """Every ``[model]`` override must change what is built: a shape field (int) that leaves every
-    parameter shape as it was is not read by this family's model (e.g. Qwen3.5's top-level ``dim``:
-    its layers are built from the flavor's own sub-configs), so it is an error, not a silent no-op."""
-    shapes = None
+    used = None
     for s in settings:
-        if s.section != "model" or "." in s.key or s.key.endswith("seed"):
-            continue
-        old, new = getattr(before, s.key, None), getattr(after, s.key, None)
-        if dataclasses.is_dataclass(old) or (isinstance(old, list) and old and dataclasses.is_dataclass(old[0])):
+        head = s.key.partition(".")[0]
+        old = getattr(model, head, None)
+        if "." not in s.key and (dataclasses.is_dataclass(old) or (isinstance(old, list) and old
+                                                                    and dataclasses.is_dataclass(old[0]))):
             raise ConfigError(f"{s.origin}: {s.field} is a sub-config built by model.flavor; it cannot be set "
                               f"as one value. Pick another model.flavor.")
-        if not isinstance(old, int) or isinstance(old, bool) or old == new:
-            continue
-        try:
-            shapes = _param_shapes(before) if shapes is None else shapes
-            changed = _param_shapes(dataclasses.replace(before, **{s.key: new}))
-        except Exception:  # noqa: BLE001 - the override breaks the build: preflight names it later
-            continue
-        if changed == shapes:
-            from titan_cp.models.registry import MODEL_FAMILIES
+        used = used_fields(model, model_spec) if used is None else used
+        if used is None:  # the overridden config does not build: the start-up checks / the build name why
+            return
+        if head not in used:
+            raise ConfigError(_unread_message(s, model, used, family))
 
-            flavors = list(MODEL_FAMILIES[family].flavors) if family in MODEL_FAMILIES else []
-            raise ConfigError(
-                f"{s.origin}: {s.field} = {s.value!r} changes nothing in model.name = {family!r} (every "
-                f"parameter keeps its shape: this family builds its layers from model.flavor, not from "
-                f"{s.field}). Remove it and pick a model.flavor with the shape you want (one of {flavors}).")
+
+def _unread_message(s: Setting, model, used: set[str], family: str) -> str:
+    from titan_cp.models.registry import MODEL_FAMILIES
+
+    flavors = list(MODEL_FAMILIES[family].flavors) if family in MODEL_FAMILIES else []
+    values = {f: getattr(model, f) for f in used}
+    subs = sorted(f for f, v in values.items() if dataclasses.is_dataclass(v) or (
+        isinstance(v, list) and v and dataclasses.is_dataclass(v[0])))
+    settable = sorted(f for f in used if f not in subs and f not in MODEL_HIDDEN_FIELDS)
+    shape = (f": its shape comes from the flavor's sub-configs ({', '.join(subs)}); pick a model.flavor with "
+             f"the shape you want (one of {flavors})" if subs else
+             f", or pick a model.flavor / layer_pattern whose layers use it (flavors: {flavors})")
+    return (f"{s.origin}: {s.field} = {s.value!r} is not read by model.name = {family!r}: building and running "
+            f"this model never uses {s.field}, so the run would train the unchanged model. Remove it{shape}. "
+            f"Fields this model reads: {', '.join(settable)}.")
 
 
 def _ac_config(mode: str):
@@ -316,9 +317,8 @@ class TomlJob:
             def parse(args: list[str]):
                 return tyro.cli(type(model), args=args, default=model, registry=custom_registry)
 
-            before = model
             model = parse_settings(parse, items, model, self.source)
-            _check_model_overrides_used(before, model, [s for s, _, _ in items], config.model_spec.name)
+            _check_model_overrides_used(model, config.model_spec, [s for s, _, _ in items], config.model_spec.name)
             config.model_spec = dataclasses.replace(config.model_spec, model=model)
             if hasattr(config.loss, "global_vocab_size") and hasattr(model, "vocab_size"):
                 config.loss.global_vocab_size = model.vocab_size
