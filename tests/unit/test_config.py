@@ -233,6 +233,10 @@ def test_train_configs_parse(path, tmp_path):
         assert config.model_spec.model.kernel == ("triton" if gpu else "torch")
         assert config.checkpoint.initial_load_in_hf == config.checkpoint.last_save_in_hf == gpu
         return
+    if path.name.startswith("mamba2"):  # transformers' Mamba-2 architecture (docs/families.md)
+        assert config.model_spec.name == "mamba2" and set(config.model_spec.model.layer_types()) == {"M"}
+        assert config.model_spec.model.hidden_dim == 0 and config.parallelism.context_parallel_degree == 2
+        return
     if path.name.startswith("kda"):  # FLA's KDA architecture (docs/families.md)
         assert config.model_spec.name == "kda" and set(config.model_spec.model.layer_types()) == {"K"}
         assert config.model_spec.model.kernel == "torch" and config.parallelism.context_parallel_degree == 2

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 
+from titan_cp.models.gdn.hf_config import read_hf_config
 from titan_cp.models.gdn.hf_folder import is_hf_folder, latest_step_folder, load_model
 from titan_cp.train.toml_config import config_from_args
 
@@ -64,7 +65,13 @@ def model_config_from_train_config(config_file: str | Path, overrides: dict[str,
 
 def load_checkpoint(checkpoint: str | Path, *, config_file: str | Path | None = None, flavor: str | None = None,
                     kernel: str = "torch", device: str | torch.device = "cpu"):
-    """:func:`titan_cp.models.gdn.hf_folder.load_model` with the shape of a DCP checkpoint from ``config_file``."""
+    """:func:`titan_cp.models.gdn.hf_folder.load_model` with the shape of a DCP checkpoint from ``config_file``;
+    a transformers Mamba-2 folder (model_type ``mamba2``) through :func:`titan_cp.models.mamba2.hf_config.load_hf_folder`."""
+    folder = latest_step_folder(checkpoint)
+    if is_hf_folder(folder) and read_hf_config(folder).get("model_type") == "mamba2":
+        from titan_cp.models.mamba2.hf_config import load_hf_folder
+
+        return load_hf_folder(folder, kernel=kernel, device=device), folder
     model_config = None
     if config_file is not None and not is_hf_folder(latest_step_folder(checkpoint)):
         model_config, _ = model_config_from_train_config(config_file, {"kernel": kernel})

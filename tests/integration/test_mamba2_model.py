@@ -1,0 +1,235 @@
+"""The Mamba-2 family as a whole model: transformers' ``Mamba2ForCausalLM`` folders in and out, CP, generation.
+
+transformers 5.6.2 runs its Mamba-2 on CPU through ``torch_forward`` (pure PyTorch): an
+independent reference. A tiny random ``Mamba2ForCausalLM`` (2 groups, tied embeddings,
+non-trivial A_log / dt_bias / D / norms) is ``save_pretrained``; its logits and its greedy
+``generate`` ids are the reference for titan_cp's load (one rank, CP 2) and O(1)-per-token
+decode; a titan_cp model written with ``save_hf_folder`` loads into transformers with
+titan_cp's logits. One 2-rank launch checks (a) the folder's logits under CP 2 for every
+exchange x layout, (b) an 'MA' hybrid (Mamba-2 + softmax attention, blocks without an MLP)
+with packed documents on / around the segment boundaries: loss, every gradient and the
+parameters after 2 SGD steps equal one rank (fp32 1e-5), (c) one Mamba-2 layer's exchange
+bytes do not depend on L. A 3-rank launch runs (b) in float64 for every case (1e-10).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from titan_cp.cli.trained_model import load_checkpoint
+from titan_cp.cp.comm import comm_stats
+from titan_cp.cp.context import CPContext
+from titan_cp.cp.layout import rank_segments
+from titan_cp.errors import ConfigError
+from titan_cp.models.common.parallelize import apply_cp
+from titan_cp.models.common.sequence import SequenceInfo
+from titan_cp.models.gdn.decode import generate
+from titan_cp.models.gdn.mamba2_layer import Mamba2Mixer
+from titan_cp.models.mamba2.flavors import model_config
+from titan_cp.models.mamba2.hf_config import hf_config_from_model, load_hf_folder, model_fields_from_hf, save_hf_folder
+from titan_cp.testing import rel_err, run_on_ranks
+from tests.integration.test_kda_model import packed_positions
+
+transformers = pytest.importorskip("transformers")
+
+T, PROMPT, NEW, VOCAB = 24, 6, 8, 97
+CASES = [("contiguous", "allgather"), ("zigzag", "allgather"), ("contiguous", "logscan"), ("zigzag", "alltoall")]
+SHAPE = dict(num_heads=4, head_dim=8, ssm_state_size=8, ssm_n_groups=2, conv_size=4)  # E = 32 = 2 x dim
+
+
+def _hf_model():
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Mamba2Config(hidden_size=16, num_hidden_layers=2, num_heads=4, head_dim=8, expand=2, state_size=8,
+                          n_groups=2, conv_kernel=4, vocab_size=VOCAB, chunk_size=8, tie_word_embeddings=True,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = Mamba2ForCausalLM(config).eval()
+    with torch.no_grad():  # away from the init's symmetric values
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", "dt_bias", "D", "norm.weight", "norm_f.weight", "conv1d.bias")):
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    """transformers' folder, tokens (no special ids), logits, greedy ids; a titan_cp export and its HF logits."""
+    from transformers import Mamba2ForCausalLM
+
+    tmp = tmp_path_factory.mktemp("mamba2")
+    model = _hf_model()
+    model.save_pretrained(tmp / "hf")
+    tokens = torch.randint(3, VOCAB, (2, T), generator=torch.Generator().manual_seed(1))
+    ours = model_config("mamba2_debug", dim=16, vocab_size=VOCAB, **SHAPE).build()
+    ours.init_states()
+    save_hf_folder(ours, tmp / "exported")
+    with torch.no_grad():
+        prompt = tokens[:, :PROMPT]
+        greedy = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW, do_sample=False,
+                                eos_token_id=None)
+        exported = Mamba2ForCausalLM.from_pretrained(tmp / "exported").eval()
+        return {"folder": tmp / "hf", "tokens": tokens, "logits": model(tokens).logits, "greedy": greedy,
+                "ours": ours.eval(), "exported_logits": exported(tokens).logits}
+
+
+def _close(ours, theirs, what):
+    err, scale = (ours - theirs).abs().max().item(), theirs.abs().max().item()
+    print(f"{what}: max |titan_cp - transformers| = {err:.2e} at logits up to {scale:.1f}")
+    assert err <= 1e-5 * max(scale, 1.0), f"{what}: {err:.2e}"
+
+
+def test_hf_folder_loads_with_its_logits_and_greedy_ids(hf):
+    model, _ = load_checkpoint(hf["folder"])  # the generate / evaluate commands' loader
+    assert model.config.layer_types() == ["M", "M"] and model.config.tie_embeddings
+    assert model.layers["0"].feed_forward is None
+    with torch.no_grad():
+        _close(model(hf["tokens"]), hf["logits"], "transformers folder, one rank")
+    ids = generate(model, hf["tokens"][:, :PROMPT], NEW)
+    assert torch.equal(ids, hf["greedy"]), f"greedy ids differ:\n{ids}\n{hf['greedy']}"
+
+
+def test_titan_cp_export_gives_transformers_the_same_logits(hf):
+    with torch.no_grad():
+        _close(hf["ours"](hf["tokens"]), hf["exported_logits"], "titan_cp -> transformers folder")
+
+
+def test_unsupported_options_are_refused_naming_the_field():
+    base = hf_config_from_model(model_config("mamba2_debug"))
+    assert model_config("mamba2_debug", **model_fields_from_hf(base)) == model_config("mamba2_debug")
+    for key, value in (("use_conv_bias", False), ("use_bias", True), ("hidden_act", "gelu"),
+                       ("time_step_limit", [0.0, 0.1]), ("expand", 3)):
+        with pytest.raises(ConfigError, match=key):
+            model_fields_from_hf({**base, key: value})
+    with pytest.raises(ConfigError, match="model.layer_pattern"):
+        hf_config_from_model(model_config("mamba2_debug_hybrid"))
+    from titan_cp.models.common.preflight import validate
+    from titan_cp.models.mamba2.config_registry import config_for_flavor
+
+    job = config_for_flavor("mamba2_debug")
+    job.parallelism.tensor_parallel_degree = 2
+    with pytest.raises(ConfigError, match="parallelism.tensor_parallel_degree = 2 with Mamba-2 layers"):
+        validate(job, world_size=2, check_runtime=False)
+
+
+def _hybrid_config(num_heads=4):
+    return model_config("mamba2_debug", layer_pattern="MA", dim=16, vocab_size=VOCAB, **{**SHAPE, "num_heads": num_heads},
+                        attn_num_heads=4, attn_num_kv_heads=2, attn_head_dim=4)
+
+
+def _train_errors(rank, P, layout, exchange, *, dtype=torch.float32, num_heads=4, L=32, steps=2, lr=0.5):
+    """The 'MA' hybrid under CP over P ranks vs one rank: loss, every gradient per step, params after."""
+    B = 2
+    tokens = torch.randint(0, VOCAB, (B, L + 1), generator=torch.Generator().manual_seed(5))
+    positions = packed_positions(B, L, P, layout)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    ref, cp_model = (_hybrid_config(num_heads).build() for _ in range(2))
+    for m in (ref, cp_model):
+        m.init_states()
+        m.to(dtype)
+    apply_cp(cp_model, CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange))
+    shard = lambda t: rank_segments(t, 1, rank, P, layout)  # noqa: E731
+    errs = {}
+    for step in range(steps):
+        loss_ref = F.cross_entropy(ref(inputs, positions).flatten(0, 1), labels.flatten())
+        loss_ref.backward()
+        loss_sum = F.cross_entropy(cp_model(shard(inputs), shard(positions)).flatten(0, 1), shard(labels).flatten(),
+                                   reduction="sum")
+        (loss_sum / (B * L)).backward()
+        total = loss_sum.detach().clone()
+        dist.all_reduce(total)
+        errs[f"loss{step}"] = rel_err(total / (B * L), loss_ref.detach())
+        for (name, p_ref), p in zip(ref.named_parameters(), cp_model.parameters()):
+            dist.all_reduce(p.grad)
+            errs[f"grad{step} {name}"] = rel_err(p.grad, p_ref.grad)
+            with torch.no_grad():
+                p_ref -= lr * p_ref.grad
+                p -= lr * p.grad
+            p_ref.grad, p.grad = None, None
+    for (name, p_ref), p in zip(ref.named_parameters(), cp_model.parameters()):
+        errs[f"param {name}"] = rel_err(p.detach(), p_ref.detach())
+    return errs
+
+
+def _bytes_per_layer(rank, P, lengths):
+    """Bytes one Mamba-2 layer sends / receives (forward + backward) by kind, per sequence length L."""
+    out = {}
+    for L in lengths:
+        layer = Mamba2Mixer(dim=16, num_heads=4, head_dim=8, state_size=8, n_groups=2, conv_size=4, norm_eps=1e-5,
+                            kernel="torch")
+        layer.init_weights(0.02)
+        layer.cp = CPContext(group=dist.group.WORLD, layout="contiguous", exchange="allgather")
+        x = rank_segments(torch.randn(1, L, 16), 1, rank, P, "contiguous").requires_grad_()
+        comm_stats.reset()
+        layer(x, SequenceInfo()).sum().backward()
+        out[L] = {kind: (r.bytes_sent, r.bytes_received) for (_, kind), r in comm_stats.records.items()}
+    return out
+
+
+def _cp_rank(rank, P, folder, tokens, hf_logits):
+    errs = {}
+    for layout, exchange in CASES:  # (a) the transformers checkpoint under CP 2
+        model = load_hf_folder(folder)
+        apply_cp(model, CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange))
+        with torch.no_grad():
+            logits = model(rank_segments(tokens, 1, rank, P, layout))
+        ref = rank_segments(hf_logits, 1, rank, P, layout)
+        errs[f"hf {layout}/{exchange}"] = (logits - ref).abs().max().item() / max(ref.abs().max().item(), 1.0)
+    for layout, exchange in CASES:  # (b) an 'MA' hybrid trained 2 steps, packed documents
+        errs.update({f"{layout}/{exchange} {k}": v for k, v in _train_errors(rank, P, layout, exchange).items()})
+    return errs, _bytes_per_layer(rank, P, lengths=(64, 1024))
+
+
+def _worst(results) -> dict[str, float]:
+    worst: dict[str, float] = {}
+    for errs in results:
+        for name, err in errs.items():
+            worst[name] = max(worst.get(name, 0.0), err)
+    return worst
+
+
+def test_cp2_matches_transformers_and_one_rank(hf):
+    results = run_on_ranks(_cp_rank, 2, args=(str(hf["folder"]), hf["tokens"], hf["logits"]), timeout=400)
+    for rank, (_, per_length) in enumerate(results):  # exchange bytes per layer: constant in L
+        print(f"rank {rank} Mamba-2 layer bytes (sent, received) by kind:", per_length)
+        assert per_length[64] == per_length[1024]
+        # the forward summary: one decay scalar per head + the N x P local state, float32, B = 1
+        assert per_length[64]["state_fwd"][1] == 4 * (1 + 8 * 8) * 4
+    worst = _worst(errs for errs, _ in results)
+    names = [name for name, _ in _hybrid_config().build().named_parameters()]
+    assert not any("feed_forward" in n for n in names)
+    for layout, exchange in CASES:  # every gradient and parameter was compared
+        for what in ("grad0", "grad1", "param"):
+            assert {f"{layout}/{exchange} {what} {n}" for n in names} <= set(worst), (layout, exchange, what)
+    for kind in ("hf", "loss", "grad", "param"):
+        print(f"worst {kind}: {max(v for k, v in worst.items() if kind in k):.1e}")
+    bad = {k: v for k, v in worst.items() if v > 1e-5}
+    assert not bad, f"CP 2 != reference beyond 1e-5: {bad}"
+
+
+FP64_CASES = [("contiguous", "allgather"), ("zigzag", "allgather"), ("contiguous", "logscan"),
+              ("contiguous", "alltoall"), ("zigzag", "alltoall")]
+
+
+def _fp64_rank(rank, P):
+    errs = {}
+    for layout, exchange in FP64_CASES:  # P Mamba-2 heads (alltoall moves whole heads), L = 24
+        case = _train_errors(rank, P, layout, exchange, dtype=torch.float64, num_heads=2 * P, L=24)
+        errs.update({f"{layout}/{exchange} {k}": v for k, v in case.items()})
+    return errs
+
+
+def test_cp3_float64_equals_one_rank():
+    """Float64, packed documents on / around the segment boundaries, every exchange x layout: 1e-10."""
+    worst = _worst(run_on_ranks(_fp64_rank, 3, timeout=300))
+    names = [name for name, _ in _hybrid_config(6).build().named_parameters()]
+    for layout, exchange in FP64_CASES:
+        for what in ("grad0", "grad1", "param"):
+            assert {f"{layout}/{exchange} {what} {n}" for n in names} <= set(worst), (layout, exchange, what)
+    for kind in ("loss", "grad", "param"):
+        print(f"CP 3 float64 worst {kind}: {max(v for k, v in worst.items() if kind in k):.1e}")
+    bad = {k: v for k, v in worst.items() if v > 1e-10}
+    assert not bad, f"CP 3 float64 != one rank beyond 1e-10: {bad}"
