@@ -1,9 +1,10 @@
-"""CP 2 training (real ``torchrun train.py``) from a parquet file and from JSONL shards of the same documents.
+"""CP 2 training (real ``torchrun train.py``) from parquet, arrow, a ``save_to_disk`` folder and JSONL shards.
 
-The shipped corpus is written here as one parquet file and as two JSONL shards
-(a glob) under a custom text column; both CP 2 runs start from the same
-initialisation (same seed, same layout) and must see the same token ids, so
-their per-step losses agree to fp32 reduction noise. The parquet run's
+The shipped corpus is written here as one parquet file, a ``save_to_disk``
+folder (and the arrow file inside it) and two JSONL shards (a glob) under a
+custom text column; every CP 2 run starts from the same initialisation (same
+seed, same layout) and must see the same token ids as the JSONL run, so their
+per-step losses agree to fp32 reduction noise. The parquet run's
 step-3 checkpoint, resumed, gives the uninterrupted run's losses at steps 4-6
 (the dataloader position is restored mid-epoch).
 """
@@ -23,14 +24,18 @@ from tests.support.train_runs import CKPT_STEP, RESUME_REL_TOL, STEPS, Runner, a
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("data_train")
     rows = [{"content": json.loads(line)["text"]} for line in CORPUS_PATH.read_text().splitlines() if line.strip()]
-    datasets.Dataset.from_list(rows).to_parquet(str(root / "corpus.parquet"))
+    ds = datasets.Dataset.from_list(rows)
+    ds.to_parquet(str(root / "corpus.parquet"))
+    ds.save_to_disk(str(root / "disk"))
+    arrow = next(p for p in (root / "disk").iterdir() if p.suffix == ".arrow")
     half = len(rows) // 2
     for k, part in enumerate((rows[:half], rows[half:])):
         (root / f"corpus-{k}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     runner = Runner(root)
     common = ["--data.dataset", "tiny_corpus", "--data.text_column", "content"]
     out = {}
-    for name, path in (("parquet", root / "corpus.parquet"), ("jsonl_shards", root / "corpus-*.jsonl")):
+    for name, path in (("parquet", root / "corpus.parquet"), ("jsonl_shards", root / "corpus-*.jsonl"),
+                       ("arrow", arrow), ("save_to_disk", root / "disk")):
         out[name] = runner.launch(f"cp2_{name}", 2, "cp2", ["--training.local_batch_size", "4"],
                                   [*common, "--data.dataset_path", str(path)])
     # the parquet run's full step-CKPT_STEP checkpoint (model, optimizer, dataloader position) continued
@@ -48,6 +53,14 @@ def test_cp2_from_parquet_equals_cp2_from_jsonl_shards(runs):
     parquet, jsonl = losses_at(runs["parquet"], steps), losses_at(runs["jsonl_shards"], steps)
     assert_losses_close(parquet, jsonl, RESUME_REL_TOL, "cp2 parquet vs jsonl shards")
     assert parquet[-1] < parquet[0]  # it trains on the text
+
+
+@needs_torchrun
+@pytest.mark.parametrize("source", ["arrow", "save_to_disk"])
+def test_cp2_from_arrow_and_save_to_disk_equals_cp2_from_jsonl_shards(runs, source):
+    steps = range(1, STEPS + 1)
+    assert_losses_close(losses_at(runs[source], steps), losses_at(runs["jsonl_shards"], steps), RESUME_REL_TOL,
+                        f"cp2 {source} vs jsonl shards")
 
 
 @needs_torchrun

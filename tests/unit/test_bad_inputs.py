@@ -58,6 +58,15 @@ def _cases(d):
         "qwen3_5 model.vocab_size": ([("model", "name", "qwen3_5"), ("model", "vocab_size", 2048)],
                                      "model.vocab_size"),
         "gdn attention field without attention": ([("model", "attn_num_heads", 8)], "model.attn_num_heads"),
+        # an override nothing reads, any type, any family (titan_cp.train.config_reads)
+        "gdn float field without attention": ([("model", "rope_theta", 5e5)], "model.rope_theta"),
+        "gdn kernel with attention layers only": ([("model", "layer_pattern", "A"), ("model", "kernel", "recurrent")],
+                                                  "model.kernel"),
+        "kda attention field without attention": ([("model", "name", "kda"), ("model", "attn_num_kv_heads", 4)],
+                                                  "model.attn_num_kv_heads"),
+        "mamba2 model.expand_v": ([("model", "name", "mamba2"), ("model", "expand_v", 1.0)], "model.expand_v"),
+        "qwen3_5 moe model.dim": ([("model", "name", "qwen3_5"), ("model", "flavor", "debugmodel_moe"),
+                                   ("model", "dim", 32)], "model.dim"),
         "unknown dataloader key": ([("dataloader", "text_colum", "text")], "dataloader.text_colum"),
         "unknown dataset": ([("dataloader", "dataset", "no_such_set")], "dataloader.dataset"),
     }
@@ -66,7 +75,7 @@ def _cases(d):
 def _missed_cases(rank: int, world: int, tmp: Path) -> dict[str, str]:
     """The bad inputs that were accepted or named the wrong field (run in a fresh process, as train.py is)."""
     cases = _cases(tmp)
-    assert len(cases) >= 15
+    assert len(cases) >= 23
     missed = {}
     for name, (overrides, field) in cases.items():
         try:

@@ -131,3 +131,26 @@ def test_step_watchdog_ends_a_busy_process_without_steps():
         sum(range(10_000))
     dog.stop()
     assert exits == [StepWatchdog.EXIT_CODE]
+
+
+@pytest.mark.parametrize("rank, shown", [("0", True), ("1", False)])
+def test_start_up_scan_shows_progress_on_rank_0_only(files, monkeypatch, capsys, rank, shown):
+    """The start-up data check scans until one batch of tokens is seen; rank 0 prints where it is."""
+    from types import SimpleNamespace
+
+    from titan_cp.components import data_checks
+    from titan_cp.errors import ConfigError
+
+    monkeypatch.setattr(data_checks, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setenv("RANK", rank)
+    path, _ = files["parquet"]
+    dl = TextDataLoader.Config(dataset="tiny_corpus", dataset_path=path, text_column="body", min_doc_tokens=10**6)
+    config = SimpleNamespace(dataloader=dl, hf_assets_path=str(TOKENIZER_PATH), model_spec=SimpleNamespace(
+        model=SimpleNamespace(vocab_size=2048)), training=SimpleNamespace(local_batch_size=BATCH, seq_len=SEQ))
+    with pytest.raises(ConfigError, match="dataloader.min_doc_tokens"):  # no document is that long: a full scan
+        data_checks.check_data(config, 1)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"[titan_cp] checking {path}")]
+    if shown:
+        assert len(lines) == len(files["rows"]) and lines[-1].startswith(f"[titan_cp] checking {path}: 40 documents")
+    else:
+        assert lines == []

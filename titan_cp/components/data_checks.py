@@ -24,6 +24,8 @@ import time
 
 from titan_cp.errors import ConfigError
 
+PROGRESS_SECONDS = 10.0  # rank 0 prints the scan's progress this often
+
 
 def _rank0() -> bool:
     return os.environ.get("RANK", "0") == "0"
@@ -66,7 +68,7 @@ def check_data(config, dp: int) -> None:
             tokens += len(ids) - 1  # inputs of a document: [BOS] + text
         if tokens >= need:
             return
-        if _rank0() and time.monotonic() - last_log > 10:
+        if _rank0() and time.monotonic() - last_log >= PROGRESS_SECONDS:
             last_log = time.monotonic()
             print(f"[titan_cp] checking {path}: {docs} documents, {tokens}/{need} tokens "
                   f"({last_log - start:.0f} s)", flush=True)
