@@ -36,10 +36,10 @@ with the softmax attention done by titan_cp's ring attention on GLOBAL
 positions (this rank's shard of the layout, or the trainer's per-document
 positions).
 
-Norms (:class:`CPOffsetRMSNorm`, :class:`CPRMSNormGated`) are TorchTitan's
-arithmetic with a dtype-following upcast: float32 for bf16 / fp16 / fp32 inputs
-(exactly TorchTitan's), float64 for float64, where TorchTitan's always cast to
-float32.
+Norms and RoPE (:class:`CPOffsetRMSNorm`, :class:`CPRMSNormGated`,
+:class:`CPMRoPE`) are TorchTitan's arithmetic with a dtype-following upcast:
+float32 for bf16 / fp16 / fp32 inputs (exactly TorchTitan's), float64 for
+float64, where TorchTitan's always cast to float32.
 """
 
 from __future__ import annotations
@@ -50,8 +50,10 @@ import torch
 
 import torch.nn.functional as F
 
+from torchtitan.models.common.rope import CosSinRoPE
 from torchtitan.models.qwen3_5.model import (GatedDeltaNet, OffsetRMSNorm, Qwen35Attention, Qwen35TransformerBlock,
                                              RMSNormGated)
+from torchtitan.models.qwen3_5.rope import MRoPE
 from torchtitan.protocols.module import Module
 
 from titan_cp.cp.context import CPContext
@@ -94,12 +96,28 @@ class CPRMSNormGated(RMSNormGated):
         return (y * F.silu(gate.to(x_n.dtype))).to(x.dtype)
 
 
-def dtype_following_norm(config):
-    """TorchTitan's OffsetRMSNorm / RMSNormGated config -> the same fields on CPOffsetRMSNorm / CPRMSNormGated."""
-    for cp_norm in (CPOffsetRMSNorm, CPRMSNormGated):
-        if isinstance(config, cp_norm.__mro__[1].Config):
-            return cp_norm.Config(**{f.name: getattr(config, f.name) for f in fields(config)})
-    raise TypeError(f"not a Qwen3.5 norm config: {type(config).__qualname__}")
+class CPMRoPE(MRoPE):
+    """TorchTitan's MRoPE (rotate-half on its cos/sin cache), rotated in float32 only for float32-or-narrower q/k."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(MRoPE.Config):
+        pass
+
+    @staticmethod
+    def apply_rotary_emb(query, key, rope_cache):
+        D = query.shape[-1]
+        cos, sin = rope_cache[..., :D], rope_cache[..., D:]
+        q, k = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (query, key))
+        rotate_half = CosSinRoPE._rotate_half
+        return (q * cos + rotate_half(q) * sin).type_as(query), (k * cos + rotate_half(k) * sin).type_as(key)
+
+
+def dtype_following(config):
+    """TorchTitan's OffsetRMSNorm / RMSNormGated / MRoPE config -> the same fields on its dtype-following twin."""
+    for twin in (CPOffsetRMSNorm, CPRMSNormGated, CPMRoPE):
+        if isinstance(config, twin.__mro__[1].Config):
+            return twin.Config(**{f.name: getattr(config, f.name) for f in fields(config)})
+    raise TypeError(f"no dtype-following twin for {type(config).__qualname__}")
 
 
 class CPGatedDeltaNet(GatedDeltaNet):

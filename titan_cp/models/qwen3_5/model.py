@@ -29,7 +29,7 @@ from titan_cp.errors import ConfigError, unknown_choice_message
 from titan_cp.models.common.sequence import sequence_info
 from titan_cp.models.qwen3_5.moe import EXPERT_COMPUTE, CPGroupedExperts, moe_layers
 from titan_cp.models.qwen3_5.layers import (CPGatedDeltaNet, CPQwen35Attention, CPQwen35Block, RingAttention,
-                                            dtype_following_norm)
+                                            dtype_following)
 
 
 def _fields(config) -> dict:
@@ -151,22 +151,22 @@ class Qwen35CPModel(Qwen35Model):
 def titan_cp_config(config: Qwen35Model.Config, **fields) -> Qwen35CPModel.Config:
     """A TorchTitan Qwen3.5 config with titan_cp's CP layers (same shapes, inits and names).
 
-    Every norm becomes its dtype-following twin (float64 for float64 inputs;
-    layers.dtype_following_norm), the final norm included. ``fields``:
+    Every norm (the final one included) and RoPE become their dtype-following
+    twins (float64 for float64 inputs; layers.dtype_following). ``fields``:
     :class:`Qwen35CPModel.Config` fields (kernel, cp_layout, cp_exchange,
     doc_masking, with_vision, expert_compute).
     """
     layers = []
     for layer in config.layers:
-        values = _fields(layer) | {name: dtype_following_norm(getattr(layer, name))
+        values = _fields(layer) | {name: dtype_following(getattr(layer, name))
                                    for name in ("attention_norm", "ffn_norm")}
         if layer.attention is not None:
             attention = _fields(layer.attention) | {"inner_attention": RingAttention.Config()}
-            attention |= {name: dtype_following_norm(attention[name]) for name in ("q_norm", "k_norm")}
+            attention |= {name: dtype_following(attention[name]) for name in ("q_norm", "k_norm", "rope")}
             values["attention"] = CPQwen35Attention.Config(**attention)
         if layer.delta_net is not None:
             delta_net = _fields(layer.delta_net)
-            delta_net["norm"] = dtype_following_norm(delta_net["norm"])
+            delta_net["norm"] = dtype_following(delta_net["norm"])
             values["delta_net"] = CPGatedDeltaNet.Config(**delta_net)
         if layer.moe is not None:
             routed = layer.moe.routed_experts
@@ -174,5 +174,5 @@ def titan_cp_config(config: Qwen35Model.Config, **fields) -> Qwen35CPModel.Confi
             values["moe"] = dataclasses.replace(layer.moe, routed_experts=dataclasses.replace(routed,
                                                                                            inner_experts=experts))
         layers.append(CPQwen35Block.Config(**values))
-    norm = {"norm": dtype_following_norm(config.norm)}
+    norm = {"norm": dtype_following(config.norm)}
     return Qwen35CPModel.Config(**(_fields(config) | {"layers": layers} | norm | fields))
