@@ -120,7 +120,7 @@ def _op_level(rank: int, world: int) -> dict:
         cp = titan_cp.cp_context(layout="zigzag")
         titan_cp.make_cp_aware(model, cp)
         logits = model(titan_cp.shard_sequence(tokens, cp), positions=titan_cp.shard_sequence(positions, cp))
-    # (the model's norms compute in float32 even for float64 weights: a float32 tolerance)
+    # CP vs one process to float64 rounding (ring attention accumulates in float64; measured 5e-16)
     errors["model"] = ((titan_cp.gather_sequence(logits, cp) - logits_ref).abs().max() / logits_ref.abs().max()).item()
     return {"errors": errors, "refused": refused}
 
@@ -132,7 +132,7 @@ def test_op_level_gated_delta_rule_at_p3_matches_one_process():
         assert result["refused"] == [True, True]
         errors = result["errors"]
         assert errors["zigzag"] < 1e-12 and errors["contiguous"] < 1e-12, errors
-        assert errors["model"] < 1e-6, errors
+        assert errors["model"] < 1e-10, errors
 
 
 # ----------------------------------------------------------------------------- without ranks
