@@ -60,10 +60,10 @@ on; after the P-th hop every accumulator is back at its owner and is that
 block's dK, dV. The skip plan of the forward is reused, so skipped blocks are
 skipped in the backward too (accumulators just pass through).
 
-Communication per call (E = element size of k/v, N = B * Hkv * Tloc * D):
+Communication per call (E / A = element size of k/v / of the accumulation dtype, N = B * Hkv * Tloc * D):
 
     forward:  P-1 rounds, per rank sent = received = (P-1) * (2 N E + 8 B Tloc [doc_ids])
-    backward: P rounds,   per rank sent = received = (P-1) * 2 N E + P * 2 N * 4
+    backward: P rounds,   per rank sent = received = (P-1) * 2 N E + P * 2 N A
 
 recorded in :data:`titan_cp.cp.comm.comm_stats` as (layer_name, "ring_fwd")
 and (layer_name, "ring_bwd"). With P = 1 (``cp`` None, or a context of one
