@@ -9,12 +9,15 @@ does before ``pp_schedule.step``. The reference is the same model on the
 whole batch in each process.
 
 One 4-rank launch (PP 2 x CP 2) checks the dense tiny Qwen3.5
-(tests/support/qwen35_common.py) on Interleaved1F1B (2 stages per rank) and
-on 1F1B against one rank: the loss, every parameter gradient, and every
-parameter after 2 SGD steps (momentum), fp32 rel 1e-5. The same harness
-runs TorchTitan's ``debugmodel_moe`` (``moe=True``: exact experts, EP, the
-load-balancing hook, expert bias compared); that case is not enabled yet
-(see CASES).
+(tests/support/qwen35_common.py) and TorchTitan's ``debugmodel_moe`` (exact
+experts, the load-balancing hook, expert bias compared) on Interleaved1F1B
+(2 stages per rank) and on 1F1B, and the MoE model under PP 2 x CP 2 x EP 2
+(EP borrows the CP ranks), against one rank: the loss, every parameter
+gradient at both steps, every parameter (and expert bias) after 2 SGD steps
+(momentum), fp32 rel 1e-5, and the tokens-per-expert counts the
+load-balancing hook reads at each step (summed over dp x cp), which must be
+one rank's: torch's first-step metadata inference is not counted
+(``titan_cp.models.common.pipeline.with_exact_moe_counts``).
 """
 
 from __future__ import annotations
@@ -235,7 +238,7 @@ def four_ranks():
 
 @pytest.mark.parametrize("name", [n for n, (world, _) in CASES.items() if world == 4])
 def test_qwen3_5_pp2_cp2_matches_one_rank(four_ranks, name):
-    """Dense PP 2 x CP 2 on Interleaved1F1B (2 stages per rank) and 1F1B: loss, every gradient, params after 2 steps."""
+    """Dense / MoE PP 2 x CP 2 (x EP 2) vs one rank: loss, every gradient, params + expert bias, MoE counts."""
     _check(four_ranks, name)
 
 
