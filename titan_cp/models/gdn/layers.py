@@ -100,33 +100,36 @@ class ShortConv(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
 
-class GatedDeltaNet(nn.Module):
-    """FLA's Gated DeltaNet layer, with context parallelism.
+def init_log_decay(A_log: torch.Tensor, dt_bias: torch.Tensor, A_min: float) -> None:
+    """FLA's decay init, in place (so it works on sharded DTensor parameters too):
+    A_log = log U(A_min, 16), dt_bias = softplus^-1(dt), dt log-uniform in [1e-3, 0.1] (floor 1e-4)."""
+    with torch.no_grad():
+        A_log.uniform_(A_min, 16).log_()
+        dt_min, dt_max, dt_floor = 1e-3, 0.1, 1e-4
+        dt = dt_bias.uniform_(0, 1)
+        dt.mul_(math.log(dt_max) - math.log(dt_min)).add_(math.log(dt_min)).exp_().clamp_(min=dt_floor)
+        dt.add_(torch.log(-torch.expm1(-dt)))  # inverse softplus
 
-        q, k = l2norm(silu(conv(x W_q))), l2norm(silu(conv(x W_k)))   [B, T, H, K]
-        v    = silu(conv(x W_v))                                       [B, T, Hv, V]
-        beta = sigmoid(x W_b)                                          [B, T, Hv]
-        g    = -exp(A_log) * softplus(x W_a + dt_bias)                 [B, T, Hv]
-        o    = gated_delta_rule(q, k, v, g, beta)   (q, k repeated to Hv heads)
-        y    = o_proj(RMSNorm(o) * silu(x W_g))
 
-    ``mixes_sequence`` marks it for the CP coverage guard (parallelize.py).
-    ``self.cp`` (set by the parallelize function, None without CP) decides how
-    the sequence-mixing part (convs + delta rule) crosses shard boundaries.
+class DeltaRuleLayer(nn.Module):
+    """What the Gated DeltaNet and KDA layers share, with FLA's names for both.
+
+        q, k = l2norm(silu(conv(x W_q))), l2norm(silu(conv(x W_k)))   [B, T, H, K]   q_proj, k_proj, q_conv1d, k_conv1d
+        v    = silu(conv(x W_v))                                       [B, T, Hv, V]  v_proj, v_conv1d
+        g    = -exp(A_log) * softplus(a + dt_bias)                     A_log [Hv], dt_bias [Hv * dt_width]
+        y    = o_proj(RMSNorm(o) * act(gate))                          o_norm (act = ``gate_activation``), o_proj
+
+    A subclass adds its gate projections (``gate_linears``: what makes a, beta and the output gate,
+    ``g_proj`` among them) and the sequence mixing; ``A_MIN`` is the low end of its A_log init.
+    ``mixes_sequence`` marks it for the CP coverage guard (parallelize.py); ``self.cp`` (set by the
+    parallelize function, None without CP) decides how the convs and the kernel cross shard boundaries.
     """
 
-    def __init__(
-        self,
-        *,
-        dim: int,
-        num_heads: int,
-        head_dim: int,
-        expand_v: float,
-        num_v_heads: int | None,
-        conv_size: int,
-        norm_eps: float,
-        kernel: str,
-    ):
+    A_MIN = 0.0
+    mixes_sequence = True
+
+    def __init__(self, *, dim: int, num_heads: int, head_dim: int, expand_v: float, num_v_heads: int | None,
+                 conv_size: int, norm_eps: float, kernel: str, dt_width: int, gate_activation: str):
         super().__init__()
         num_v_heads = num_v_heads or num_heads
         head_v_dim = int(head_dim * expand_v)
@@ -146,38 +149,61 @@ class GatedDeltaNet(nn.Module):
         self.q_proj = nn.Linear(dim, key_dim, bias=False)
         self.k_proj = nn.Linear(dim, key_dim, bias=False)
         self.v_proj = nn.Linear(dim, value_dim, bias=False)
-        self.a_proj = nn.Linear(dim, num_v_heads, bias=False)
-        self.b_proj = nn.Linear(dim, num_v_heads, bias=False)
-        self.g_proj = nn.Linear(dim, value_dim, bias=False)
         self.q_conv1d = ShortConv(key_dim, conv_size)
         self.k_conv1d = ShortConv(key_dim, conv_size)
         self.v_conv1d = ShortConv(value_dim, conv_size)
         self.A_log = nn.Parameter(torch.empty(num_v_heads))
-        self.dt_bias = nn.Parameter(torch.empty(num_v_heads))
+        self.dt_bias = nn.Parameter(torch.empty(num_v_heads * dt_width))
         self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
         self.dt_bias._no_weight_decay = True  # type: ignore[attr-defined]
-        self.o_norm = GatedRMSNorm(head_v_dim, eps=norm_eps)
+        self.o_norm = GatedRMSNorm(head_v_dim, eps=norm_eps, activation=gate_activation)
         self.o_proj = nn.Linear(value_dim, dim, bias=False)
         self.cp: CPContext | None = None
         self.layer_name = ""
 
-    mixes_sequence = True
+    def gate_linears(self) -> tuple[nn.Linear, ...]:
+        raise NotImplementedError
 
     def init_weights(self, init_std: float) -> None:
-        """FLA's init for A_log / dt_bias / convs; TorchTitan's truncated normals for linears."""
-        for linear in (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj):
+        """FLA's init for A_log / dt_bias / convs (biases zero); TorchTitan's truncated normals for linears."""
+        for linear in (self.q_proj, self.k_proj, self.v_proj, *self.gate_linears()):
             nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
         nn.init.trunc_normal_(self.o_proj.weight, mean=0.0, std=init_std)
         for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
             conv.reset_parameters()
         self.o_norm.reset_parameters()
-        # In place, so it works on sharded (DTensor) parameters too.
-        with torch.no_grad():
-            self.A_log.uniform_(0, 16).log_()
-            dt_min, dt_max, dt_floor = 1e-3, 0.1, 1e-4
-            dt = self.dt_bias.uniform_(0, 1)
-            dt.mul_(math.log(dt_max) - math.log(dt_min)).add_(math.log(dt_min)).exp_().clamp_(min=dt_floor)
-            dt.add_(torch.log(-torch.expm1(-dt)))  # inverse softplus
+        init_log_decay(self.A_log, self.dt_bias, self.A_MIN)
+
+    def output(self, o_BTHV: torch.Tensor, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The token-local part after sequence mixing (also used by decoding): the gated RMSNorm per
+        value head with the subclass's ``g_proj(x)`` as the gate, then o_proj."""
+        B, T, _ = x_BTD.shape
+        y_BTHV = self.o_norm(o_BTHV, self.g_proj(x_BTD).view(B, T, -1, self.head_v_dim))
+        return self.o_proj(y_BTHV.reshape(B, T, -1))
+
+
+class GatedDeltaNet(DeltaRuleLayer):
+    """FLA's Gated DeltaNet layer, with context parallelism (:class:`DeltaRuleLayer` has the shared part).
+
+        beta = sigmoid(x W_b)                                          [B, T, Hv]
+        g    = -exp(A_log) * softplus(x W_a + dt_bias)                 [B, T, Hv]
+        o    = gated_delta_rule(q, k, v, g, beta)   (q, k repeated to Hv heads)
+        y    = o_proj(RMSNorm(o) * silu(x W_g))
+    """
+
+    def __init__(self, *, dim: int, num_heads: int, head_dim: int, expand_v: float, num_v_heads: int | None,
+                 conv_size: int, norm_eps: float, kernel: str):
+        super().__init__(dim=dim, num_heads=num_heads, head_dim=head_dim, expand_v=expand_v,
+                         num_v_heads=num_v_heads, conv_size=conv_size, norm_eps=norm_eps, kernel=kernel,
+                         dt_width=1, gate_activation="swish")
+        self.a_proj = nn.Linear(dim, self.num_v_heads, bias=False)
+        self.b_proj = nn.Linear(dim, self.num_v_heads, bias=False)
+        self.g_proj = nn.Linear(dim, self.num_v_heads * self.head_v_dim, bias=False)
+
+    def gate_linears(self) -> tuple[nn.Linear, ...]:
+        return self.a_proj, self.b_proj, self.g_proj
 
     def mixing_inputs(self, x_BTD: torch.Tensor, doc_starts_BT: torch.Tensor | None = None) -> GDNMixingInputs:
         """The token-local part before sequence mixing: projections, beta, g (also used by decoding)."""
@@ -197,24 +223,16 @@ class GatedDeltaNet(nn.Module):
             doc_starts_BT=doc_starts_BT,
         )
 
-    def output(self, o_BTHV: torch.Tensor, x_BTD: torch.Tensor) -> torch.Tensor:
-        """The token-local part after sequence mixing: gated RMSNorm and o_proj."""
-        B, T, _ = x_BTD.shape
-        gate_BTHV = self.g_proj(x_BTD).view(B, T, -1, self.head_v_dim)
-        y_BTHV = self.o_norm(o_BTHV, gate_BTHV)
-        return self.o_proj(y_BTHV.reshape(B, T, -1))
-
     def forward(self, x_BTD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
         inputs = self.mixing_inputs(x_BTD, seq.doc_starts)
         o_BTHV = mix_sequence(inputs, kernel=self.kernel, cp=self.cp, layer_name=self.layer_name)
         return self.output(o_BTHV, x_BTD)
 
 
-class KimiDeltaAttention(nn.Module):
+class KimiDeltaAttention(DeltaRuleLayer):
     """FLA's Kimi Delta Attention layer (``fla.layers.KimiDeltaAttention``, same parameter names), with CP.
 
-        q, k = l2norm(silu(conv(x W_q))), l2norm(silu(conv(x W_k)))   [B, T, H, K]
-        v    = silu(conv(x W_v))                                       [B, T, Hv, V]
+        q, k, v as GDN's (:class:`DeltaRuleLayer`)
         g    = -exp(A_log) * softplus(f_proj(x) + dt_bias)             [B, T, Hv, K] (per key channel)
         beta = sigmoid(x W_b)                                          [B, T, Hv]
         o    = kda(q, k, v, g, beta)    S_t = (I - beta_t k_t k_t^T) diag(exp g_t) S_{t-1} + beta_t k_t v_t^T
@@ -227,56 +245,20 @@ class KimiDeltaAttention(nn.Module):
     exchange and layout). Grouped value heads (Hv > H) repeat q, k as GDN does.
     """
 
+    A_MIN = 1.0  # FLA's KDA: A_log = log U(1, 16)
+
     def __init__(self, *, dim: int, num_heads: int, head_dim: int, expand_v: float, num_v_heads: int | None,
                  conv_size: int, norm_eps: float, kernel: str):
-        super().__init__()
-        num_v_heads = num_v_heads or num_heads
-        head_v_dim = int(head_dim * expand_v)
-        if head_v_dim != head_dim * expand_v or num_v_heads % num_heads:
-            raise ValueError(f"model.expand_v = {expand_v} x model.head_dim = {head_dim} must be whole and "
-                             f"model.num_v_heads = {num_v_heads} a multiple of model.num_heads = {num_heads}.")
-        self.head_dim, self.head_v_dim = head_dim, head_v_dim
-        self.num_heads, self.num_v_heads = num_heads, num_v_heads
-        self.kernel = kernel
-        key_dim, value_dim = num_heads * head_dim, num_v_heads * head_v_dim
-        self.q_proj = nn.Linear(dim, key_dim, bias=False)
-        self.k_proj = nn.Linear(dim, key_dim, bias=False)
-        self.v_proj = nn.Linear(dim, value_dim, bias=False)
-        self.q_conv1d = ShortConv(key_dim, conv_size)
-        self.k_conv1d = ShortConv(key_dim, conv_size)
-        self.v_conv1d = ShortConv(value_dim, conv_size)
-        self.f_proj = nn.Sequential(nn.Linear(dim, head_v_dim, bias=False),
-                                    nn.Linear(head_v_dim, num_v_heads * head_dim, bias=False))
-        self.b_proj = nn.Linear(dim, num_v_heads, bias=False)
-        self.A_log = nn.Parameter(torch.empty(num_v_heads))
-        self.dt_bias = nn.Parameter(torch.empty(num_v_heads * head_dim))
-        self.A_log._no_weight_decay = True  # type: ignore[attr-defined]
-        self.dt_bias._no_weight_decay = True  # type: ignore[attr-defined]
-        self.g_proj = nn.Sequential(nn.Linear(dim, head_v_dim, bias=False),
-                                    nn.Linear(head_v_dim, value_dim, bias=True))
-        self.o_norm = GatedRMSNorm(head_v_dim, eps=norm_eps, activation="sigmoid")
-        self.o_proj = nn.Linear(value_dim, dim, bias=False)
-        self.cp: CPContext | None = None
-        self.layer_name = ""
+        super().__init__(dim=dim, num_heads=num_heads, head_dim=head_dim, expand_v=expand_v,
+                         num_v_heads=num_v_heads, conv_size=conv_size, norm_eps=norm_eps, kernel=kernel,
+                         dt_width=head_dim, gate_activation="sigmoid")
+        Hv, V = self.num_v_heads, self.head_v_dim
+        self.f_proj = nn.Sequential(nn.Linear(dim, V, bias=False), nn.Linear(V, Hv * head_dim, bias=False))
+        self.b_proj = nn.Linear(dim, Hv, bias=False)
+        self.g_proj = nn.Sequential(nn.Linear(dim, V, bias=False), nn.Linear(V, Hv * V, bias=True))
 
-    mixes_sequence = True
-
-    def init_weights(self, init_std: float) -> None:
-        """FLA's A_log (log U(1, 16)) / dt_bias (inverse softplus of log-uniform [1e-3, 0.1]) / conv init;
-        TorchTitan's truncated normals for linears."""
-        linears = (self.q_proj, self.k_proj, self.v_proj, self.b_proj, *self.f_proj, *self.g_proj)
-        for linear in linears:
-            nn.init.trunc_normal_(linear.weight, mean=0.0, std=0.02)
-        nn.init.zeros_(self.g_proj[1].bias)
-        nn.init.trunc_normal_(self.o_proj.weight, mean=0.0, std=init_std)
-        for conv in (self.q_conv1d, self.k_conv1d, self.v_conv1d):
-            conv.reset_parameters()
-        self.o_norm.reset_parameters()
-        with torch.no_grad():
-            self.A_log.uniform_(1, 16).log_()
-            dt = self.dt_bias.uniform_(0, 1)
-            dt.mul_(math.log(0.1) - math.log(1e-3)).add_(math.log(1e-3)).exp_().clamp_(min=1e-4)
-            dt.add_(torch.log(-torch.expm1(-dt)))
+    def gate_linears(self) -> tuple[nn.Linear, ...]:
+        return self.b_proj, *self.f_proj, *self.g_proj
 
     def conv_input(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-conv q | k | v [B, T, 2 H K + Hv V] (local heads under TP) and the three conv weights
@@ -300,11 +282,6 @@ class KimiDeltaAttention(nn.Module):
         A_log, dt_bias = local_tensor(self.A_log), local_tensor(self.dt_bias)
         g, beta = gdn_gates(f_BTHK, self.b_proj(x_BTD), A_log[:, None], dt_bias.view(-1, self.head_dim))
         return q, k, v, g, beta
-
-    def output(self, o_BTHV: torch.Tensor, x_BTD: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x_BTD.shape
-        y_BTHV = self.o_norm(o_BTHV, self.g_proj(x_BTD).view(B, T, -1, self.head_v_dim))
-        return self.o_proj(y_BTHV.reshape(B, T, -1))
 
     def forward(self, x_BTD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
         x_BTC, weight = self.conv_input(x_BTD)
