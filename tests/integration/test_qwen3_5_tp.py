@@ -161,3 +161,22 @@ def test_sequence_parallel_needs_seq_len_divisible_by_tp():
         check_sequence_parallel(ParallelismConfig(tensor_parallel_degree=2), 9)
     check_sequence_parallel(ParallelismConfig(tensor_parallel_degree=2, enable_sequence_parallel=False), 9)
     check_sequence_parallel(ParallelismConfig(tensor_parallel_degree=2), 10)
+
+
+def test_tp_ep_needs_cp_shard_divisible_by_tp():
+    """TP x EP routes 1/tp of each CP shard per TP rank: seq_len % (cp x tp), or EP 1; dense and TP-only MoE pass."""
+    from torchtitan.config import ParallelismConfig
+
+    from titan_cp.errors import ConfigError
+    from titan_cp.models.qwen3_5.config_registry import model_spec
+    from titan_cp.models.qwen3_5.preflight import check_moe_tokens_split
+
+    moe, dense = model_spec("debugmodel_moe").model, model_spec("debugmodel").model
+    tp_ep = ParallelismConfig(context_parallel_degree=2, tensor_parallel_degree=2, expert_parallel_degree=2,
+                              enable_sequence_parallel=False)
+    with pytest.raises(ConfigError, match=r"training.seq_len = 10 is not divisible by parallelism.context_parallel_"
+                                          r"degree x tensor_parallel_degree = 2 x 2: .* \(e.g. 12\)"):
+        check_moe_tokens_split(moe, tp_ep, 10)
+    check_moe_tokens_split(moe, tp_ep, 12)
+    check_moe_tokens_split(dense, tp_ep, 10)
+    check_moe_tokens_split(moe, ParallelismConfig(context_parallel_degree=2, tensor_parallel_degree=2), 10)

@@ -105,11 +105,27 @@ def check_sequence_parallel(parallelism, seq_len: int) -> None:
         )
 
 
+def check_moe_tokens_split(model, parallelism, seq_len: int) -> None:
+    """TP x EP splits each CP rank's seq_len / cp tokens over TP inside every MoE block: it must divide evenly."""
+    tp, ep, cp = (parallelism.tensor_parallel_degree, parallelism.expert_parallel_degree,
+                  parallelism.context_parallel_degree)
+    has_moe = any(getattr(layer, "moe", None) is not None for layer in model.layers)
+    step = cp * tp
+    if has_moe and tp > 1 and ep > 1 and seq_len % step:
+        raise ConfigError(
+            f"training.seq_len = {seq_len} is not divisible by parallelism.context_parallel_degree x "
+            f"tensor_parallel_degree = {cp} x {tp}: under TP x EP each TP rank routes 1/{tp} of its CP rank's "
+            f"tokens (TorchTitan's MoE layout). Use a multiple of {step} (e.g. {(seq_len // step + 1) * step}) "
+            "or set expert_parallel_degree = 1 (experts TP-sharded, every TP rank routes all tokens)."
+        )
+
+
 def check_job(model, config) -> None:
     """Everything above against a TorchTitan ``Trainer.Config`` (no process group needed)."""
     check_layout(model, config.parallelism)
     check_sequence_parallel(config.parallelism, config.training.seq_len)
     check_moe(model, config.parallelism)
+    check_moe_tokens_split(model, config.parallelism, config.training.seq_len)
     checkpoint = config.checkpoint
     if checkpoint.initial_load_path and checkpoint.initial_load_in_hf:
         check_hf_checkpoint(model, checkpoint.initial_load_path)
