@@ -50,17 +50,18 @@ from titan_cp.cp.ring_attention import check_ring_inputs_agree, ring_attention
 from titan_cp.models.common.sequence import SequenceInfo
 
 
-def rope_cos_sin(positions_BT: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, T, 1, D/2] (float32) of the angles positions * theta^(-2i/D), i < D/2."""
+def rope_cos_sin(positions_BT: torch.Tensor, head_dim: int, theta: float,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, 1, D/2] (``dtype``) of the angles positions * theta^(-2i/D), i < D/2."""
     exponents = torch.arange(0, head_dim, 2, device=positions_BT.device, dtype=torch.float64) / head_dim
     inv_freq = theta ** -exponents  # [D/2]
     angles = positions_BT.to(torch.float64)[..., None] * inv_freq  # [B, T, D/2]
-    return angles.cos().float().unsqueeze(2), angles.sin().float().unsqueeze(2)
+    return angles.cos().to(dtype).unsqueeze(2), angles.sin().to(dtype).unsqueeze(2)
 
 
 def apply_rope(x_BTHD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE: [x1 cos - x2 sin, x2 cos + x1 sin], computed in float32."""
-    x = x_BTHD.float()
+    """Rotate-half RoPE: [x1 cos - x2 sin, x2 cos + x1 sin], computed in cos's dtype."""
+    x = x_BTHD.to(cos.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x_BTHD.dtype)
 
@@ -117,7 +118,8 @@ class Attention(nn.Module):
         q_BTHD = self.wq(x_BTD).view(B, T, -1, D)  # local heads under TP
         k_BTHD = self.wk(x_BTD).view(B, T, -1, D)
         v_BTHD = self.wv(x_BTD).view(B, T, -1, D)
-        cos, sin = rope_cos_sin(positions_BT, D, self.rope_theta)
+        # float32 for bf16 / fp16 / fp32, float64 for float64 (float64 runs stay float64)
+        cos, sin = rope_cos_sin(positions_BT, D, self.rope_theta, torch.promote_types(q_BTHD.dtype, torch.float32))
         return apply_rope(q_BTHD, cos, sin), apply_rope(k_BTHD, cos, sin), v_BTHD
 
     def forward(self, x_BTD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
