@@ -29,7 +29,8 @@ from titan_cp.models.common.sequence import SequenceInfo
 from titan_cp.models.gdn.decode import generate
 from titan_cp.models.gdn.mamba2_layer import Mamba2Mixer
 from titan_cp.models.mamba2.flavors import model_config
-from titan_cp.models.mamba2.hf_config import hf_config_from_model, load_hf_folder, model_fields_from_hf, save_hf_folder
+from titan_cp.models.mamba2.hf_config import hf_config_from_model, model_fields_from_hf
+from titan_cp.models.mamba2.hf_folder import load_hf_folder, save_hf_folder
 from titan_cp.testing import rel_err, run_on_ranks
 from tests.integration.test_kda_model import packed_positions
 
@@ -92,9 +93,14 @@ def test_hf_folder_loads_with_its_logits_and_greedy_ids(hf):
     assert torch.equal(ids, hf["greedy"]), f"greedy ids differ:\n{ids}\n{hf['greedy']}"
 
 
-def test_titan_cp_export_gives_transformers_the_same_logits(hf):
+def test_titan_cp_export_gives_transformers_the_same_logits(hf, tmp_path):
     with torch.no_grad():
         _close(hf["ours"](hf["tokens"]), hf["exported_logits"], "titan_cp -> transformers folder")
+    from titan_cp.models.gdn.hf_folder import write_hf_config  # what complete_hf_save writes after training
+
+    write_hf_config(hf["ours"].config, tmp_path)
+    assert (tmp_path / "config.json").read_text() == (hf["folder"].parent / "exported" / "config.json").read_text()
+    assert '"model_type": "mamba2"' in (tmp_path / "config.json").read_text()
 
 
 def test_unsupported_options_are_refused_naming_the_field():

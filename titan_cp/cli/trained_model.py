@@ -66,15 +66,20 @@ def model_config_from_train_config(config_file: str | Path, overrides: dict[str,
 def load_checkpoint(checkpoint: str | Path, *, config_file: str | Path | None = None, flavor: str | None = None,
                     kernel: str = "torch", device: str | torch.device = "cpu"):
     """:func:`titan_cp.models.gdn.hf_folder.load_model` with the shape of a DCP checkpoint from ``config_file``;
-    a transformers Mamba-2 folder (model_type ``mamba2``) through :func:`titan_cp.models.mamba2.hf_config.load_hf_folder`."""
+    a transformers Mamba-2 folder (model_type ``mamba2``) through :func:`titan_cp.models.mamba2.hf_folder.load_hf_folder`."""
     folder = latest_step_folder(checkpoint)
     if is_hf_folder(folder) and read_hf_config(folder).get("model_type") == "mamba2":
-        from titan_cp.models.mamba2.hf_config import load_hf_folder
+        from titan_cp.models.mamba2.hf_folder import load_hf_folder
 
         return load_hf_folder(folder, kernel=kernel, device=device), folder
     model_config = None
     if config_file is not None and not is_hf_folder(latest_step_folder(checkpoint)):
         model_config, _ = model_config_from_train_config(config_file, {"kernel": kernel})
+    elif config_file is None and flavor is not None:
+        from titan_cp.models.mamba2.flavors import FLAVORS as MAMBA2_FLAVORS, model_config as mamba2_config
+
+        if flavor in MAMBA2_FLAVORS:  # a DCP checkpoint of a Mamba-2 flavor
+            model_config = mamba2_config(flavor, kernel=kernel)
     return load_model(checkpoint, model_config=model_config, flavor=flavor, kernel=kernel, device=device)
 
 

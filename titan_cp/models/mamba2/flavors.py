@@ -37,8 +37,10 @@ FLAVORS = tuple(sorted(mamba2_configs))
 
 
 def model_config(flavor: str, **overrides):
-    """``GDNModel.Config`` of the Mamba-2 ``flavor`` with field ``overrides``."""
-    return gdn_model_config(flavor, flavors=mamba2_configs, **overrides)
+    """``Mamba2Model.Config`` (the GDN LM's fields) of the Mamba-2 ``flavor`` with field ``overrides``."""
+    from titan_cp.models.mamba2.model import Mamba2Model
+
+    return Mamba2Model.Config.of(gdn_model_config(flavor, flavors=mamba2_configs, **overrides))
 
 
 __all__ = ["FLAVORS", "mamba2_configs", "model_config"]

@@ -1,4 +1,4 @@
-"""transformers' ``Mamba2Config`` (config.json, model_type ``mamba2``) <-> ``GDNModel.Config``, and HF folders.
+"""transformers' ``Mamba2Config`` (config.json, model_type ``mamba2``) <-> ``Mamba2Model.Config`` fields.
 
 Fields, transformers -> titan_cp (one to one)::
 
@@ -15,14 +15,12 @@ biases on in_proj/out_proj, no conv bias, another activation, a time_step_limit 
 (0, inf)). Accepted without effect on fp32 numerics: ``residual_in_fp32`` (titan_cp keeps the
 residual in the parameter dtype, fp32 in training), ``chunk_size`` (kernel tiling),
 ``rescale_prenorm_residual`` / ``time_step_*`` init ranges (initialisation only).
+Folders (safetensors + config.json): :mod:`titan_cp.models.mamba2.hf_folder`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
-
-import torch
 
 from titan_cp.errors import ConfigError
 
@@ -70,13 +68,6 @@ def model_fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-def model_config_from_hf(hf: dict[str, Any], **overrides):
-    """``GDNModel.Config`` of a transformers ``mamba2`` config dict, then field ``overrides`` (e.g. kernel)."""
-    from titan_cp.models.gdn.model import GDNModel
-
-    return GDNModel.Config(**{**model_fields_from_hf(hf), **overrides})
-
-
 def hf_config_from_model(config, *, bos_token_id: int | None = None, eos_token_id: int | None = None,
                          dtype: str = "float32") -> dict[str, Any]:
     """transformers' ``config.json`` dict for a Mamba-2 ``GDNModel.Config`` (ConfigError if it cannot express it)."""
@@ -98,34 +89,4 @@ def hf_config_from_model(config, *, bos_token_id: int | None = None, eos_token_i
     return hf
 
 
-def load_hf_folder(path: str | Path, *, kernel: str = "torch", device: str | torch.device = "cpu"):
-    """A ready (eval) Mamba-2 ``GDNModel`` from a transformers ``Mamba2ForCausalLM`` folder."""
-    from titan_cp.models.gdn.hf_folder import build_model, load_hf_state_dict, read_hf_config
-    from titan_cp.models.mamba2.state_dict_adapter import Mamba2StateDictAdapter
-
-    model_config = model_config_from_hf(read_hf_config(path), kernel=kernel)
-    model = build_model(model_config, device)
-    model.load_state_dict(Mamba2StateDictAdapter(model_config, None).from_hf(load_hf_state_dict(path)), strict=True)
-    return model.eval()
-
-
-def save_hf_folder(model, out: str | Path) -> Path:
-    """``model.safetensors`` + ``config.json`` that transformers' ``Mamba2ForCausalLM.from_pretrained`` reads."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from titan_cp.models.mamba2.state_dict_adapter import Mamba2StateDictAdapter
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    hf = Mamba2StateDictAdapter(model.config, None).to_hf(model.state_dict())
-    save_file({k: v.detach().contiguous() for k, v in hf.items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
-    dtype = str(next(iter(hf.values())).dtype).split(".")[-1]
-    (out / "config.json").write_text(json.dumps(hf_config_from_model(model.config, dtype=dtype), indent=2) + "\n")
-    return out
-
-
-__all__ = ["hf_config_from_model", "load_hf_folder", "model_config_from_hf", "model_fields_from_hf",
-           "save_hf_folder"]
+__all__ = ["hf_config_from_model", "model_fields_from_hf"]
