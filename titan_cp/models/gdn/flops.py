@@ -44,6 +44,10 @@ Training FLOPs per token (:func:`training_flops_per_token`):
   + 3 x n_gdn_layers x Hv x F_gdn(K, V, C)          the gated delta rule, fwd + bwd
   + 12 x n_attn_layers x heads x head_dim x L       softmax attention scores and values
                                                     (TorchTitan's convention, hybrid layers)
+  + 3 x n_mamba2_layers x H x F_ssd(N, P, C)        Mamba-2's chunked SSD (titan_cp/ops/mamba2/chunk.py)
+
+F_ssd(N, P, C) = 2 C N (C B^T per chunk) + 2 C P (its masked product with x) + 2 N P (the chunk's
+state B^T x) + 2 N P (the inter-chunk output C S): no delta-rule inverse, a scalar decay per head.
 """
 
 from __future__ import annotations
@@ -54,6 +58,11 @@ CHUNK_SIZE = 64  # the GDN kernels' chunk C (titan_cp's torch kernel and FLA's)
 def gdn_chunk_flops_per_token(K: int, V: int, C: int = CHUNK_SIZE) -> float:
     """Forward FLOPs of the chunked gated delta rule per token per (value) head (module docstring)."""
     return 6 * C * K + 4 * C * V + 6 * K * V + C * C / 3
+
+
+def ssd_chunk_flops_per_token(N: int, P: int, C: int = CHUNK_SIZE) -> float:
+    """Forward FLOPs of Mamba-2's chunked SSD per token per head (module docstring)."""
+    return 2 * C * N + 2 * C * P + 4 * N * P
 
 
 def training_flops_per_token(config, matmul_params: int, seq_len: int) -> float:
@@ -68,5 +77,7 @@ def training_flops_per_token(config, matmul_params: int, seq_len: int) -> float:
     # KDA ('K') runs the same chunked delta rule with a per-channel decay: the same matmuls to first order.
     delta_rule = (layer_types.count("G") + layer_types.count("K")) * num_v_heads \
         * gdn_chunk_flops_per_token(config.head_dim, value_head_dim)
+    ssd = layer_types.count("M") * config.num_heads * ssd_chunk_flops_per_token(config.ssm_state_size,
+                                                                                config.head_dim)
     attention = 12 * layer_types.count("A") * config.attn_num_heads * config.attn_head_dim * seq_len
-    return 6 * matmul_params + 3 * delta_rule + attention
+    return 6 * matmul_params + 3 * (delta_rule + ssd) + attention
