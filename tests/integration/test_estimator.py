@@ -215,7 +215,8 @@ def test_scaling_with_parallelism():
     cp_trick = estimate_memory(s, TrainSetup(seq_len=32768), Parallelism(cp=2))
     assert "cp_q_transition" not in cp_trick.layer_terms  # recomputed in the backward, not kept
     assert cp_trick.layer_terms["kernel_internal"] == 0  # the recomputing segment kernel saves none of FLA's
-    assert cp_trick.activations > cp.activations
+    # under CP the recomputing kernel keeps none of FLA's A and q M is recomputed: less than without the CP terms
+    assert cp_trick.activations < cp.activations
     dp = estimate_memory(s, TrainSetup(seq_len=16384), Parallelism(dp=8))
     assert dp.params == pytest.approx(base.params / 8) and dp.fsdp_buffers > 0
     tp = estimate_memory(s, TrainSetup(seq_len=16384), Parallelism(tp=2))
@@ -325,16 +326,16 @@ def _cp_saved(rank, world):
 
 
 def test_torch_kernel_profile_matches_the_real_model_under_cp():
-    """The estimate is the worst rank's (one holding a later segment: it keeps the transition
-    columns and q M) within 2%; the rank holding only the first segment runs the plain kernel
-    and saves less."""
+    """The estimate is the worst rank's within 2%; the two ranks save the same within 1% (a later
+    segment's rank keeps no q M, it is recomputed in the backward; the first segment's rank keeps
+    the later segment's M for the reverse fold)."""
     from titan_cp.testing import run_on_ranks
 
     per_rank = run_on_ranks(_cp_saved, 2, timeout=300)
     for i, overrides in enumerate((_CAL_MODEL, _CAL_HYBRID)):
         estimate = _torch_profile_estimate(1280, 2, overrides)
         assert estimate == pytest.approx(max(r[i] for r in per_rank), rel=0.02)
-        assert per_rank[0][i] < per_rank[1][i]
+        assert per_rank[0][i] == pytest.approx(per_rank[1][i], rel=0.01)
 
 
 def test_replicated_params_buffers_and_grads_at_peak():
