@@ -112,6 +112,11 @@ def test_unsupported_options_are_refused_naming_the_field():
             model_fields_from_hf({**base, key: value})
     with pytest.raises(ConfigError, match="model.layer_pattern"):
         hf_config_from_model(model_config("mamba2_debug_hybrid"))
+    from titan_cp.models.gdn.flavors import model_config as gdn_model_config
+    from titan_cp.models.gdn.hf_config import hf_config_from_model as fla_hf_config
+
+    with pytest.raises(ConfigError, match="model.layer_pattern = 'GM' has Mamba-2"):  # not written as FLA's GDN
+        fla_hf_config(gdn_model_config("debug", layer_pattern="GM"))
     from titan_cp.models.common.preflight import validate
     from titan_cp.models.mamba2.config_registry import config_for_flavor
 

@@ -149,6 +149,9 @@ def hf_config_from_model(config, *, bos_token_id: int | None = None, eos_token_i
     """FLA's ``config.json`` dict for a titan_cp ``GDNModel.Config`` (ConfigError if FLA cannot express it):
     ``gated_deltanet`` for G (+ A) layers, ``kda`` for K (+ A) layers."""
     types = config.layer_types()
+    if "M" in types:
+        raise ConfigError(f"model.layer_pattern = '{config.layer_pattern}' has Mamba-2 (M) layers, which FLA's GDN / KDA "
+                          "format cannot hold: transformers' Mamba2ForCausalLM holds layer_pattern = 'M' (model.name = 'mamba2').")
     if "G" in types and "K" in types:
         raise ConfigError(f"model.layer_pattern = '{config.layer_pattern}' mixes G and K layers; an FLA checkpoint "
                           "has one linear layer type (gated_deltanet or kda): use G or K (+ A) only.")
