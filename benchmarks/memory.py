@@ -178,6 +178,8 @@ def run(a: MemoryArgs) -> dict:
     print(f"# machine: {machine}")
     method = ("torch.cuda.max_memory_allocated (peak, absolute)" if torch.cuda.is_available() else
               "CPU tracked-allocator peak: parameter bytes + max running sum of torch.profiler allocation events")
+    if not a.peak:
+        method = "not measured (--no_peak)"
     print(f"# peak memory: {method}")
     print("# activation memory: distinct storages saved for backward in the decoder forward "
           "(saved_tensors_hooks) + the decoder output held for the chunked loss")
