@@ -103,6 +103,17 @@ def test_titan_cp_export_gives_transformers_the_same_logits(hf, tmp_path):
     assert '"model_type": "mamba2"' in (tmp_path / "config.json").read_text()
 
 
+def test_toml_takes_the_shape_from_a_transformers_config(hf, tmp_path):
+    from titan_cp.train.toml_config import config_from_args
+
+    toml = tmp_path / "m.toml"
+    toml.write_text(f'[model]\nname = "mamba2"\nhf_config = "{hf["folder"]}"\n[training]\nseq_len = 64\n')
+    config = config_from_args(["--job.config_file", str(toml)], world_size=1, check_runtime=False)
+    model = config.model_spec.model
+    assert (model.dim, model.vocab_size, model.ssm_n_groups, model.tie_embeddings) == (16, VOCAB, 2, True)
+    assert model.hf_config()["model_type"] == "mamba2"
+
+
 def test_unsupported_options_are_refused_naming_the_field():
     base = hf_config_from_model(model_config("mamba2_debug"))
     assert model_config("mamba2_debug", **model_fields_from_hf(base)) == model_config("mamba2_debug")

@@ -29,8 +29,8 @@ Sections::
 
     [job]        config_file, dump_folder, hf_assets_path, description
     [model]      name, flavor, any field of the family's model Config (GDN: n_layers, kernel, ...);
-                 GDN: hf_config = "path" takes every shape field from an FLA checkpoint's
-                 config.json (flavor then only picks the training defaults)
+                 gdn / kda / mamba2: hf_config = "path" takes every shape field from an FLA (transformers
+                 Mamba-2) checkpoint's config.json (flavor then only picks the training defaults)
     [parallelism] TorchTitan's fields + cp_exchange ("allgather" | "logscan" | "alltoall")
                  and cp_layout ("contiguous" | "zigzag")
     [optimizer]  name ("AdamW" | "Adam"), lr, betas, eps, weight_decay, implementation
@@ -272,12 +272,14 @@ class TomlJob:
             raise ConfigError(f"{where.origin}: {e}" if where else str(e)) from e
 
         hf_config = self._last("model", "hf_config")
-        if hf_config is not None:  # every shape field from an FLA checkpoint's config.json; [model] keys override
+        if hf_config is not None:  # every shape field from an FLA / transformers Mamba-2 config.json; [model] keys override
             from titan_cp.models.gdn.hf_config import model_fields_from_hf, read_hf_config
 
-            if config.model_spec.name not in ("gdn", "kda"):
-                raise ConfigError(f"{hf_config.origin}: model.hf_config reads FLA gated_deltanet / kda checkpoints; "
-                                  f"it needs model.name = 'gdn' or 'kda', not {config.model_spec.name!r}.")
+            if config.model_spec.name == "mamba2":  # transformers' Mamba2ForCausalLM
+                from titan_cp.models.mamba2.hf_config import model_fields_from_hf
+            elif config.model_spec.name not in ("gdn", "kda"):
+                raise ConfigError(f"{hf_config.origin}: model.hf_config reads FLA gated_deltanet / kda and transformers "
+                                  f"mamba2 checkpoints; use model.name = 'gdn', 'kda' or 'mamba2', not {config.model_spec.name!r}.")
             try:
                 shape = model_fields_from_hf(read_hf_config(str(hf_config.value)))
             except ConfigError as e:
