@@ -53,6 +53,9 @@ def test_plan_for_a_cpu_and_a_gpu_runner(tmp_path):
     assert gpu["gdn_340m_cp8"].world == 8 and gpu["dp2_cp2_tp2"].world == 8
     cmd = plan.run_command(plan.Settings(8, "cuda", tmp_path), gpu["gdn_340m_cp8"])
     assert cmd[cmd.index("--model.kernel") + 1] == "triton"
+    mamba2 = plan.run_command(plan.Settings(8, "cuda", tmp_path), gpu["mamba2_debug_cp2"])
+    assert mamba2[mamba2.index("--model.kernel") + 1] == "torch"  # the Mamba-2 ops have no triton kernel
+    assert gpu["qwen3_5_moe_debug_pp2_cp2"].world == 4  # PP 2 x CP 2: PP counts in the ranks
     assert cmd[cmd.index("--parallelism.data_parallel_shard_degree") + 1] == "1"
 
 

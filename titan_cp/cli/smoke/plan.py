@@ -26,6 +26,8 @@ from pathlib import Path
 
 import tomli
 
+from titan_cp.ops.mamba2 import KERNEL_NAMES as MAMBA2_KERNELS
+
 REPO = Path(__file__).resolve().parents[3]  # the checkout: smoke runs the repository's train_configs/
 TRAIN_CONFIGS = REPO / "train_configs"
 
@@ -64,6 +66,7 @@ class ShippedConfig:
     dp: int  # data_parallel_shard_degree (-1: fill the world)
     cp: int
     tp: int
+    pp: int = 1
     skip: str = ""  # why this runner does not run it
     world: int = 0  # ranks it runs on here
     reference: "Reference | None" = None
@@ -72,9 +75,18 @@ class ShippedConfig:
     def layout(self) -> str:
         par = self.values.get("parallelism", {})
         if self.cp == 1:
-            return f"dp{self.world // self.tp} tp{self.tp}"
-        return (f"dp{self.world // (self.cp * self.tp)} cp{self.cp} tp{self.tp} "
-                f"{par.get('cp_layout', 'contiguous')}/{par.get('cp_exchange', 'allgather')}")
+            return f"dp{self.dp_degree} tp{self.tp}" + (f" pp{self.pp}" if self.pp > 1 else "")
+        return (f"dp{self.dp_degree} cp{self.cp} tp{self.tp} " + (f"pp{self.pp} " if self.pp > 1 else "")
+                + f"{par.get('cp_layout', 'contiguous')}/{par.get('cp_exchange', 'allgather')}")
+
+    @property
+    def model_parallel(self) -> int:
+        """Ranks of one data-parallel replica: CP x TP x PP (EP borrows from these, adding none)."""
+        return self.cp * self.tp * self.pp
+
+    @property
+    def dp_degree(self) -> int:
+        return self.world // self.model_parallel
 
     @property
     def own_initial_weights(self) -> bool:
@@ -83,7 +95,7 @@ class ShippedConfig:
 
     @property
     def global_batch(self) -> int:
-        return self.values.get("training", {}).get("local_batch_size", 8) * (self.world // (self.cp * self.tp))
+        return self.values.get("training", {}).get("local_batch_size", 8) * self.dp_degree
 
 
 @dataclass
@@ -106,6 +118,7 @@ def discover(config_dir: Path = TRAIN_CONFIGS) -> list[ShippedConfig]:
         found.append(ShippedConfig(
             path.stem, path, values, int(par.get("data_parallel_shard_degree", -1)),
             int(par.get("context_parallel_degree", 1)), int(par.get("tensor_parallel_degree", 1)),
+            int(par.get("pipeline_parallel_degree", 1)),
         ))
     return found
 
@@ -114,7 +127,7 @@ def plan(configs: list[ShippedConfig], s: Settings, only: list[str] | None = Non
     """Decide what runs (``skip`` says why not) and group the runs by reference."""
     refs: dict[str, Reference] = {}
     for c in configs:
-        model_parallel = c.cp * c.tp
+        model_parallel = c.model_parallel
         c.world = s.nproc if c.dp == -1 else c.dp * model_parallel
         kernel = c.values.get("model", {}).get("kernel", "torch")
         if only and c.name not in only:
@@ -122,7 +135,7 @@ def plan(configs: list[ShippedConfig], s: Settings, only: list[str] | None = Non
         elif s.device == "cpu" and kernel == "triton":
             c.skip = "GPU config (kernel 'triton'): run on a GPU runner"
         elif c.dp == -1 and s.nproc % model_parallel:
-            c.skip = f"cp x tp = {model_parallel} does not divide {s.nproc} ranks"
+            c.skip = f"cp x tp x pp = {model_parallel} does not divide {s.nproc} ranks"
         elif c.world > s.nproc:
             c.skip = f"needs {c.world} ranks, this runner has {s.nproc}"
         elif missing := _missing_files(c):
@@ -155,11 +168,21 @@ def _launch(s: Settings, nproc: int) -> list[str]:
             str(REPO / "train.py")]
 
 
+def kernel_for(s: Settings, config: ShippedConfig) -> str:
+    """The runner's kernel (``triton`` on CUDA), unless the config has Mamba-2 layers and the Mamba-2
+    ops have no such kernel: then the config's own (a Mamba-2 model on a GPU runner runs torch's SSD)."""
+    model = config.values.get("model", {})
+    has_mamba2 = model.get("name") == "mamba2" or "M" in model.get("layer_pattern", "")
+    if has_mamba2 and s.kernel not in MAMBA2_KERNELS:
+        return model.get("kernel", "torch")
+    return s.kernel
+
+
 def common_overrides(s: Settings, config: ShippedConfig, dump: Path) -> list[str]:
     return [
         "--job.config_file", str(config.path),
         "--job.dump_folder", str(dump),
-        "--model.kernel", s.kernel,
+        "--model.kernel", kernel_for(s, config),
         "--training.seq_len", str(s.seq_len),
         "--training.steps", str(s.steps),
         "--training.mixed_precision_param", "float32",
@@ -174,7 +197,8 @@ def common_overrides(s: Settings, config: ShippedConfig, dump: Path) -> list[str
 
 def _single_rank(batch: int) -> list[str]:
     return ["--parallelism.data_parallel_shard_degree", "1", "--parallelism.context_parallel_degree", "1",
-            "--parallelism.tensor_parallel_degree", "1", "--training.local_batch_size", str(batch)]
+            "--parallelism.tensor_parallel_degree", "1", "--parallelism.expert_parallel_degree", "1",
+            "--parallelism.pipeline_parallel_degree", "1", "--training.local_batch_size", str(batch)]
 
 
 def seed_command(s: Settings, ref: Reference) -> list[str]:
@@ -198,14 +222,14 @@ def _from_seed(s: Settings, ref: Reference) -> list[str]:
 
 
 def run_command(s: Settings, c: ShippedConfig) -> list[str]:
-    dp = ["--parallelism.data_parallel_shard_degree", str(c.world // (c.cp * c.tp))] if c.dp == -1 else []
+    dp = ["--parallelism.data_parallel_shard_degree", str(c.dp_degree)] if c.dp == -1 else []
     return [*_launch(s, c.world), *common_overrides(s, c, s.out / c.name / "run"), *dp, *_from_seed(s, c.reference)]
 
 
 def resume_command(s: Settings, c: ShippedConfig) -> list[str]:
     """The same run continued from its step-``checkpoint_step`` checkpoint (full state)."""
     ckpt = s.out / c.name / "run" / "checkpoint" / f"step-{s.checkpoint_step}"
-    dp = ["--parallelism.data_parallel_shard_degree", str(c.world // (c.cp * c.tp))] if c.dp == -1 else []
+    dp = ["--parallelism.data_parallel_shard_degree", str(c.dp_degree)] if c.dp == -1 else []
     return [*_launch(s, c.world), *common_overrides(s, c, s.out / c.name / "resume"), *dp,
             "--checkpoint.initial_load_path", str(ckpt), "--checkpoint.initial_load_model_only", "false",
             "--checkpoint.initial_load_in_hf", "false"]
