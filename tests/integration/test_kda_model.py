@@ -8,8 +8,8 @@ wrote. One 2-rank launch then checks (a) the FLA folder's logits under CP 2 for 
 exchange x layout, (b) a hybrid 'KA' model with packed documents: loss, every gradient
 and the parameters after 2 SGD steps equal one rank (fp32 1e-5), (c) the same model under TP 2
 (the KDA TP plan) equal one rank; and one KDA layer's exchange bytes do not depend on L.
-A 3-rank and a 4-rank launch run (b) in float64 for every exchange x layout (alltoall with
-P heads): equal one rank to 1e-10.
+A 3-rank and a 4-rank launch run (b) in float64 (one step) for every exchange x layout
+(alltoall with P heads): equal one rank to 1e-10.
 """
 
 from __future__ import annotations
@@ -232,25 +232,26 @@ FP64_CASES = [("contiguous", "allgather"), ("zigzag", "allgather"), ("contiguous
 
 
 def _fp64_rank(rank, P):
-    """The 'KA' hybrid in float64 with P KDA heads, L = 24 (whole zigzag segments for P = 3, 4), every case."""
+    """The 'KA' hybrid in float64 with P KDA heads, L = 24 (whole zigzag segments for P = 3, 4), every case,
+    one step."""
     errs = {}
     for layout, exchange in FP64_CASES:
-        case = _train_errors(rank, P, layout, exchange, dtype=torch.float64, num_heads=P, L=24)
+        case = _train_errors(rank, P, layout, exchange, dtype=torch.float64, num_heads=P, L=24, steps=1)
         errs.update({f"{layout}/{exchange} {k}": v for k, v in case.items()})
     return errs
 
 
 @pytest.mark.parametrize("P", [3, 4])
 def test_cp3_cp4_float64_equal_one_rank(P):
-    """Float64, packed documents on / around the segment boundaries: loss, every gradient (both steps) and
-    the parameters after 2 SGD steps equal one rank to 1e-10 for every exchange x layout."""
+    """Float64, packed documents on / around the segment boundaries: loss, every gradient and the parameters
+    after one SGD step equal one rank to 1e-10 for every exchange x layout (2 steps: the fp32 CP 2 launch)."""
     worst: dict[str, float] = {}
     for errs in run_on_ranks(_fp64_rank, P, timeout=300):
         for name, err in errs.items():
             worst[name] = max(worst.get(name, 0.0), err)
     names = [name for name, _ in _hybrid_config(P).build().named_parameters()]
     for layout, exchange in FP64_CASES:
-        for what in ("grad0", "grad1", "param"):
+        for what in ("grad0", "param"):
             assert {f"{layout}/{exchange} {what} {n}" for n in names} <= set(worst), (layout, exchange, what)
     for kind in ("loss", "grad", "param"):
         print(f"CP {P} float64 worst {kind}: {max(v for k, v in worst.items() if kind in k):.1e}")
