@@ -11,7 +11,8 @@ default      strong scaling (fixed global L, CP = 1, 2, 4, 8) and weak scaling
              (same process, same neighbours, alternating with the CP step), so
              overhead = t(CP) - t(shard alone), broken down into time blocked in
              communication, the exchange's local math (fold / scan combine),
-             the kernel's extra work (the transition columns: state width V + K) and the rest
+             the kernel's extra work (the transition columns: state width V + K; q M
+             recomputed in the backward) and the rest
              (output correction, halo conv, concatenations).
              Bytes per GDN layer (fwd + bwd, from titan_cp.cp.comm.comm_stats)
              at several L, next to what ring attention would send for an
@@ -216,6 +217,7 @@ def run_scaling(a, margs: ModelArgs) -> dict:
                     "cpu_sys_cp_s": _mean(rr, "cp", "cpu_sys"), "cpu_sys_alone_s": _mean(rr, "alone", "cpu_sys"),
                     "other_cpu_s": (cp_cpu - alone_cpu) - (kc_cp - kc_alone) - exch_cpu,
                     "oversubscribed": P > a.cores and device_is_cpu(), "load_average": load,
+                    "spread_cp": max(r["cp"]["spread"] for r in rr), "spread_alone": max(r["alone"]["spread"] for r in rr),
                 })
         if P > 1:
             for L, layers in per_rank[0]["bytes"].items():
@@ -418,6 +420,9 @@ def main(argv=None) -> int:
                   threads_per_rank=a.threads, wall_s=time.perf_counter() - t0, load_average_end=load_average(),
                   args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()})
     print(report(result, a.markdown))
+    for o in result.get("overhead", []):
+        print(f"# P={o['P']}: spread of the repeats' wall times, (max - min) / min, worst rank: CP step "
+              f"{100 * o['spread_cp']:.1f}%, shard alone {100 * o['spread_alone']:.1f}%")
     print(f"# total {result['wall_s']:.0f} s, load average {result['load_average_end']:.1f} at the end")
     if not result["quietness"]["quiet"]:
         print("# FLAGGED: timings taken on a busy machine, not a quiet figure: "
