@@ -22,21 +22,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from torch.distributed.device_mesh import init_device_mesh
 
 from titan_cp.cp.comm import comm_stats
 from titan_cp.cp.context import CPContext
-from titan_cp.cp.layout import num_segments, rank_segments
+from titan_cp.cp.layout import rank_segments
 from titan_cp.models.common.parallelize import apply_cp
 from titan_cp.models.common.sequence import SequenceInfo
 from titan_cp.models.gdn.layers import KimiDeltaAttention
-from titan_cp.models.gdn.parallelize import apply_tp
 from titan_cp.models.gdn.decode import generate
 from titan_cp.models.gdn.hf_folder import load_model, save_hf
 from titan_cp.models.kda.flavors import model_config
-from titan_cp.testing import rel_err, run_on_ranks
+from titan_cp.testing import run_on_ranks
 from tests.support.fla_reference import skip_reason
+from tests.support.linear_lm import one_rank_errors, worst_over_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 T, PROMPT, NEW = 24, 6, 6
@@ -142,69 +140,19 @@ def _bytes_per_layer(rank, P, lengths):
     return out
 
 
-def _full(t):
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
 def _hybrid_config(num_heads=2):
     return model_config("kda_debug", layer_pattern="KA", dim=32, hidden_dim=64, vocab_size=97, num_heads=num_heads,
                         head_dim=8, attn_num_heads=4, attn_num_kv_heads=2, attn_head_dim=8)
 
 
-def packed_positions(B, L, P, layout):
-    """Positions of B rows of L tokens: row 0 has documents starting on the first segment boundary and just
-    after the last one, row 1 one just before the middle boundary (segments of ``layout`` over P ranks)."""
-    seg = L // num_segments(P, layout)
-    bounds = list(range(seg, L, seg))
-    positions = torch.arange(L).repeat(B, 1)
-    for row, start in ((0, bounds[0]), (0, bounds[-1] + 1), (1, bounds[len(bounds) // 2] - 1)):
-        positions[row, start:] = torch.arange(L - start)
-    return positions
+def _check_tp(model):
+    kda_layer = model.layers["0"].attention
+    assert all(w.placements[0].is_shard() for w in (kda_layer.f_proj[1].weight, kda_layer.dt_bias))
 
 
-def _train_errors(rank, P, layout, exchange, *, dtype=torch.float32, num_heads=2, L=32, steps=2, lr=0.5):
-    """layout 'tp': heads split over the P ranks (titan_cp/models/gdn/parallelize.py), whole sequences;
-    else CP over the P ranks with ``layout`` / ``exchange``; models in ``dtype``."""
-    cfg = _hybrid_config(num_heads)
-    B = 2
-    gen = torch.Generator().manual_seed(5)
-    tokens = torch.randint(0, 97, (B, L + 1), generator=gen)
-    positions = packed_positions(B, L, P, "contiguous" if layout == "tp" else layout)
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    ref, cp_model = (cfg.build() for _ in range(2))
-    for m in (ref, cp_model):
-        m.init_states()
-        m.to(dtype)
-    if layout == "tp":
-        apply_tp(cp_model, init_device_mesh("cpu", (P,), mesh_dim_names=("tp",)))
-        kda_layer = cp_model.layers["0"].attention
-        assert all(w.placements[0].is_shard() for w in (kda_layer.f_proj[1].weight, kda_layer.dt_bias))
-        shard = lambda t: t  # noqa: E731
-    else:
-        apply_cp(cp_model, CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange))
-        shard = lambda t: rank_segments(t, 1, rank, P, layout)  # noqa: E731
-    errs = {}
-    for step in range(steps):
-        loss_ref = F.cross_entropy(ref(inputs, positions).flatten(0, 1), labels.flatten())
-        loss_ref.backward()
-        loss_sum = F.cross_entropy(cp_model(shard(inputs), shard(positions)).flatten(0, 1), shard(labels).flatten(),
-                                   reduction="sum")
-        (loss_sum / (B * L)).backward()
-        total = loss_sum.detach().clone()
-        if layout != "tp":  # CP: each rank's tokens' share
-            dist.all_reduce(total)
-        errs[f"loss{step}"] = rel_err(total / (B * L), loss_ref.detach())
-        for (name, p_ref), p in zip(ref.named_parameters(), cp_model.parameters()):
-            if layout != "tp":
-                dist.all_reduce(p.grad)
-            errs[f"grad{step} {name}"] = rel_err(_full(p.grad), p_ref.grad)
-            with torch.no_grad():
-                p_ref -= lr * p_ref.grad
-                p -= lr * p.grad
-            p_ref.grad, p.grad = None, None
-    for (name, p_ref), p in zip(ref.named_parameters(), cp_model.parameters()):
-        errs[f"param {name}"] = rel_err(_full(p.detach()), p_ref.detach())
-    return errs
+def _train_errors(rank, P, layout, exchange, *, num_heads=2, **kw):
+    return one_rank_errors(_hybrid_config(num_heads), rank, P, layout, exchange, vocab_size=97,
+                           check_tp=_check_tp, **kw)
 
 
 def test_cp2_matches_fla_and_one_rank(fla):
@@ -212,10 +160,7 @@ def test_cp2_matches_fla_and_one_rank(fla):
     for rank, (_, per_length) in enumerate(results):  # exchange bytes per layer: constant in L
         print(f"rank {rank} KDA layer bytes (sent, received) by kind:", per_length)
         assert per_length[64] == per_length[1024] and per_length[64]["state_fwd"][1] > 0
-    worst: dict[str, float] = {}
-    for errs, _ in results:
-        for name, err in errs.items():
-            worst[name] = max(worst.get(name, 0.0), err)
+    worst = worst_over_ranks(errs for errs, _ in results)
     names = [name for name, _ in _hybrid_config().build().named_parameters()]
     for layout, exchange in [*CASES, ("tp", None)]:  # every gradient and parameter was compared
         assert {f"{layout}/{exchange} grad1 {n}" for n in names} <= set(worst), (layout, exchange)
@@ -245,10 +190,7 @@ def _fp64_rank(rank, P):
 def test_cp3_cp4_float64_equal_one_rank(P):
     """Float64, packed documents on / around the segment boundaries: loss, every gradient and the parameters
     after one SGD step equal one rank to 1e-10 for every exchange x layout (2 steps: the fp32 CP 2 launch)."""
-    worst: dict[str, float] = {}
-    for errs in run_on_ranks(_fp64_rank, P, timeout=300):
-        for name, err in errs.items():
-            worst[name] = max(worst.get(name, 0.0), err)
+    worst = worst_over_ranks(run_on_ranks(_fp64_rank, P, timeout=300))
     names = [name for name, _ in _hybrid_config(P).build().named_parameters()]
     for layout, exchange in FP64_CASES:
         for what in ("grad0", "param"):

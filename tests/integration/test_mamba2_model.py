@@ -17,7 +17,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from titan_cp.cli.trained_model import load_checkpoint
 from titan_cp.cp.comm import comm_stats
@@ -31,8 +30,8 @@ from titan_cp.models.gdn.mamba2_layer import Mamba2Mixer
 from titan_cp.models.mamba2.flavors import model_config
 from titan_cp.models.mamba2.hf_config import hf_config_from_model, model_fields_from_hf
 from titan_cp.models.mamba2.hf_folder import load_hf_folder, save_hf_folder
-from titan_cp.testing import rel_err, run_on_ranks
-from tests.integration.test_kda_model import packed_positions
+from titan_cp.testing import run_on_ranks
+from tests.support.linear_lm import one_rank_errors, worst_over_ranks
 
 transformers = pytest.importorskip("transformers")
 
@@ -142,38 +141,9 @@ def _hybrid_config(num_heads=4):
                         attn_num_heads=4, attn_num_kv_heads=2, attn_head_dim=4)
 
 
-def _train_errors(rank, P, layout, exchange, *, dtype=torch.float32, num_heads=4, L=32, steps=2, lr=0.5):
+def _train_errors(rank, P, layout, exchange, *, num_heads=4, **kw):
     """The 'MA' hybrid under CP over P ranks vs one rank: loss, every gradient per step, params after."""
-    B = 2
-    tokens = torch.randint(0, VOCAB, (B, L + 1), generator=torch.Generator().manual_seed(5))
-    positions = packed_positions(B, L, P, layout)
-    inputs, labels = tokens[:, :-1], tokens[:, 1:]
-    ref, cp_model = (_hybrid_config(num_heads).build() for _ in range(2))
-    for m in (ref, cp_model):
-        m.init_states()
-        m.to(dtype)
-    apply_cp(cp_model, CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange))
-    shard = lambda t: rank_segments(t, 1, rank, P, layout)  # noqa: E731
-    errs = {}
-    for step in range(steps):
-        loss_ref = F.cross_entropy(ref(inputs, positions).flatten(0, 1), labels.flatten())
-        loss_ref.backward()
-        loss_sum = F.cross_entropy(cp_model(shard(inputs), shard(positions)).flatten(0, 1), shard(labels).flatten(),
-                                   reduction="sum")
-        (loss_sum / (B * L)).backward()
-        total = loss_sum.detach().clone()
-        dist.all_reduce(total)
-        errs[f"loss{step}"] = rel_err(total / (B * L), loss_ref.detach())
-        for (name, p_ref), p in zip(ref.named_parameters(), cp_model.parameters()):
-            dist.all_reduce(p.grad)
-            errs[f"grad{step} {name}"] = rel_err(p.grad, p_ref.grad)
-            with torch.no_grad():
-                p_ref -= lr * p_ref.grad
-                p -= lr * p.grad
-            p_ref.grad, p.grad = None, None
-    for (name, p_ref), p in zip(ref.named_parameters(), cp_model.parameters()):
-        errs[f"param {name}"] = rel_err(p.detach(), p_ref.detach())
-    return errs
+    return one_rank_errors(_hybrid_config(num_heads), rank, P, layout, exchange, vocab_size=VOCAB, **kw)
 
 
 def _bytes_per_layer(rank, P, lengths):
@@ -205,14 +175,6 @@ def _cp_rank(rank, P, folder, tokens, hf_logits):
     return errs, _bytes_per_layer(rank, P, lengths=(64, 1024))
 
 
-def _worst(results) -> dict[str, float]:
-    worst: dict[str, float] = {}
-    for errs in results:
-        for name, err in errs.items():
-            worst[name] = max(worst.get(name, 0.0), err)
-    return worst
-
-
 def test_cp2_matches_transformers_and_one_rank(hf):
     results = run_on_ranks(_cp_rank, 2, args=(str(hf["folder"]), hf["tokens"], hf["logits"]), timeout=400)
     for rank, (_, per_length) in enumerate(results):  # exchange bytes per layer: constant in L
@@ -220,7 +182,7 @@ def test_cp2_matches_transformers_and_one_rank(hf):
         assert per_length[64] == per_length[1024]
         # the forward summary: one decay scalar per head + the N x P local state, float32, B = 1
         assert per_length[64]["state_fwd"][1] == 4 * (1 + 8 * 8) * 4
-    worst = _worst(errs for errs, _ in results)
+    worst = worst_over_ranks(errs for errs, _ in results)
     names = [name for name, _ in _hybrid_config().build().named_parameters()]
     assert not any("feed_forward" in n for n in names)
     for layout, exchange in CASES:  # every gradient and parameter was compared
@@ -246,7 +208,7 @@ def _fp64_rank(rank, P):
 
 def test_cp3_float64_equals_one_rank():
     """Float64, packed documents on / around the segment boundaries, every exchange x layout: 1e-10."""
-    worst = _worst(run_on_ranks(_fp64_rank, 3, timeout=300))
+    worst = worst_over_ranks(run_on_ranks(_fp64_rank, 3, timeout=300))
     names = [name for name, _ in _hybrid_config(6).build().named_parameters()]
     for layout, exchange in FP64_CASES:
         for what in ("grad0", "grad1", "param"):

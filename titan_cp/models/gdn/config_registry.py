@@ -25,29 +25,30 @@ from titan_cp.train.job_defaults import cpu_training, gpu_training, trainer_conf
 DEFAULT_FLAVOR = "debug"
 
 
-def model_spec(flavor: str, **overrides) -> ModelSpec:
-    """The ``ModelSpec`` of a GDN flavor (``titan_cp.models.gdn.FLAVORS``) with model-field overrides."""
+def decoder_model_spec(name: str, flavor: str, model, parallelize_fn, state_dict_adapter) -> ModelSpec:
+    """The ``ModelSpec`` of a family built on the GDN LM (GDN, KDA, Mamba-2): TorchTitan's decoder split
+    and schedules for PP (checks: titan_cp/models/common/pipeline.py), the family's TP plan and HF adapter."""
     from torchtitan.distributed.pipeline_parallel import pipeline_llm
 
+    return ModelSpec(name=name, flavor=flavor, model=model, parallelize_fn=parallelize_fn,
+                     pipelining_fn=pipeline_llm, post_optimizer_build_fn=None,
+                     state_dict_adapter=state_dict_adapter)
+
+
+def model_spec(flavor: str, **overrides) -> ModelSpec:
+    """The ``ModelSpec`` of a GDN flavor (``titan_cp.models.gdn.FLAVORS``) with model-field overrides."""
     from titan_cp.models.gdn.state_dict_adapter import FLAStateDictAdapter
     from titan_cp.models.gdn.flavors import model_config
     from titan_cp.models.gdn.parallelize import parallelize_gdn
 
-    return ModelSpec(
-        name="gdn",
-        flavor=flavor,
-        model=model_config(flavor, **overrides),
-        parallelize_fn=parallelize_gdn,
-        pipelining_fn=pipeline_llm,  # TorchTitan's decoder split + schedules; checks: titan_cp/models/common/pipeline.py
-        post_optimizer_build_fn=None,
-        state_dict_adapter=FLAStateDictAdapter,  # checkpoint.initial_load_in_hf / last_save_in_hf: FLA's format
-    )
+    # checkpoint.initial_load_in_hf / last_save_in_hf: FLA's format
+    return decoder_model_spec("gdn", flavor, model_config(flavor, **overrides), parallelize_gdn, FLAStateDictAdapter)
 
 
-def _cpu_config(flavor: str) -> Trainer.Config:
-    """A short CPU run of ``flavor``: torch kernel, 512 tokens, shipped corpus."""
+def cpu_config(spec: ModelSpec) -> Trainer.Config:
+    """A short CPU run of ``spec``'s model: 512 tokens, shipped corpus (the debug flavors' job settings)."""
     return trainer_config(
-        model_spec(flavor),
+        spec,
         training=cpu_training(),
         lr=3e-3,
         warmup_steps=2,
@@ -59,12 +60,12 @@ def _cpu_config(flavor: str) -> Trainer.Config:
 
 def gdn_debug() -> Trainer.Config:
     """Tiny GDN for CPU (torch kernel, 512 tokens, shipped corpus): the default CPU run."""
-    return _cpu_config("debug")
+    return cpu_config(model_spec("debug"))
 
 
 def gdn_debug_hybrid() -> Trainer.Config:
     """Tiny GDN + softmax-attention hybrid for CPU."""
-    return _cpu_config("debug_hybrid")
+    return cpu_config(model_spec("debug_hybrid"))
 
 
 def _gpu_config(flavor: str, lr: float) -> Trainer.Config:
@@ -142,5 +143,5 @@ def config_for_flavor(flavor: str) -> Trainer.Config:
     return config
 
 
-__all__ = ["DEFAULT_FLAVOR", "FLAVORS", "config_for_flavor", "gdn_1_3b", "gdn_1_3b_hybrid", "gdn_340m", "gdn_debug",
+__all__ = ["DEFAULT_FLAVOR", "FLAVORS", "config_for_flavor", "cpu_config", "decoder_model_spec", "gdn_1_3b", "gdn_1_3b_hybrid", "gdn_340m", "gdn_debug",
            "gdn_debug_hybrid", "gdn_from_hf", "model_spec"]

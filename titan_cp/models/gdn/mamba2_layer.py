@@ -28,27 +28,21 @@ from torch import nn
 from titan_cp.cp import CPContext
 from titan_cp.cp.kernel_cp import mamba2_mixer_over_shards
 from titan_cp.models.common.sequence import SequenceInfo
+from titan_cp.models.gdn.layers import RMSNorm
 from titan_cp.ops.mamba2 import KERNEL_NAMES
 from titan_cp.ops.mamba2.mixing import mamba2_mixer
 
 
-class Mamba2GatedRMSNorm(nn.Module):
-    """transformers' ``MambaRMSNormGated``: ``weight * RMSNorm(y * silu(gate))``, computed in float32
-    (float64 inputs stay float64), over the last dim."""
+class Mamba2GatedRMSNorm(RMSNorm):
+    """transformers' ``MambaRMSNormGated``: ``weight * RMSNorm(y * silu(gate))`` (the gate before the norm,
+    over the last dim), computed in float32 (float64 inputs stay float64)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        super().__init__(dim, eps)
 
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
-
-    def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         acc = torch.promote_types(y.dtype, torch.float32)
-        h = y.to(acc) * nn.functional.silu(gate.to(acc))
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(y.dtype)
+        return self.weight * self.normalize(y.to(acc) * nn.functional.silu(gate.to(acc))).to(y.dtype)
 
 
 class Mamba2Conv(nn.Module):

@@ -22,10 +22,7 @@ why the mapping also works on the sharded DTensors TorchTitan hands it during
 
 from __future__ import annotations
 
-import re
-from typing import Any
-
-from torchtitan.protocols.state_dict_adapter import StateDictAdapter
+from titan_cp.models.common.state_dict_adapter import RenamingStateDictAdapter
 
 # Names outside the layers (titan_cp -> FLA).
 TOP_LEVEL = {
@@ -71,38 +68,12 @@ def to_hf_names(model_config) -> dict[str, str]:
     return names
 
 
-class FLAStateDictAdapter(StateDictAdapter):
+class FLAStateDictAdapter(RenamingStateDictAdapter):
     """``state_dict_adapter`` of titan_cp's model spec: FLA ``gated_deltanet`` safetensors in and out.
 
     ``to_hf`` / ``from_hf`` rename (module docstring); an unexpected name raises
     a ``KeyError`` naming it (a checkpoint of another architecture or shape).
     """
 
-    def __init__(self, model_config, hf_assets_path: str | None):
-        super().__init__(model_config, hf_assets_path)
-        self.to_hf_map = to_hf_names(model_config)
-        self.from_hf_map = {v: k for k, v in self.to_hf_map.items()}
-
-    def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        hf = {}
-        for key, value in state_dict.items():
-            if key == "lm_head.weight" and self.model_config.tie_embeddings:
-                continue  # FLA (like transformers) stores a tied head once, as the embedding
-            if key not in self.to_hf_map:
-                raise KeyError(f"titan_cp -> FLA: no FLA name for parameter '{key}' of this model shape")
-            hf[self.to_hf_map[key]] = value
-        return hf
-
-    def from_hf(self, hf_state_dict: dict[str, Any]) -> dict[str, Any]:
-        state_dict = {}
-        for key, value in hf_state_dict.items():
-            if key not in self.from_hf_map:
-                if key == "lm_head.weight" and self.model_config.tie_embeddings:
-                    continue
-                layer = re.match(r"model\.layers\.(\d+)\.", key)
-                hint = f" (layer {layer.group(1)} is a different layer type or absent here)" if layer else ""
-                raise KeyError(f"FLA -> titan_cp: checkpoint tensor '{key}' has no place in this model{hint}")
-            state_dict[self.from_hf_map[key]] = value
-        if self.model_config.tie_embeddings and "tok_embeddings.weight" in state_dict:
-            state_dict["lm_head.weight"] = state_dict["tok_embeddings.weight"]
-        return state_dict
+    hf_format = "FLA"
+    to_hf_names = staticmethod(to_hf_names)

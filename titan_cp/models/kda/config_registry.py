@@ -6,27 +6,23 @@
 
 from __future__ import annotations
 
-from torchtitan.components.loss import CrossEntropyLoss
 from torchtitan.protocols.model_spec import ModelSpec
 from torchtitan.trainer import Trainer
 
+from titan_cp.models.gdn.config_registry import cpu_config, decoder_model_spec
 from titan_cp.models.kda.flavors import FLAVORS
-from titan_cp.train.job_defaults import cpu_training, trainer_config
 
 DEFAULT_FLAVOR = "kda_debug"
 
 
 def model_spec(flavor: str, **overrides) -> ModelSpec:
     """The ``ModelSpec`` of a KDA flavor with model-field overrides."""
-    from torchtitan.distributed.pipeline_parallel import pipeline_llm
-
     from titan_cp.models.kda.flavors import model_config
     from titan_cp.models.kda.parallelize import parallelize_kda
     from titan_cp.models.kda.state_dict_adapter import KDAStateDictAdapter
 
-    return ModelSpec(name="kda", flavor=flavor, model=model_config(flavor, **overrides),
-                     parallelize_fn=parallelize_kda, pipelining_fn=pipeline_llm, post_optimizer_build_fn=None,
-                     state_dict_adapter=KDAStateDictAdapter)
+    return decoder_model_spec("kda", flavor, model_config(flavor, **overrides), parallelize_kda,
+                              KDAStateDictAdapter)
 
 
 def kda_debug() -> Trainer.Config:
@@ -41,10 +37,7 @@ def kda_debug_hybrid() -> Trainer.Config:
 
 def config_for_flavor(flavor: str) -> Trainer.Config:
     """A short CPU run of the KDA ``flavor`` (both flavors are CPU-sized)."""
-    config = trainer_config(model_spec(flavor), training=cpu_training(), lr=3e-3, warmup_steps=2,
-                            optimizer_impl="foreach", checkpoint_interval=10, log_freq=1)
-    config.loss = CrossEntropyLoss.Config(global_vocab_size=config.model_spec.model.vocab_size)
-    return config
+    return cpu_config(model_spec(flavor))
 
 
 __all__ = ["DEFAULT_FLAVOR", "FLAVORS", "config_for_flavor", "kda_debug", "kda_debug_hybrid", "model_spec"]

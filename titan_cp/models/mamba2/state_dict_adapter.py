@@ -17,11 +17,8 @@ transformers' format has Mamba-2 blocks only: a model with other layer letters o
 
 from __future__ import annotations
 
-from typing import Any
-
-from torchtitan.protocols.state_dict_adapter import StateDictAdapter
-
 from titan_cp.errors import ConfigError
+from titan_cp.models.common.state_dict_adapter import RenamingStateDictAdapter
 
 TOP_LEVEL = {
     "tok_embeddings.weight": "backbone.embeddings.weight",
@@ -52,38 +49,14 @@ def to_hf_names(model_config) -> dict[str, str]:
     return names
 
 
-class Mamba2StateDictAdapter(StateDictAdapter):
+class Mamba2StateDictAdapter(RenamingStateDictAdapter):
     """``state_dict_adapter`` of the Mamba-2 model spec: transformers ``mamba2`` safetensors in and out.
 
     An unexpected name raises a ``KeyError`` naming it (a checkpoint of another architecture or shape).
     """
 
-    def __init__(self, model_config, hf_assets_path: str | None):
-        super().__init__(model_config, hf_assets_path)
-        self.to_hf_map = to_hf_names(model_config)
-        self.from_hf_map = {v: k for k, v in self.to_hf_map.items()}
-
-    def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        hf = {}
-        for key, value in state_dict.items():
-            if key == "lm_head.weight" and self.model_config.tie_embeddings:
-                continue  # stored once, as the embedding
-            if key not in self.to_hf_map:
-                raise KeyError(f"titan_cp -> transformers: no Mamba-2 name for parameter '{key}' of this model")
-            hf[self.to_hf_map[key]] = value
-        return hf
-
-    def from_hf(self, hf_state_dict: dict[str, Any]) -> dict[str, Any]:
-        state_dict = {}
-        for key, value in hf_state_dict.items():
-            if key not in self.from_hf_map:
-                if key == "lm_head.weight" and self.model_config.tie_embeddings:
-                    continue
-                raise KeyError(f"transformers -> titan_cp: checkpoint tensor '{key}' has no place in this model")
-            state_dict[self.from_hf_map[key]] = value
-        if self.model_config.tie_embeddings and "tok_embeddings.weight" in state_dict:
-            state_dict["lm_head.weight"] = state_dict["tok_embeddings.weight"]
-        return state_dict
+    hf_format = "transformers' Mamba-2"
+    to_hf_names = staticmethod(to_hf_names)
 
 
 __all__ = ["MIXER_PARAMS", "Mamba2StateDictAdapter", "check_hf_expressible", "to_hf_names"]
