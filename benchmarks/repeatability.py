@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     for run in range(1, args.runs + 1):
         launched = [one_launch(m, lens[m], args.repeats, args.warmup) for m in args.models]
         probes.append(core_probe(cores))
-        verdict = quietness(probes[-2], probes[-1], cores)
+        verdict = quietness(probes[-2], probes[-1], cores, check_load=run == 1)  # later: our own runs' load
         for row in launched:
             rows.append({"run": run, **row, "quiet": verdict["quiet"], "quiet_reasons": verdict["reasons"]})
             print(f"# run {run} {row['model']}: overhead {row['overhead_pct']:+.1f}%, scaling {row['scaling']:.2f}x"

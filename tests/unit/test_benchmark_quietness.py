@@ -23,3 +23,10 @@ def test_each_busy_sign_is_named():
 def test_missing_probe_is_unchecked_not_quiet():
     assert quietness({}, None, cores=2) == {"quiet": False, "checked": False,
                                              "reasons": ["no core probe (GPU or --no_probe)"]}
+
+
+def test_back_to_back_run_is_judged_by_its_probes_not_the_load_its_predecessor_left():
+    after_previous_run = _probe(load=1.7)  # the previous run's two ranks are still in the 1-minute average
+    assert quietness(after_previous_run, _probe(), cores=2, check_load=False)["quiet"]
+    busy = quietness(_probe(load=1.7, parallelism=1.2), _probe(), cores=2, check_load=False)
+    assert not busy["quiet"] and "load average" not in " ".join(busy["reasons"])
