@@ -34,11 +34,10 @@ from titan_cp.models.gdn.hf_folder import load_model, save_hf
 from titan_cp.models.kda.flavors import model_config
 from titan_cp.testing import run_on_ranks
 from tests.support.fla_reference import skip_reason
-from tests.support.linear_lm import one_rank_errors, worst_over_ranks
+from tests.support.linear_lm import CASES, FP64_CASES, assert_compared_within, one_rank_errors, worst_over_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 T, PROMPT, NEW = 24, 6, 6
-CASES = [("contiguous", "allgather"), ("zigzag", "allgather"), ("contiguous", "logscan"), ("zigzag", "alltoall")]
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=str(skip_reason()))
 
 
@@ -162,18 +161,8 @@ def test_cp2_matches_fla_and_one_rank(fla):
         assert per_length[64] == per_length[1024] and per_length[64]["state_fwd"][1] > 0
     worst = worst_over_ranks(errs for errs, _ in results)
     names = [name for name, _ in _hybrid_config().build().named_parameters()]
-    for layout, exchange in [*CASES, ("tp", None)]:  # every gradient and parameter was compared
-        assert {f"{layout}/{exchange} grad1 {n}" for n in names} <= set(worst), (layout, exchange)
-        assert {f"{layout}/{exchange} param {n}" for n in names} <= set(worst), (layout, exchange)
-    for kind in ("fla", "loss", "grad", "param"):
-        print(f"worst {kind}: {max(v for k, v in worst.items() if kind in k):.1e}")
-    bad = {k: v for k, v in worst.items() if v > 1e-5}
-    assert not bad, f"CP 2 != reference beyond 1e-5: {bad}"
-
-
-# Every exchange x layout it allows (logscan: contiguous only); alltoall needs heads divisible by P.
-FP64_CASES = [("contiguous", "allgather"), ("zigzag", "allgather"), ("contiguous", "logscan"),
-              ("contiguous", "alltoall"), ("zigzag", "alltoall")]
+    assert_compared_within(worst, [*CASES, ("tp", None)], ("grad1", "param"), names, ("fla", "loss", "grad", "param"),
+                           1e-5, "CP 2 / TP 2")
 
 
 def _fp64_rank(rank, P):
@@ -192,13 +181,8 @@ def test_cp3_cp4_float64_equal_one_rank(P):
     after one SGD step equal one rank to 1e-10 for every exchange x layout (2 steps: the fp32 CP 2 launch)."""
     worst = worst_over_ranks(run_on_ranks(_fp64_rank, P, timeout=300))
     names = [name for name, _ in _hybrid_config(P).build().named_parameters()]
-    for layout, exchange in FP64_CASES:
-        for what in ("grad0", "param"):
-            assert {f"{layout}/{exchange} {what} {n}" for n in names} <= set(worst), (layout, exchange, what)
-    for kind in ("loss", "grad", "param"):
-        print(f"CP {P} float64 worst {kind}: {max(v for k, v in worst.items() if kind in k):.1e}")
-    bad = {k: v for k, v in worst.items() if v > 1e-10}
-    assert not bad, f"CP {P} float64 != one rank beyond 1e-10: {bad}"
+    assert_compared_within(worst, FP64_CASES, ("grad0", "param"), names, ("loss", "grad", "param"), 1e-10,
+                           f"CP {P} float64")
 
 
 if __name__ == "__main__":

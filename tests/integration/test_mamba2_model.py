@@ -31,12 +31,11 @@ from titan_cp.models.mamba2.flavors import model_config
 from titan_cp.models.mamba2.hf_config import hf_config_from_model, model_fields_from_hf
 from titan_cp.models.mamba2.hf_folder import load_hf_folder, save_hf_folder
 from titan_cp.testing import run_on_ranks
-from tests.support.linear_lm import one_rank_errors, worst_over_ranks
+from tests.support.linear_lm import CASES, FP64_CASES, assert_compared_within, one_rank_errors, worst_over_ranks
 
 transformers = pytest.importorskip("transformers")
 
 T, PROMPT, NEW, VOCAB = 24, 6, 8, 97
-CASES = [("contiguous", "allgather"), ("zigzag", "allgather"), ("contiguous", "logscan"), ("zigzag", "alltoall")]
 SHAPE = dict(num_heads=4, head_dim=8, ssm_state_size=8, ssm_n_groups=2, conv_size=4)  # E = 32 = 2 x dim
 
 
@@ -185,17 +184,8 @@ def test_cp2_matches_transformers_and_one_rank(hf):
     worst = worst_over_ranks(errs for errs, _ in results)
     names = [name for name, _ in _hybrid_config().build().named_parameters()]
     assert not any("feed_forward" in n for n in names)
-    for layout, exchange in CASES:  # every gradient and parameter was compared
-        for what in ("grad0", "grad1", "param"):
-            assert {f"{layout}/{exchange} {what} {n}" for n in names} <= set(worst), (layout, exchange, what)
-    for kind in ("hf", "loss", "grad", "param"):
-        print(f"worst {kind}: {max(v for k, v in worst.items() if kind in k):.1e}")
-    bad = {k: v for k, v in worst.items() if v > 1e-5}
-    assert not bad, f"CP 2 != reference beyond 1e-5: {bad}"
-
-
-FP64_CASES = [("contiguous", "allgather"), ("zigzag", "allgather"), ("contiguous", "logscan"),
-              ("contiguous", "alltoall"), ("zigzag", "alltoall")]
+    assert_compared_within(worst, CASES, ("grad0", "grad1", "param"), names, ("hf", "loss", "grad", "param"), 1e-5,
+                           "CP 2")
 
 
 def _fp64_rank(rank, P):
@@ -210,10 +200,5 @@ def test_cp3_float64_equals_one_rank():
     """Float64, packed documents on / around the segment boundaries, every exchange x layout: 1e-10."""
     worst = worst_over_ranks(run_on_ranks(_fp64_rank, 3, timeout=300))
     names = [name for name, _ in _hybrid_config(6).build().named_parameters()]
-    for layout, exchange in FP64_CASES:
-        for what in ("grad0", "grad1", "param"):
-            assert {f"{layout}/{exchange} {what} {n}" for n in names} <= set(worst), (layout, exchange, what)
-    for kind in ("loss", "grad", "param"):
-        print(f"CP 3 float64 worst {kind}: {max(v for k, v in worst.items() if kind in k):.1e}")
-    bad = {k: v for k, v in worst.items() if v > 1e-10}
-    assert not bad, f"CP 3 float64 != one rank beyond 1e-10: {bad}"
+    assert_compared_within(worst, FP64_CASES, ("grad0", "grad1", "param"), names, ("loss", "grad", "param"), 1e-10,
+                           "CP 3 float64")

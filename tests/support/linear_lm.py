@@ -16,6 +16,13 @@ from titan_cp.models.gdn.parallelize import apply_tp
 from titan_cp.testing import rel_err
 
 
+# CP cases of the fp32 launches, and every exchange x layout a family allows (logscan: contiguous only;
+# alltoall needs heads divisible by P) for the float64 ones.
+CASES = [("contiguous", "allgather"), ("zigzag", "allgather"), ("contiguous", "logscan"), ("zigzag", "alltoall")]
+FP64_CASES = [("contiguous", "allgather"), ("zigzag", "allgather"), ("contiguous", "logscan"),
+              ("contiguous", "alltoall"), ("zigzag", "alltoall")]
+
+
 def packed_positions(B, L, P, layout):
     """Positions of B rows of L tokens: row 0 has documents starting on the first segment boundary and just
     after the last one, row 1 one just before the middle boundary (segments of ``layout`` over P ranks)."""
@@ -86,3 +93,15 @@ def worst_over_ranks(results) -> dict[str, float]:
         for name, err in errs.items():
             worst[name] = max(worst.get(name, 0.0), err)
     return worst
+
+
+def assert_compared_within(worst, cases, whats, names, kinds, tol, label):
+    """Every ``{layout}/{exchange} {what} {parameter}`` of ``cases`` x ``whats`` x ``names`` was compared,
+    and no error in ``worst`` exceeds ``tol``; prints the worst error of each of ``kinds``."""
+    for layout, exchange in cases:
+        for what in whats:
+            assert {f"{layout}/{exchange} {what} {n}" for n in names} <= set(worst), (layout, exchange, what)
+    for kind in kinds:
+        print(f"{label} worst {kind}: {max(v for k, v in worst.items() if kind in k):.1e}")
+    bad = {k: v for k, v in worst.items() if v > tol}
+    assert not bad, f"{label} != one rank beyond {tol:g}: {bad}"
