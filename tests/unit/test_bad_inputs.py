@@ -67,6 +67,11 @@ def _cases(d):
         "mamba2 model.expand_v": ([("model", "name", "mamba2"), ("model", "expand_v", 1.0)], "model.expand_v"),
         "qwen3_5 moe model.dim": ([("model", "name", "qwen3_5"), ("model", "flavor", "debugmodel_moe"),
                                    ("model", "dim", 32)], "model.dim"),
+        # q M exists only under state-passing CP: the setting is refused where it does nothing
+        "cp_q_transition keep without CP": ([("parallelism", "cp_q_transition", "keep")],
+                                            "parallelism.cp_q_transition"),
+        "cp_q_transition written without CP": ([("parallelism", "cp_q_transition", "recompute")],
+                                               "parallelism.cp_q_transition"),
         "unknown dataloader key": ([("dataloader", "text_colum", "text")], "dataloader.text_colum"),
         "unknown dataset": ([("dataloader", "dataset", "no_such_set")], "dataloader.dataset"),
     }
@@ -92,6 +97,21 @@ def test_every_bad_input_names_its_field(tmp_path):
     # this pytest process leave TorchTitan / dataset registries in states a launch never sees.
     (missed,) = run_on_ranks(_missed_cases, 1, args=(tmp_path,), init_process_group=False, timeout=600)
     assert not missed, missed
+
+
+@pytest.mark.parametrize("family", ["gdn", "qwen3_5"])
+def test_q_transition_only_where_state_passing_cp_runs(family):
+    """``parallelism.cp_q_transition``: refused with head-parallel CP (no q M), reaches the model config
+    under state-passing CP; a misspelt choice is named with the valid ones."""
+    cp2 = [("model", "name", family), ("training", "seq_len", 128), ("parallelism", "context_parallel_degree", 2)]
+    build = lambda *extra: build_config({}, [*cp2, *extra], world_size=2, check_runtime=False)  # noqa: E731
+    with pytest.raises(ConfigError, match=r"parallelism.cp_q_transition = 'keep' has no effect with "
+                                          r"parallelism.cp_exchange = 'alltoall'.*use parallelism.cp_exchange"):
+        build(("parallelism", "cp_exchange", "alltoall"), ("parallelism", "cp_q_transition", "keep"))
+    with pytest.raises(ConfigError, match=r"parallelism.cp_q_transition = 'kep' is not one of .*Did you mean 'keep'"):
+        build(("parallelism", "cp_q_transition", "kep"))
+    for q_transition in ("keep", "recompute"):
+        assert build(("parallelism", "cp_q_transition", q_transition)).model_spec.model.cp_q_transition == q_transition
 
 
 @pytest.mark.parametrize("args, field", [

@@ -55,6 +55,7 @@ class TrainSetup:
     # (titan_cp.ops.gated_delta_rule.transition.RecomputingSegmentKernel: triton, recurrent); torch's binds its states
     cp_exchange: str = "allgather"  # state exchange (its buffers kept for backward): allgather | logscan | alltoall
     cp_layout: str = "contiguous"  # contiguous (1 segment per rank) | zigzag (2)
+    cp_q_transition: str = "recompute"  # recompute (q M rerun in the backward) | keep (q M saved: Hv K fp32 / token)
     loss_chunks: int = 8  # TorchTitan ChunkedLossWrapper.num_chunks (1 = full logits)
     loss_bytes_per_logit: float = 12.0  # logits (act) + fp32 log-softmax + fp32 grad + act grad
     microbatches: int = 1  # pipeline microbatches the local batch is split into (1F1B keeps min(pp, this) in flight)
@@ -66,4 +67,12 @@ class TrainSetup:
 AC_MODES = ("none", "full")
 
 
-__all__ = ["AC_MODES", "DTYPE_BYTES", "Parallelism", "TrainSetup", "dtype_bytes"]
+def keeps_q_transition(setup: TrainSetup, par: Parallelism) -> bool:
+    """State-passing CP with ``cp_q_transition = "keep"``: every GDN layer saves q M [T, Hv, K] fp32.
+
+    Only the ranks with a predecessor hold it (all but contiguous rank 0, whose one segment starts
+    the sequence); the estimate is the worst rank's."""
+    return par.cp > 1 and setup.cp_extra and setup.cp_exchange != "alltoall" and setup.cp_q_transition == "keep"
+
+
+__all__ = ["AC_MODES", "DTYPE_BYTES", "Parallelism", "TrainSetup", "dtype_bytes", "keeps_q_transition"]

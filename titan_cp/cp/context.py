@@ -1,4 +1,5 @@
-"""The CP context a sequence-mixing layer needs: its process group, layout and exchange strategy."""
+"""The CP context a sequence-mixing layer needs: its process group, layout, exchange strategy and what
+state passing keeps for the backward (``q_transition``)."""
 
 from __future__ import annotations
 
@@ -16,19 +17,20 @@ from titan_cp.cp.settings import CPSettings
 class CPContext:
     """Context parallelism over ``group``; every rank holds the segments ``layout`` gives it.
 
-    ``layout`` and ``exchange`` are a :class:`~titan_cp.cp.settings.CPSettings`
-    pair (the choices and their rule live there). ``group`` None
+    ``layout``, ``exchange`` and ``q_transition`` are a :class:`~titan_cp.cp.settings.CPSettings`
+    choice (the choices and their rules live there). ``group`` None
     is a single rank (no communication; the layout still cuts its segments).
     """
 
     group: dist.ProcessGroup
     layout: str = "contiguous"
     exchange: str = "allgather"
+    q_transition: str = "recompute"  # state passing: recompute q M in the backward, or keep it from the forward
     # Local signatures (dtype, shapes) already checked against every rank, per layer.
     checked_signatures: set = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
-        CPSettings(layout=self.layout, exchange=self.exchange)  # names and their combination, once
+        CPSettings(layout=self.layout, exchange=self.exchange, q_transition=self.q_transition)  # names, once
 
     @property
     def size(self) -> int:

@@ -21,10 +21,12 @@ delta rule (titan_cp/ops/gated_delta_rule/mixing.py). With a state-passing strat
         o_t = o_local_t + (q_t M_<=t) S_start.
   Backward (:class:`_SegmentsWithStatePassing`, one autograd node for c + d):
   the gradient of each S_start through its segment's outputs,
-  G = (q M)^T dO, with q M recomputed from the kernel's saved context (the segment
-  kernel's ``q_transition``: nothing [T, H, K]-sized is kept for it, so a rank keeps
-  what one rank keeps for its tokens plus the [K, K] transitions of the fold); the
-  exchange's reverse fold gives
+  G = (q M)^T dO. q M comes from one of two places (``parallelism.cp_q_transition``,
+  titan_cp/cp/settings.py): ``recompute`` (default) reruns it from the kernel's saved
+  context (the segment kernel's ``q_transition``: nothing [T, H, K]-sized is kept for
+  it, so a rank keeps what one rank keeps for its tokens plus the [K, K] transitions
+  of the fold); ``keep`` saves it from the forward ([T, H, K] float32 per layer, one
+  transition forward less in the backward). Then the exchange's reverse fold gives
   every segment's final-state gradient T; then each segment runs the plain
   kernel backward from its true start S_start (no transition columns: the
   segment's true outputs and final state are the plain kernel's from there).
@@ -330,8 +332,9 @@ class _SegmentsWithStatePassing(torch.autograd.Function):
               forward on the rank holding only the sequence's first segment, M = 0);
               S_start <- the fold of the exchange strategy;  o = o_local + (q M) S_start;
               the kernel's saved context is bound to S_start (its true start).
-    backward: G = (q M)^T dO (the gradient of S_start through this segment's outputs; q M
-              recomputed by the segment kernel from its saved context, not kept from the forward);
+    backward: G = (q M)^T dO (the gradient of S_start through this segment's outputs; q M kept
+              from the forward with ``cp.q_transition == 'keep'``, else recomputed by the segment
+              kernel from its saved context);
               T = dL/dS_end <- the exchange's reverse fold of G;
               dq, dk, dv, dg, dbeta, dS_0 <- the kernel's plain backward from the true start, given dO, T.
     """
@@ -357,9 +360,11 @@ class _SegmentsWithStatePassing(torch.autograd.Function):
                 correction_NHTV = seg.q_transition.transpose(1, 2) @ S_start
                 o = o + correction_NHTV.transpose(1, 2).to(o.dtype)
             tensors, meta = segment_kernel.bind_incoming_state(tensors, meta, S_start)
-        # q_transition is not kept: the backward recomputes it from the kernel's context.
-        ctx.save_for_backward(*fold_saved, *tensors)
-        ctx.n_fold_saved, ctx.kernel_meta, ctx.segment_kernel = len(fold_saved), meta, segment_kernel
+        # q_transition: kept ('keep') or recomputed by the backward from the kernel's context ('recompute').
+        kept = (seg.q_transition,) if with_transition and cp.q_transition == "keep" else ()
+        ctx.save_for_backward(*kept, *fold_saved, *tensors)
+        ctx.n_kept, ctx.n_fold_saved, ctx.kernel_meta, ctx.segment_kernel = len(kept), len(fold_saved), meta, \
+            segment_kernel
         ctx.with_transition = with_transition
         ctx.cp, ctx.layer_name, ctx.shape = cp, layer_name, (B, n, H, K, V)
         return o
@@ -368,12 +373,13 @@ class _SegmentsWithStatePassing(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_o_NTHV):
         saved = ctx.saved_tensors
-        fold_saved, tensors = saved[: ctx.n_fold_saved], saved[ctx.n_fold_saved:]
+        kept, rest = saved[: ctx.n_kept], saved[ctx.n_kept:]
+        fold_saved, tensors = rest[: ctx.n_fold_saved], rest[ctx.n_fold_saved:]
         B, n, H, K, V = ctx.shape
         if not ctx.with_transition:  # no output depends on S_start
             G = d_o_NTHV.new_zeros(B * n, H, K, V, dtype=state_dtype(d_o_NTHV))
         else:
-            q_transition_NTHK = ctx.segment_kernel.q_transition(tensors, ctx.kernel_meta)
+            q_transition_NTHK = kept[0] if kept else ctx.segment_kernel.q_transition(tensors, ctx.kernel_meta)
             with flush_denormals():
                 G = q_transition_NTHK.permute(0, 2, 3, 1) @ d_o_NTHV.transpose(1, 2).to(q_transition_NTHK.dtype)
         _, reverse_fold = _exchange(ctx.cp)

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from titan_cp.cp.context import CPContext
-from titan_cp.cp.settings import EXCHANGES
+from titan_cp.cp.settings import EXCHANGES, Q_TRANSITIONS
 from titan_cp.cp.layout import LAYOUTS, rank_segments, unshard_sequence
 from titan_cp.errors import ConfigError, unknown_choice_message
 
@@ -32,6 +32,7 @@ def cp_context(
     mesh_dim: str | int | None = None,
     layout: str = "contiguous",
     exchange: str = "allgather",
+    q_transition: str = "recompute",
 ) -> CPContext:
     """The CP context over a process group or one dimension of a DeviceMesh.
 
@@ -41,12 +42,21 @@ def cp_context(
     exchange: how GDN layers cross shard boundaries: ``allgather`` (one all-gather of the
               shard summaries), ``logscan`` (log-depth prefix scan; contiguous layout only),
               ``alltoall`` (head-parallel: heads divisible by P).
+    q_transition: what state passing keeps of q_t M_<=t for the backward: ``recompute``
+              (nothing token-sized; the backward recomputes it) or ``keep`` (saved from the
+              forward: 4 H K bytes per token and layer more, a faster backward); not for
+              ``alltoall`` (no q M there). titan_cp.cp.settings.
     Raises ``ConfigError`` naming the argument before any communication.
     """
     if layout not in LAYOUTS:
         raise ConfigError(unknown_choice_message("cp_context(layout)", layout, LAYOUTS))
     if exchange not in EXCHANGES:
         raise ConfigError(unknown_choice_message("cp_context(exchange)", exchange, EXCHANGES))
+    if q_transition not in Q_TRANSITIONS:
+        raise ConfigError(unknown_choice_message("cp_context(q_transition)", q_transition, Q_TRANSITIONS))
+    if q_transition != "recompute" and exchange == "alltoall":
+        raise ConfigError(f"cp_context(q_transition={q_transition!r}) has no effect with exchange='alltoall' "
+                          "(head-parallel: no q M); drop q_transition, or use exchange='allgather' / 'logscan'.")
     if exchange == "logscan" and layout != "contiguous":
         raise ConfigError(
             "cp_context(exchange='logscan') needs layout='contiguous' (the scan runs over ranks in "
@@ -71,7 +81,7 @@ def cp_context(
                 "torch.distributed.init_process_group() first (torchrun sets the environment)."
             )
         group = dist.group.WORLD
-    return CPContext(group=group, layout=layout, exchange=exchange)
+    return CPContext(group=group, layout=layout, exchange=exchange, q_transition=q_transition)
 
 
 def shard_sequence(x: torch.Tensor, cp: CPContext | None, dim: int = 1) -> torch.Tensor:

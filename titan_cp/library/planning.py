@@ -60,8 +60,8 @@ def estimate_cp_memory(
 
     FSDP shards parameters over dp x cp (as TorchTitan does; MoE experts over ep x
     dp cp tp / ep); ``pp`` stages split the layers (Qwen3.5). The kernel, exchange and
-    layout are the model config's (``kernel``, ``cp_exchange``, ``cp_layout``; a
-    TorchTitan Qwen3.5 config without them: FLA's kernel, allgather, contiguous).
+    layout are the model config's (``kernel``, ``cp_exchange``, ``cp_layout``, ``cp_q_transition``; a
+    TorchTitan Qwen3.5 config without them: FLA's kernel, allgather, contiguous, recompute).
     ``budget_gib``: also the longest sequence that fits, with and without CP.
     """
     qwen = is_qwen3_5(model)
@@ -70,6 +70,7 @@ def estimate_cp_memory(
         seq_len=seq_len, batch=batch, param_dtype=param_dtype, act_dtype=act_dtype,
         ac="full" if activation_checkpointing else "none",
         cp_exchange=getattr(model, "cp_exchange", "allgather"), cp_layout=getattr(model, "cp_layout", "contiguous"),
+        cp_q_transition=getattr(model, "cp_q_transition", "recompute"),
         microbatches=max(1, pp) if pp > 1 else 1, **({} if qwen else profile.setup),
     )
     calibration = None if qwen else profile.calibration

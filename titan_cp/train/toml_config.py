@@ -9,7 +9,7 @@ exactly that and lets ``ConfigManager`` parse it:
    (:data:`titan_cp.models.registry.MODEL_FAMILIES`; default ``"gdn"``);
 2. keys TorchTitan's command line cannot set change that start: other
    ``[model]`` keys (parsed by tyro on the model's ``Config``), ``[parallelism]
-   cp_exchange`` / ``cp_layout`` (model fields; ``cp_layout`` also picks
+   cp_exchange`` / ``cp_layout`` / ``cp_q_transition`` (model fields; ``cp_layout`` also picks
    ``context_parallel_load_balancer``) and ``[dataloader] dataset`` (the
    loader's config class);
 3. every other key becomes a ``ConfigManager`` override: ``[training] steps =
@@ -31,8 +31,8 @@ Sections::
     [model]      name, flavor, any field of the family's model Config (GDN: n_layers, kernel, ...);
                  gdn / kda / mamba2: hf_config = "path" takes every shape field from an FLA (transformers
                  Mamba-2) checkpoint's config.json (flavor then only picks the training defaults)
-    [parallelism] TorchTitan's fields + cp_exchange ("allgather" | "logscan" | "alltoall")
-                 and cp_layout ("contiguous" | "zigzag")
+    [parallelism] TorchTitan's fields + cp_exchange ("allgather" | "logscan" | "alltoall"),
+                 cp_layout ("contiguous" | "zigzag") and cp_q_transition ("recompute" | "keep")
     [optimizer]  name ("AdamW" | "Adam"), lr, betas, eps, weight_decay, implementation
     [activation_checkpoint] mode ("none" | "selective" | "full" | "memory_budget") + its fields
     [dataloader] (alias [data]) dataset ("tiny_corpus" | "synthetic" | a TorchTitan dataset)
@@ -68,7 +68,7 @@ OPTIMIZER_KEYS = {
 }
 AC_MODES = ("none", "selective", "full", "memory_budget")
 MODEL_KEYS = ("name", "flavor", "hf_config")  # [model] keys that pick the config function and shape
-CP_KEYS = ("cp_exchange", "cp_layout")  # [parallelism] keys stored on the model config
+CP_KEYS = ("cp_exchange", "cp_layout", "cp_q_transition")  # [parallelism] keys stored on the model config
 MODEL_HIDDEN_FIELDS = ("param_init", "sharding_config")
 
 
@@ -399,7 +399,7 @@ class TomlJob:
         """The validated ``Trainer.Config``, parsed by TorchTitan's ``ConfigManager``."""
         from torchtitan.config import ConfigManager
 
-        from titan_cp.models.common.preflight import validate
+        from titan_cp.models.common.preflight import check_q_transition_used, validate
 
         base = self.base_config()
         items, ac_tokens = self._manager_items(base)
@@ -408,6 +408,11 @@ class TomlJob:
         config = parse_settings(lambda args: ConfigManager().parse_args(head + args), items, base, self.source,
                                 ac_tokens)
         degrees = validate(config, world_size=world_size, check_runtime=check_runtime)
+        for section in ("parallelism", "model"):  # written, so refused also at its default where unused
+            s = self._last(section, "cp_q_transition")
+            if s is not None:
+                check_q_transition_used(config.model_spec.model, degrees["cp"], set_explicitly=True,
+                                        origin=f"{s.origin}: ")
         if check_runtime:  # the data is the machine's, like the kernels: read where the job runs
             from titan_cp.components.data_checks import check_data
 

@@ -132,7 +132,7 @@ def parallelize_decoder(
 ):
     """CP -> TP (``apply_tp_fn(model, tp_mesh)``) -> AC -> compile -> FSDP/HSDP, for any titan_cp decoder.
 
-    The model config carries ``cp_layout`` / ``cp_exchange``; its sequence
+    The model config carries ``cp_layout`` / ``cp_exchange`` / ``cp_q_transition``; its sequence
     mixers carry ``mixes_sequence`` (:func:`apply_cp`).
     """
     cp = None
@@ -141,6 +141,7 @@ def parallelize_decoder(
             group=parallel_dims.get_mesh("cp").get_group(),
             layout=model.config.cp_layout,
             exchange=model.config.cp_exchange,
+            q_transition=model.config.cp_q_transition,
         )
     apply_cp(model, cp)
     if parallel_dims.tp_enabled:

@@ -16,8 +16,9 @@ TorchTitan's 2 x cp sharding at once). Modules deeper down (``CPSettings``,
 layout/exchange rule is :class:`titan_cp.cp.settings.CPSettings`', called from here.
 
 Rules, in order: parallel degrees multiply to the world size; model names
-(kernel, cp_exchange, cp_layout and their combination); the load balancer
-matches the layout; heads divisible by TP (and TP x CP for ``alltoall``);
+(kernel, cp_exchange, cp_layout, cp_q_transition and their combination); the load balancer
+matches the layout; heads divisible by TP (and TP x CP for ``alltoall``); ``cp_q_transition``
+only where state-passing CP runs;
 ``seq_len`` divisible by the CP segments and TorchTitan's pieces; training
 and optimizer numbers (steps, batch, lr, betas); paths (tokenizer, dataset,
 a writable checkpoint folder); the model builds on the meta device (its
@@ -51,9 +52,26 @@ def world_size_from_env() -> int:
 # --- names -------------------------------------------------------------------------------------
 
 
-def check_cp_choices(layout: str, exchange: str) -> None:
-    """``parallelism.cp_layout`` / ``cp_exchange`` are known and work together (e.g. no logscan + zigzag)."""
-    CPSettings(layout=layout, exchange=exchange)
+def check_cp_choices(layout: str, exchange: str, q_transition: str = "recompute") -> None:
+    """``parallelism.cp_layout`` / ``cp_exchange`` / ``cp_q_transition`` are known and work together
+    (e.g. no logscan + zigzag)."""
+    CPSettings(layout=layout, exchange=exchange, q_transition=q_transition)
+
+
+def check_q_transition_used(model, cp: int, *, set_explicitly: bool = False, origin: str = "") -> None:
+    """``parallelism.cp_q_transition`` does something in this run (state-passing CP, degree > 1).
+
+    Refused where it does nothing (CP degree 1, ``alltoall``): ``keep`` always (it is never the
+    default), ``recompute`` when ``set_explicitly`` (the TOML front end knows what was written).
+    """
+    value = getattr(model, "cp_q_transition", None)
+    if value is None or (value == "recompute" and not set_explicitly):
+        return
+    settings = CPSettings(layout=getattr(model, "cp_layout", "contiguous"),
+                          exchange=getattr(model, "cp_exchange", "allgather"), q_transition=value)
+    problem = settings.unused_q_transition(cp)
+    if problem:
+        raise ConfigError(origin + problem)
 
 
 def _check_names(config) -> None:
@@ -63,7 +81,8 @@ def _check_names(config) -> None:
         raise ConfigError(unknown_choice_message("model.kernel", kernel, KERNEL_NAMES))
     layout = getattr(model, "cp_layout", None)
     if layout is not None:
-        check_cp_choices(layout, getattr(model, "cp_exchange", "allgather"))
+        check_cp_choices(layout, getattr(model, "cp_exchange", "allgather"),
+                         getattr(model, "cp_q_transition", "recompute"))
         balancer = config.parallelism.context_parallel_load_balancer
         wanted = load_balancer_for_layout(layout)
         if balancer != wanted:
@@ -164,12 +183,6 @@ def _head_fields(model) -> dict[str, int]:
 
 def _check_heads(model, tp: int, cp: int) -> None:
     exchange = getattr(model, "cp_exchange", None)
-    if tp > 1 and "M" in (model.layer_types() if hasattr(model, "layer_types") else []):
-        raise ConfigError(
-            f"parallelism.tensor_parallel_degree = {tp} with Mamba-2 layers ('M' in model.layer_pattern): "
-            "they have no TP plan (in_proj packs z | xBC | dt and the gated norm spans all heads). "
-            "Set tensor_parallel_degree = 1 and use data_parallel_shard_degree / context_parallel_degree."
-        )
     for field, heads in _head_fields(model).items():
         if heads % tp:
             divisors = [d for d in range(1, heads + 1) if heads % d == 0]
@@ -303,6 +316,7 @@ def validate(config, *, world_size: int | None = None, check_runtime: bool = Tru
     degrees = resolve_degrees(config, world_size_from_env() if world_size is None else world_size)
     _check_names(config)
     _check_heads(config.model_spec.model, degrees["tp"], degrees["cp"])
+    check_q_transition_used(config.model_spec.model, degrees["cp"])
     family_check = getattr(config.model_spec.model, "check_job", None)  # a model family's own rules
     if family_check is not None:
         family_check(config)
@@ -326,6 +340,7 @@ def validate(config, *, world_size: int | None = None, check_runtime: bool = Tru
 
 __all__ = [
     "check_cp_choices",
+    "check_q_transition_used",
     "resolve_degrees",
     "validate",
     "world_size_from_env",

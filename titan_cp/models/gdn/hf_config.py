@@ -192,7 +192,7 @@ def hf_config_from_model(config, *, bos_token_id: int | None = None, eos_token_i
 
 def same_shape(a, b) -> bool:
     """Two ``GDNModel.Config`` describe the same weights and computation (run-time fields ignored)."""
-    runtime = {"kernel", "cp_exchange", "cp_layout", "doc_masking"}
+    runtime = {"kernel", "cp_exchange", "cp_layout", "cp_q_transition", "doc_masking"}
     if a.layer_types() != b.layer_types():
         return False
     fields = [f.name for f in dataclasses.fields(a) if not f.name.startswith("_") and f.name not in runtime

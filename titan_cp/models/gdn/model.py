@@ -46,6 +46,7 @@ class GDNModel(BaseModel):
         # Context parallelism (set by the config function or the TOML front end; checked by titan_cp.models.common.preflight).
         cp_exchange: str = "allgather"  # titan_cp.cp.context.EXCHANGES
         cp_layout: str = "contiguous"  # titan_cp.cp.layout.LAYOUTS
+        cp_q_transition: str = "recompute"  # titan_cp.cp.settings.Q_TRANSITIONS: recompute q M in the backward, or keep it
         doc_masking: bool = True  # reset state + conv history at document starts (positions == 0)
         # Hybrid models: one letter per layer, cycled over n_layers: G = Gated DeltaNet,
         # K = Kimi Delta Attention (FLA's KDA layer, same head fields),

@@ -42,9 +42,10 @@ class Qwen35CPModel(Qwen35Model):
         vision_encoder: object = None  # built only with ``with_vision``
         with_vision: bool = False
         kernel: str = "torch"  # titan_cp.ops.gated_delta_rule.KERNEL_NAMES: the GDN layers' delta-rule kernel
-        # Context parallelism (the job's parallelism.cp_layout / cp_exchange).
+        # Context parallelism (the job's parallelism.cp_layout / cp_exchange / cp_q_transition).
         cp_layout: str = "contiguous"
         cp_exchange: str = "allgather"
+        cp_q_transition: str = "recompute"  # titan_cp.cp.settings.Q_TRANSITIONS
         doc_masking: bool = True  # reset state, conv and attention at positions == 0
         # Routed experts: TorchTitan's bf16 grouped_mm, or "exact" (titan_cp.models.qwen3_5.moe).
         expert_compute: str = "grouped_mm_bf16"

@@ -17,10 +17,11 @@ the plain kernel's from the true start S_0 + S, so the gradients of q, k, v, g, 
 the plain backward from that start, given dO and the final state's gradient T (from the
 exchange's reverse fold). What the exchange needs first, the gradient of S through this
 segment's outputs, G = q_transition^T dO, needs q_transition alone, so the ranks' backward
-passes stay parallel. q_transition is not kept from the forward ([T, H, K] in float32 per
-layer, 3.3% of a Qwen3.5 debug GDN layer's saved bytes): the segment kernel recomputes
-it in the backward from the context it saves anyway (``q_transition``), so a CP rank keeps
-what one rank keeps for the same tokens. Against carrying the K columns through the backward
+passes stay parallel. By default (``parallelism.cp_q_transition = 'recompute'``)
+q_transition is not kept from the forward ([T, H, K] in float32 per layer, 3.3% of a
+Qwen3.5 debug GDN layer's saved bytes): the segment kernel recomputes it in the backward
+from the context it saves anyway (``q_transition``), so a CP rank keeps what one rank keeps
+for the same tokens; ``'keep'`` saves it instead (cp/state_passing.py). Against carrying the K columns through the backward
 too, this drops every width-(V + K) product of the backward (docs/benchmarks.md section 8).
 
 A :class:`SegmentKernel` does the three steps:
