@@ -213,7 +213,15 @@ def test_scaling_with_parallelism():
     assert cp.activations == pytest.approx(base.activations)  # same tokens per rank
     assert cp.params == pytest.approx(base.params / 2)  # FSDP over dp x cp
     cp_trick = estimate_memory(s, TrainSetup(seq_len=32768), Parallelism(cp=2))
-    assert "cp_q_transition" not in cp_trick.layer_terms  # recomputed in the backward, not kept
+    assert "cp_q_transition" not in cp_trick.layer_terms  # recomputed in the backward, not kept (the default)
+    kept = estimate_memory(s, TrainSetup(seq_len=32768, cp_q_transition="keep"), Parallelism(cp=2))
+    Hv_K = Dims.of(s).Hv * Dims.of(s).K
+    assert kept.layer_terms["cp_q_transition"] == 16384 * Hv_K * 4  # tokens per rank x Hv K fp32
+    assert kept.activations - cp_trick.activations == pytest.approx(Dims.of(s).n_layers * 16384 * Hv_K * 4)
+    for unused in (Parallelism(cp=1), Parallelism(cp=2, tp=1)):  # no CP, or head-parallel: no q M
+        exchange = "alltoall" if unused.cp > 1 else "allgather"
+        setup = TrainSetup(seq_len=32768, cp_q_transition="keep", cp_exchange=exchange)
+        assert "cp_q_transition" not in estimate_memory(s, setup, unused).layer_terms
     assert cp_trick.layer_terms["kernel_internal"] == 0  # the recomputing segment kernel saves none of FLA's
     # under CP the recomputing kernel keeps none of FLA's A and q M is recomputed: less than without the CP terms
     assert cp_trick.activations < cp.activations
@@ -270,7 +278,7 @@ def test_cli(tmp_path):
 # ----------------------------------------------------------------------------- calibration for titan_cp's kernel
 
 
-def _model_saved_bytes(rank: int, P: int, overrides: dict, T: int) -> tuple[int, int]:
+def _model_saved_bytes(rank: int, P: int, overrides: dict, T: int, q_transition: str = "recompute") -> tuple[int, int]:
     """Saved-tensor bytes (+ decoder output) of titan_cp's GDN model forward on this rank's shard, and T_local."""
     import torch.distributed as dist
 
@@ -282,7 +290,7 @@ def _model_saved_bytes(rank: int, P: int, overrides: dict, T: int) -> tuple[int,
     torch.manual_seed(0)
     model = model_config("debug", kernel="torch", **overrides).build()
     model.init_weights()
-    apply_cp(model, CPContext(group=dist.group.WORLD) if P > 1 else None)
+    apply_cp(model, CPContext(group=dist.group.WORLD, q_transition=q_transition) if P > 1 else None)
     tokens = torch.randint(0, overrides["vocab_size"], (1, T))
     if P > 1:
         tokens = rank_segments(tokens, 1, rank, P, "contiguous")
@@ -303,12 +311,12 @@ _CAL_MODEL = dict(dim=48, n_layers=2, num_heads=2, num_v_heads=4, head_dim=16, e
 _CAL_HYBRID = dict(_CAL_MODEL, n_layers=3, layer_pattern="GAG", attn_num_heads=4, attn_num_kv_heads=2, attn_head_dim=16)
 
 
-def _torch_profile_estimate(T: int, P: int, overrides: dict = _CAL_MODEL):
+def _torch_profile_estimate(T: int, P: int, overrides: dict = _CAL_MODEL, q_transition: str = "recompute"):
     from titan_cp.analysis.profiles import kernel_profile
 
     shape = model_config("debug", kernel="torch", **overrides)
     prof = kernel_profile("torch", shape, "fp32")
-    setup = TrainSetup(seq_len=T, act_dtype="fp32", **prof.setup)
+    setup = TrainSetup(seq_len=T, act_dtype="fp32", cp_q_transition=q_transition, **prof.setup)
     est = estimate_memory(shape, setup, Parallelism(cp=P, fsdp_over_cp=False), calibration=prof.calibration)
     return est.activations + est.model_activations
 
@@ -322,20 +330,27 @@ def test_torch_kernel_profile_matches_the_real_model(overrides):
 
 
 def _cp_saved(rank, world):
-    return [_model_saved_bytes(rank, world, overrides, 1280)[0] for overrides in (_CAL_MODEL, _CAL_HYBRID)]
+    return {mode: [_model_saved_bytes(rank, world, overrides, 1280, mode)[0] for overrides in (_CAL_MODEL, _CAL_HYBRID)]
+            for mode in ("recompute", "keep")}
 
 
 def test_torch_kernel_profile_matches_the_real_model_under_cp():
-    """The estimate is the worst rank's within 2%; the two ranks save the same within 1% (a later
-    segment's rank keeps no q M, it is recomputed in the backward; the first segment's rank keeps
-    the later segment's M for the reverse fold)."""
+    """The estimate is the worst rank's within 2%, for both ``cp_q_transition`` modes. With
+    'recompute' the two ranks save the same within 1% (a later segment's rank keeps no q M, it is
+    recomputed in the backward; the first segment's rank keeps the later segment's M for the reverse
+    fold); 'keep' adds exactly q M, Hv K fp32 per token and GDN layer, on the rank with a predecessor."""
     from titan_cp.testing import run_on_ranks
 
     per_rank = run_on_ranks(_cp_saved, 2, timeout=300)
     for i, overrides in enumerate((_CAL_MODEL, _CAL_HYBRID)):
-        estimate = _torch_profile_estimate(1280, 2, overrides)
-        assert estimate == pytest.approx(max(r[i] for r in per_rank), rel=0.02)
-        assert per_rank[0][i] == pytest.approx(per_rank[1][i], rel=0.01)
+        recompute = [r["recompute"][i] for r in per_rank]
+        keep = [r["keep"][i] for r in per_rank]
+        assert _torch_profile_estimate(1280, 2, overrides) == pytest.approx(max(recompute), rel=0.02)
+        assert _torch_profile_estimate(1280, 2, overrides, "keep") == pytest.approx(max(keep), rel=0.02)
+        assert recompute[0] == pytest.approx(recompute[1], rel=0.01)
+        n_gdn = overrides.get("layer_pattern", "G" * overrides["n_layers"]).count("G")
+        q_m = n_gdn * 640 * overrides["num_v_heads"] * overrides["head_dim"] * 4
+        assert (keep[0], keep[1] - recompute[1]) == (recompute[0], q_m)  # rank 0 holds segment 0: no q M
 
 
 def test_replicated_params_buffers_and_grads_at_peak():

@@ -38,6 +38,25 @@ def test_layout_dimensions_shrink_what_they_shard():
         estimate_memory(config, setup, Parallelism(pp=3))
 
 
+def test_kept_q_transition_is_hv_k_fp32_per_token_and_gdn_layer():
+    """``cp_q_transition = 'keep'``: each GDN layer saves q M [T_local, Hv, K] fp32 (Hv / tp under TP);
+    nothing without CP or with alltoall; the planning entry point reads it from the model config."""
+    config = titan_cp_config(torchtitan_config("debugmodel", **DEBUG_SHAPE), cp_layout="zigzag")
+    s = QwenDims.of(config).text
+    setup = TrainSetup(seq_len=4096, act_dtype="fp32", cp_layout="zigzag")
+    for par in (Parallelism(cp=2), Parallelism(cp=4, tp=2)):
+        recompute = estimate_memory(config, setup, par)
+        keep = estimate_memory(config, replace(setup, cp_q_transition="keep"), par)
+        q_m = 4096 // par.cp * s.n_value_heads // par.tp * s.key_head_dim * 4
+        assert keep.layer_terms["gdn:cp_q_transition"] == q_m and "gdn:cp_q_transition" not in recompute.layer_terms
+        assert keep.activations - recompute.activations == pytest.approx(QwenDims.of(config).n_gdn * q_m)
+    for unused, exchange in ((Parallelism(cp=1), "allgather"), (Parallelism(cp=2), "alltoall")):
+        est = estimate_memory(config, replace(setup, cp_q_transition="keep", cp_exchange=exchange), unused)
+        assert "gdn:cp_q_transition" not in est.layer_terms
+    kept = estimate_cp_memory(replace(config, cp_q_transition="keep"), seq_len=4096, cp=2, act_dtype="fp32")
+    assert kept.details_with_cp.layer_terms["gdn:cp_q_transition"] == 2048 * s.n_value_heads * s.key_head_dim * 4
+
+
 def test_planning_entry_point_takes_qwen3_5():
     config = titan_cp_config(torchtitan_config("2B"), kernel="triton", cp_layout="zigzag")
     est = estimate_cp_memory(config, 131072, 8, activation_checkpointing=True, budget_gib=70)

@@ -55,6 +55,10 @@ kernel_internal    Hv * c       (act)      kernel-private tensors, c per head pe
 kernel_states      Hv K V / C   (fp32)     only if the kernel saves its chunk states
                                            [T/C, Hv, K, V] (``kernel_saves_states``;
                                            under CP the true states, width V)
+cp_q_transition    Hv K         (fp32)     only with state-passing CP and
+                                           ``cp_q_transition = "keep"``: q_t M_<=t kept
+                                           for the backward's G = (q M)^T dO (the default
+                                           "recompute" reruns it in the backward)
 out_gate_norm      5 Dv         (act)      kernel output o, o*rstd, o*rstd*w,
                                            g_proj x (SiLU input), SiLU(g_proj x)
 o_proj_input       Dv           (act)      gated-norm output
@@ -122,7 +126,7 @@ from dataclasses import replace
 from titan_cp.analysis.memory_terms import ActTerm, MemoryEstimate, _terms_bytes
 from titan_cp.analysis.qwen3_5_memory import estimate_qwen3_5, is_qwen3_5
 from titan_cp.analysis.shape import Dims, param_counts
-from titan_cp.analysis.train_setup import AC_MODES, Parallelism, TrainSetup, dtype_bytes
+from titan_cp.analysis.train_setup import AC_MODES, Parallelism, TrainSetup, dtype_bytes, keeps_q_transition
 
 def layer_activation_terms(shape: Dims, setup: TrainSetup, par: Parallelism) -> list[ActTerm]:
     """Saved-for-backward tensors of one block without checkpointing (see the module docstring)."""
@@ -147,6 +151,8 @@ def layer_activation_terms(shape: Dims, setup: TrainSetup, par: Parallelism) -> 
     ]
     if setup.kernel_saves_states and not (state_passing and setup.cp_recomputes_kernel):
         terms.append(ActTerm("kernel_states", Hv * K * shape.V / C, f, "tp", "chunk states [T/C, Hv, K, V] fp32"))
+    if keeps_q_transition(setup, par):
+        terms.append(ActTerm("cp_q_transition", Hv * K, f, "tp", "CP 'keep': q M_<=t (fp32) for G = (q M)^T dO"))
     terms += [
         ActTerm("out_gate_norm", 5 * Dv, a, "tp", "o, o*rstd, o*rstd*w, g_proj x, SiLU(g_proj x)"),
         ActTerm("o_proj_input", Dv, a, "tp", "gated-norm output: o_proj input"),

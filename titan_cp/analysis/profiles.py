@@ -44,7 +44,8 @@ def _torch_kernel_profile(model, act_dtype: str) -> KernelProfile:
     - CP: the segment kernel is native (``cp_recomputes_kernel`` False): the transition rides
       as K extra state columns through the forward only, the saved chunk states become the
       true ones (the ``kernel_states`` term, width V); q M is recomputed in the backward, not
-      kept (cp/state_passing.py).
+      kept (cp/state_passing.py), unless ``cp_q_transition = "keep"`` (the ``cp_q_transition``
+      term, Hv K fp32: measured exact in tests/integration/test_estimator.py).
     - transient (fitted to the tracked-allocator peak on CPU, fp32, dim 256 / 4 x 64 heads,
       CP 1..8, 256..16384 tokens per rank): the peak falls in the last block's MLP backward,
       where the backward workspace is about 0.1 of a layer's activations (``workspace`` 0.21 x

@@ -21,6 +21,7 @@ gdn_conv               3 (2 Dk + Dv) (a)                     conv input (qkv), c
 gdn_l2                 2 H (f)                               L2 norms of q, k
 gdn_kernel (torch)     4 Hv K V / C + 2 Hv K / C (f)         chunk states / their decays kept by the torch kernel
 gdn_kernel (triton)    2 Hv K + Hv C (a) + Hv (f)            FLA: normalised repeated q, k; WY matrix A; gate cumsum
+cp_q_transition        Hv K (f)                              CP with cp_q_transition = "keep" only: q_t M_<=t
 gdn_out                6 Dv (a) + Hv (f)                     o, o*rstd, normed, z, SiLU(z), out_proj input; rstd
 attn_qkv_norm          3 Hq D + 2 Hkv D (a) + (Hq+Hkv) (f)   wq out [q|gate], normed q, k proj, normed k; rstds
 attn_rope              2 R (f)                               RoPE cos / sin
@@ -52,7 +53,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from titan_cp.analysis.memory_terms import ActTerm, MemoryEstimate, _terms_bytes
-from titan_cp.analysis.train_setup import AC_MODES, Parallelism, TrainSetup, dtype_bytes
+from titan_cp.analysis.train_setup import AC_MODES, Parallelism, TrainSetup, dtype_bytes, keeps_q_transition
 from titan_cp.models.qwen3_5.flavors import TextShape, shape_of
 
 
@@ -135,6 +136,8 @@ def gdn_terms(q: QwenDims, setup: TrainSetup, par: Parallelism, kernel: str) -> 
     else:
         terms += [ActTerm("gdn_kernel", 2 * Hv * K + Hv * C, a, "tp", "FLA: q, k (normalised, repeated), A"),
                   ActTerm("gdn_kernel_gates", Hv, 4, "tp", "FLA: gate cumsum")]
+    if keeps_q_transition(setup, par):
+        terms.append(ActTerm("cp_q_transition", Hv * K, 4, "tp", "CP 'keep': q M_<=t (fp32)"))
     terms += [ActTerm("gdn_out", 6 * Dv, a, "tp", "o, o*rstd, normed, z, SiLU(z), out_proj input"),
               ActTerm("gdn_out_rstd", Hv, 4, "tp", "gated-norm rstd")]
     return terms

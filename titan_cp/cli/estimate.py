@@ -2,6 +2,7 @@
 
     titan_cp estimate --shape 1.3B --seq-len 65536 --dp 8 --cp 4
     titan_cp estimate --shape 340M --cp 8 --ac full --budget-gib 80   # + longest seq that fits
+    titan_cp estimate --shape 340M --seq-len 65536 --cp 4 --cp-q-transition keep   # q M kept: faster, more memory
     titan_cp estimate --shape debug --n-layers 4 --num-heads 2 --vocab-size 2000 --seq-len 2048 --act-dtype fp32
     titan_cp estimate --shape 340M --seq-len 8192 --terms --json mem.json
     titan_cp estimate --family qwen3_5 --shape 35B-A3B --seq-len 131072 --cp 8 --ep 8 --ac full --budget-gib 70
@@ -66,6 +67,7 @@ class Args:
     kernel_saved_per_head_token: float = 64.0
     kernel_workspace_states: float = 2.0
     cp_extra: bool = True  # state-passing CP terms (q M, the exchange's buffers) under CP
+    cp_q_transition: Literal["recompute", "keep"] = "recompute"  # parallelism.cp_q_transition (needs --cp > 1)
     attention_score_tensors: float = 4.6  # fp32 [Hq, T_b, T_b] tensors of titan_cp's block attention backward
     # calibration / output
     calibrate: tuple[str, ...] = ()  # TERM=FACTOR
@@ -117,6 +119,9 @@ def describe(a: Args, model) -> tuple[str, dict, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     a = tyro.cli(Args, args=argv, prog="titan_cp estimate", description=__doc__.split("\n\n")[0])
+    if a.cp_q_transition != "recompute" and a.cp <= 1:
+        raise SystemExit(f"--cp-q-transition {a.cp_q_transition}: q M exists only under CP; "
+                         "set --cp > 1 or drop the flag")
     name, model = model_from_args(a)
     text, shape, counts = describe(a, model)
     par = Parallelism(dp=a.dp, tp=a.tp, cp=a.cp, sequence_parallel=a.sequence_parallel, ep=a.ep, pp=a.pp)
