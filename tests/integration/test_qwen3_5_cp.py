@@ -6,6 +6,9 @@ model) run on the whole batch in the same process without CP; losses and
 every parameter gradient must agree within rel 1e-5 in float32 (FLA's decay
 init) and 1e-10 in float64 (TorchTitan's own init), with and without packed
 documents (document starts on, next to and inside shard boundaries).
+``parallelism.cp_q_transition = 'keep'`` (q M saved from the forward) is checked the same
+way on the state-passing cases of every launch, and against ``recompute`` (MODES_REL), and
+through parallelize_qwen3_5_cp on one 4-rank mesh (the model config's field).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ FP32_REL = 1e-5
 # CP 4; 3.8e-7 while ring attention and TorchTitan's norms computed in float32.
 FP64_REL = 1e-10
 MOE_BF16_REL = 2e-2  # see _moe_errors
+MODES_REL = 1e-6  # keep vs recompute: the same math, q M from the forward or recomputed
 
 
 def _batch(P: int, dp: int = 1):
@@ -50,6 +54,9 @@ def _cp_cases(P: int) -> list[tuple[str, str]]:
     return cases
 
 
+KEEP_CASES = [("allgather", "zigzag"), ("logscan", "contiguous")]  # also run with cp_q_transition = 'keep'
+
+
 def _cp_errors(rank: int, P: int, dtype: torch.dtype) -> dict:
     """Pure CP over the world group: every strategy x layout x (packed or not).
 
@@ -65,8 +72,11 @@ def _cp_errors(rank: int, P: int, dtype: torch.dtype) -> dict:
     errors = {}
     for docs, positions in (("rows", None), ("packed", packed)):
         ref_loss, ref_grads = _reference(model, inputs, labels, positions)
-        for exchange, layout in _cp_cases(P):
-            apply_cp(model, CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange))
+        grads = {}
+        runs = [(e, lay, "recompute") for e, lay in _cp_cases(P)] + [(e, lay, "keep") for e, lay in KEEP_CASES]
+        for exchange, layout, q_transition in runs:
+            apply_cp(model, CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange,
+                                      q_transition=q_transition))
             shard = lambda t: None if t is None else rank_segments(t, 1, rank, P, layout)  # noqa: E731
             model.zero_grad()
             logits = model(shard(inputs), positions=shard(positions))
@@ -78,7 +88,12 @@ def _cp_errors(rank: int, P: int, dtype: torch.dtype) -> dict:
             for n, p in model.named_parameters():
                 dist.all_reduce(p.grad)
                 case[n] = rel_err(p.grad, ref_grads[n])
-            errors[(P, exchange, layout, docs, str(dtype))] = case
+                grads[(exchange, layout, q_transition, n)] = p.grad.clone()
+            if q_transition == "keep":  # against the recompute run of the same case
+                case |= {f"modes: {n}": rel_err(g, grads[(exchange, layout, "recompute", n)])
+                         for n, g in ((n, p.grad) for n, p in model.named_parameters())}
+            suffix = () if q_transition == "recompute" else (q_transition,)
+            errors[(P, exchange, layout, docs, str(dtype), *suffix)] = case
             apply_cp(model, None)
     return errors
 
@@ -91,7 +106,7 @@ class _Cfg:
 
 
 def _mesh_errors(rank: int, world: int, dp_replicate: int, dp_shard: int, cp: int, tp: int, layout: str,
-                 exchange: str) -> dict:
+                 exchange: str, q_transition: str = "recompute") -> dict:
     """Like the trainer: meta build, parallelize_qwen3_5_cp on ParallelDims, load weights, one step."""
     from torchtitan.distributed import ParallelDims
 
@@ -106,7 +121,7 @@ def _mesh_errors(rank: int, world: int, dp_replicate: int, dp_shard: int, cp: in
     dims.build_mesh()
     reference = tiny_model(cp_layout=layout, cp_exchange=exchange)
     with torch.device("meta"):
-        model = tiny_config(cp_layout=layout, cp_exchange=exchange).build()
+        model = tiny_config(cp_layout=layout, cp_exchange=exchange, cp_q_transition=q_transition).build()
     parallelize_qwen3_5_cp(
         model, parallel_dims=dims, compile_config=None, ac_config=None, dump_folder="/tmp",
         training=_Cfg(mixed_precision_param="float32", mixed_precision_reduce="float32", enable_cpu_offload=False),
@@ -133,15 +148,15 @@ def _mesh_errors(rank: int, world: int, dp_replicate: int, dp_shard: int, cp: in
     for name, p in model.named_parameters():
         grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
         errors[name] = rel_err(grad, ref_grads[name])
-    return {(f"dp_replicate{dp_replicate} x fsdp{dp_shard} x cp{cp} x tp{tp}", exchange, layout): errors}
+    return {(f"dp_replicate{dp_replicate} x fsdp{dp_shard} x cp{cp} x tp{tp}", exchange, layout, q_transition): errors}
 
 
-# (dp_replicate, dp_shard, cp, tp, layout, exchange) on 4 ranks
+# (dp_replicate, dp_shard, cp, tp, layout, exchange, cp_q_transition) on 4 ranks
 MESHES = [
-    (1, 1, 2, 2, "zigzag", "allgather"),
-    (1, 1, 2, 2, "contiguous", "alltoall"),
-    (1, 2, 2, 1, "contiguous", "logscan"),
-    (2, 1, 2, 1, "zigzag", "allgather"),
+    (1, 1, 2, 2, "zigzag", "allgather", "recompute"),
+    (1, 1, 2, 2, "contiguous", "alltoall", "recompute"),
+    (1, 2, 2, 1, "contiguous", "logscan", "keep"),
+    (2, 1, 2, 1, "zigzag", "allgather", "recompute"),
 ]
 
 
@@ -198,9 +213,13 @@ def test_qwen3_5_parallel_layouts_match_one_rank(P):
     for rank, per_case in enumerate(results):
         for case, errors in per_case.items():
             base = FP64_REL if str(torch.float64) in case else FP32_REL
-            tolerance = {k: MOE_BF16_REL if case[0] == "moe" and k != "loss" else base for k in errors}
+            tolerance = {k: MOE_BF16_REL if case[0] == "moe" and k != "loss" else
+                         min(base, MODES_REL) if k.startswith("modes") else base for k in errors}
             worst = {k: v for k, v in errors.items() if v > tolerance[k]}
             if worst:
                 bad[(rank, case)] = worst
     assert not bad, f"parallel run != one rank beyond {FP32_REL} (float32) / {FP64_REL} (float64): {bad}"
-    assert len(results[0]) >= 4 * len(_cp_cases(P))
+    assert len(results[0]) >= 4 * (len(_cp_cases(P)) + len(KEEP_CASES))
+    modes = [v for per_case in results for errors in per_case.values() for k, v in errors.items()
+             if k.startswith("modes")]
+    print(f"P={P}: keep vs recompute, worst relative gradient difference over {len(modes)}: {max(modes):.1e}")
