@@ -259,8 +259,12 @@ def _wy_representation(k_chunks, v_chunks, beta_chunks, decay_within_chunk, deca
       T_inv     [N, BH, C, C]                T = (I + A)^{-1}, A[t, s] = beta_t D[t, s] k_t.k_s (s < t)
       kkT_D     [N, BH, C, C]                (K K^T) * D  (A = diag(beta) kkT_D below the diagonal);
                 None unless ``keep_kkT_D`` (then A is built in its place)
-      W_and_U   [N, BH, C, K + state_width]  [W | U | 0] = T [diag(beta gamma) K | diag(beta) V | 0]:
-                U padded with zero columns to the state width (the transition columns have no values)
+      W         [N, BH, C, K]                W = T diag(beta gamma) K
+      U         [N, BH, C, state_width]      [U | 0] = T [diag(beta) V | 0]: U padded with zero columns to the
+                state width (the transition columns have no values)
+    W and U are separate contiguous tensors (two matmuls, not one into [W | U]): a matmul whose output
+    is a column block of a wider tensor runs as one small matmul per chunk and head in torch on CPU,
+    and the forward's chunk loop updates U in place.
     """
     N, BH, C, K = k_chunks.shape
     V = v_chunks.shape[-1]
@@ -274,13 +278,12 @@ def _wy_representation(k_chunks, v_chunks, beta_chunks, decay_within_chunk, deca
     T_inv = torch.linalg.solve_triangular(
         A_and_diagonal, eye.expand_as(kkT_D), upper=False, left=False, unitriangular=True
     )
-    k_and_v_scaled = k_chunks.new_empty(N, BH, C, K + V)
-    torch.mul(k_chunks, (beta_chunks * decay_from_start)[..., None], out=k_and_v_scaled[..., :K])
-    torch.mul(v_chunks, beta_chunks[..., None], out=k_and_v_scaled[..., K:])
-    W_and_U = k_chunks.new_empty(N, BH, C, K + state_width)
-    torch.matmul(T_inv, k_and_v_scaled, out=W_and_U[..., : K + V])
-    W_and_U[..., K + V :] = 0
-    return T_inv, (kkT_D if keep_kkT_D else None), W_and_U
+    W = T_inv @ (k_chunks * (beta_chunks * decay_from_start)[..., None])
+    v_scaled = k_chunks.new_empty(N, BH, C, state_width)  # [diag(beta) V | 0]
+    torch.mul(v_chunks, beta_chunks[..., None], out=v_scaled[..., :V])
+    v_scaled[..., V:] = 0
+    U = T_inv @ v_scaled
+    return T_inv, (kkT_D if keep_kkT_D else None), W, U
 
 
 # --------------------------------------------------------------------------------------
@@ -333,9 +336,8 @@ def chunk_forward(q, k, v, g, beta, initial_state, doc_starts, scale: float, chu
             states[0, :, :, V:] = torch.eye(K, dtype=acc, device=states.device)
 
         D, gamma, lam = _chunk_decays(g_chunks, doc_id)
-        _, _, W_and_U = _wy_representation(k_chunks, v_chunks, beta_chunks, D, gamma, Vw, keep_kkT_D=False)
-        W = W_and_U[..., :K]  # [N, BH, C, K]
-        new_values = W_and_U[..., K:]  # [U | 0], turned into u in place by the loop   [N, BH, C, Vw]
+        # W [N, BH, C, K]; new_values = [U | 0] [N, BH, C, Vw], turned into u in place by the loop.
+        _, _, W, new_values = _wy_representation(k_chunks, v_chunks, beta_chunks, D, gamma, Vw, keep_kkT_D=False)
         gamma_last = gamma[..., -1, None, None]  # [N, BH, 1, 1]
         k_to_end_T = (k_chunks * lam[..., None]).transpose(-1, -2)  # K^T diag(lam) [N, BH, K, C]
 
@@ -396,8 +398,7 @@ def _chunk_backward(saved: ChunkSaved, d_o, d_final_state):
 
     # Recompute the intra-chunk quantities (cheap, batched) instead of saving them.
     D, gamma, lam = _chunk_decays(g_chunks, doc_id)
-    T_inv, kkT_D, W_and_U = _wy_representation(k_chunks, v_chunks, beta_chunks, D, gamma, V)
-    W, U = W_and_U[..., :K], W_and_U[..., K:]  # [N, BH, C, K], [N, BH, C, V]
+    T_inv, kkT_D, W, U = _wy_representation(k_chunks, v_chunks, beta_chunks, D, gamma, V)  # W [N, BH, C, K], U [.., V]
     new_values = torch.baddbmm(_flat(U), _flat(W), _flat(state_in_chunks), alpha=-1).view(N, BH, C, V)  # u = U - W H
     qk = (q_chunks @ k_chunks.transpose(-1, -2)).mul_(D)  # Q K^T * D   [N, BH, C, C]
     gamma_last = gamma[..., -1, None, None]  # [N, BH, 1, 1]
@@ -442,34 +443,35 @@ def _chunk_backward(saved: ChunkSaved, d_o, d_final_state):
     # Through the state update (3): H_out = gamma_last H + K^T diag(lam) u.
     u_dH_T = new_values @ d_state_out_chunks.transpose(-1, -2)  # [N, BH, C, K]
     d_lam = _row_dot(u_dH_T, k_chunks)  # [N, BH, C]
-    d_k.add_(u_dH_T.mul_(lam[..., None]))
+    d_k.addcmul_(u_dH_T, lam[..., None])
     del u_dH_T, new_values  # (before the [N, BH, K, Vw] product below: keeps the peak memory down)
     d_gamma[..., -1] += _row_dot(state_in_chunks.flatten(-2), d_state_out_chunks.flatten(-2))
     del d_states, d_state_out_chunks
 
     # Through u = U - W H: dW = -du H^T, dU = du; through W = T (beta gamma K), U = T (beta V).
     T_inv_T = T_inv.transpose(-1, -2)
+    # (The minus signs are carried, not applied: -dW and -T^T dW are what the products give.)
     minus_d_W = d_new_values @ state_in_chunks.transpose(-1, -2)  # -dW   [N, BH, C, K]
-    d_k_scaled = (T_inv_T @ minus_d_W).neg_()  # T^T dW = d(diag(beta gamma) K)   [N, BH, C, K]
+    minus_d_k_scaled = T_inv_T @ minus_d_W  # -T^T dW = -d(diag(beta gamma) K)   [N, BH, C, K]
     d_v_scaled = T_inv_T @ d_new_values  # T^T dU = d(diag(beta) V)   [N, BH, C, V]
     del minus_d_W, d_new_values, T_inv, T_inv_T
     # Through the UT transform: dA = -T^T dT T^T with dT = dW (beta gamma K)^T + dU (beta V)^T,
     # i.e. dA = -(T^T dW) W^T - (T^T dU) U^T, strictly lower.
-    d_A = torch.matmul(d_k_scaled, W.transpose(-1, -2)).neg_()  # [N, BH, C, C]
+    d_A = torch.matmul(minus_d_k_scaled, W.transpose(-1, -2))  # [N, BH, C, C]
     _flat(d_A).baddbmm_(_flat(d_v_scaled), _flat(U.transpose(-1, -2)), alpha=-1).tril_(-1)
-    del W, U, W_and_U
+    del W, U
 
     # Through diag(beta gamma) K and diag(beta) V.
     d_v = d_v_scaled * beta_chunks[..., None]
-    d_k.addcmul_(d_k_scaled, (beta_chunks * gamma)[..., None])
-    d_k_scaled_dot_k = _row_dot(d_k_scaled, k_chunks)  # [N, BH, C]
-    d_beta = _row_dot(d_v_scaled, v_chunks).add_(d_k_scaled_dot_k * gamma)
-    d_gamma.add_(d_k_scaled_dot_k * beta_chunks)
+    d_k.addcmul_(minus_d_k_scaled, (beta_chunks * gamma)[..., None], value=-1)
+    minus_d_k_scaled_dot_k = _row_dot(minus_d_k_scaled, k_chunks)  # [N, BH, C]
+    d_beta = _row_dot(d_v_scaled, v_chunks).sub_(minus_d_k_scaled_dot_k * gamma)
+    d_gamma.sub_(minus_d_k_scaled_dot_k * beta_chunks)
 
     # Through A = diag(beta) (K K^T * D) (strictly lower).
     d_A_kkT_D = d_A * kkT_D  # [N, BH, C, C]
     d_beta.add_(d_A_kkT_D.sum(-1))
-    d_D_times_D.add_(d_A_kkT_D.mul_(beta_chunks[..., :, None]))
+    d_D_times_D.addcmul_(d_A_kkT_D, beta_chunks[..., :, None])
     del d_A_kkT_D, kkT_D
     d_kkT = d_A.mul_(D).mul_(beta_chunks[..., :, None])  # d(K K^T), strictly lower
     _flat(d_k).baddbmm_(_flat(d_kkT + d_kkT.transpose(-1, -2)), _flat(k_chunks))
