@@ -33,11 +33,13 @@ class ModelArgs:
     exchange: str = "allgather"
     layout: str = "contiguous"
     dtype: str = "float32"
+    q_transition: str = "recompute"  # parallelism.cp_q_transition
 
     def config(self):
         from titan_cp.models.gdn import model_config
 
-        return model_config(self.flavor, cp_exchange=self.exchange, cp_layout=self.layout, **self.overrides)
+        return model_config(self.flavor, cp_exchange=self.exchange, cp_layout=self.layout,
+                            cp_q_transition=self.q_transition, **self.overrides)
 
     has_estimate = True  # titan_cp.analysis.memory models this model
 
@@ -90,6 +92,8 @@ class ModelFlags:
     """allgather | logscan | alltoall"""
     layout: str = "contiguous"
     """contiguous | zigzag"""
+    q_transition: Literal["recompute", "keep"] = "recompute"
+    """state-passing CP's q M (parallelism.cp_q_transition): recomputed in the backward, or kept from the forward"""
     dtype: Literal["bfloat16", "float32", "float64"] = "float32"
 
     def model_args(self):
@@ -140,7 +144,7 @@ def model_args_from(a: ModelFlags) -> ModelArgs:
     over = {k: getattr(a, k) for k in ("dim", "n_layers", "num_heads", "head_dim", "num_v_heads", "hidden_dim",
                                        "vocab_size", "expand_v") if getattr(a, k, None) is not None}
     over["kernel"] = a.kernel
-    return ModelArgs(a.flavor, over, a.exchange, a.layout, a.dtype)
+    return ModelArgs(a.flavor, over, a.exchange, a.layout, a.dtype, a.q_transition)
 
 
 def build_model(args: ModelArgs, device: torch.device, cp_group=None, seed: int = 0):
@@ -153,7 +157,8 @@ def build_model(args: ModelArgs, device: torch.device, cp_group=None, seed: int 
     model.init_weights()
     model.to(device=device, dtype=DTYPES[args.dtype])
     if cp_group is not None and dist.get_world_size(cp_group) > 1:
-        apply_cp(model, CPContext(group=cp_group, layout=args.layout, exchange=args.exchange))
+        apply_cp(model, CPContext(group=cp_group, layout=args.layout, exchange=args.exchange,
+                                  q_transition=args.q_transition))
     else:
         apply_cp(model, None)
     return model

@@ -31,6 +31,7 @@ class QwenArgs:
     layout: str = "contiguous"
     dtype: str = "float32"
     kernel: str = "torch"
+    q_transition: str = "recompute"  # parallelism.cp_q_transition
     has_estimate = True  # titan_cp.analysis.qwen3_5_memory
 
     def config(self, max_seq_len: int | None = None):
@@ -41,7 +42,7 @@ class QwenArgs:
         if max_seq_len is not None and self.flavor not in MOE_FLAVORS:  # MoE flavors keep their RoPE table  # RoPE table length; the flavor's default may be shorter than the run
             shape["max_seq_len"] = max(max_seq_len, shape.get("max_seq_len", 0))
         return titan_cp_config(torchtitan_config(self.flavor, **shape), kernel=self.kernel,
-                               cp_layout=self.layout, cp_exchange=self.exchange)
+                               cp_layout=self.layout, cp_exchange=self.exchange, cp_q_transition=self.q_transition)
 
     def describe(self) -> str:
         from titan_cp.models.qwen3_5.flavors import shape_of
@@ -64,7 +65,8 @@ class QwenArgs:
         model.to(device=device, dtype=getattr(torch, self.dtype))  # float32 | float64 | bfloat16
         model._skip_lm_head = True  # the chunked loss applies lm_head itself
         group = cp_group if cp_group is not None and dist.get_world_size(cp_group) > 1 else None
-        apply_cp(model, None if group is None else CPContext(group=group, layout=self.layout, exchange=self.exchange))
+        apply_cp(model, None if group is None else CPContext(group=group, layout=self.layout, exchange=self.exchange,
+                                                             q_transition=self.q_transition))
         return model
 
     @staticmethod
@@ -87,8 +89,8 @@ def qwen_args_from(a) -> QwenArgs:
         from titan_cp.models.qwen3_5.config_registry import DEBUG_SHAPE  # the CPU debug config's shape (imports TorchTitan)
 
         flavor = "debugmodel" if a.flavor == "debug" else "debugmodel_moe"
-        return QwenArgs(flavor, dict(DEBUG_SHAPE), a.exchange, a.layout, a.dtype, a.kernel)
-    return QwenArgs(a.flavor, {}, a.exchange, a.layout, a.dtype, a.kernel)
+        return QwenArgs(flavor, dict(DEBUG_SHAPE), a.exchange, a.layout, a.dtype, a.kernel, a.q_transition)
+    return QwenArgs(a.flavor, {}, a.exchange, a.layout, a.dtype, a.kernel, a.q_transition)
 
 
 def layer_kind_rows(rows: list[dict]) -> list[str]:

@@ -21,7 +21,12 @@ Models: ``gdn`` = the GDN debug model at the speed benchmark's defaults (dim 256
 2 layers, 4 heads x 64), ``qwen3_5`` = TorchTitan's Qwen3.5 debug shape on titan_cp's CP
 layers (3 GDN + 1 attention layers, benchmarks/qwen3_5_memory.py).
 
+``--q_transition keep | recompute`` picks state-passing CP's q M mode (parallelism.cp_q_transition)
+for the CP step; ``--ab_q_transition`` also times the other mode in the same interleaved rounds of
+every launch and reports its overhead and scaling beside (an A/B under one load).
+
     python -m benchmarks.repeatability --runs 5 --json repeatability.json --markdown repeatability.md
+    python -m benchmarks.repeatability --runs 1 --models gdn qwen3_5 --q_transition keep --ab_q_transition
 """
 
 from __future__ import annotations
@@ -55,6 +60,10 @@ class Args:
     repeats: int = 5
     """timed rounds per launch (after ``warmup``); the minimum is kept"""
     warmup: int = 1
+    q_transition: Literal["recompute", "keep"] = "recompute"
+    """state-passing CP's q M (parallelism.cp_q_transition) in the CP step"""
+    ab_q_transition: bool = False
+    """also time the other q M mode in the same rounds; its figures go beside"""
     require_quiet: bool = False
     """refuse to run (exit 3) when the first core probe says the machine is busy"""
     json: Path | None = None
@@ -62,27 +71,37 @@ class Args:
     """write the table here as markdown"""
 
 
-def speed_args(model: str, L: int, repeats: int, warmup: int):
+def speed_args(model: str, L: int, repeats: int, warmup: int, q_transition: str = "recompute",
+               ab_q_transition: bool = False):
     """The speed benchmark's arguments (its own parser and defaults) for one P = 2 strong-scaling launch."""
     from benchmarks.speed import parse_args
 
     argv = ["--cp_sizes", "2", "--strong_len", str(L), "--weak_per_rank", "0", "--repeats", str(repeats),
-            "--warmup", str(warmup), "--model", model, "--no_probe"]
+            "--warmup", str(warmup), "--model", model, "--no_probe", "--q_transition", q_transition]
+    argv += ["--ab_q_transition"] if ab_q_transition else []
     a = parse_args(argv)
     a.bytes_lens = ()
     return a
 
 
-def one_launch(model: str, L: int, repeats: int, warmup: int) -> dict:
-    """The P = 2 overhead (% of the CP step) and same-load scaling of one launch."""
+def one_launch(model: str, L: int, repeats: int, warmup: int, q_transition: str = "recompute",
+               ab_q_transition: bool = False) -> dict:
+    """The P = 2 overhead (% of the CP step) and same-load scaling of one launch (``ab_q_transition``:
+    also of CP with the other q M mode, timed in the same rounds: the ``other_*`` keys)."""
     from benchmarks.speed import run_scaling
 
-    a = speed_args(model, L, repeats, warmup)
+    a = speed_args(model, L, repeats, warmup, q_transition, ab_q_transition)
     margs = a.model_args()
     result = run_scaling(a, margs)
     over = result["overhead"][0]
     strong = next(r for r in result["scaling"] if r.get("kind") == "strong")
-    return {"model": model, "L": L, "overhead_pct": 100 * over["overhead_fraction"],
+    other = {}
+    if "step_cp_other_s" in over:
+        other = {"other_q_transition": over["other_q_transition"], "other_step_cp_s": over["step_cp_other_s"],
+                 "other_overhead_pct": 100 * over["overhead_fraction_other"],
+                 "other_scaling": strong["same_load_speedup_other"]}
+    return {"model": model, "L": L, "q_transition": q_transition, **other,
+            "overhead_pct": 100 * over["overhead_fraction"],
             "scaling": strong["same_load_speedup"], "step_cp_s": over["step_cp_s"],
             "step_alone_s": over["step_alone_s"], "full_alone_s": strong["same_load_full_step_s"],
             "cpu_overhead_pct": 100 * over["cpu_overhead_fraction"], "cpu_scaling": strong["same_load_cpu_speedup"],
@@ -108,12 +127,16 @@ def summarize_runs(rows: list[dict]) -> dict:
 
 
 def table(rows: list[dict], summary: dict) -> str:
-    lines = ["| run | model | L | CP overhead (% of step) | scaling P = 2 | CP step s | shard alone s | "
-             "whole L alone s | quiet |", "|---|---|---|---|---|---|---|---|---|"]
+    ab = any("other_overhead_pct" in r for r in rows)
+    lines = ["| run | model | L | q M | CP overhead (% of step) | scaling P = 2 | CP step s | shard alone s | "
+             "whole L alone s | " + ("other q M, same rounds: overhead / scaling / CP step s | " if ab else "")
+             + "quiet |", "|---|---|---|---|---|---|---|---|---|" + ("---|" if ab else "") + "---|"]
     for r in rows:
-        lines.append(f"| {r['run']} | {r['model']} | {r['L']:,} | {r['overhead_pct']:+.1f} | {r['scaling']:.2f}x | "
-                     f"{r['step_cp_s']:.3f} | {r['step_alone_s']:.3f} | {r['full_alone_s']:.3f} | "
-                     f"{'yes' if r['quiet'] else 'NO: ' + '; '.join(r['quiet_reasons'])} |")
+        other = (f"{r['other_q_transition']}: {r['other_overhead_pct']:+.1f} / {r['other_scaling']:.2f}x / "
+                 f"{r['other_step_cp_s']:.3f} | " if ab else "")
+        lines.append(f"| {r['run']} | {r['model']} | {r['L']:,} | {r['q_transition']} | {r['overhead_pct']:+.1f} | "
+                     f"{r['scaling']:.2f}x | {r['step_cp_s']:.3f} | {r['step_alone_s']:.3f} | {r['full_alone_s']:.3f} | "
+                     f"{other}{'yes' if r['quiet'] else 'NO: ' + '; '.join(r['quiet_reasons'])} |")
     lines += ["", "| model | figure | min | max | half-range (limit) | within spread | target | met every run |",
               "|---|---|---|---|---|---|---|---|"]
     for model, s in summary.items():
@@ -138,13 +161,17 @@ def main(argv=None) -> int:
     rows = []
     lens = {"gdn": args.gdn_len, "qwen3_5": args.qwen3_5_len}
     for run in range(1, args.runs + 1):
-        launched = [one_launch(m, lens[m], args.repeats, args.warmup) for m in args.models]
+        launched = [one_launch(m, lens[m], args.repeats, args.warmup, args.q_transition, args.ab_q_transition)
+                    for m in args.models]
         probes.append(core_probe(cores))
         verdict = quietness(probes[-2], probes[-1], cores, check_load=run == 1)  # later: our own runs' load
         for row in launched:
             rows.append({"run": run, **row, "quiet": verdict["quiet"], "quiet_reasons": verdict["reasons"]})
-            print(f"# run {run} {row['model']}: overhead {row['overhead_pct']:+.1f}%, scaling {row['scaling']:.2f}x"
-                  f"{'' if verdict['quiet'] else ' (FLAGGED: not quiet)'}", flush=True)
+            other = (f"; {row['other_q_transition']} (same rounds): {row['other_overhead_pct']:+.1f}%, "
+                     f"{row['other_scaling']:.2f}x" if "other_overhead_pct" in row else "")
+            print(f"# run {run} {row['model']} (q M {row['q_transition']}): overhead {row['overhead_pct']:+.1f}%, "
+                  f"scaling {row['scaling']:.2f}x{other}{'' if verdict['quiet'] else ' (FLAGGED: not quiet)'}",
+                  flush=True)
     summary = summarize_runs(rows)
     text = table(rows, summary)
     print(text)

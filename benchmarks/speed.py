@@ -12,8 +12,10 @@ default      strong scaling (fixed global L, CP = 1, 2, 4, 8) and weak scaling
              overhead = t(CP) - t(shard alone), broken down into time blocked in
              communication, the exchange's local math (fold / scan combine),
              the kernel's extra work (the transition columns: state width V + K; q M
-             recomputed in the backward) and the rest
-             (output correction, halo conv, concatenations).
+             recomputed in the backward unless --q_transition keep) and the rest
+             (output correction, halo conv, concatenations). --ab_q_transition also
+             times CP with the other q M mode in the same interleaved rounds: the
+             keep / recompute A/B under one load.
              Bytes per GDN layer (fwd + bwd, from titan_cp.cp.comm.comm_stats)
              at several L, next to what ring attention would send for an
              attention layer of the same width (MHA, kv width = dim).
@@ -34,6 +36,7 @@ jobs on the machine slow every row alike, but add noise).
     python -m benchmarks.speed --strategies [--quick]
     python -m benchmarks.speed --hybrid [--quick]
     python -m benchmarks.speed --json speed.json
+    python -m benchmarks.speed --cp_sizes 1 2 --weak_per_rank 0 --q_transition keep --ab_q_transition
 
 The timers and byte counts are in benchmarks/timing.py, the tables and the
 plot in benchmarks/report.py.
@@ -72,9 +75,13 @@ from benchmarks.timing import Timers, comm_per_layer, core_probe, quietness, rin
 # --------------------------------------------------------------------------- rank functions
 
 
+OTHER_Q_TRANSITION = {"recompute": "keep", "keep": "recompute"}
+
+
 def _scaling_rank(rank, P, device, margs: ModelArgs, runs, warmup, repeats, loss_chunks, batch, bytes_lens,
-                  same_load_max_p):
-    """runs: list of (label, L). Returns per run the timings of cp and (P > 1) of the shard alone."""
+                  same_load_max_p, ab_q_transition=False):
+    """runs: list of (label, L). Returns per run the timings of cp and (P > 1) of the shard alone
+    (and with ``ab_q_transition`` of CP with the other q M mode, "cp_other")."""
     from titan_cp.cp.comm import comm_stats
 
     timers = Timers(device)
@@ -87,6 +94,9 @@ def _scaling_rank(rank, P, device, margs: ModelArgs, runs, warmup, repeats, loss
         variants = {"cp": lambda: set_cp(model, margs, P)}
         if P > 1 and label == "strong":
             variants["alone"] = lambda: set_cp(model, margs, 1)
+            if ab_q_transition:  # the other q M mode in the same rounds: an A/B under one load
+                variants["cp_other"] = lambda: set_cp(model, margs, P,
+                                                      q_transition=OTHER_Q_TRANSITION[margs.q_transition])
             if P <= same_load_max_p:  # every rank also runs the whole sequence alone: P = 1 under the same load
                 full = make_batch(vocab, L, batch, 0, 1, margs.layout, device)
                 variants["full"] = lambda full=full: (set_cp(model, margs, 1), full)[1]
@@ -140,7 +150,7 @@ def _hybrid_rank(rank, P, device, margs: ModelArgs, layouts, L, warmup, repeats,
     timers.install()
     out = {}
     for layout in layouts:
-        m = ModelArgs(margs.flavor, margs.overrides, margs.exchange, layout, margs.dtype)
+        m = ModelArgs(margs.flavor, margs.overrides, margs.exchange, layout, margs.dtype, margs.q_transition)
         model = build_model(m, device, dist.group.WORLD)
         inputs, labels = make_batch(model.config.vocab_size, L, batch, rank, P, layout, device)
         res = timed_steps(model, inputs, labels, batch * L, timers, warmup, repeats, loss_chunks)["cp"]
@@ -176,7 +186,7 @@ def run_scaling(a, margs: ModelArgs) -> dict:
             runs = [("strong", strong_L)]
         t0 = time.perf_counter()
         per_rank = launch(_scaling_rank, P, (margs, runs, a.warmup, a.repeats, a.loss_chunks, a.batch,
-                                             a.bytes_lens, a.cores), threads=a.threads)
+                                             a.bytes_lens, a.cores, a.ab_q_transition), threads=a.threads)
         load = load_average()
         print(f"# P={P}: {time.perf_counter() - t0:.0f} s wall, load average {load:.1f}", flush=True)
         for i, (label, L) in enumerate(runs):
@@ -193,6 +203,8 @@ def run_scaling(a, margs: ModelArgs) -> dict:
                 full_cpu = statistics.fmean(r["full"]["cpu"] for r in rr)
                 row.update(same_load_full_step_s=full_wall, same_load_full_cpu_s=full_cpu,
                            same_load_speedup=full_wall / step, same_load_cpu_speedup=full_cpu / row["step_cpu_s"])
+                if "cp_other" in rr[0]:
+                    row["same_load_speedup_other"] = full_wall / max(r["cp_other"]["wall"] for r in rr)
             rows.append(row)
             if P > 1 and label == "strong":
                 alone = statistics.fmean(r["alone"]["wall"] for r in rr)
@@ -218,7 +230,12 @@ def run_scaling(a, margs: ModelArgs) -> dict:
                     "other_cpu_s": (cp_cpu - alone_cpu) - (kc_cp - kc_alone) - exch_cpu,
                     "oversubscribed": P > a.cores and device_is_cpu(), "load_average": load,
                     "spread_cp": max(r["cp"]["spread"] for r in rr), "spread_alone": max(r["alone"]["spread"] for r in rr),
+                    "q_transition": margs.q_transition,
                 })
+                if "cp_other" in rr[0]:
+                    other = statistics.fmean(r["cp_other"]["wall"] for r in rr)
+                    overhead[-1].update(other_q_transition=OTHER_Q_TRANSITION[margs.q_transition],
+                                        step_cp_other_s=other, overhead_fraction_other=(other - alone) / other)
         if P > 1:
             for L, layers in per_rank[0]["bytes"].items():
                 for layer in layers:
@@ -332,6 +349,8 @@ class SpeedArgs(OutputFlags, StepFlags, ModelFlags):
 
     strategies: bool = False
     """allgather / logscan / alltoall at P = 2, 4, 8"""
+    ab_q_transition: bool = False
+    """strong scaling at P > 1 also times CP with the other --q_transition, interleaved with the others"""
     hybrid: bool = False
     """contiguous vs zigzag balance on the hybrid flavor"""
     strategy_list: tuple[str, ...] = ("allgather", "logscan", "alltoall")
@@ -421,6 +440,10 @@ def main(argv=None) -> int:
                   args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()})
     print(report(result, a.markdown))
     for o in result.get("overhead", []):
+        if "step_cp_other_s" in o:
+            print(f"# P={o['P']}: q M {o['q_transition']}: CP step {o['step_cp_s']:.3f} s, overhead "
+                  f"{100 * o['overhead_fraction']:+.1f}%; {o['other_q_transition']} (same rounds): "
+                  f"{o['step_cp_other_s']:.3f} s, {100 * o['overhead_fraction_other']:+.1f}%")
         print(f"# P={o['P']}: spread of the repeats' wall times, (max - min) / min, worst rank: CP step "
               f"{100 * o['spread_cp']:.1f}%, shard alone {100 * o['spread_alone']:.1f}%")
     print(f"# total {result['wall_s']:.0f} s, load average {result['load_average_end']:.1f} at the end")

@@ -97,9 +97,10 @@ class Timers:
 _CONTEXTS: dict = {}
 
 
-def set_cp(model, args: ModelArgs, P: int, exchange: str | None = None, layout: str | None = None):
-    """Apply CP (or none) to ``model``. Contexts are built once per (P, layout, exchange) and
-    reused, as a training run keeps its one context: its first-call shape check (a collective)
+def set_cp(model, args: ModelArgs, P: int, exchange: str | None = None, layout: str | None = None,
+           q_transition: str | None = None):
+    """Apply CP (or none) to ``model``. Contexts are built once per (P, layout, exchange, q_transition)
+    and reused, as a training run keeps its one context: its first-call shape check (a collective)
     is not a per-step cost."""
     from titan_cp.cp.context import CPContext
     from titan_cp.models.common.parallelize import apply_cp
@@ -107,9 +108,9 @@ def set_cp(model, args: ModelArgs, P: int, exchange: str | None = None, layout: 
     if P == 1 or exchange == "none":
         apply_cp(model, None)
         return
-    key = (P, layout or args.layout, exchange or args.exchange)
+    key = (P, layout or args.layout, exchange or args.exchange, q_transition or args.q_transition)
     if key not in _CONTEXTS:
-        _CONTEXTS[key] = CPContext(group=dist.group.WORLD, layout=key[1], exchange=key[2])
+        _CONTEXTS[key] = CPContext(group=dist.group.WORLD, layout=key[1], exchange=key[2], q_transition=key[3])
     apply_cp(model, _CONTEXTS[key])
 
 

@@ -35,12 +35,19 @@ def test_documented_command_lines_parse():
 
 def test_shared_flags_mean_the_same_in_every_benchmark():
     argv = ["--model", "gdn", "--flavor", "debug", "--dim", "128", "--exchange", "logscan", "--cp_sizes", "1", "2",
-            "--batch", "2", "--threads", "1", "--dtype", "float64"]
+            "--batch", "2", "--threads", "1", "--dtype", "float64", "--q_transition", "keep"]
     s, m = speed.parse_args(argv), memory.parse_args(argv)
     for a in (s, m):
         margs = a.model_args()
         assert isinstance(margs, ModelArgs) and margs.overrides["dim"] == 128 and margs.exchange == "logscan"
         assert a.cp_sizes == (1, 2) and a.batch == 2 and margs.dtype == "float64"
+        assert margs.q_transition == margs.config().cp_q_transition == "keep"  # parallelism.cp_q_transition
+    qwen = speed.parse_args(["--model", "qwen3_5", "--q_transition", "keep"]).model_args()
+    assert qwen.q_transition == qwen.config().cp_q_transition == "keep"
+    r = repeatability.speed_args("gdn", 1024, 1, 0, "keep", ab_q_transition=True)
+    assert r.q_transition == "keep" and r.ab_q_transition and r.cp_sizes == (2,)
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--q_transition", "kept"])
     assert speed.parse_args([]).cp_sizes == (1, 2, 4, 8) and speed.parse_args(["--strategies"]).cp_sizes == (2, 4, 8)
     assert memory.parse_args(["--quick"]).seq_lens == (1024, 2048)
     with pytest.raises(SystemExit):
