@@ -9,7 +9,11 @@ titan_cp's logits. One 2-rank launch checks (a) the folder's logits under CP 2 f
 exchange x layout, (b) an 'MA' hybrid (Mamba-2 + softmax attention, blocks without an MLP)
 with packed documents on / around the segment boundaries: loss, every gradient and the
 parameters after 2 SGD steps equal one rank (fp32 1e-5), (c) one Mamba-2 layer's exchange
-bytes do not depend on L. A 3-rank launch runs (b) in float64 for every case (1e-10).
+bytes do not depend on L. A 3-rank launch runs (b) in float64 for every case (1e-10). A 4-rank
+launch checks tensor parallelism (head-parallel, titan_cp/models/gdn/mamba2_layer.py): (b) under
+TP 2 x CP 2 for every fp32 case and under TP 2 alone with B / C in 2 groups (one per TP rank), in 1
+(read by both) and in 3 (a rank's heads straddle two), fp32 1e-5, and TP 2 x CP 2 in float64 (1e-10); and (b) at CP 4 in float64 for every
+case (1e-10).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from titan_cp.models.gdn.mamba2_layer import Mamba2Mixer
 from titan_cp.models.mamba2.flavors import model_config
 from titan_cp.models.mamba2.hf_config import hf_config_from_model, model_fields_from_hf
 from titan_cp.models.mamba2.hf_folder import load_hf_folder, save_hf_folder
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
 from titan_cp.testing import run_on_ranks
 from tests.support.linear_lm import CASES, FP64_CASES, assert_compared_within, one_rank_errors, worst_over_ranks
 
@@ -129,20 +135,24 @@ def test_unsupported_options_are_refused_naming_the_field():
     from titan_cp.models.common.preflight import validate
     from titan_cp.models.mamba2.config_registry import config_for_flavor
 
-    job = config_for_flavor("mamba2_debug")
+    job = config_for_flavor("mamba2_debug")  # 4 heads: TP 2 runs, TP 3 does not divide them
     job.parallelism.tensor_parallel_degree = 2
-    with pytest.raises(ConfigError, match="parallelism.tensor_parallel_degree = 2 with Mamba-2 layers"):
-        validate(job, world_size=2, check_runtime=False)
+    validate(job, world_size=2, check_runtime=False)
+    job.parallelism.tensor_parallel_degree = 3
+    with pytest.raises(ConfigError, match="model.num_heads = 4 is not divisible by parallelism.tensor_parallel_deg"):
+        validate(job, world_size=3, check_runtime=False)
 
 
-def _hybrid_config(num_heads=4):
-    return model_config("mamba2_debug", layer_pattern="MA", dim=16, vocab_size=VOCAB, **{**SHAPE, "num_heads": num_heads},
+def _hybrid_config(num_heads=4, n_groups=2):
+    return model_config("mamba2_debug", layer_pattern="MA", dim=16, vocab_size=VOCAB,
+                        **{**SHAPE, "num_heads": num_heads, "ssm_n_groups": n_groups},
                         attn_num_heads=4, attn_num_kv_heads=2, attn_head_dim=4)
 
 
-def _train_errors(rank, P, layout, exchange, *, num_heads=4, **kw):
-    """The 'MA' hybrid under CP over P ranks vs one rank: loss, every gradient per step, params after."""
-    return one_rank_errors(_hybrid_config(num_heads), rank, P, layout, exchange, vocab_size=VOCAB, **kw)
+def _train_errors(rank, P, layout, exchange, *, num_heads=4, n_groups=2, **kw):
+    """The 'MA' hybrid under CP over P ranks (or TP, ``tp``) vs one rank: loss, every gradient per step, params
+    after."""
+    return one_rank_errors(_hybrid_config(num_heads, n_groups), rank, P, layout, exchange, vocab_size=VOCAB, **kw)
 
 
 def _bytes_per_layer(rank, P, lengths):
@@ -202,3 +212,50 @@ def test_cp3_float64_equals_one_rank():
     names = [name for name, _ in _hybrid_config(6).build().named_parameters()]
     assert_compared_within(worst, FP64_CASES, ("grad0", "grad1", "param"), names, ("loss", "grad", "param"), 1e-10,
                            "CP 3 float64")
+
+
+def _check_tp(model):
+    """The head-parallel layout of titan_cp/models/gdn/mamba2_layer.py on the 2 TP ranks (4 heads of 8 channels)."""
+    mixer = model.layers["0"].attention
+    for p in (mixer.in_proj.weight, mixer.conv1d.weight, mixer.conv1d.bias):
+        assert isinstance(p, DTensor) and p.placements == (Replicate(),)
+    for p, local in ((mixer.A_log, 2), (mixer.dt_bias, 2), (mixer.D, 2), (mixer.norm.weight, 16)):
+        assert p.placements == (Shard(0),) and p.to_local().shape == (local,)
+    assert mixer.out_proj.weight.placements == (Shard(1),)
+    weights = mixer.local_weights()  # 2 heads, 1 group (G = 2: its own; G = 1: the one both ranks read)
+    assert (weights.num_heads, weights.n_groups) == (2, 1)
+    assert weights.in_proj_weight.shape[0] == 2 * 16 + 2 * 8 + 2 and weights.conv_weight.shape[0] == 16 + 2 * 8
+
+
+def _tp_rank(rank, P):
+    """4 ranks: TP 2 x CP 2 ('cp', 'tp' mesh) for every fp32 case, TP 2 alone (2 rows of 2) with B / C in 2 groups
+    and in 1 (and 3 groups of 2 heads over 6 heads: a rank's 3 heads straddle two), TP 2 x CP 2 in float64 with 1 group, and CP 4 in float64 for every case (8 heads: alltoall moves
+    whole heads, L = 32: 8 zigzag segments of 4 tokens, at least the conv's W - 1 = 3)."""
+    tp_cp, tp, fp64 = {}, {}, {}
+    for layout, exchange in CASES:
+        case = _train_errors(rank, P, layout, exchange, tp=2, check_tp=_check_tp)
+        tp_cp.update({f"{layout}/{exchange} {k}": v for k, v in case.items()})
+    for n_groups in (2, 1):
+        case = _train_errors(rank, P, "tp", None, tp=2, n_groups=n_groups, check_tp=_check_tp)
+        tp.update({f"tp/G{n_groups} {k}": v for k, v in case.items()})
+    case = _train_errors(rank, P, "tp", None, tp=2, num_heads=6, n_groups=3)  # rank 0's heads 0-2 straddle 2 groups
+    tp.update({f"tp/G3 {k}": v for k, v in case.items()})
+    # float64 (A_log's fp32 gradient is ~1e-9 with cancellation: one rank's fp32 is itself ~1e-5 off float64)
+    case = _train_errors(rank, P, "zigzag", "allgather", tp=2, n_groups=1, dtype=torch.float64, check_tp=_check_tp)
+    fp64.update({f"tp x cp/G1 {k}": v for k, v in case.items()})
+    for layout, exchange in FP64_CASES:
+        case = _train_errors(rank, P, layout, exchange, dtype=torch.float64, num_heads=2 * P, L=32)
+        fp64.update({f"{layout}/{exchange} {k}": v for k, v in case.items()})
+    return tp_cp, tp, fp64
+
+
+def test_tp2_cp2_tp2_and_cp4_float64_equal_one_rank():
+    results = run_on_ranks(_tp_rank, 4, timeout=600)
+    tp_cp, tp, fp64 = (worst_over_ranks(r[i] for r in results) for i in range(3))
+    names = [name for name, _ in _hybrid_config().build().named_parameters()]
+    assert_compared_within(tp_cp, CASES, ("grad0", "grad1", "param"), names, ("loss", "grad", "param"), 1e-5,
+                           "TP 2 x CP 2")
+    assert_compared_within(tp, [("tp", "G2"), ("tp", "G1"), ("tp", "G3")], ("grad0", "grad1", "param"), names,
+                           ("loss", "grad", "param"), 1e-5, "TP 2")
+    assert_compared_within(fp64, [*FP64_CASES, ("tp x cp", "G1")], ("grad0", "grad1", "param"), names,
+                           ("loss", "grad", "param"), 1e-10, "CP 4 and TP 2 x CP 2 float64")

@@ -39,29 +39,35 @@ def _full(t):
 
 
 def one_rank_errors(config, rank, P, layout, exchange, *, vocab_size, dtype=torch.float32, L=32, steps=2, lr=0.5,
-                    check_tp=None):
+                    check_tp=None, tp=None):
     """Relative errors of loss and every gradient per step, and of every parameter after ``steps`` SGD steps.
 
     ``layout`` 'tp': heads split over the P ranks (titan_cp/models/gdn/parallelize.py), whole sequences
     (``check_tp(model)`` may assert on the sharded model); else CP over the P ranks with ``layout`` /
-    ``exchange``. Both models are ``config.build()`` in ``dtype``; B = 2 rows of L tokens.
+    ``exchange``. ``tp``: the P ranks form a (P / tp, tp) mesh ('cp', 'tp'), heads split over 'tp' and, with a
+    CP ``layout``, the sequence over 'cp' (TP x CP; with layout 'tp' the P / tp rows each run TP alone).
+    Both models are ``config.build()`` in ``dtype``; B = 2 rows of L tokens.
     """
     B = 2
+    tp = tp or (P if layout == "tp" else 1)
+    cp_size = 1 if layout == "tp" else P // tp
     tokens = torch.randint(0, vocab_size, (B, L + 1), generator=torch.Generator().manual_seed(5))
-    positions = packed_positions(B, L, P, "contiguous" if layout == "tp" else layout)
+    positions = packed_positions(B, L, P if layout == "tp" else cp_size, "contiguous" if layout == "tp" else layout)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     ref, model = (config.build() for _ in range(2))
     for m in (ref, model):
         m.init_states()
         m.to(dtype)
-    if layout == "tp":
-        apply_tp(model, init_device_mesh("cpu", (P,), mesh_dim_names=("tp",)))
+    cp_group, cp_rank, shard = dist.group.WORLD, rank, lambda t: t  # noqa: E731
+    if tp > 1:
+        mesh = init_device_mesh("cpu", (P // tp, tp), mesh_dim_names=("cp", "tp"))
+        apply_tp(model, mesh["tp"])
         if check_tp is not None:
             check_tp(model)
-        shard = lambda t: t  # noqa: E731
-    else:
-        apply_cp(model, CPContext(group=dist.group.WORLD, layout=layout, exchange=exchange))
-        shard = lambda t: rank_segments(t, 1, rank, P, layout)  # noqa: E731
+        cp_group, cp_rank = mesh["cp"].get_group(), mesh["cp"].get_local_rank()
+    if layout != "tp":
+        apply_cp(model, CPContext(group=cp_group, layout=layout, exchange=exchange))
+        shard = lambda t: rank_segments(t, 1, cp_rank, cp_size, layout)  # noqa: E731
     errs = {}
     for step in range(steps):
         loss_ref = F.cross_entropy(ref(inputs, positions).flatten(0, 1), labels.flatten())
@@ -71,11 +77,11 @@ def one_rank_errors(config, rank, P, layout, exchange, *, vocab_size, dtype=torc
         (loss_sum / (B * L)).backward()
         total = loss_sum.detach().clone()
         if layout != "tp":  # CP: each rank's tokens' share
-            dist.all_reduce(total)
+            dist.all_reduce(total, group=cp_group)
         errs[f"loss{step}"] = rel_err(total / (B * L), loss_ref.detach())
         for (name, p_ref), p in zip(ref.named_parameters(), model.parameters()):
-            if layout != "tp":
-                dist.all_reduce(p.grad)
+            if layout != "tp":  # (a TP-sharded or TP-partial gradient: this rank's part)
+                dist.all_reduce(p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad, group=cp_group)
             errs[f"grad{step} {name}"] = rel_err(_full(p.grad), p_ref.grad)
             with torch.no_grad():
                 p_ref -= lr * p_ref.grad

@@ -89,7 +89,9 @@ def short_conv_over_shards(x_BTC, weight_C1W, bias_C, doc_starts_BT, cp: CPConte
 def mamba2_mixer_over_shards(mixer, h_BTD, *, cp: CPContext, kernel: str = "torch", name: str = "mamba2",
                              doc_starts_BT=None) -> torch.Tensor:
     """A Mamba-2 mixer (transformers' parameterisation, titan_cp.ops.mamba2.mixing) on this rank's
-    tokens: the conv through the halo, the SSD through ``cp.exchange`` (any of the three)."""
+    tokens: the conv through the halo, the SSD through ``cp.exchange`` (any of the three). Under TP x CP
+    both see this TP rank's heads only (``Mamba2Weights.of(mixer)``): the halo carries their x | B | C
+    channels, the exchange their summaries."""
     return mamba2_mixer(
         mixer, h_BTD, doc_starts_BT=doc_starts_BT,
         conv=lambda x, w, b, starts: short_conv_over_shards(x, w, b, starts, cp, name),

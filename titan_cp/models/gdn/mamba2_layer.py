@@ -14,8 +14,22 @@ B and C in G groups of state size N (H / G heads share a group):
 The forward is :func:`titan_cp.ops.mamba2.mixing.mamba2_mixer` on one rank and
 :func:`titan_cp.cp.kernel_cp.mamba2_mixer_over_shards` under CP (the conv through the W-1 token
 halo, the SSD through every exchange and layout: its transition is a scalar per head). Document
-starts reset the conv taps and the state. No TP plan: in_proj packs z | xBC | dt and the norm
-spans all heads (titan_cp.models.common.preflight refuses tensor_parallel_degree > 1).
+starts reset the conv taps and the state.
+
+Tensor parallelism (titan_cp.models.gdn.parallelize.apply_tp; degree t, TP rank r) is head-parallel:
+rank r computes heads [r H/t, (r+1) H/t) and the B / C groups they read (G/t groups when t divides G,
+the one group of its heads when G divides t, else the groups its heads straddle):
+
+    in_proj.weight, conv1d.weight / bias   Replicate: the rank's rows of z | x | B | C | dt are not one
+                                           contiguous block, so each rank reads its rows
+                                           (:meth:`Mamba2Mixer.local_weights`); their gradient is summed
+                                           over TP (``local_tensor(grad_is_partial=True)``)
+    dt_bias, A_log, D, norm.weight         Shard(0) (head-major: rank r's E/t channels are its heads)
+    out_proj                               rowwise (input: the rank's E/t channels; all-reduce of the output)
+
+The gated norm spans the full width E: under TP the mean of squares of the rank's E/t channels is
+averaged over the TP ranks (a differentiable all-gather of one number per token and rank), so the
+output equals one rank's.
 """
 
 from __future__ import annotations
@@ -24,25 +38,39 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed._functional_collectives import all_gather_single_autograd
+from torch.distributed.tensor import DTensor, Partial, Replicate
 
 from titan_cp.cp import CPContext
 from titan_cp.cp.kernel_cp import mamba2_mixer_over_shards
+from titan_cp.models.common.dtensor import local_tensor
 from titan_cp.models.common.sequence import SequenceInfo
 from titan_cp.models.gdn.layers import RMSNorm
 from titan_cp.ops.mamba2 import KERNEL_NAMES
-from titan_cp.ops.mamba2.mixing import mamba2_mixer
+from titan_cp.ops.mamba2.mixing import Mamba2Weights, mamba2_mixer
 
 
 class Mamba2GatedRMSNorm(RMSNorm):
     """transformers' ``MambaRMSNormGated``: ``weight * RMSNorm(y * silu(gate))`` (the gate before the norm,
-    over the last dim), computed in float32 (float64 inputs stay float64)."""
+    over the last dim), computed in float32 (float64 inputs stay float64).
+
+    Under TP (``weight`` Shard(0) over the TP mesh) ``y`` and ``gate`` are this rank's E/t channels: the mean
+    of squares over the full width E is the mean of the t ranks' means (a differentiable all-gather of one
+    number per token).
+    """
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__(dim, eps)
 
     def forward(self, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         acc = torch.promote_types(y.dtype, torch.float32)
-        return self.weight * self.normalize(y.to(acc) * nn.functional.silu(gate.to(acc))).to(y.dtype)
+        x = y.to(acc) * nn.functional.silu(gate.to(acc))
+        mean_square = x.pow(2).mean(-1, keepdim=True)
+        if isinstance(self.weight, DTensor):  # TP: the mean of the ranks' means (backward: the sum of their grads)
+            mesh = self.weight.device_mesh
+            ranks = all_gather_single_autograd(mean_square, gather_dim=0, group=mesh)  # [t B, T, 1]
+            mean_square = ranks.view(mesh.size(), *mean_square.shape).mean(0)
+        return local_tensor(self.weight) * (x * torch.rsqrt(mean_square + self.eps)).to(y.dtype)
 
 
 class Mamba2Conv(nn.Module):
@@ -60,7 +88,7 @@ class Mamba2Conv(nn.Module):
 
 
 class Mamba2Mixer(nn.Module):
-    """transformers' Mamba2Mixer (same parameter names and shapes) with CP; see the module docstring."""
+    """transformers' Mamba2Mixer (same parameter names and shapes) with CP and TP; see the module docstring."""
 
     mixes_sequence = True
 
@@ -105,7 +133,22 @@ class Mamba2Mixer(nn.Module):
             dt.mul_(math.log(0.1) - math.log(1e-3)).add_(math.log(1e-3)).exp_().clamp_(min=1e-4)
             dt.add_(torch.log(-torch.expm1(-dt)))
 
+    def local_weights(self) -> Mamba2Weights:
+        """The heads this rank computes (all of them on one rank; rank r's H/t under TP: A_log's Shard(0)
+        shard) and their weights as plain tensors: the mixer's forward reads these, with and without CP."""
+        A_log = local_tensor(self.A_log)
+        rank = self.A_log.device_mesh.get_local_rank() if isinstance(self.A_log, DTensor) else 0
+        heads = range(rank * A_log.shape[0], (rank + 1) * A_log.shape[0])
+        return Mamba2Weights.of_heads(
+            self, heads, in_proj_weight=local_tensor(self.in_proj.weight, grad_is_partial=True), in_proj_bias=None,
+            conv_weight=local_tensor(self.conv1d.weight, grad_is_partial=True),
+            conv_bias=local_tensor(self.conv1d.bias, grad_is_partial=True),
+            dt_bias=local_tensor(self.dt_bias), A_log=A_log, D=local_tensor(self.D))
+
     def forward(self, x_BTD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
+        if isinstance(self.A_log, DTensor):  # TP: every rank's in_proj rows read all of x: sum x's gradient
+            mesh = self.A_log.device_mesh
+            x_BTD = DTensor.from_local(x_BTD, mesh, [Replicate()]).to_local(grad_placements=[Partial()])
         if self.cp is None or self.cp.size == 1:
             return mamba2_mixer(self, x_BTD, kernel=self.kernel, doc_starts_BT=seq.doc_starts)
         return mamba2_mixer_over_shards(self, x_BTD, cp=self.cp, kernel=self.kernel, name=self.layer_name,

@@ -26,8 +26,10 @@ Layout of a GDN block under TP (degree t; H key heads, Hv value heads):
     KDA layers: q/k/v_proj, b_proj, f_proj.1, g_proj.1 colwise (heads); f_proj.0, g_proj.0 (D -> V)
                 colwise with the output gathered; convs, A_log, dt_bias Shard(0); o_proj rowwise
     attention layers (hybrid): wq/wk/wv colwise, wo rowwise
-    Mamba-2 layers: no plan (in_proj packs z | xBC | dt, the gated norm spans all heads);
-                titan_cp.models.common.preflight refuses TP > 1 for them
+    Mamba-2 layers: head-parallel (H/t heads, the B/C groups they read; models/gdn/mamba2_layer.py):
+                in_proj, conv1d replicated (each rank reads its rows of z | x | B | C | dt; gradient summed
+                over TP); dt_bias, A_log, D, norm.weight Shard(0); out_proj rowwise; the gated norm's
+                mean of squares all-reduced over TP
     tok_embeddings           rowwise (vocab-sharded), lm_head colwise (logits gathered)
 
 Under TP every layer sees only its local heads; GDN needs nothing else because
@@ -79,6 +81,14 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
             for name in ("A_log", "dt_bias"):
                 shard_param(mixer, name, tp_mesh, Shard(0))
             shard_param(mixer.o_norm, "weight", tp_mesh, Replicate())
+        elif getattr(mixer, "ssm_state_size", None) is not None:  # Mamba-2
+            plan = {"out_proj": RowwiseParallel()}
+            shard_param(mixer.in_proj, "weight", tp_mesh, Replicate())
+            for name in ("weight", "bias"):
+                shard_param(mixer.conv1d, name, tp_mesh, Replicate())
+            for name in ("dt_bias", "A_log", "D"):
+                shard_param(mixer, name, tp_mesh, Shard(0))
+            shard_param(mixer.norm, "weight", tp_mesh, Shard(0))
         else:  # softmax attention
             plan = {name: ColwiseParallel() for name in ("wq", "wk", "wv")}
             plan["wo"] = RowwiseParallel()
