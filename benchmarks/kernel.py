@@ -27,6 +27,14 @@ and [C x C] x [C x C] (for the solve); the kernel's *ideal* time is the sum over
 matmuls of FLOPs / the rate at that shape, and the fraction reported is ideal / measured
 (1.0 = the kernel runs as fast as its matmuls alone would). Kernel and matmul rounds are
 interleaved and the minimum of the repeats is kept (other processes only ever add time).
+Times are this thread's CPU time (``--clock thread``, the default: time the thread spends
+descheduled by other processes on a loaded machine is not counted; their cache and memory
+traffic still is) or wall time (``--clock wall``).
+
+Old against new (``--baseline FILE``): FILE is another version of
+titan_cp/ops/gated_delta_rule/chunk.py (e.g. ``git show <commit>:titan_cp/ops/gated_delta_rule/chunk.py
+> /tmp/old_chunk.py``), timed in the same rounds, interleaved with the current kernel, on the same
+inputs; its row is printed beside and its outputs and gradients are compared with the current ones.
 
 FLA's pure-PyTorch naive_chunk_gated_delta_rule is timed beside it when FLA is installed
 (loaded from its file so that FLA's Triton __init__ is never imported; autograd backward).
@@ -39,6 +47,7 @@ casts), the other aten ops (element-wise, masks, exp, reductions, cumsum) and th
 share times in-kernel rate / isolated rate; both are printed.
 
     python -m benchmarks.kernel [--seq_lens 2048 8192] [--repeats 5] [--json kernel.json] [--profile]
+        [--baseline /tmp/old_chunk.py] [--clock thread|wall]
 """
 
 from __future__ import annotations
@@ -49,11 +58,14 @@ import os
 import pathlib
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 import tyro
 
+from titan_cp.ops.denormals import flush_denormals
+from titan_cp.ops.gated_delta_rule import chunk as chunk_module
 from titan_cp.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
 
 
@@ -113,23 +125,44 @@ def spread(samples: list[float]) -> float:
     return (max(samples) - min(samples)) / min(samples)
 
 
-def time_fwd_bwd_once(run, tensors, weights) -> tuple[float, float]:
-    """Seconds of one forward and of the backward after it."""
+CLOCKS = {"thread": time.thread_time, "wall": time.perf_counter}
+clock = CLOCKS["thread"]
+"""The timer of every measurement here (``--clock``)."""
+
+
+def load_kernel_file(path: pathlib.Path):
+    """A chunk.py file (another version of titan_cp/ops/gated_delta_rule/chunk.py) as a module."""
+    file_spec = importlib.util.spec_from_file_location(f"baseline_chunk_{abs(hash(str(path)))}", path)
+    module = importlib.util.module_from_spec(file_spec)
+    file_spec.loader.exec_module(module)
+    return module
+
+
+def time_fwd_bwd_once(run, tensors, weights, results: list | None = None) -> tuple[float, float]:
+    """Seconds of one forward and of the backward after it (``results``: gets o, state and the gradients)."""
     xs = [x.detach().clone().requires_grad_() for x in tensors]
-    start = time.perf_counter()
+    start = clock()
     o, state = run(*xs)
-    mid = time.perf_counter()
+    mid = clock()
     loss = (o * weights[0]).sum() + (state * weights[1]).sum()
     loss.backward()
-    return mid - start, time.perf_counter() - mid
+    end = clock()
+    if results is not None:
+        results[:] = [o.detach(), state.detach()] + [x.grad for x in xs]
+    return mid - start, end - mid
 
 
 def time_matmul_once(batch: int, m: int, n: int, p: int) -> float:
     """Seconds of one batched [batch, m, n] x [batch, n, p] torch.matmul (fresh output, as the kernel's)."""
     a, b = torch.randn(batch, m, n), torch.randn(batch, n, p)
-    start = time.perf_counter()
+    start = clock()
     torch.matmul(a, b)
-    return time.perf_counter() - start
+    return clock() - start
+
+
+def max_relative_difference(xs: list[torch.Tensor], refs: list[torch.Tensor]) -> float:
+    """max over the tensors of max |x - ref| / max |ref|."""
+    return max(((x - r).abs().max() / r.abs().max().clamp(min=1e-30)).item() for x, r in zip(xs, refs))
 
 
 @dataclass
@@ -147,6 +180,10 @@ class Args:
     """write the rows here"""
     profile: bool = False
     """also print each T's profiler split of one fwd + bwd (module docstring)"""
+    baseline: pathlib.Path | None = None
+    """another version of chunk.py, timed interleaved with the current kernel (module docstring)"""
+    clock: Literal["thread", "wall"] = "thread"
+    """thread (this thread's CPU time) or wall"""
 
 
 MATMUL_OPS = frozenset({"aten::bmm", "aten::baddbmm", "aten::baddbmm_", "aten::addmm", "aten::addmm_", "aten::mm",
@@ -176,25 +213,66 @@ def profile_split(T: int, H: int, C: int, rounds: int = 3, K: int = 64, V: int =
     return split
 
 
-def measure(T: int, H: int, C: int, repeats: int, K: int = 64, V: int = 128) -> dict:
-    """One row: min fwd / bwd seconds of the kernel, the matmul rates at its shapes, the fractions."""
+MATMUL_OVERLOADS = ("bmm", "baddbmm", "baddbmm_", "mm", "addmm", "addmm_", "linalg_solve_triangular")
+
+
+def _random_like_layout(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """A tensor with x's size, strides (stride 0 and column blocks included) and dtype, random normal * scale."""
+    storage = 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()))
+    return torch.randn(storage, dtype=x.dtype).mul_(scale).as_strided(x.shape, x.stride())
+
+
+def matmul_replay_seconds(T: int, H: int, C: int, rounds: int = 3, K: int = 64, V: int = 128) -> float:
+    """This thread's CPU seconds of the kernel's own matmul calls alone, per fwd + bwd (the minimum of
+    ``rounds``): every bmm / baddbmm / mm / addmm / triangular solve that one fwd + bwd dispatches is
+    recorded (op, sizes, strides, scalars) and called again on random operands of the same layout,
+    made just before the call (so in cache: this is the matmuls' floor, not their in-kernel time)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.overloadpacket.__name__ in MATMUL_OVERLOADS:
+                calls.append((func, args, kwargs))
+            return func(*args, **kwargs)
+
     tensors, weights = make_inputs(1, T, H, K, V)
-    chunks = H * -(-T // C)
 
     def ours(q, k, v, g, beta, h0):
         return chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, chunk_size=C)
 
-    shapes = matmul_shapes(C, K, V)
-    fwd, bwd, mm = [], [], {key: [] for key in shapes}
-    for i in range(repeats + 1):  # round 0 is warm-up
-        f, b = time_fwd_bwd_once(ours, tensors, weights)
-        t_mm = {key: time_matmul_once(chunks, *s) for key, s in shapes.items()}
-        if i:
-            fwd.append(f)
-            bwd.append(b)
-            for key, t in t_mm.items():
-                mm[key].append(t)
-    rates = {key: 2 * chunks * m * n * p / min(mm[key]) for key, (m, n, p) in shapes.items()}
+    with Record():
+        time_fwd_bwd_once(ours, tensors, weights)
+    # Layouts only: keep no kernel tensor alive while replaying.
+    calls = [(func, [(a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args],
+              {key: (a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for key, a in kwargs.items()})
+             for func, args, kwargs in calls]
+    is_layout = lambda a: isinstance(a, tuple) and len(a) == 3 and isinstance(a[2], torch.dtype)  # noqa: E731
+
+    def make(a, scale):
+        return _random_like_layout(torch.empty_strided(a[0], a[1], dtype=a[2]), scale) if is_layout(a) else a
+
+    best = float("inf")
+    with flush_denormals():
+        for _ in range(rounds):
+            total = 0.0
+            for func, args, kwargs in calls:
+                scale = 0.01 if func.overloadpacket.__name__ == "linalg_solve_triangular" else 1.0  # a solvable A
+                call_args = [make(a, scale) for a in args]
+                call_kwargs = {key: make(a, scale) for key, a in kwargs.items()}
+                start = clock()
+                func(*call_args, **call_kwargs)
+                total += clock() - start
+            best = min(best, total)
+    return best
+
+
+def kernel_row(fwd: list[float], bwd: list[float], rates: dict[str, float], T: int, H: int, C: int,
+               K: int, V: int) -> dict:
+    """One row from the repeats' fwd / bwd seconds and the matmul rates (FLOP/s) at the kernel's shapes."""
+    chunks = H * -(-T // C)
     flops = chunk_flops(C, K, V)
     t_f, t_b = min(fwd), min(bwd)
     total_flops = chunks * (sum(flops["fwd"].values()) + sum(flops["bwd"].values()))
@@ -208,19 +286,74 @@ def measure(T: int, H: int, C: int, repeats: int, K: int = 64, V: int = 128) -> 
             "spread_fwd_bwd": spread([f + b for f, b in zip(fwd, bwd)])}
 
 
+def measure(T: int, H: int, C: int, repeats: int, K: int = 64, V: int = 128, baseline=None) -> dict:
+    """One row: min fwd / bwd seconds of the kernel, the matmul rates at its shapes, the fractions.
+
+    ``baseline``: another chunk.py module, timed in the same rounds; its row goes under "baseline",
+    with the change of fwd + bwd time and the largest relative difference of its outputs and gradients.
+    """
+    tensors, weights = make_inputs(1, T, H, K, V)
+    chunks = H * -(-T // C)
+
+    def runner(module):
+        def run(q, k, v, g, beta, h0):
+            return module.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                                 chunk_size=C)
+        return run
+
+    kernels = {"current": runner(chunk_module)}
+    if baseline is not None:
+        kernels["baseline"] = runner(baseline)
+    shapes = matmul_shapes(C, K, V)
+    times = {name: ([], []) for name in kernels}
+    results = {name: [] for name in kernels}
+    mm = {key: [] for key in shapes}
+    for i in range(repeats + 1):  # round 0 is warm-up
+        for name, run in kernels.items():
+            f, b = time_fwd_bwd_once(run, tensors, weights, results[name])
+            if i:
+                times[name][0].append(f)
+                times[name][1].append(b)
+        t_mm = {key: time_matmul_once(chunks, *s) for key, s in shapes.items()}
+        if i:
+            for key, t in t_mm.items():
+                mm[key].append(t)
+    rates = {key: 2 * chunks * m * n * p / min(mm[key]) for key, (m, n, p) in shapes.items()}
+    row = kernel_row(*times["current"], rates, T, H, C, K, V)
+    if baseline is not None:
+        row["baseline"] = kernel_row(*times["baseline"], rates, T, H, C, K, V)
+        row["change_vs_baseline"] = (row["fwd_s"] + row["bwd_s"]) / (row["baseline"]["fwd_s"]
+                                                                   + row["baseline"]["bwd_s"]) - 1
+        row["max_rel_diff_vs_baseline"] = max_relative_difference(results["current"], results["baseline"])
+    return row
+
+
+def format_row(label: str, row: dict) -> str:
+    mm = row["matmul_gflops"]
+    return (f"| {row['T']:,} | {label} | {1e3 * row['fwd_s']:.1f} | {1e3 * row['bwd_s']:.1f} | "
+            f"{row['tokens_per_s']:,.0f} | {row['gflops_executed']:.1f} / {row['gflops_no_recompute']:.1f} | "
+            f"{mm['ckv']:.0f} {mm['ccv']:.0f} {mm['cck']:.0f} {mm['ccc']:.0f} | "
+            f"{100 * row['fraction_fwd']:.0f}% / {100 * row['fraction_bwd']:.0f}% / {100 * row['fraction']:.0f}% | "
+            f"{100 * row['spread_fwd_bwd']:.0f}% |")
+
+
 def main():
     args = tyro.cli(Args, prog="python -m benchmarks.kernel", description=__doc__)
     torch.set_num_threads(1)
+    global clock
+    clock = CLOCKS[args.clock]
+    baseline = None if args.baseline is None else load_kernel_file(args.baseline)
     H, C = args.heads, args.chunk_size
     naive = load_fla_naive() if args.fla else None
     print(f"torch {torch.__version__}, 1 thread, fp32, B=1 H={H} K=64 V=128, chunk {C}, min of {args.repeats} "
-          f"interleaved repeats (after 1 warm-up); load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-    print("| T | fwd ms | bwd ms | tok/s | GFLOP/s (executed / without recompute) | matmul GFLOP/s ckv ccv cck ccc "
-          "| of matmul rate fwd / bwd / fwd+bwd | spread | FLA naive fwd+bwd ms |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"interleaved repeats (after 1 warm-up), {args.clock} clock; load average {os.getloadavg()[0]:.1f} "
+          f"on {os.cpu_count()} cores")
+    print("| T | kernel | fwd ms | bwd ms | tok/s | GFLOP/s (executed / without recompute) "
+          "| matmul GFLOP/s ckv ccv cck ccc | of matmul rate fwd / bwd / fwd+bwd | spread | FLA naive fwd+bwd ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for T in args.seq_lens:
-        row = measure(T, H, C, args.repeats)
+        row = measure(T, H, C, args.repeats, baseline=baseline)
         fla_ms = ""
         if naive is not None:
             tensors, weights = make_inputs(1, T, H, 64, 128)
@@ -233,13 +366,14 @@ def main():
             fla_ms = f"{1e3 * row['fla_naive_s']:.0f}"
         if args.profile:
             row["profile_s"] = profile_split(T, H, C)
+            row["matmul_replay_s"] = matmul_replay_seconds(T, H, C)
         rows.append(row)
-        mm = row["matmul_gflops"]
-        print(f"| {T:,} | {1e3 * row['fwd_s']:.1f} | {1e3 * row['bwd_s']:.1f} | {row['tokens_per_s']:,.0f} | "
-              f"{row['gflops_executed']:.1f} / {row['gflops_no_recompute']:.1f} | "
-              f"{mm['ckv']:.0f} {mm['ccv']:.0f} {mm['cck']:.0f} {mm['ccc']:.0f} | "
-              f"{100 * row['fraction_fwd']:.0f}% / {100 * row['fraction_bwd']:.0f}% / {100 * row['fraction']:.0f}% | "
-              f"{100 * row['spread_fwd_bwd']:.0f}% | {fla_ms} |", flush=True)
+        if baseline is not None:
+            print(format_row("baseline", row["baseline"]) + " |", flush=True)
+        print(format_row("current", row) + f" {fla_ms} |", flush=True)
+        if baseline is not None:
+            print(f"# T {T:,}: fwd+bwd {100 * row['change_vs_baseline']:+.1f}% against the baseline; outputs and "
+                  f"gradients differ by at most {row['max_rel_diff_vs_baseline']:.1e} relative", flush=True)
     for row in rows if args.profile else ():
         split = row["profile_s"]
         total = sum(split.values())
@@ -251,8 +385,14 @@ def main():
         print(f"# T {row['T']:,} profiled fwd+bwd {1e3 * total:.1f} ms: {shares}; counted FLOPs at "
               f"{in_kernel:.0f} GFLOP/s inside the kernel's matmul ops (isolated: "
               f"{min(row['matmul_gflops'].values()):.0f}-{max(row['matmul_gflops'].values()):.0f})")
+        replay, kernel = row["matmul_replay_s"], row["fwd_s"] + row["bwd_s"]
+        print(f"# T {row['T']:,} the kernel's matmul calls alone (replayed, operands in cache, {args.clock} clock): "
+              f"{1e3 * replay:.1f} ms of the kernel's {1e3 * kernel:.1f} ms ({100 * replay / kernel:.0f}%), "
+              f"{counted / replay / 1e9:.0f} GFLOP/s")
+    print(f"# load average {os.getloadavg()[0]:.1f} at the end")
     if args.json:
-        args.json.write_text(json.dumps({"load_average": os.getloadavg()[0], "rows": rows}, indent=1))
+        args.json.write_text(json.dumps({"load_average": os.getloadavg()[0], "clock": args.clock, "rows": rows},
+                                        indent=1))
         print(f"# wrote {args.json}")
 
 
