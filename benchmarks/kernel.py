@@ -44,7 +44,10 @@ op class, matmuls (bmm, baddbmm, addmm, the triangular solve), copies (layout ch
 casts), the other aten ops (element-wise, masks, exp, reductions, cumsum) and the rest
 (autograd, Python, the profiler's own cost). The matmul ops alone run the counted FLOPs at the
 "in-kernel matmul rate": counted / matmul time. The fraction can be no higher than the matmul
-share times in-kernel rate / isolated rate; both are printed.
+share times in-kernel rate / isolated rate; both are printed. The profiler's times are wall time
+(useless on a loaded machine), so ``--profile`` also replays the kernel's own matmul calls alone
+(:func:`matmul_replay_seconds`, the ``--clock`` timer): their time against the kernel's is the
+matmul share, and counted FLOPs / that time the rate the kernel's matmul calls reach by themselves.
 
     python -m benchmarks.kernel [--seq_lens 2048 8192] [--repeats 5] [--json kernel.json] [--profile]
         [--baseline /tmp/old_chunk.py] [--clock thread|wall]
