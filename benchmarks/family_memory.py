@@ -8,11 +8,13 @@ forward + backward step (chunked loss) at global length L on P gloo ranks for ev
 in the decoder forward + the decoder output held for the loss), the allocator's peak, and
 both as a cut vs CP = 1 (target ~P). The step, the two measurements and the table are
 benchmarks/memory.py's (``run``, ``print_table``; benchmarks/memory_probes.py for the probes):
-this script only chooses the models. The models are small (``--dim`` etc. override the
-family's debug flavor) so that L = 16K fits two CPU ranks.
+this script only chooses the models, and splits each peak into its terms (:func:`peak_terms`).
+The models are small (``--dim`` etc. override the family's debug flavor) so that L = 16K fits
+four CPU ranks.
 
     python -m benchmarks.family_memory                                 # kda + mamba2, L 16K, CP 1 vs 2
-    python -m benchmarks.family_memory --families kda gdn --seq_lens 4096 16384 --markdown
+    python -m benchmarks.family_memory --cp_sizes 1 2 4 --seq_lens 4096 16384 --markdown
+    python -m benchmarks.family_memory --families kda gdn --seq_lens 4096 16384 --no_peak
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from benchmarks.memory import MemoryArgs, print_table, run
+from benchmarks.memory import MiB, MemoryArgs, print_table, run
 from benchmarks.model_steps import ModelArgs, parse_flags
 
 Family = Literal["kda", "mamba2", "gdn"]
@@ -92,7 +94,8 @@ class FamilyMemoryArgs:
     threads: int = 1
     """torch threads per rank"""
     peak: bool = True
-    """also the allocator's peak (CPU: torch.profiler; --no_peak where its event log does not fit, e.g. KDA at 16K)"""
+    """also the allocator's peak (CPU: the profiler's allocation events, memory_probes.AllocationTracker);
+    --no_peak: activation bytes only, a shorter run"""
     markdown: bool = False
     json: Path | None = None
     """write {family: benchmarks/memory.py result} here"""
@@ -109,6 +112,25 @@ class FamilyMemoryArgs:
                                layout=self.layout, family=family)
 
 
+def peak_terms(family: str, result: dict) -> list[str]:
+    """Markdown rows splitting each measured peak into its terms (each the worst rank's, as the table):
+
+        peak = parameters + live after forward + backward on top
+
+    *live after forward*: the bytes allocated in the step and still held when the decoder forward
+    returns (the saved activations and the decoder output); *backward on top*: the most the loss
+    chunks and the backward allocate above that at one time (gradients, the grad accumulator, a
+    layer's recomputed kernel intermediates under CP)."""
+    out = []
+    for r in result["rows"]:
+        if r["status"] == "ok" and "peak_bytes" in r:
+            above = r["peak_delta_bytes"] - r["live_after_forward_bytes"]
+            out.append(f"| {family} | {r['seq_len']:,} | {r['P']} | {r['param_bytes'] / MiB:,.1f} | "
+                       f"{r['live_after_forward_bytes'] / MiB:,.1f} | {above / MiB:,.1f} | {r['peak_bytes'] / MiB:,.1f} |")
+    return (["| family | L | P | param MiB | live after forward MiB | backward on top MiB | peak MiB |",
+             "|---|---|---|---|---|---|---|"] + out) if out else []
+
+
 def main(argv=None) -> int:
     a = parse_flags(FamilyMemoryArgs, argv, "python -m benchmarks.family_memory", __doc__)
     results = {}
@@ -118,6 +140,8 @@ def main(argv=None) -> int:
         result = run(_FamilyRun(cp_sizes=a.cp_sizes, seq_lens=tuple(sorted(a.seq_lens)), batch=a.batch,
                                 loss_chunks=a.loss_chunks, threads=a.threads, peak=a.peak, family_model=margs))
         print(print_table(result, a.markdown))
+        if a.peak:
+            print("\n".join(peak_terms(family, result)))
         for name, target in result["targets"].items():
             print(f"# {family} target {name}: {json.dumps(target)}")
         results[family] = result
