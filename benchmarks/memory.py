@@ -58,8 +58,8 @@ ROOT = Path(__file__).resolve().parents[1]
 import torch
 import torch.distributed as dist
 
-from benchmarks.memory_probes import AllocationTracker, SavedTensorTally, is_oom
-from benchmarks.qwen3_5_memory import layer_kind_rows
+from benchmarks.memory_probes import AllocationTracker, SavedTensorTally, is_oom, local_tensor
+from benchmarks.qwen3_5_memory import Layout, layer_kind_rows
 from benchmarks.model_steps import (  # noqa: E402
     ModelArgs,
     ModelFlags,
@@ -81,14 +81,47 @@ GiB = float(1 << 30)
 # --------------------------------------------------------------------------- measuring memory
 
 
-def _memory_rank(rank, P, device, margs: ModelArgs, seq_lens, batch, loss_chunks, skip_lens, peak=True):
-    model = margs.build(device, dist.group.WORLD if P > 1 else None, max(seq_lens))
+def _build(margs, layout: Layout, device, max_seq_len: int):
+    """(model, CP rank, data-parallel rank): CP-only layouts through the model's ``build`` (the whole world is
+    the CP group), TP / EP layouts through :meth:`~benchmarks.qwen3_5_memory.QwenArgs.build_parallel`."""
+    if layout.cp_only:
+        return margs.build(device, dist.group.WORLD if layout.cp > 1 else None, max_seq_len), dist.get_rank(), 0
+    model, dims = margs.build_parallel(device, layout, max_seq_len)
+    cp_rank = dims.get_mesh("cp").get_local_rank() if dims.cp_enabled else 0
+    dp_rank = dims.get_mesh("batch").get_local_rank() if layout.dp > 1 else 0
+    return model, cp_rank, dp_rank
+
+
+def _rank_labels(labels: torch.Tensor, layout: Layout, loss_chunks: int) -> torch.Tensor:
+    """Labels in the order the chunked loss meets the tokens: under TP + SP chunk i of the lm_head's input
+    gathers chunk i of every TP rank's sequence piece ([B, tp, chunks, step] -> [B, chunks, tp, step])."""
+    if not (layout.sp and layout.tp > 1):
+        return labels
+    B, T = labels.shape
+    if T % (layout.tp * loss_chunks):
+        raise ValueError(f"--seq_lens: {T} tokens per CP rank do not split into tp {layout.tp} x --loss_chunks "
+                         f"{loss_chunks}")
+    return labels.view(B, layout.tp, loss_chunks, -1).transpose(1, 2).reshape(B, T).contiguous()
+
+
+def _memory_rank(rank, world, device, margs, layouts, seq_lens, batch, loss_chunks, skip, peak=True):
+    """Every layout of this world size in turn: one row per (layout, L) for this rank."""
+    rows = []
+    for layout in layouts:
+        rows += _layout_rows(device, margs, layout, seq_lens, batch, loss_chunks, skip.get(str(layout), {}), peak)
+        gc.collect()
+    return rows
+
+
+def _layout_rows(device, margs, layout: Layout, seq_lens, batch, loss_chunks, skip_lens, peak):
+    model, cp_rank, dp_rank = _build(margs, layout, device, max(seq_lens))
     cfg = model.config
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    param_bytes = sum(local_tensor(p).numel() * p.element_size() for p in model.parameters())
     rows = []
     failed = False
     for L in seq_lens:
-        row = {"P": P, "seq_len": L, "tokens_per_rank": batch * L // P, "param_bytes": param_bytes}
+        row = {"layout": str(layout), "P": layout.cp, "tp": layout.tp, "sp": layout.sp, "ep": layout.ep,
+               "dp": layout.dp, "seq_len": L, "tokens_per_rank": batch * L // layout.cp, "param_bytes": param_bytes}
         if L in skip_lens:
             row.update(status="skipped", note=skip_lens[L])
             rows.append(row)
@@ -97,7 +130,9 @@ def _memory_rank(rank, P, device, margs: ModelArgs, seq_lens, batch, loss_chunks
             row.update(status="skipped", note="a shorter sequence already failed")
             rows.append(row)
             continue
-        inputs, labels = make_batch(cfg.vocab_size, L, batch, rank, P, margs.layout, device)
+        inputs, labels = make_batch(cfg.vocab_size, L, batch, cp_rank, layout.cp, margs.layout, device,
+                                    seed=1 + dp_rank)
+        labels = _rank_labels(labels, layout, loss_chunks)
         model.zero_grad(set_to_none=True)
         gc.collect()
         t0 = time.perf_counter()
@@ -108,7 +143,7 @@ def _memory_rank(rank, P, device, margs: ModelArgs, seq_lens, batch, loss_chunks
                     h = margs.hidden(model, inputs)
                 if tracker is not None:
                     tracker.mark_forward_done()
-                chunked_loss_backward(model, h, labels, loss_chunks, batch * L)
+                chunked_loss_backward(model, h, labels, loss_chunks, batch * L * layout.dp)
                 hidden_bytes = h.numel() * h.element_size()
                 del h
         except Exception as exc:
@@ -133,13 +168,16 @@ def _memory_rank(rank, P, device, margs: ModelArgs, seq_lens, batch, loss_chunks
         rows.append(row)
         del inputs, labels, tally, tracker
     model.zero_grad(set_to_none=True)
+    del model
     return rows
 
 
 # --------------------------------------------------------------------------- estimator
 
 
-def estimate_row(margs: ModelArgs, L: int, P: int, batch: int, loss_chunks: int):
+def estimate_row(margs, L: int, layout: Layout, batch: int, loss_chunks: int):
+    """The estimator's per-rank figures for ``layout`` as the benchmark runs it: no optimizer step, no FSDP
+    (``fsdp_over_cp=False``; EP's extra data-parallel ranks hold replicas: ``replicate``)."""
     from titan_cp.analysis.memory import estimate_memory
     from titan_cp.analysis.train_setup import Parallelism, TrainSetup
     from titan_cp.analysis.profiles import kernel_profile
@@ -152,7 +190,8 @@ def estimate_row(margs: ModelArgs, L: int, P: int, batch: int, loss_chunks: int)
     setup = TrainSetup(seq_len=L, batch=batch, param_dtype=dt, act_dtype=dt, grad_dtype=dt, optimizer_states=0,
                        loss_chunks=loss_chunks, cp_exchange=margs.exchange, cp_layout=margs.layout,
                        **(prof.setup if prof else {}))
-    par = Parallelism(cp=P, fsdp_over_cp=False)
+    par = Parallelism(cp=layout.cp, tp=layout.tp, sequence_parallel=layout.sp, ep=layout.ep, replicate=layout.dp,
+                      fsdp_over_cp=False)
     return estimate_memory(c, setup, par, calibration=prof.calibration if prof else None)
 
 
@@ -183,44 +222,50 @@ def run(a: MemoryArgs) -> dict:
     print(f"# peak memory: {method}")
     print("# activation memory: distinct storages saved for backward in the decoder forward "
           "(saved_tensors_hooks) + the decoder output held for the chunked loss")
-    for P in a.cp_sizes:
-        ok, why = can_launch(P)
+    layouts = a.all_layouts()
+    for world in sorted({layout.world for layout in layouts}):  # one launch per world size, its layouts in turn
+        group = [layout for layout in layouts if layout.world == world]
+        ok, why = can_launch(world)
         skip = {}
-        for L in a.seq_lens:
-            if L % num_segments(P, margs.layout):
-                skip[L] = f"seq_len {L} does not divide into the segments of CP {P}"
-                continue
-            if not margs.has_estimate:
-                continue
-            est = estimate_row(margs, L, P, a.batch, a.loss_chunks)
-            if not torch.cuda.is_available() and est.total * P > a.max_gib * GiB:
-                skip[L] = f"estimate {est.total * P / GiB:.1f} GiB for {P} ranks > --max_gib {a.max_gib}"
+        for layout in group:
+            for L in a.seq_lens:
+                if L % num_segments(layout.cp, margs.layout) or (L // layout.cp) % (layout.tp if layout.sp else 1):
+                    skip.setdefault(str(layout), {})[L] = f"seq_len {L} does not divide into the shards of {layout}"
+                    continue
+                if not margs.has_estimate:
+                    continue
+                est = estimate_row(margs, L, layout, a.batch, a.loss_chunks)
+                if not torch.cuda.is_available() and est.total * world > a.max_gib * GiB:
+                    skip.setdefault(str(layout), {})[L] = \
+                        f"estimate {est.total * world / GiB:.1f} GiB for {world} ranks > --max_gib {a.max_gib}"
         if not ok:
-            rows += [{"P": P, "seq_len": L, "tokens_per_rank": a.batch * L // P, "status": "skipped", "note": why}
-                     for L in a.seq_lens]
+            rows += [{"layout": str(layout), "P": layout.cp, "seq_len": L, "tokens_per_rank": a.batch * L // layout.cp,
+                      "status": "skipped", "note": why} for layout in group for L in a.seq_lens]
             continue
         t0 = time.perf_counter()
-        per_rank = launch(_memory_rank, P, (margs, a.seq_lens, a.batch, a.loss_chunks, skip, a.peak), threads=a.threads)
-        print(f"# P={P}: {time.perf_counter() - t0:.0f} s wall, load average {load_average():.1f}", flush=True)
-        for i, L in enumerate(a.seq_lens):
-            rank_rows = [r[i] for r in per_rank]
+        per_rank = launch(_memory_rank, world, (margs, group, a.seq_lens, a.batch, a.loss_chunks, skip, a.peak),
+                          threads=a.threads)
+        print(f"# {world} rank(s) ({', '.join(map(str, group))}): {time.perf_counter() - t0:.0f} s wall, "
+              f"load average {load_average():.1f}", flush=True)
+        for i, rank_rows in enumerate(zip(*per_rank)):
+            layout, L = group[i // len(a.seq_lens)], a.seq_lens[i % len(a.seq_lens)]
             row = dict(rank_rows[0])
             if row["status"] == "ok":
-                # the per-rank table reports the worst rank (ranks differ only by tiny exchange buffers)
+                # the table reports the worst rank
                 for key in ("saved_bytes", "activation_bytes", "live_after_forward_bytes", "peak_bytes",
-                            "peak_delta_bytes", "step_s"):
+                            "peak_delta_bytes", "step_s", "param_bytes"):
                     if key in row:  # the peak keys: unless --no_peak
                         row[key] = max(r[key] for r in rank_rows)
                 row["per_rank_activation_bytes"] = [r["activation_bytes"] for r in rank_rows]
                 row["saved_by_kind"] = max(rank_rows, key=lambda r: r["activation_bytes"])["saved_by_kind"]
                 row["per_rank_peak_bytes"] = [r.get("peak_bytes") for r in rank_rows]
             if margs.has_estimate and (row["status"] != "skipped" or "estimate" in row.get("note", "")):
-                est = estimate_row(margs, L, P, a.batch, a.loss_chunks)
+                est = estimate_row(margs, L, layout, a.batch, a.loss_chunks)
                 row["estimate"] = {"peak_bytes": est.total, "activation_bytes": est.activations + est.model_activations,
                                    "static_bytes": est.static, "transient_bytes": est.transient}
             rows.append(row)
-    # reductions vs CP = 1 at the same L
-    base = {r["seq_len"]: r for r in rows if r["P"] == 1 and r["status"] == "ok"}
+    # reductions vs one rank at the same L
+    base = {r["seq_len"]: r for r in rows if r["layout"] == str(Layout()) and r["status"] == "ok"}
     for r in rows:
         b = base.get(r["seq_len"])
         if r["status"] == "ok" and b:
@@ -233,13 +278,31 @@ def run(a: MemoryArgs) -> dict:
             "targets": targets(rows, a, 0.9 if a.model == "qwen3_5" else 0.95)}
 
 
+def reestimate(result: dict, a: MemoryArgs) -> dict:
+    """A saved result with every estimate recomputed by the estimator as it is now (the measurement does not
+    depend on it); the model flags must describe the saved run's model."""
+    margs = a.model_args()
+    if margs.describe() != result["model_description"]:
+        raise SystemExit(f"--from_json {a.from_json} measured '{result['model_description']}', the flags describe "
+                         f"'{margs.describe()}': pass the run's --model / --flavor / --kernel / --dtype")
+    for r in result["rows"]:
+        if "estimate" in r:
+            layout = Layout(cp=r["P"], tp=r.get("tp", 1), sp=r.get("sp", False), ep=r.get("ep", 1))
+            est = estimate_row(margs, r["seq_len"], layout, result["batch"], result["loss_chunks"])
+            r["estimate"] = {"peak_bytes": est.total, "activation_bytes": est.activations + est.model_activations,
+                             "static_bytes": est.static, "transient_bytes": est.transient}
+    result["targets"] = targets(result["rows"], a, 0.9 if a.model == "qwen3_5" else 0.95)
+    return result
+
+
 def targets(rows, a, factor: float = 0.95) -> dict:
     """Activation memory cut by >= ``factor`` P at the longest L measured for every P; estimator within 5%."""
     out = {}
     ok = [r for r in rows if r["status"] == "ok"]
     if ok:
-        longest = max(r["seq_len"] for r in ok if r["P"] == 1) if any(r["P"] == 1 for r in ok) else None
-        for r in ok:
+        cp_only = [r for r in ok if r["layout"] == str(Layout(cp=r["P"]))]
+        longest = max(r["seq_len"] for r in cp_only if r["P"] == 1) if any(r["P"] == 1 for r in cp_only) else None
+        for r in cp_only:
             if r["seq_len"] == longest and r["P"] > 1 and "activation_reduction" in r:
                 out[f"activation_cut_P{r['P']}_L{longest}"] = {
                     "reduction": r["activation_reduction"], "target": factor * r["P"],
@@ -256,16 +319,17 @@ def targets(rows, a, factor: float = 0.95) -> dict:
 
 
 def print_table(result: dict, markdown: bool = False) -> str:
-    head = ["P", "seq len", "tokens/rank", "model MiB", "peak MiB", "act MiB", "status", "act cut", "peak cut",
+    head = ["layout", "seq len", "tokens/rank", "model MiB", "peak MiB", "act MiB", "status", "act cut", "peak cut",
             "est peak MiB (err)", "est act MiB (err)"]
     lines = []
     if markdown:
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     else:
-        lines.append("  ".join(f"{h:>14s}" if i > 5 else f"{h:>11s}" for i, h in enumerate(head)))
+        lines.append("  ".join(f"{h:>23s}" if i == 0 else f"{h:>14s}" if i > 5 else f"{h:>11s}"
+                               for i, h in enumerate(head)))
     for r in result["rows"]:
         est = r.get("estimate")
-        cells = [str(r["P"]), f"{r['seq_len']:,}", f"{r['tokens_per_rank']:,}", _fmt_mib(r.get("param_bytes")),
+        cells = [r["layout"], f"{r['seq_len']:,}", f"{r['tokens_per_rank']:,}", _fmt_mib(r.get("param_bytes")),
                  _fmt_mib(r.get("peak_bytes")), _fmt_mib(r.get("activation_bytes")),
                  r["status"] + (f" ({r['note']})" if r.get("note") and markdown else ""),
                  f"{r['activation_reduction']:.2f}x" if "activation_reduction" in r else "-",
@@ -276,7 +340,8 @@ def print_table(result: dict, markdown: bool = False) -> str:
         if markdown:
             lines.append("| " + " | ".join(cells) + " |")
         else:
-            lines.append("  ".join(f"{c:>14s}" if i > 5 else f"{c:>11s}" for i, c in enumerate(cells)))
+            lines.append("  ".join(f"{c:>23s}" if i == 0 else f"{c:>14s}" if i > 5 else f"{c:>11s}"
+                                   for i, c in enumerate(cells)))
     return "\n".join(lines)
 
 
@@ -289,14 +354,16 @@ def plot_memory(result: dict, path: Path) -> None:
     from benchmarks.figure import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    sizes = sorted({r["P"] for r in result["rows"] if r["status"] == "ok"})
+    layouts = list(dict.fromkeys(r["layout"] for r in result["rows"] if r["status"] == "ok"))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for i, P in enumerate(sizes):
-        rows = sorted((r for r in result["rows"] if r["P"] == P and r["status"] == "ok"), key=lambda r: r["seq_len"])
+    for i, layout in enumerate(layouts):
+        rows = sorted((r for r in result["rows"] if r["layout"] == layout and r["status"] == "ok"),
+                      key=lambda r: r["seq_len"])
         L = [r["seq_len"] for r in rows]
         c = colors[i % len(colors)]
-        ax.plot(L, [r["peak_bytes"] / MiB for r in rows], "o-", color=c, label=f"CP={P} peak")
-        ax.plot(L, [r["activation_bytes"] / MiB for r in rows], "s--", color=c, alpha=0.7, label=f"CP={P} activations")
+        ax.plot(L, [r["peak_bytes"] / MiB for r in rows], "o-", color=c, label=f"{layout} peak")
+        ax.plot(L, [r["activation_bytes"] / MiB for r in rows], "s--", color=c, alpha=0.7,
+                label=f"{layout} activations")
         est = [r["estimate"]["peak_bytes"] / MiB for r in rows if "estimate" in r]
         if len(est) == len(rows):
             ax.plot(L, est, ":", color=c, alpha=0.6)
@@ -304,7 +371,7 @@ def plot_memory(result: dict, path: Path) -> None:
     ax.set_yscale("log", base=2)
     ax.set_xlabel("global sequence length L (tokens)")
     ax.set_ylabel("per-rank memory (MiB)")
-    ax.set_title("Per-rank memory vs L (dotted: estimator's peak)", fontsize=10)
+    ax.set_title("Per-rank memory vs L, worst rank (dotted: estimator's peak)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     save_figure(fig, path, f"{result['model_description']}\n{result['machine']}")
@@ -325,12 +392,35 @@ class MemoryArgs(OutputFlags, StepFlags, ModelFlags):
     grows with the op count, too large for kernels with a Python loop per chunk at long L)"""
     estimate_only: bool = False
     """print the estimator's activation cut vs CP = 1 for --cp_sizes x --seq_lens; run nothing"""
+    layouts: tuple[str, ...] = ()
+    """--model qwen3_5: layouts beside --cp_sizes, e.g. tp2 tp2sp cp2xtp2 ep2 cp2xep2 cp2xtp2xep2 (cp<N>, tp<N>,
+    tp<N>sp = with sequence parallel, ep<N> = MoE flavors; joined by x). With --layouts and no --cp_sizes:
+    only these"""
+
+    def all_layouts(self) -> list[Layout]:
+        """--cp_sizes as CP-only layouts, then --layouts (each once)."""
+        out = [Layout(cp=P) for P in self.cp_sizes]
+        for text in self.layouts:
+            layout = Layout.parse(text)
+            if layout not in out:
+                out.append(layout)
+        return out
 
 
 def parse_args(argv=None) -> MemoryArgs:
     a = parse_flags(MemoryArgs, argv, "python -m benchmarks.memory", __doc__)
     if a.cp_sizes is None:
-        a.cp_sizes = (1, 2, 4, 8)
+        a.cp_sizes = () if a.layouts else (1, 2, 4, 8)
+    try:
+        layouts = a.all_layouts()
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    if any(not layout.cp_only for layout in layouts) and a.model != "qwen3_5":
+        raise SystemExit("--layouts with tp / ep: --model qwen3_5 only (the GDN LM's benchmark runs CP layouts); "
+                         "use --cp_sizes, or --model qwen3_5")
+    if any(layout.ep > 1 for layout in layouts) and not a.model_args().has_experts:
+        raise SystemExit(f"--layouts ep<N>: --flavor {a.flavor} has no routed experts; use --flavor debug_moe "
+                         "(or drop the ep part)")
     if a.quick:
         a.cp_sizes, a.seq_lens = (1, 2, 4), (1024, 2048)
     a.seq_lens = tuple(sorted(a.seq_lens))
@@ -343,10 +433,10 @@ def print_estimated_cut(a) -> None:
     print(f"# estimator only: {margs.describe()}, batch {a.batch}")
     print("| L | P | est act MiB | cut | cut / P |\n|---|---|---|---|---|")
     for L in a.seq_lens:
-        one = estimate_row(margs, L, 1, a.batch, a.loss_chunks)
+        one = estimate_row(margs, L, Layout(), a.batch, a.loss_chunks)
         base = one.activations + one.model_activations
         for P in a.cp_sizes:
-            est = estimate_row(margs, L, P, a.batch, a.loss_chunks)
+            est = estimate_row(margs, L, Layout(cp=P), a.batch, a.loss_chunks)
             act = est.activations + est.model_activations
             print(f"| {L:,} | {P} | {act / MiB:,.1f} | {base / act:.3f}x | {base / act / P:.3f} |")
 
@@ -356,7 +446,7 @@ def main(argv=None) -> int:
     if a.estimate_only:
         print_estimated_cut(a)
         return 0
-    result = json.loads(a.from_json.read_text()) if a.from_json else run(a)
+    result = reestimate(json.loads(a.from_json.read_text()), a) if a.from_json else run(a)
     print(print_table(result, a.markdown))
     if any("saved_by_kind" in r for r in result["rows"]):
         print("\n".join(layer_kind_rows(result["rows"])))

@@ -6,6 +6,24 @@ from __future__ import annotations
 import torch
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a DTensor (TP / EP parameters), else ``t``."""
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding ``t``'s memory: ``t``, or the inner tensors of a wrapper subclass (DTensor,
+    the asynchronous collectives' result), unwrapped recursively."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(t):
+        inner = (getattr(t, name) for name in t.__tensor_flatten__()[0])
+        return [x for i in inner if isinstance(i, torch.Tensor) for x in plain_tensors(i)]
+    return [t]
+
+
 class SavedTensorTally:
     """Bytes of the distinct storages autograd saves while active (parameters excluded).
 
@@ -14,7 +32,7 @@ class SavedTensorTally:
     """
 
     def __init__(self, model, layer_kind=None):
-        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.params = {local_tensor(p).untyped_storage().data_ptr() for p in model.parameters()}
         self.storages: dict[int, int] = {}
         self.owner: dict[int, str] = {}
         self.current = None
@@ -27,11 +45,12 @@ class SavedTensorTally:
                                 block.register_forward_hook(lambda m, a, o: setattr(self, "current", None))]
 
     def _pack(self, t):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in self.params:
-            self.storages[ptr] = max(self.storages.get(ptr, 0), storage.nbytes())
-            self.owner.setdefault(ptr, self.current)
+        for plain in plain_tensors(t):
+            storage = plain.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in self.params:
+                self.storages[ptr] = max(self.storages.get(ptr, 0), storage.nbytes())
+                self.owner.setdefault(ptr, self.current)
         return t
 
     def __enter__(self):

@@ -187,7 +187,9 @@ def decoder_hidden(model, inputs: torch.Tensor, positions: torch.Tensor | None =
 
 def chunked_loss_backward(model, h: torch.Tensor, labels: torch.Tensor, n_chunks: int, global_tokens: int) -> float:
     """TorchTitan's ChunkedLossWrapper flow: lm_head + CE + backward per chunk, fp32 grad accumulator, then
-    the decoder backward. Loss normalised by the global token count (so CP ranks' gradients sum)."""
+    the decoder backward. Loss normalised by the global token count (so CP ranks' gradients sum).
+    Chunk i takes the i-th of ``n`` equal pieces of ``labels``, which may be wider than ``h``: under TP with
+    sequence parallel ``h`` is this rank's sequence piece and ``lm_head`` gathers the TP ranks' chunks."""
     T = h.shape[1]
     n = max(1, min(n_chunks, T))
     while T % n:
@@ -199,7 +201,9 @@ def chunked_loss_backward(model, h: torch.Tensor, labels: torch.Tensor, n_chunks
         sl = slice(i * step, (i + 1) * step)
         hc = h.detach()[:, sl].contiguous().requires_grad_(True)
         logits = model.lm_head(hc)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, sl].flatten(), reduction="sum") / global_tokens
+        width = labels.shape[1] // n
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels[:, i * width:(i + 1) * width].flatten(),
+                               reduction="sum") / global_tokens
         loss.backward()
         accum[:, sl] = hc.grad
         total += loss.item()

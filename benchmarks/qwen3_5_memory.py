@@ -10,15 +10,74 @@ titan_cp.analysis.qwen3_5_memory (through ``estimate_memory``) and its error.
 Per layer kind (GDN / attention) the script reports the bytes autograd saves
 in the decoder blocks of that kind, per layer and per token of the rank.
 
+Beside CP, a :class:`Layout` adds TP (with or without sequence parallel) and EP
+(MoE flavors): :meth:`QwenArgs.build_parallel` builds TorchTitan's ``ParallelDims``
+mesh and applies titan_cp's Qwen3.5 plan (``apply_ep``, ``apply_cp``, ``apply_tp`` of
+titan_cp.models.qwen3_5, as ``parallelize_qwen3_5_cp`` does) without FSDP, so dense
+parameters are replicated over CP (and over the data-parallel ranks an EP degree larger
+than cp x tp borrows), as in the CP-only rows.
+
     python -m benchmarks.memory --model qwen3_5 --cp_sizes 1 2 4 --seq_lens 2048 4096 8192
+    python -m benchmarks.memory --model qwen3_5 --flavor debug_moe --layouts tp2 tp2sp ep2 cp2xep2 cp2xtp2xep2
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One row's parallel layout: CP ``cp`` x TP ``tp`` (``sp``: sequence parallel) x EP ``ep``.
+
+    EP borrows ranks from cp x tp (TorchTitan's ``efsdp = dp_shard cp tp / ep``); when
+    cp x tp has fewer ranks than ``ep`` needs, :attr:`dp` data-parallel ranks (each its own
+    batch rows) complete the mesh. World size = dp x cp x tp. Spelled ``cp2``, ``tp2``,
+    ``tp2sp``, ``ep2``, ``cp2xtp2spxep4`` (parts joined by ``x``, any order).
+    """
+
+    cp: int = 1
+    tp: int = 1
+    sp: bool = False
+    ep: int = 1
+
+    PART = re.compile(r"^(cp|tp|ep)([1-9][0-9]*)(sp)?$")
+
+    @classmethod
+    def parse(cls, text: str) -> "Layout":
+        fields = {}
+        for part in text.lower().split("x"):
+            m = cls.PART.match(part)
+            if not m or (m[3] and m[1] != "tp") or m[1] in fields:
+                raise ValueError(f"--layouts '{text}': '{part}' is not one of cp<N>, tp<N>, tp<N>sp, ep<N> "
+                                 "(each once, joined by 'x', e.g. cp2xtp2spxep2)")
+            fields[m[1]] = int(m[2])
+            if m[3]:
+                fields["sp"] = True
+        return cls(**fields)
+
+    @property
+    def dp(self) -> int:
+        return self.ep // math.gcd(self.ep, self.cp * self.tp)
+
+    @property
+    def world(self) -> int:
+        return self.dp * self.cp * self.tp
+
+    @property
+    def cp_only(self) -> bool:
+        return self.tp == 1 and self.ep == 1
+
+    def __str__(self) -> str:
+        parts = ([f"DP {self.dp}"] if self.dp > 1 else []) + ([f"CP {self.cp}"] if self.cp > 1 else []) \
+            + ([f"TP {self.tp}" + (" + SP" if self.sp else "")] if self.tp > 1 else []) \
+            + ([f"EP {self.ep}"] if self.ep > 1 else [])
+        return " x ".join(parts) or "1 rank"
 
 
 @dataclass
@@ -44,6 +103,12 @@ class QwenArgs:
         return titan_cp_config(torchtitan_config(self.flavor, **shape), kernel=self.kernel,
                                cp_layout=self.layout, cp_exchange=self.exchange, cp_q_transition=self.q_transition)
 
+    @property
+    def has_experts(self) -> bool:
+        from titan_cp.models.qwen3_5.flavors import MOE_FLAVORS
+
+        return self.flavor in MOE_FLAVORS
+
     def describe(self) -> str:
         from titan_cp.models.qwen3_5.flavors import shape_of
 
@@ -68,6 +133,36 @@ class QwenArgs:
         apply_cp(model, None if group is None else CPContext(group=group, layout=self.layout, exchange=self.exchange,
                                                              q_transition=self.q_transition))
         return model
+
+    def build_parallel(self, device: torch.device, layout: Layout, max_seq_len: int, seed: int = 0):
+        """The model under ``layout`` on TorchTitan's ParallelDims mesh (same weights on every rank), without
+        FSDP. Returns (model, the ParallelDims): its ``cp`` / ``batch`` meshes say which shard a rank holds."""
+        from torchtitan.distributed import ParallelDims
+        from torchtitan.distributed.utils import set_spmd_backend
+
+        from titan_cp.components import compat
+        from titan_cp.cp.context import CPContext
+        from titan_cp.models.common.parallelize import apply_cp
+        from titan_cp.models.qwen3_5.moe import apply_ep
+        from titan_cp.models.qwen3_5.parallelize import apply_tp
+
+        compat.apply()
+        set_spmd_backend("partial_dtensor")  # as TorchTitan's trainer does from parallelism.spmd_backend
+        dims = ParallelDims(dp_replicate=1, dp_shard=layout.dp, cp=layout.cp, tp=layout.tp, pp=1, ep=layout.ep,
+                            world_size=layout.world, spmd_backend="partial_dtensor")
+        dims.build_mesh()
+        torch.manual_seed(seed)
+        model = self.config(max_seq_len).build()
+        model.init_weights()
+        model.to(device=device, dtype=getattr(torch, self.dtype))
+        model._skip_lm_head = True
+        if dims.ep_enabled:
+            apply_ep(model, dims.get_mesh("ep"))
+        apply_cp(model, CPContext(group=dims.get_mesh("cp").get_group(), layout=self.layout, exchange=self.exchange,
+                                  q_transition=self.q_transition) if dims.cp_enabled else None)
+        if dims.tp_enabled:
+            apply_tp(model, dims.get_mesh("tp"), sequence_parallel=layout.sp, expert_parallel=dims.ep_enabled)
+        return model, dims
 
     @staticmethod
     def hidden(model, inputs: torch.Tensor) -> torch.Tensor:
@@ -95,11 +190,11 @@ def qwen_args_from(a) -> QwenArgs:
 
 def layer_kind_rows(rows: list[dict]) -> list[str]:
     """Markdown rows: saved bytes per layer and per token of the rank, by layer kind, for every ok row."""
-    lines = ["| P | seq len | tokens/rank | kind | layers | saved MiB per layer | bytes / token / layer |",
+    lines = ["| layout | seq len | tokens/rank | kind | layers | saved MiB per layer | bytes / token / layer |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         for kind, (n, b) in sorted(r.get("saved_by_kind", {}).items()):
             per_layer = b / n
-            lines.append(f"| {r['P']} | {r['seq_len']:,} | {r['tokens_per_rank']:,} | {kind} | {n} | "
+            lines.append(f"| {r['layout']} | {r['seq_len']:,} | {r['tokens_per_rank']:,} | {kind} | {n} | "
                          f"{per_layer / float(1 << 20):,.2f} | {per_layer / r['tokens_per_rank']:,.0f} |")
     return lines

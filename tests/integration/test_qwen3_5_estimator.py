@@ -1,5 +1,6 @@
-"""The Qwen3.5 estimator against measurement: benchmarks/memory.py on 2 CPU ranks (debug dense shape, CP 2),
-peak and activation bytes per rank within 10% (the full table, dense and MoE, CP 1/2/4: docs/max_context.md)."""
+"""The Qwen3.5 estimator against measurement: benchmarks/memory.py on 2 CPU ranks (debug shapes, 2K tokens),
+peak and activation bytes of the worst rank within 10%. One launch per flavor runs two layouts in turn: dense
+CP 2 and TP 2, MoE CP 2 and EP 2 (the full table, CP 1/2/4 with TP / SP / EP: docs/max_context.md)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ import json
 import pytest
 
 
-@pytest.mark.parametrize("flavor", ["debug", "debug_moe"])
-def test_estimate_within_10_percent_of_measured(tmp_path, flavor):
+@pytest.mark.parametrize("flavor,layout", [("debug", "TP 2"), ("debug_moe", "DP 2 x EP 2")])
+def test_estimate_within_10_percent_of_measured(tmp_path, flavor, layout):
     from benchmarks.memory import main
 
     out = tmp_path / "mem.json"
-    assert main(["--model", "qwen3_5", "--flavor", flavor, "--cp_sizes", "2", "--seq_lens", "2048",
-                 "--json", str(out)]) == 0
-    (row,) = json.loads(out.read_text())["rows"]
-    assert row["status"] == "ok"
-    for key in ("peak_bytes", "activation_bytes"):
-        assert abs(row["estimate"][key] / row[key] - 1) < 0.10, (key, row["estimate"][key], row[key])
+    spelled = {"TP 2": "tp2", "DP 2 x EP 2": "ep2"}[layout]
+    assert main(["--model", "qwen3_5", "--flavor", flavor, "--cp_sizes", "2", "--layouts", spelled,
+                 "--seq_lens", "2048", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["layout"] for r in rows] == ["CP 2", layout]
+    for row in rows:
+        assert row["status"] == "ok"
+        for key in ("peak_bytes", "activation_bytes"):
+            assert abs(row["estimate"][key] / row[key] - 1) < 0.10, (row["layout"], key, row["estimate"][key], row[key])

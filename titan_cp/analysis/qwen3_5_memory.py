@@ -30,16 +30,24 @@ ffn_norm               3 d (a) + 1 (f)
 mlp (dense)            4 F (a)                               w1 h, w3 h, SiLU, product
 moe_router             4 E + 28 k + 4 bytes                  scores, top-k ids / scores, sort indices
 moe_routed             k (2 d + 4 Fe) (bf16) + k d (a)       dispatched x, w1/w3 outs, SiLU, product; output
-moe_shared             4 Fs (a) + d (a) + 1 (f)              shared expert, its sigmoid gate
+                                                             (TP without EP: Fe / tp, see below)
+moe_shared             4 Fs (a) + d (a)                      shared expert, its sigmoid gate's input
 =====================  ===================================  ======================================
 
-plus per MoE layer the bf16 copies of its local experts' weights (3 E/ep d Fe x 2 bytes,
-``_grouped_mm`` casts them) and the model terms (token ids, final norm, hidden states).
-Under TP the head terms divide by tp, the norm terms by tp with sequence parallel;
-routed-expert tokens divide by tp (TorchTitan's MoE sees the sequence-parallel shard).
+plus per MoE layer the bf16 copies of its local experts' weights (3 E/ep d Fe x 2 bytes, / tp
+without EP; ``_grouped_mm`` casts them) and the model terms (token ids, final norm, hidden states).
+Under TP the head terms divide by tp, the norm terms by tp with sequence parallel. The MoE
+terms follow where the tokens go (titan_cp.models.qwen3_5.moe): under TP alone every TP rank
+routes all T tokens of its CP shard (the block's input all-gathered under SP) through its
+F/tp slice of every expert, so moe_router, moe_routed and its output count T tokens with
+Fe/tp; under TP x EP each TP rank routes its T/tp piece to whole experts, so they divide by
+tp with the full Fe. The shared expert's gate input is the residual stream's piece (/ tp
+under SP, and under EP, where the block works on T/tp). Measured per layout on CPU ranks
+(benchmarks/memory.py --layouts, docs/max_context.md): within 3% of the saved bytes.
 
 Static: dense parameters shard over tp x dp_shard x cp (HSDP replicas hold copies);
-routed experts over ep x efsdp = dp_shard x cp x tp (TorchTitan's ``efsdp = dp cp tp / ep``).
+routed experts over ep x efsdp = dp_shard x cp x tp (TorchTitan's ``efsdp = dp cp tp / ep``;
+:func:`expert_shards`, also for ``fsdp_over_cp=False``).
 PP: every stage holds ``n_layers / pp`` layers (+ embedding or lm_head), and 1F1B
 keeps ``min(pp, microbatches)`` microbatches' activations on the first stage.
 Transient: the backward's hidden-state gradient, half a layer's activations, the
@@ -50,6 +58,7 @@ a layer keeps only its input and the recomputed layer joins the transient.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from titan_cp.analysis.memory_terms import ActTerm, MemoryEstimate, _terms_bytes
@@ -160,12 +169,15 @@ def ffn_terms(q: QwenDims, setup: TrainSetup, par: Parallelism) -> list[ActTerm]
     terms = _norm_terms(s.dim, a, "ffn")
     if m is None:
         return terms + [ActTerm("mlp", 4 * s.hidden_dim, a, "tp", "w1 h, w3 h, SiLU, product")]
+    # TP x EP: each TP rank routes its T/tp piece of the CP shard to whole experts; TP alone: every TP rank
+    # routes all T tokens through its F/tp slice of every expert (the block's input all-gathered under SP)
+    routed, routed_hidden = ("tp", m.expert_hidden) if par.ep > 1 else ("rep", m.expert_hidden / par.tp)
     return terms + [
-        ActTerm("moe_router", 4 * m.experts + 28 * m.top_k + 4, 1, "sp", "scores, top-k, sort indices (bytes)"),
-        ActTerm("moe_routed", m.top_k * (2 * s.dim + 4 * m.expert_hidden), 2, "sp", "routed x, w1/w3, SiLU, product"),
-        ActTerm("moe_routed_out", m.top_k * s.dim, a, "sp", "routed output"),
+        ActTerm("moe_router", 4 * m.experts + 28 * m.top_k + 4, 1, routed, "scores, top-k, sort indices (bytes)"),
+        ActTerm("moe_routed", m.top_k * (2 * s.dim + 4 * routed_hidden), 2, routed, "routed x, w1/w3, SiLU, product"),
+        ActTerm("moe_routed_out", m.top_k * s.dim, a, routed, "routed output"),
         ActTerm("moe_shared", 4 * m.shared_hidden, a, "tp", "shared expert"),
-        ActTerm("moe_shared_gate", s.dim, a, "rep", "shared output (gate input)"),
+        ActTerm("moe_shared_gate", s.dim, a, "tp" if par.ep > 1 else "sp", "shared output (gate input)"),
     ]
 
 
@@ -175,6 +187,15 @@ def model_terms(q: QwenDims, setup: TrainSetup) -> list[ActTerm]:
             ActTerm("final_norm", 2 * d, a, "sp", "final norm input and x*rstd"),
             ActTerm("final_norm_rstd", 1, 4, "sp", "final norm rstd"),
             ActTerm("hidden_states", d, a, "rep", "final norm output (chunked loss input)")]
+
+
+def expert_shards(par: Parallelism) -> int:
+    """Ranks one MoE layer's routed experts are split over: TorchTitan's ep x efsdp = dp_shard x cp x tp;
+    without FSDP over CP (``fsdp_over_cp=False``, the CPU benchmark) ep x the dp_shard ranks EP does not
+    take (EP takes dp_shard ranks first: lcm(ep, dp)), and the hidden dim over tp when EP is off."""
+    if par.fsdp_over_cp:
+        return par.dp * par.cp * par.tp
+    return math.lcm(par.ep, par.dp) * (par.tp if par.ep == 1 else 1)
 
 
 def estimate_qwen3_5(model, setup: TrainSetup, par: Parallelism, calibration: dict[str, float] | None = None,
@@ -199,7 +220,7 @@ def estimate_qwen3_5(model, setup: TrainSetup, par: Parallelism, calibration: di
     c = param_counts(q)
     fsdp = par.fsdp
     dense = layers_local * (c["dense_layer"] / par.tp + c["replicated_layer"]) / fsdp
-    experts = layers_local * c["expert_layer"] / (par.dp * par.cp * par.tp) if q.moe else 0.0
+    experts = layers_local * c["expert_layer"] / expert_shards(par) if q.moe else 0.0
     ends = (c["embed"] / par.tp + c["norm"] + c["lm_head"] / par.tp) / (1 if par.pp == 1 else 2) / fsdp
     n_local = dense + experts + ends
     pb = dtype_bytes(setup.param_dtype)
@@ -209,14 +230,15 @@ def estimate_qwen3_5(model, setup: TrainSetup, par: Parallelism, calibration: di
     a = dtype_bytes(setup.act_dtype)
     fsdp_buffers = 0.0
     if fsdp > 1:
-        per_layer = c["dense_layer"] / par.tp + (c["expert_layer"] / par.ep if q.moe else 0.0)
+        experts_per_layer = c["expert_layer"] / (par.ep if par.ep > 1 else par.tp) if q.moe else 0.0
+        per_layer = c["dense_layer"] / par.tp + experts_per_layer
         fsdp_buffers = per_layer * (2 * a + dtype_bytes(setup.reduce_dtype))
 
     # saved activations (per layer kind), then the layers of this stage and the microbatches in flight
     ffn = _terms_bytes(ffn_terms(q, setup, par), par, tokens, cal)
     if q.moe:
         ffn["moe_expert_weight_copies"] = cal.get("moe_expert_weight_copies", 1.0) * 3 * q.moe.experts / par.ep \
-            * q.text.dim * q.moe.expert_hidden * 2
+            * q.text.dim * q.moe.expert_hidden / (par.tp if par.ep == 1 else 1) * 2
     gdn = _terms_bytes(gdn_terms(q, setup, par, kernel), par, tokens, cal) | ffn
     attn = _terms_bytes(attention_terms(q, setup), par, tokens, cal) | ffn
     gdn_bytes, attn_bytes = activation_scale * sum(gdn.values()), activation_scale * sum(attn.values())
