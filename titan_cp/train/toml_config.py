@@ -408,11 +408,10 @@ class TomlJob:
         config = parse_settings(lambda args: ConfigManager().parse_args(head + args), items, base, self.source,
                                 ac_tokens)
         degrees = validate(config, world_size=world_size, check_runtime=check_runtime)
-        for section in ("parallelism", "model"):  # written, so refused also at its default where unused
-            s = self._last(section, "cp_q_transition")
-            if s is not None:
-                check_q_transition_used(config.model_spec.model, degrees["cp"], set_explicitly=True,
-                                        origin=f"{s.origin}: ")
+        written = self._last("parallelism", "cp_q_transition")  # refused also at its default where unused
+        if written is not None:
+            check_q_transition_used(config.model_spec.model, degrees["cp"], set_explicitly=True,
+                                    origin=f"{written.origin}: ")
         if check_runtime:  # the data is the machine's, like the kernels: read where the job runs
             from titan_cp.components.data_checks import check_data
 
