@@ -222,6 +222,7 @@ NOT_CP_TRAFFIC = {
     "titan_cp/components/metrics.py": "all-gathers each rank's step metrics for the log (not CP traffic)",
     "titan_cp/components/checkpoint_integrity.py": "gathers checkpoint checksums across ranks (not CP traffic)",
     "titan_cp/cli/evaluate.py": "sums the evaluation loss totals over the ranks (not CP traffic)",
+    "titan_cp/models/gdn/mamba2_layer.py": "averages the gated norm's mean of squares over the TP ranks (TP, not CP traffic)",
 }
 
 
