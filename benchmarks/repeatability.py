@@ -99,6 +99,7 @@ def one_launch(model: str, L: int, repeats: int, warmup: int, q_transition: str 
     if "step_cp_other_s" in over:
         other = {"other_q_transition": over["other_q_transition"], "other_step_cp_s": over["step_cp_other_s"],
                  "other_overhead_pct": 100 * over["overhead_fraction_other"],
+                 "other_cpu_overhead_pct": 100 * over["cpu_overhead_fraction_other"],
                  "other_scaling": strong["same_load_speedup_other"]}
     return {"model": model, "L": L, "q_transition": q_transition, **other,
             "overhead_pct": 100 * over["overhead_fraction"],
@@ -168,7 +169,8 @@ def main(argv=None) -> int:
         for row in launched:
             rows.append({"run": run, **row, "quiet": verdict["quiet"], "quiet_reasons": verdict["reasons"]})
             other = (f"; {row['other_q_transition']} (same rounds): {row['other_overhead_pct']:+.1f}%, "
-                     f"{row['other_scaling']:.2f}x" if "other_overhead_pct" in row else "")
+                     f"{row['other_scaling']:.2f}x; CPU-time overhead {row['cpu_overhead_pct']:+.1f}% / "
+                     f"{row['other_cpu_overhead_pct']:+.1f}%" if "other_overhead_pct" in row else "")
             print(f"# run {run} {row['model']} (q M {row['q_transition']}): overhead {row['overhead_pct']:+.1f}%, "
                   f"scaling {row['scaling']:.2f}x{other}{'' if verdict['quiet'] else ' (FLAGGED: not quiet)'}",
                   flush=True)

@@ -234,8 +234,11 @@ def run_scaling(a, margs: ModelArgs) -> dict:
                 })
                 if "cp_other" in rr[0]:
                     other = statistics.fmean(r["cp_other"]["wall"] for r in rr)
+                    other_cpu = statistics.fmean(r["cp_other"]["cpu"] for r in rr)
                     overhead[-1].update(other_q_transition=OTHER_Q_TRANSITION[margs.q_transition],
-                                        step_cp_other_s=other, overhead_fraction_other=(other - alone) / other)
+                                        step_cp_other_s=other, overhead_fraction_other=(other - alone) / other,
+                                        cpu_cp_other_s=other_cpu,
+                                        cpu_overhead_fraction_other=(other_cpu - alone_cpu) / other_cpu)
         if P > 1:
             for L, layers in per_rank[0]["bytes"].items():
                 for layer in layers:
@@ -443,7 +446,8 @@ def main(argv=None) -> int:
         if "step_cp_other_s" in o:
             print(f"# P={o['P']}: q M {o['q_transition']}: CP step {o['step_cp_s']:.3f} s, overhead "
                   f"{100 * o['overhead_fraction']:+.1f}%; {o['other_q_transition']} (same rounds): "
-                  f"{o['step_cp_other_s']:.3f} s, {100 * o['overhead_fraction_other']:+.1f}%")
+                  f"{o['step_cp_other_s']:.3f} s, {100 * o['overhead_fraction_other']:+.1f}%; CPU-time overhead "
+                  f"{100 * o['cpu_overhead_fraction']:+.1f}% / {100 * o['cpu_overhead_fraction_other']:+.1f}%")
         print(f"# P={o['P']}: spread of the repeats' wall times, (max - min) / min, worst rank: CP step "
               f"{100 * o['spread_cp']:.1f}%, shard alone {100 * o['spread_alone']:.1f}%")
     print(f"# total {result['wall_s']:.0f} s, load average {result['load_average_end']:.1f} at the end")
