@@ -189,7 +189,7 @@ def estimate_row(margs, L: int, layout: Layout, batch: int, loss_chunks: int):
     prof = None if is_qwen3_5(c) else kernel_profile(c.kernel, c, dt)  # Qwen3.5: its own kernel terms
     setup = TrainSetup(seq_len=L, batch=batch, param_dtype=dt, act_dtype=dt, grad_dtype=dt, optimizer_states=0,
                        loss_chunks=loss_chunks, cp_exchange=margs.exchange, cp_layout=margs.layout,
-                       **(prof.setup if prof else {}))
+                       cp_q_transition=margs.q_transition, **(prof.setup if prof else {}))
     par = Parallelism(cp=layout.cp, tp=layout.tp, sequence_parallel=layout.sp, ep=layout.ep, replicate=layout.dp,
                       fsdp_over_cp=False)
     return estimate_memory(c, setup, par, calibration=prof.calibration if prof else None)
