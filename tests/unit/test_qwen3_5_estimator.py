@@ -75,3 +75,48 @@ def test_max_context_table_rows_fit_and_double_does_not():
     assert estimate_memory(model, replace(setup, seq_len=2 * best.seq_len), best.par).total > budget
     assert best.seq_len == max(r.seq_len for r in rows)
     assert max_seq_len(budget, model, setup, best.par, multiple_of=256 * best.par.cp) == best.seq_len
+
+
+@pytest.mark.parametrize("dp,cp,tp,ep", [(2, 2, 2, 1), (1, 4, 2, 4), (2, 2, 2, 8), (1, 8, 1, 8), (2, 4, 1, 2)])
+def test_sharded_parameters_match_the_parallelized_model(dp, cp, tp, ep):
+    """The static term against titan_cp's own plan: debugmodel_moe parallelized by ``parallelize_qwen3_5_cp``
+    (FSDP over dp_shard x cp, TP, EP with TorchTitan's efsdp) on meta tensors under a fake 8-rank process
+    group: rank 0's local parameter count equals the estimator's (within FSDP's uneven-shard padding)."""
+    import torch
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+    from torchtitan.distributed import ParallelDims
+    from torchtitan.distributed.utils import get_spmd_backend, set_spmd_backend
+
+    from titan_cp.components import compat
+    from titan_cp.models.qwen3_5.parallelize import parallelize_qwen3_5_cp
+
+    if dist.is_initialized():
+        pytest.skip("needs its own (fake) process group")
+
+    class Cfg:
+        def __init__(self, **kw):
+            self.__dict__.update(kw)
+
+    compat.apply()
+    backend = get_spmd_backend()
+    dist.init_process_group("fake", rank=0, world_size=8, store=FakeStore())
+    try:
+        set_spmd_backend("partial_dtensor")
+        dims = ParallelDims(dp_replicate=1, dp_shard=dp, cp=cp, tp=tp, pp=1, ep=ep, world_size=8,
+                            spmd_backend="partial_dtensor")
+        dims.build_mesh()
+        config = titan_cp_config(torchtitan_config("debugmodel_moe", **DEBUG_SHAPE))
+        with torch.device("meta"):
+            model = config.build()
+        parallelize_qwen3_5_cp(
+            model, parallel_dims=dims, compile_config=None, ac_config=None, dump_folder="/tmp",
+            training=Cfg(mixed_precision_param="float32", mixed_precision_reduce="float32", enable_cpu_offload=False),
+            parallelism=Cfg(fsdp_reshard_after_forward="default", enable_sequence_parallel=True))
+        local = sum(getattr(p, "_local_tensor", p).numel() for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
+        set_spmd_backend(backend)
+    est = estimate_memory(config, TrainSetup(seq_len=1024, param_dtype="fp32"), Parallelism(dp=dp, cp=cp, tp=tp, ep=ep))
+    assert est.params / 4 == pytest.approx(local, rel=5e-3)
+    assert param_counts(QwenDims.of(config))["total"] / 8 == pytest.approx(local, rel=5e-3)  # every rank holds 1/8
