@@ -100,7 +100,7 @@ def one_launch(model: str, L: int, repeats: int, warmup: int, q_transition: str 
         other = {"other_q_transition": over["other_q_transition"], "other_step_cp_s": over["step_cp_other_s"],
                  "other_overhead_pct": 100 * over["overhead_fraction_other"],
                  "other_cpu_overhead_pct": 100 * over["cpu_overhead_fraction_other"],
-                 "other_scaling": strong["same_load_speedup_other"]}
+                 "other_scaling": over["same_load_speedup_other"]}
     return {"model": model, "L": L, "q_transition": q_transition, **other,
             "overhead_pct": 100 * over["overhead_fraction"],
             "scaling": strong["same_load_speedup"], "step_cp_s": over["step_cp_s"],

@@ -13,9 +13,7 @@ default      strong scaling (fixed global L, CP = 1, 2, 4, 8) and weak scaling
              communication, the exchange's local math (fold / scan combine),
              the kernel's extra work (the transition columns: state width V + K; q M
              recomputed in the backward unless --q_transition keep) and the rest
-             (output correction, halo conv, concatenations). --ab_q_transition also
-             times CP with the other q M mode in the same interleaved rounds: the
-             keep / recompute A/B under one load.
+             (output correction, halo conv, concatenations); --ab_q_transition: q_transition_ab.py.
              Bytes per GDN layer (fwd + bwd, from titan_cp.cp.comm.comm_stats)
              at several L, next to what ring attention would send for an
              attention layer of the same width (MHA, kv width = dim).
@@ -36,7 +34,6 @@ jobs on the machine slow every row alike, but add noise).
     python -m benchmarks.speed --strategies [--quick]
     python -m benchmarks.speed --hybrid [--quick]
     python -m benchmarks.speed --json speed.json
-    python -m benchmarks.speed --cp_sizes 1 2 --weak_per_rank 0 --q_transition keep --ab_q_transition
 
 The timers and byte counts are in benchmarks/timing.py, the tables and the
 plot in benchmarks/report.py.
@@ -69,19 +66,16 @@ from benchmarks.model_steps import (
     parse_flags,
     train_step,
 )
+from benchmarks.q_transition_ab import other_figures, other_variant, summary_line
 from benchmarks.report import plot_scaling, report
 from benchmarks.timing import Timers, comm_per_layer, core_probe, quietness, ring_attention_bytes, set_cp, timed_steps
 
 # --------------------------------------------------------------------------- rank functions
 
 
-OTHER_Q_TRANSITION = {"recompute": "keep", "keep": "recompute"}
-
-
 def _scaling_rank(rank, P, device, margs: ModelArgs, runs, warmup, repeats, loss_chunks, batch, bytes_lens,
                   same_load_max_p, ab_q_transition=False):
-    """runs: list of (label, L). Returns per run the timings of cp and (P > 1) of the shard alone
-    (and with ``ab_q_transition`` of CP with the other q M mode, "cp_other")."""
+    """runs: list of (label, L). Returns per run the timings of cp and (P > 1) of the shard alone (+ cp_other)."""
     from titan_cp.cp.comm import comm_stats
 
     timers = Timers(device)
@@ -94,9 +88,7 @@ def _scaling_rank(rank, P, device, margs: ModelArgs, runs, warmup, repeats, loss
         variants = {"cp": lambda: set_cp(model, margs, P)}
         if P > 1 and label == "strong":
             variants["alone"] = lambda: set_cp(model, margs, 1)
-            if ab_q_transition:  # the other q M mode in the same rounds: an A/B under one load
-                variants["cp_other"] = lambda: set_cp(model, margs, P,
-                                                      q_transition=OTHER_Q_TRANSITION[margs.q_transition])
+            variants |= {"cp_other": other_variant(model, margs, P)} if ab_q_transition else {}  # same rounds
             if P <= same_load_max_p:  # every rank also runs the whole sequence alone: P = 1 under the same load
                 full = make_batch(vocab, L, batch, 0, 1, margs.layout, device)
                 variants["full"] = lambda full=full: (set_cp(model, margs, 1), full)[1]
@@ -203,8 +195,6 @@ def run_scaling(a, margs: ModelArgs) -> dict:
                 full_cpu = statistics.fmean(r["full"]["cpu"] for r in rr)
                 row.update(same_load_full_step_s=full_wall, same_load_full_cpu_s=full_cpu,
                            same_load_speedup=full_wall / step, same_load_cpu_speedup=full_cpu / row["step_cpu_s"])
-                if "cp_other" in rr[0]:
-                    row["same_load_speedup_other"] = full_wall / max(r["cp_other"]["wall"] for r in rr)
             rows.append(row)
             if P > 1 and label == "strong":
                 alone = statistics.fmean(r["alone"]["wall"] for r in rr)
@@ -233,12 +223,8 @@ def run_scaling(a, margs: ModelArgs) -> dict:
                     "q_transition": margs.q_transition,
                 })
                 if "cp_other" in rr[0]:
-                    other = statistics.fmean(r["cp_other"]["wall"] for r in rr)
-                    other_cpu = statistics.fmean(r["cp_other"]["cpu"] for r in rr)
-                    overhead[-1].update(other_q_transition=OTHER_Q_TRANSITION[margs.q_transition],
-                                        step_cp_other_s=other, overhead_fraction_other=(other - alone) / other,
-                                        cpu_cp_other_s=other_cpu,
-                                        cpu_overhead_fraction_other=(other_cpu - alone_cpu) / other_cpu)
+                    overhead[-1].update(other_figures(rr, alone, alone_cpu, row.get("same_load_full_step_s"),
+                                                      margs.q_transition))
         if P > 1:
             for L, layers in per_rank[0]["bytes"].items():
                 for layer in layers:
@@ -444,10 +430,7 @@ def main(argv=None) -> int:
     print(report(result, a.markdown))
     for o in result.get("overhead", []):
         if "step_cp_other_s" in o:
-            print(f"# P={o['P']}: q M {o['q_transition']}: CP step {o['step_cp_s']:.3f} s, overhead "
-                  f"{100 * o['overhead_fraction']:+.1f}%; {o['other_q_transition']} (same rounds): "
-                  f"{o['step_cp_other_s']:.3f} s, {100 * o['overhead_fraction_other']:+.1f}%; CPU-time overhead "
-                  f"{100 * o['cpu_overhead_fraction']:+.1f}% / {100 * o['cpu_overhead_fraction_other']:+.1f}%")
+            print(summary_line(o))
         print(f"# P={o['P']}: spread of the repeats' wall times, (max - min) / min, worst rank: CP step "
               f"{100 * o['spread_cp']:.1f}%, shard alone {100 * o['spread_alone']:.1f}%")
     print(f"# total {result['wall_s']:.0f} s, load average {result['load_average_end']:.1f} at the end")

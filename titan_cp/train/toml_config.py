@@ -31,8 +31,7 @@ Sections::
     [model]      name, flavor, any field of the family's model Config (GDN: n_layers, kernel, ...);
                  gdn / kda / mamba2: hf_config = "path" takes every shape field from an FLA (transformers
                  Mamba-2) checkpoint's config.json (flavor then only picks the training defaults)
-    [parallelism] TorchTitan's fields + cp_exchange ("allgather" | "logscan" | "alltoall"),
-                 cp_layout ("contiguous" | "zigzag") and cp_q_transition ("recompute" | "keep")
+    [parallelism] TorchTitan's fields + cp_exchange, cp_layout, cp_q_transition (titan_cp/cp/settings.py)
     [optimizer]  name ("AdamW" | "Adam"), lr, betas, eps, weight_decay, implementation
     [activation_checkpoint] mode ("none" | "selective" | "full" | "memory_budget") + its fields
     [dataloader] (alias [data]) dataset ("tiny_corpus" | "synthetic" | a TorchTitan dataset)
@@ -408,10 +407,7 @@ class TomlJob:
         config = parse_settings(lambda args: ConfigManager().parse_args(head + args), items, base, self.source,
                                 ac_tokens)
         degrees = validate(config, world_size=world_size, check_runtime=check_runtime)
-        written = self._last("parallelism", "cp_q_transition")  # refused also at its default where unused
-        if written is not None:
-            check_q_transition_used(config.model_spec.model, degrees["cp"], set_explicitly=True,
-                                    origin=f"{written.origin}: ")
+        check_q_transition_used(config.model_spec.model, degrees["cp"], self._last("parallelism", "cp_q_transition"))
         if check_runtime:  # the data is the machine's, like the kernels: read where the job runs
             from titan_cp.components.data_checks import check_data
 

@@ -58,20 +58,21 @@ def check_cp_choices(layout: str, exchange: str, q_transition: str = "recompute"
     CPSettings(layout=layout, exchange=exchange, q_transition=q_transition)
 
 
-def check_q_transition_used(model, cp: int, *, set_explicitly: bool = False, origin: str = "") -> None:
+def check_q_transition_used(model, cp: int, written=None) -> None:
     """``parallelism.cp_q_transition`` does something in this run (state-passing CP, degree > 1).
 
     Refused where it does nothing (CP degree 1, ``alltoall``): ``keep`` always (it is never the
-    default), ``recompute`` when ``set_explicitly`` (the TOML front end knows what was written).
+    default), any value when ``written`` (the TOML front end's setting of the key, whose origin
+    the message names).
     """
     value = getattr(model, "cp_q_transition", None)
-    if value is None or (value == "recompute" and not set_explicitly):
+    if value is None or (value == "recompute" and written is None):
         return
     settings = CPSettings(layout=getattr(model, "cp_layout", "contiguous"),
                           exchange=getattr(model, "cp_exchange", "allgather"), q_transition=value)
     problem = settings.unused_q_transition(cp)
     if problem:
-        raise ConfigError(origin + problem)
+        raise ConfigError((f"{written.origin}: " if written is not None else "") + problem)
 
 
 def _check_names(config) -> None:
