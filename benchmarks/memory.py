@@ -289,8 +289,7 @@ class MemoryArgs(OutputFlags, StepFlags, ModelFlags):
     quick: bool = False
     """P 1,2,4 and L 1K,2K (about a minute)"""
     peak: bool = True
-    """measure the allocator's peak (--no_peak: activation bytes only; on CPU the profiler's event log
-    grows with the op count, too large for kernels with a Python loop per chunk at long L)"""
+    """measure the allocator's peak (--no_peak: activation bytes only, a shorter run)"""
     estimate_only: bool = False
     """print the estimator's activation cut vs CP = 1 for --cp_sizes x --seq_lens; run nothing"""
     layouts: tuple[str, ...] = ()
