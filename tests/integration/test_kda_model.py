@@ -165,24 +165,33 @@ def test_cp2_matches_fla_and_one_rank(fla):
                            1e-5, "CP 2 / TP 2")
 
 
+TP_CP_CASES = [("zigzag", "allgather"), ("contiguous", "logscan")]
+
+
 def _fp64_rank(rank, P):
     """The 'KA' hybrid in float64 with P KDA heads, L = 24 (whole zigzag segments for P = 3, 4), every case,
-    one step."""
+    one step; on 4 ranks also TP 2 x CP 2 (a ('cp', 'tp') mesh: heads over 'tp', the sequence over 'cp')."""
     errs = {}
     for layout, exchange in FP64_CASES:
         case = _train_errors(rank, P, layout, exchange, dtype=torch.float64, num_heads=P, L=24, steps=1)
         errs.update({f"{layout}/{exchange} {k}": v for k, v in case.items()})
+    if P == 4:
+        for layout, exchange in TP_CP_CASES:
+            case = _train_errors(rank, P, layout, exchange, dtype=torch.float64, num_heads=P, L=24, steps=1, tp=2)
+            errs.update({f"tp x cp {layout}/{exchange} {k}": v for k, v in case.items()})
     return errs
 
 
 @pytest.mark.parametrize("P", [3, 4])
 def test_cp3_cp4_float64_equal_one_rank(P):
     """Float64, packed documents on / around the segment boundaries: loss, every gradient and the parameters
-    after one SGD step equal one rank to 1e-10 for every exchange x layout (2 steps: the fp32 CP 2 launch)."""
+    after one SGD step equal one rank to 1e-10 for every exchange x layout (2 steps: the fp32 CP 2 launch);
+    the 4-rank launch also runs TP 2 x CP 2."""
     worst = worst_over_ranks(run_on_ranks(_fp64_rank, P, timeout=300))
     names = [name for name, _ in _hybrid_config(P).build().named_parameters()]
-    assert_compared_within(worst, FP64_CASES, ("grad0", "param"), names, ("loss", "grad", "param"), 1e-10,
-                           f"CP {P} float64")
+    cases = FP64_CASES + ([(f"tp x cp {layout}", exchange) for layout, exchange in TP_CP_CASES] if P == 4 else [])
+    assert_compared_within(worst, cases, ("grad0", "param"), names, ("loss", "grad", "param"), 1e-10,
+                           f"CP {P} (and TP 2 x CP 2) float64")
 
 
 if __name__ == "__main__":
