@@ -145,6 +145,10 @@ def test_cp_context_rejects_bad_arguments_before_any_group():
         titan_cp.cp_context(exchange="ring")
     with pytest.raises(titan_cp.ConfigError, match="layout='contiguous'"):
         titan_cp.cp_context(layout="zigzag", exchange="logscan")
+    with pytest.raises(titan_cp.ConfigError, match=r"cp_context\(q_transition\).*recompute"):
+        titan_cp.cp_context(q_transition="save")
+    with pytest.raises(titan_cp.ConfigError, match=r"q_transition='keep'.*alltoall.*'allgather'"):
+        titan_cp.cp_context(exchange="alltoall", q_transition="keep")
     with pytest.raises(titan_cp.ConfigError, match="init_process_group"):
         titan_cp.cp_context()
 
