@@ -119,16 +119,21 @@ class QwenArgs:
                 f"{s.value_head_dim}, attention {s.n_heads} q / {s.n_kv_heads} kv heads x {s.head_dim}, "
                 f"MLP {s.hidden_dim}, vocab {s.vocab_size}, kernel {self.kernel}, {self.dtype}")
 
-    def build(self, device: torch.device, cp_group, max_seq_len: int, seed: int = 0):
-        """The model on ``device`` (same weights on every rank), CP applied when the group has > 1 rank."""
-        from titan_cp.cp.context import CPContext
-        from titan_cp.models.common.parallelize import apply_cp
-
+    def _seeded_model(self, device: torch.device, max_seq_len: int, seed: int):
+        """The unparallelised model on ``device``, the same weights on every rank (``seed``)."""
         torch.manual_seed(seed)
         model = self.config(max_seq_len).build()
         model.init_weights()
         model.to(device=device, dtype=getattr(torch, self.dtype))  # float32 | float64 | bfloat16
         model._skip_lm_head = True  # the chunked loss applies lm_head itself
+        return model
+
+    def build(self, device: torch.device, cp_group, max_seq_len: int, seed: int = 0):
+        """The model on ``device`` (same weights on every rank), CP applied when the group has > 1 rank."""
+        from titan_cp.cp.context import CPContext
+        from titan_cp.models.common.parallelize import apply_cp
+
+        model = self._seeded_model(device, max_seq_len, seed)
         group = cp_group if cp_group is not None and dist.get_world_size(cp_group) > 1 else None
         apply_cp(model, None if group is None else CPContext(group=group, layout=self.layout, exchange=self.exchange,
                                                              q_transition=self.q_transition))
@@ -151,11 +156,7 @@ class QwenArgs:
         dims = ParallelDims(dp_replicate=1, dp_shard=layout.dp, cp=layout.cp, tp=layout.tp, pp=1, ep=layout.ep,
                             world_size=layout.world, spmd_backend="partial_dtensor")
         dims.build_mesh()
-        torch.manual_seed(seed)
-        model = self.config(max_seq_len).build()
-        model.init_weights()
-        model.to(device=device, dtype=getattr(torch, self.dtype))
-        model._skip_lm_head = True
+        model = self._seeded_model(device, max_seq_len, seed)
         if dims.ep_enabled:
             apply_ep(model, dims.get_mesh("ep"))
         apply_cp(model, CPContext(group=dims.get_mesh("cp").get_group(), layout=self.layout, exchange=self.exchange,
