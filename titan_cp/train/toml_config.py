@@ -398,7 +398,7 @@ class TomlJob:
         """The validated ``Trainer.Config``, parsed by TorchTitan's ``ConfigManager``."""
         from torchtitan.config import ConfigManager
 
-        from titan_cp.models.common.preflight import check_q_transition_used, validate
+        from titan_cp.models.common.preflight import validate
 
         base = self.base_config()
         items, ac_tokens = self._manager_items(base)
@@ -406,8 +406,8 @@ class TomlJob:
         head = ["--module", __name__, "--config", "toml_job"]
         config = parse_settings(lambda args: ConfigManager().parse_args(head + args), items, base, self.source,
                                 ac_tokens)
-        degrees = validate(config, world_size=world_size, check_runtime=check_runtime)
-        check_q_transition_used(config.model_spec.model, degrees["cp"], self._last("parallelism", "cp_q_transition"))
+        degrees = validate(config, world_size=world_size, check_runtime=check_runtime,
+                           written_q_transition=self._last("parallelism", "cp_q_transition"))
         if check_runtime:  # the data is the machine's, like the kernels: read where the job runs
             from titan_cp.components.data_checks import check_data
 

@@ -310,14 +310,18 @@ def _check_model_builds(model) -> None:
 # --- all of it ---------------------------------------------------------------------------------
 
 
-def validate(config, *, world_size: int | None = None, check_runtime: bool = True) -> dict[str, int]:
-    """Every start-up check (no process group needed); returns the resolved parallel degrees."""
+def validate(config, *, world_size: int | None = None, check_runtime: bool = True,
+             written_q_transition=None) -> dict[str, int]:
+    """Every start-up check (no process group needed); returns the resolved parallel degrees.
+
+    ``written_q_transition``: the front end's setting of ``parallelism.cp_q_transition`` (TOML), if the
+    user wrote it (:func:`check_q_transition_used` then refuses it where unused at any value, naming it)."""
     _check_training(config)
     _check_model_builds(config.model_spec.model)
     degrees = resolve_degrees(config, world_size_from_env() if world_size is None else world_size)
     _check_names(config)
     _check_heads(config.model_spec.model, degrees["tp"], degrees["cp"])
-    check_q_transition_used(config.model_spec.model, degrees["cp"])
+    check_q_transition_used(config.model_spec.model, degrees["cp"], written_q_transition)
     family_check = getattr(config.model_spec.model, "check_job", None)  # a model family's own rules
     if family_check is not None:
         family_check(config)
