@@ -7,9 +7,20 @@ whole sequence with cp = None. The minimum over the repeats is kept for each (no
 a shared machine only ever adds time), and per run
 
     CP overhead  = (t(CP) - t(shard alone)) / t(CP)          mean over ranks
+    matched      = (t(CP) - t(matched)) / t(CP)              mean over ranks
     scaling      = t(whole sequence alone) / t(CP step)      the same load, P = 2
 
-(benchmarks/speed.py, strong scaling with ``--cp_sizes 2``). A core probe
+(benchmarks/speed.py, strong scaling with ``--cp_sizes 2``). The shard alone is the rank's own
+tokens (for zigzag its two segments, concatenated, as one sequence) with cp = None: for an
+attention layer that is causal attention over those tokens only, while under CP the rank's
+queries also attend to every earlier key (zigzag at P = 2: twice the shard's attention work;
+contiguous: rank 1 three times, rank 0 once). That work the one-rank run does too; the
+work-matched reference t(matched) adds it: t(shard alone) + per attention layer (t(the rank's
+CP attention blocks, fwd + bwd, on local tensors, no communication) - t(its shard's causal
+block)), timed in the same interleaved rounds (benchmarks/timing.py ``attention_work``). Its
+overhead is what CP adds beyond the work the rank's tokens must do anyway: the exchanges, their
+waits, the ring's merges and the GDN layers' state passing. For the GDN model (no attention
+layers) the two overheads are one figure. A core probe
 (benchmarks/timing.py ``core_probe``) runs before the first run and after every run;
 each run gets the quietness verdict of the probes around it. The summary gives, per
 model, the five figures, their half-range (max - min) / 2 against the issue's spread
@@ -18,8 +29,9 @@ model, the five figures, their half-range (max - min) / 2 against the issue's sp
 a busy run is flagged in the table and the JSON.
 
 Models: ``gdn`` = the GDN debug model at the speed benchmark's defaults (dim 256,
-2 layers, 4 heads x 64), ``qwen3_5`` = TorchTitan's Qwen3.5 debug shape on titan_cp's CP
-layers (3 GDN + 1 attention layers, benchmarks/qwen3_5_memory.py).
+2 layers, 4 heads x 64, contiguous layout), ``qwen3_5`` = TorchTitan's Qwen3.5 debug shape on
+titan_cp's CP layers (3 GDN + 1 attention layers, benchmarks/qwen3_5_memory.py) in the layout of
+``--qwen3_5_layout`` (default zigzag, what a hybrid trains with: docs/benchmarks.md section 4).
 
 ``--q_transition keep | recompute`` picks state-passing CP's q M mode (parallelism.cp_q_transition)
 for the CP step; ``--ab_q_transition`` also times the other mode in the same interleaved rounds of
@@ -27,6 +39,7 @@ every launch and reports its overhead and scaling beside (an A/B under one load)
 
     python -m benchmarks.repeatability --runs 5 --json repeatability.json --markdown repeatability.md
     python -m benchmarks.repeatability --runs 1 --models gdn qwen3_5 --q_transition keep --ab_q_transition
+    python -m benchmarks.repeatability --runs 1 --models qwen3_5 --qwen3_5_layout contiguous --q_transition keep
 """
 
 from __future__ import annotations
@@ -43,9 +56,9 @@ import tyro
 from benchmarks.model_steps import keep_freed_memory, load_average, machine_description
 from benchmarks.timing import core_probe, quietness
 
-SPREAD = {"overhead_pct": 1.5, "scaling": 0.05}
+SPREAD = {"overhead_pct": 1.5, "matched_overhead_pct": 1.5, "scaling": 0.05}
 """Largest half-range (max - min) / 2 over the runs for a figure to count as repeating."""
-TARGET = {"overhead_pct": ("<=", 5.0), "scaling": (">=", 1.9)}
+TARGET = {"overhead_pct": ("<=", 5.0), "matched_overhead_pct": ("<=", 5.0), "scaling": (">=", 1.9)}
 
 
 @dataclass
@@ -57,6 +70,8 @@ class Args:
     """global L of the GDN debug model"""
     qwen3_5_len: int = 2048
     """global L of the Qwen3.5 debug shape"""
+    qwen3_5_layout: Literal["zigzag", "contiguous"] = "zigzag"
+    """CP layout of the Qwen3.5 debug shape (parallelism.cp_layout; the GDN model runs contiguous)"""
     repeats: int = 5
     """timed rounds per launch (after ``warmup``); the minimum is kept"""
     warmup: int = 1
@@ -71,26 +86,33 @@ class Args:
     """write the table here as markdown"""
 
 
+def speed_argv(model: str, L: int, repeats: int, warmup: int, q_transition: str = "recompute",
+               ab_q_transition: bool = False, layout: str = "contiguous") -> list[str]:
+    """The speed benchmark's command line for one P = 2 strong-scaling launch."""
+    argv = ["--cp_sizes", "2", "--strong_len", str(L), "--weak_per_rank", "0", "--repeats", str(repeats),
+            "--warmup", str(warmup), "--model", model, "--no_probe", "--q_transition", q_transition,
+            "--layout", layout]
+    return argv + (["--ab_q_transition"] if ab_q_transition else [])
+
+
 def speed_args(model: str, L: int, repeats: int, warmup: int, q_transition: str = "recompute",
-               ab_q_transition: bool = False):
+               ab_q_transition: bool = False, layout: str = "contiguous"):
     """The speed benchmark's arguments (its own parser and defaults) for one P = 2 strong-scaling launch."""
     from benchmarks.speed import parse_args
 
-    argv = ["--cp_sizes", "2", "--strong_len", str(L), "--weak_per_rank", "0", "--repeats", str(repeats),
-            "--warmup", str(warmup), "--model", model, "--no_probe", "--q_transition", q_transition]
-    argv += ["--ab_q_transition"] if ab_q_transition else []
-    a = parse_args(argv)
+    a = parse_args(speed_argv(model, L, repeats, warmup, q_transition, ab_q_transition, layout))
     a.bytes_lens = ()
     return a
 
 
 def one_launch(model: str, L: int, repeats: int, warmup: int, q_transition: str = "recompute",
-               ab_q_transition: bool = False) -> dict:
-    """The P = 2 overhead (% of the CP step) and same-load scaling of one launch (``ab_q_transition``:
-    also of CP with the other q M mode, timed in the same rounds: the ``other_*`` keys)."""
+               ab_q_transition: bool = False, layout: str = "contiguous") -> dict:
+    """The P = 2 overheads (% of the CP step: vs the shard alone and vs the work-matched reference) and
+    same-load scaling of one launch (``ab_q_transition``: also of CP with the other q M mode, timed in
+    the same rounds: the ``other_*`` keys)."""
     from benchmarks.speed import run_scaling
 
-    a = speed_args(model, L, repeats, warmup, q_transition, ab_q_transition)
+    a = speed_args(model, L, repeats, warmup, q_transition, ab_q_transition, layout)
     margs = a.model_args()
     result = run_scaling(a, margs)
     over = result["overhead"][0]
@@ -100,9 +122,15 @@ def one_launch(model: str, L: int, repeats: int, warmup: int, q_transition: str 
         other = {"other_q_transition": over["other_q_transition"], "other_step_cp_s": over["step_cp_other_s"],
                  "other_overhead_pct": 100 * over["overhead_fraction_other"],
                  "other_cpu_overhead_pct": 100 * over["cpu_overhead_fraction_other"],
+                 "other_matched_overhead_pct": 100 * over["overhead_fraction_matched_other"],
                  "other_scaling": over["same_load_speedup_other"]}
-    return {"model": model, "L": L, "q_transition": q_transition, **other,
+    return {"model": model, "L": L, "layout": layout, "q_transition": q_transition, **other,
             "overhead_pct": 100 * over["overhead_fraction"],
+            "matched_overhead_pct": 100 * over["overhead_fraction_matched"],
+            "cpu_matched_overhead_pct": 100 * over["cpu_overhead_fraction_matched"],
+            "step_matched_s": over["step_matched_s"], "attention_layers": over["attention_layers"],
+            "matched_definition": over["matched_definition"],
+            **{k: over[k] for k in ("attention_extra_per_rank_s", "attention_blocks_in_step_s") if k in over},
             "scaling": strong["same_load_speedup"], "step_cp_s": over["step_cp_s"],
             "step_alone_s": over["step_alone_s"], "full_alone_s": strong["same_load_full_step_s"],
             "cpu_overhead_pct": 100 * over["cpu_overhead_fraction"], "cpu_scaling": strong["same_load_cpu_speedup"],
@@ -129,14 +157,17 @@ def summarize_runs(rows: list[dict]) -> dict:
 
 def table(rows: list[dict], summary: dict) -> str:
     ab = any("other_overhead_pct" in r for r in rows)
-    lines = ["| run | model | L | q M | CP overhead (% of step) | scaling P = 2 | CP step s | shard alone s | "
-             "whole L alone s | " + ("other q M, same rounds: overhead / scaling / CP step s | " if ab else "")
-             + "quiet |", "|---|---|---|---|---|---|---|---|---|" + ("---|" if ab else "") + "---|"]
+    lines = ["| run | model | L | layout | q M | CP overhead vs shard alone (% of step) | vs work-matched reference | "
+             "scaling P = 2 | CP step s | shard alone s | matched reference s | whole L alone s | "
+             + ("other q M, same rounds: overhead / matched / scaling / CP step s | " if ab else "")
+             + "quiet |", "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if ab else "") + "---|"]
     for r in rows:
-        other = (f"{r['other_q_transition']}: {r['other_overhead_pct']:+.1f} / {r['other_scaling']:.2f}x / "
-                 f"{r['other_step_cp_s']:.3f} | " if ab else "")
-        lines.append(f"| {r['run']} | {r['model']} | {r['L']:,} | {r['q_transition']} | {r['overhead_pct']:+.1f} | "
-                     f"{r['scaling']:.2f}x | {r['step_cp_s']:.3f} | {r['step_alone_s']:.3f} | {r['full_alone_s']:.3f} | "
+        other = (f"{r['other_q_transition']}: {r['other_overhead_pct']:+.1f} / {r['other_matched_overhead_pct']:+.1f} / "
+                 f"{r['other_scaling']:.2f}x / {r['other_step_cp_s']:.3f} | " if ab else "")
+        matched = f"{r['matched_overhead_pct']:+.1f}" if r["attention_layers"] else "(same: no attention)"
+        lines.append(f"| {r['run']} | {r['model']} | {r['L']:,} | {r['layout']} | {r['q_transition']} | "
+                     f"{r['overhead_pct']:+.1f} | {matched} | {r['scaling']:.2f}x | {r['step_cp_s']:.3f} | "
+                     f"{r['step_alone_s']:.3f} | {r['step_matched_s']:.3f} | {r['full_alone_s']:.3f} | "
                      f"{other}{'yes' if r['quiet'] else 'NO: ' + '; '.join(r['quiet_reasons'])} |")
     lines += ["", "| model | figure | min | max | half-range (limit) | within spread | target | met every run |",
               "|---|---|---|---|---|---|---|---|"]
@@ -145,7 +176,8 @@ def table(rows: list[dict], summary: dict) -> str:
             lines.append(f"| {model} | {key} | {f['min']:.2f} | {f['max']:.2f} | {f['half_range']:.2f} "
                          f"({f['spread_limit']}) | {'yes' if f['within_spread'] else 'no'} | {f['target']} | "
                          f"{'yes' if f['target_met_every_run'] else 'no'} |")
-    return "\n".join(lines)
+    definitions = dict.fromkeys(r["matched_definition"] for r in rows)
+    return "\n".join(lines + [""] + [f"Definitions: {d}" for d in definitions])
 
 
 def main(argv=None) -> int:
@@ -161,9 +193,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     rows = []
     lens = {"gdn": args.gdn_len, "qwen3_5": args.qwen3_5_len}
+    layouts = {"gdn": "contiguous", "qwen3_5": args.qwen3_5_layout}
     for run in range(1, args.runs + 1):
-        launched = [one_launch(m, lens[m], args.repeats, args.warmup, args.q_transition, args.ab_q_transition)
-                    for m in args.models]
+        launched = [one_launch(m, lens[m], args.repeats, args.warmup, args.q_transition, args.ab_q_transition,
+                               layouts[m]) for m in args.models]
         probes.append(core_probe(cores))
         verdict = quietness(probes[-2], probes[-1], cores, check_load=run == 1)  # later: our own runs' load
         for row in launched:
@@ -171,9 +204,11 @@ def main(argv=None) -> int:
             other = (f"; {row['other_q_transition']} (same rounds): {row['other_overhead_pct']:+.1f}%, "
                      f"{row['other_scaling']:.2f}x; CPU-time overhead {row['cpu_overhead_pct']:+.1f}% / "
                      f"{row['other_cpu_overhead_pct']:+.1f}%" if "other_overhead_pct" in row else "")
-            print(f"# run {run} {row['model']} (q M {row['q_transition']}): overhead {row['overhead_pct']:+.1f}%, "
-                  f"scaling {row['scaling']:.2f}x{other}{'' if verdict['quiet'] else ' (FLAGGED: not quiet)'}",
-                  flush=True)
+            matched = (f", vs work-matched reference {row['matched_overhead_pct']:+.1f}%" if row["attention_layers"]
+                       else "")
+            print(f"# run {run} {row['model']} ({row['layout']}, q M {row['q_transition']}): overhead "
+                  f"{row['overhead_pct']:+.1f}%{matched}, scaling {row['scaling']:.2f}x{other}"
+                  f"{'' if verdict['quiet'] else ' (FLAGGED: not quiet)'}", flush=True)
     summary = summarize_runs(rows)
     text = table(rows, summary)
     print(text)

@@ -14,6 +14,18 @@ default      strong scaling (fixed global L, CP = 1, 2, 4, 8) and weak scaling
              the kernel's extra work (the transition columns: state width V + K; q M
              recomputed in the backward unless --q_transition keep) and the rest
              (output correction, halo conv, concatenations); --ab_q_transition: q_transition_ab.py.
+             The shard alone is the rank's own tokens in the run's --layout (zigzag: its two
+             segments, concatenated, as one sequence) with cp = None; the CP step, the shard
+             alone and the whole sequence all take their tokens from one make_batch(layout).
+             Work-matched reference (models with attention layers): the shard alone does causal
+             attention over its own keys only, while under CP its queries also attend to every
+             earlier key (zigzag at P = 2: 2x the shard's attention work; contiguous: 1x on rank
+             0, 3x on rank 1), work the one-rank run does too. t(matched) = t(shard alone) + per
+             attention layer (t(the rank's CP attention blocks) - t(its shard's causal block)),
+             both fwd + bwd through ring attention's block ops on local tensors, no communication,
+             timed in the same interleaved rounds (timing.attention_work); overhead vs it =
+             (t(CP) - t(matched)) / t(CP): the exchanges, their waits, the ring's merges, the
+             GDN layers' state passing. Without attention layers it equals the overhead above.
              Bytes per GDN layer (fwd + bwd, from titan_cp.cp.comm.comm_stats)
              at several L, next to what ring attention would send for an
              attention layer of the same width (MHA, kv width = dim).
@@ -68,7 +80,18 @@ from benchmarks.model_steps import (
 )
 from benchmarks.q_transition_ab import other_figures, other_variant, summary_line
 from benchmarks.report import plot_scaling, report
-from benchmarks.timing import Timers, comm_per_layer, core_probe, quietness, ring_attention_bytes, set_cp, timed_steps
+from benchmarks.timing import (
+    Timers,
+    attention_kernels,
+    attention_shapes,
+    comm_per_layer,
+    core_probe,
+    matched_reference,
+    quietness,
+    ring_attention_bytes,
+    set_cp,
+    timed_steps,
+)
 
 # --------------------------------------------------------------------------- rank functions
 
@@ -92,9 +115,15 @@ def _scaling_rank(rank, P, device, margs: ModelArgs, runs, warmup, repeats, loss
             if P <= same_load_max_p:  # every rank also runs the whole sequence alone: P = 1 under the same load
                 full = make_batch(vocab, L, batch, 0, 1, margs.layout, device)
                 variants["full"] = lambda full=full: (set_cp(model, margs, 1), full)[1]
+        kernels, layers = {}, {}
+        if P > 1 and label == "strong":  # the work-matched reference's attention work, in the same rounds
+            set_cp(model, margs, 1)
+            shapes = attention_shapes(model, inputs, margs.hidden)
+            kernels, layers = attention_kernels(shapes, rank, P, margs.layout, device)
         res = timed_steps(model, inputs, labels, batch * L, timers, warmup, repeats, loss_chunks, variants,
-                          hidden=margs.hidden)
-        results.append({"label": label, "L": L, "tokens_per_rank": batch * L // P, **res})
+                          hidden=margs.hidden, kernels=kernels)
+        results.append({"label": label, "L": L, "tokens_per_rank": batch * L // P, "attention_layers": layers,
+                        **res})
     set_cp(model, margs, P)
     bytes_by_len = {}
     if P > 1 and isinstance(margs, ModelArgs):  # bytes per layer: the GDN LM only
@@ -165,6 +194,37 @@ def _mean(per_rank, name, key):
     return statistics.fmean(r[name].get(key, 0.0) for r in per_rank)
 
 
+MATCHED_DEFINITION = (
+    "overhead vs shard alone = (t(CP) - t(shard alone)) / t(CP); overhead vs work-matched reference = "
+    "(t(CP) - t(matched)) / t(CP), t(matched) = t(shard alone) + per attention layer (t(the rank's CP attention "
+    "blocks, fwd + bwd, on local tensors, no communication) - t(its shard's causal block)); "
+    "both means over ranks, timed in the same interleaved rounds")
+"""What the two CP overhead figures of an overhead row mean (printed with the figures and kept in the JSON)."""
+
+
+def matched_figures(per_rank: list[dict], cp_wall: float, cp_cpu: float) -> dict:
+    """The work-matched reference (:func:`benchmarks.timing.matched_reference`) of an overhead row, in wall
+    and CPU time, mean over ranks, and the overhead against it. A model without attention layers has no
+    attention work to match: its reference is the shard alone and the two overheads are one figure."""
+    def reference(r, key):
+        layers = r["attention_layers"]
+        return matched_reference(r["alone"][key], {i: r[f"attn_cp:{i}"][key] for i in layers},
+                                 {i: r[f"attn_alone:{i}"][key] for i in layers}, layers)
+
+    wall = statistics.fmean(reference(r, "wall") for r in per_rank)
+    cpu = statistics.fmean(reference(r, "cpu") for r in per_rank)
+    layers = per_rank[0]["attention_layers"]
+    out = {"step_matched_s": wall, "cpu_matched_s": cpu, "overhead_fraction_matched": (cp_wall - wall) / cp_wall,
+           "cpu_overhead_fraction_matched": (cp_cpu - cpu) / cp_cpu, "attention_layers": sum(layers.values()),
+           "matched_definition": MATCHED_DEFINITION if layers else
+           "no attention layers: the work-matched reference is the shard alone (the two overheads are one figure)"}
+    if layers:
+        out["attention_extra_per_rank_s"] = [reference(r, "wall") - r["alone"]["wall"] for r in per_rank]
+        out["attention_blocks_in_step_s"] = {"cp": [r["cp"].get("attention", 0.0) for r in per_rank],
+                                             "alone": [r["alone"].get("attention", 0.0) for r in per_rank]}
+    return out
+
+
 def run_scaling(a, margs: ModelArgs) -> dict:
     strong_L = a.strong_len
     rows, overhead, bytes_rows = [], [], []
@@ -222,9 +282,10 @@ def run_scaling(a, margs: ModelArgs) -> dict:
                     "spread_cp": max(r["cp"]["spread"] for r in rr), "spread_alone": max(r["alone"]["spread"] for r in rr),
                     "q_transition": margs.q_transition,
                 })
+                overhead[-1].update(matched_figures(rr, cp_t, cp_cpu))
                 if "cp_other" in rr[0]:
                     overhead[-1].update(other_figures(rr, alone, alone_cpu, row.get("same_load_full_step_s"),
-                                                      margs.q_transition))
+                                                      margs.q_transition, overhead[-1]["step_matched_s"]))
         if P > 1:
             for L, layers in per_rank[0]["bytes"].items():
                 for layer in layers:
@@ -254,6 +315,17 @@ def run_scaling(a, margs: ModelArgs) -> dict:
                 r["efficiency"] = b["step_s"] / r["step_s"]
                 r["cpu_efficiency"] = b["step_cpu_s"] / r["step_cpu_s"]
     return {"scaling": rows, "overhead": overhead, "bytes": bytes_rows}
+
+
+def matched_line(o: dict) -> str:
+    """The overhead row's two figures, with what they mean."""
+    if not o["attention_layers"]:
+        return (f"# P={o['P']}: CP overhead {100 * o['overhead_fraction']:+.1f}% of the step ({o['matched_definition']})")
+    extra = " / ".join(f"{1e3 * x:.0f}" for x in o["attention_extra_per_rank_s"])
+    return (f"# P={o['P']}: CP overhead vs shard alone {100 * o['overhead_fraction']:+.1f}%, vs work-matched reference "
+            f"{100 * o['overhead_fraction_matched']:+.1f}% (CPU time {100 * o['cpu_overhead_fraction']:+.1f}% / "
+            f"{100 * o['cpu_overhead_fraction_matched']:+.1f}%); attention work beyond the shard, per rank: {extra} ms "
+            f"over {o['attention_layers']} attention layer(s)\n# definitions: {o['matched_definition']}")
 
 
 def device_is_cpu() -> bool:
@@ -429,6 +501,7 @@ def main(argv=None) -> int:
                   args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()})
     print(report(result, a.markdown))
     for o in result.get("overhead", []):
+        print(matched_line(o))
         if "step_cp_other_s" in o:
             print(summary_line(o))
         print(f"# P={o['P']}: spread of the repeats' wall times, (max - min) / min, worst rank: CP step "

@@ -6,6 +6,9 @@
 - ``timed_steps``: several variants of a training step (e.g. CP vs the shard
   alone) interleaved step by step (forward and reversed order in turn), minimum and
   spread over repeats.
+- ``attention_work``: the work-matched reference of a model with attention layers: the
+  block attention calls (fwd + bwd) a CP rank's queries make against the keys they need,
+  and those of its shard alone, on local tensors of the layers' shapes (no communication).
 - ``comm_per_layer`` (bytes, rounds per GDN layer from titan_cp.cp.comm.comm_stats)
   and ``ring_attention_bytes`` (what ring attention would send, for comparison).
 - ``core_probe``: how much of a shared CPU machine is ours right now.
@@ -30,6 +33,8 @@ class Timers:
       autograd functions (their communication included), fwd + bwd.
     - ``kernel``: time inside the torch chunk kernel (forward, binding the true
       incoming state under CP, backward).
+    - ``attention``: time inside ring attention's block ops (``block_attention_forward`` /
+      ``backward``; not its merges or ring waits), fwd + bwd.
     Each also as ``<key>_cpu``: CPU time of the calling thread inside the region.
     On GPUs each timed region synchronises the device first and last.
     """
@@ -92,6 +97,10 @@ class Timers:
             state_passing.EXCHANGE_FOLDS[name] = (self.region("exchange", fold), self.region("exchange", reverse_fold))
         for fn in ("chunk_forward", "bind_incoming_state", "chunk_backward"):
             setattr(chunk, fn, self.region("kernel", getattr(chunk, fn)))
+        from titan_cp.cp import ring_attention
+
+        for fn in ("block_attention_forward", "block_attention_backward"):
+            setattr(ring_attention, fn, self.region("attention", getattr(ring_attention, fn)))
 
 
 _CONTEXTS: dict = {}
@@ -136,33 +145,137 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def timed_steps(model, inputs, labels, global_tokens, timers: Timers, warmup: int, repeats: int,
-                loss_chunks: int, variants=None, hidden=None):
+                loss_chunks: int, variants=None, hidden=None, kernels=None):
     """Per variant (name -> setup callable): :func:`summarize` of its steps over ``repeats`` rounds.
 
     Variants are interleaved step by step (:func:`interleaved_order`) so load changes hit them
     alike; ``warmup`` rounds first are not kept. Ranks meet at a barrier before every step (not timed).
     ``hidden(model, inputs)``: the model's forward to the decoder output (default: the GDN LM's).
+    ``kernels`` (name -> callable): pieces of work timed in the same rounds as the steps, each in
+    place of a step (e.g. :func:`attention_work`); their summaries are keyed by their names too.
     """
     variants = variants or {"cp": lambda: None}
+    kernels = kernels or {}
     step_kwargs = {} if hidden is None else {"hidden": hidden}
-    samples = {name: [] for name in variants}
-    for i, order in enumerate(interleaved_order(list(variants), warmup + repeats)):
+    samples = {name: [] for name in [*variants, *kernels]}
+    for i, order in enumerate(interleaved_order(list(samples), warmup + repeats)):
         for name in order:
-            batch_override = variants[name]()  # may return (inputs, labels) of its own
-            x, y = batch_override if batch_override is not None else (inputs, labels)
-            model.zero_grad(set_to_none=True)
+            if name in kernels:
+                work = kernels[name]
+            else:
+                batch_override = variants[name]()  # may return (inputs, labels) of its own
+                x, y = batch_override if batch_override is not None else (inputs, labels)
+                model.zero_grad(set_to_none=True)
+                work = lambda x=x, y=y: train_step(model, x, y, loss_chunks, global_tokens, **step_kwargs)  # noqa: E731
             if dist.is_initialized():
                 dist.barrier()
             timers.reset()
             timers.sync()
             c0, o0, t0 = time.process_time(), os.times(), time.perf_counter()
-            train_step(model, x, y, loss_chunks, global_tokens, **step_kwargs)
+            work()
             timers.sync()
             wall, cpu, o1 = time.perf_counter() - t0, time.process_time() - c0, os.times()
             if i >= warmup:
                 samples[name].append({"wall": wall, "cpu": cpu, "cpu_user": o1.user - o0.user,
                                       "cpu_sys": o1.system - o0.system, **timers.t})
     return {name: summarize(rows) for name, rows in samples.items()}
+
+
+# --------------------------------------------------------------------------- work-matched reference
+
+
+def attention_shapes(model, inputs, hidden) -> list[dict]:
+    """The q / k shapes, dtype and scale of every ring-attention call of one forward of ``model`` on
+    ``inputs`` (run without CP and without grad: one causal block per attention layer). Empty for a
+    model without attention layers."""
+    from titan_cp.cp import ring_attention
+
+    calls, original = [], ring_attention.block_attention_forward
+
+    def record(q, k, v, *, scale, causal, **kw):
+        calls.append({"q": tuple(q.shape), "k": tuple(k.shape), "dtype": q.dtype, "scale": scale})
+        return original(q, k, v, scale=scale, causal=causal, **kw)
+
+    ring_attention.block_attention_forward = record
+    try:
+        with torch.no_grad():
+            hidden(model, inputs)
+    finally:
+        ring_attention.block_attention_forward = original
+    return calls
+
+
+def ring_plan(rank: int, P: int, layout: str) -> list[list]:
+    """The block tasks ring attention runs on ``rank``, per ring step (titan_cp.cp.ring_attention
+    ``plan_step``: its query segments against the key segments of rank (rank - i) mod P at step i).
+    ``P = 1``: one causal block over the whole local sequence, as ``ring_attention`` with ``cp = None``."""
+    from titan_cp.cp.layout import segments_of_rank
+    from titan_cp.cp.ring_attention import plan_step
+
+    if P == 1:
+        return [plan_step([0], [0])[0]]
+    mine = segments_of_rank(rank, P, layout)
+    return [plan_step(mine, segments_of_rank((rank - i) % P, P, layout))[0] for i in range(P)]
+
+
+def attention_work(shape: dict, plan: list[list], device, seed: int = 0):
+    """A callable that runs, on local tensors of one attention layer's ``shape`` (:func:`attention_shapes`),
+    the block calls of ``plan`` (:func:`ring_plan`): every step's forward blocks, then every step's
+    backward blocks, through titan_cp.cp.ring_attention's ``block_attention_forward`` / ``backward``.
+
+    The keys a CP rank receives at step i are stood in for by one local [B, Hkv, Tloc, D] tensor of
+    the held block's shape: the fused attention kernel's time depends on the shapes and masks, not on
+    the values. What this leaves out of the work is what CP adds around it: the ring's sends and
+    waits, and the online-softmax merges of the blocks' partial results.
+    """
+    from titan_cp.cp import ring_attention
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(shape["q"], generator=g).to(device=device, dtype=shape["dtype"])
+    k, v = (torch.randn(shape["k"], generator=g).to(device=device, dtype=shape["dtype"]) for _ in range(2))
+    dout = torch.randn(shape["q"], generator=g).to(device=device, dtype=shape["dtype"])
+    seg = q.shape[2] // max(t.q_hi for step in plan for t in step)  # every local query segment has its diagonal
+
+    def run():
+        saved = []
+        for step in plan:
+            for t in step:
+                qs, ks = slice(t.q_lo * seg, t.q_hi * seg), slice(t.k_lo * seg, t.k_hi * seg)
+                out, lse = ring_attention.block_attention_forward(q[:, :, qs], k[:, :, ks], v[:, :, ks],
+                                                                  scale=shape["scale"], causal=t.causal)
+                saved.append((t, qs, ks, lse, (dout[:, :, qs] * out).sum(dim=-1)))
+        for t, qs, ks, lse, delta in saved:
+            ring_attention.block_attention_backward(q[:, :, qs], k[:, :, ks], v[:, :, ks], dout[:, :, qs], lse, delta,
+                                                    scale=shape["scale"], causal=t.causal)
+
+    return run
+
+
+def attention_kernels(shapes: list[dict], rank: int, P: int, layout: str, device) -> tuple[dict, dict]:
+    """The ``kernels`` of :func:`timed_steps` for the work-matched reference: per distinct attention-layer
+    shape, ``attn_cp:<i>`` (this rank's CP blocks) and ``attn_alone:<i>`` (its shard's causal block), and
+    ``{i: how many layers have shape i}``. Two empty dicts for a model without attention layers."""
+    distinct: dict = {}
+    for s in shapes:
+        key = (s["q"], s["k"], s["dtype"], s["scale"])
+        distinct.setdefault(key, [s, 0])[1] += 1
+    kernels, counts = {}, {}
+    for i, (s, n) in enumerate(distinct.values()):
+        kernels[f"attn_cp:{i}"] = attention_work(s, ring_plan(rank, P, layout), device)
+        kernels[f"attn_alone:{i}"] = attention_work(s, ring_plan(0, 1, layout), device)
+        counts[i] = n
+    return kernels, counts
+
+
+def matched_reference(alone: float, attention_cp: dict, attention_alone: dict, layers: dict) -> float:
+    """The work-matched reference of one rank: its shard-alone step plus, per attention layer, the
+    attention work its queries do under CP beyond what its shard alone does,
+
+        t(matched) = t(shard alone) + sum_i n_i (t(CP blocks of shape i) - t(shard's causal block of shape i))
+
+    (``layers`` = {i: n_i}, the layers of shape i; the times by shape i). No attention layers: t(shard alone).
+    """
+    return alone + sum(n * (attention_cp[i] - attention_alone[i]) for i, n in layers.items())
 
 
 def comm_per_layer():

@@ -45,7 +45,7 @@ def test_shared_flags_mean_the_same_in_every_benchmark():
     qwen = speed.parse_args(["--model", "qwen3_5", "--q_transition", "keep"]).model_args()
     assert qwen.q_transition == qwen.config().cp_q_transition == "keep"
     r = repeatability.speed_args("gdn", 1024, 1, 0, "keep", ab_q_transition=True)
-    assert r.q_transition == "keep" and r.ab_q_transition and r.cp_sizes == (2,)
+    assert r.q_transition == "keep" and r.ab_q_transition and r.cp_sizes == (2,) and r.layout == "contiguous"
     with pytest.raises(SystemExit):
         speed.parse_args(["--q_transition", "kept"])
     assert speed.parse_args([]).cp_sizes == (1, 2, 4, 8) and speed.parse_args(["--strategies"]).cp_sizes == (2, 4, 8)
@@ -54,3 +54,31 @@ def test_shared_flags_mean_the_same_in_every_benchmark():
         speed.parse_args(["--model", "qwen3_5", "--strategies"])
     with pytest.raises(SystemExit):
         memory.parse_args(["--no_such_flag", "1"])
+
+
+def test_qwen3_5_layout_reaches_the_launch(monkeypatch):
+    """--qwen3_5_layout (default zigzag) reaches the Qwen3.5 launch's speed arguments; the GDN model stays contiguous."""
+    launched = []
+
+    def one_launch(model, L, repeats, warmup, q_transition, ab_q_transition, layout):
+        a = repeatability.speed_args(model, L, repeats, warmup, q_transition, ab_q_transition, layout)
+        launched.append((model, a.layout, a.model_args().layout))
+        raise SystemExit(0)  # stop before anything runs
+
+    monkeypatch.setattr(repeatability, "one_launch", one_launch)
+    monkeypatch.setattr(repeatability, "core_probe", lambda cores: {})
+    for argv, expected in ((["--models", "qwen3_5"], "zigzag"),
+                           (["--models", "qwen3_5", "--qwen3_5_layout", "contiguous"], "contiguous"),
+                           (["--models", "gdn", "--qwen3_5_layout", "zigzag"], "contiguous")):
+        with pytest.raises(SystemExit):
+            repeatability.main(argv)
+        assert launched.pop() == (argv[1], expected, expected), argv
+    assert "--layout" in repeatability.speed_argv("qwen3_5", 2048, 1, 0, layout="zigzag")
+
+
+def test_unknown_qwen3_5_layout_is_refused_naming_the_flag(capsys):
+    with pytest.raises(SystemExit) as refused:
+        tyro.cli(repeatability.Args, args=["--qwen3_5_layout", "diagonal"])
+    assert refused.value.code != 0
+    err = capsys.readouterr().err
+    assert "qwen3" in err and "layout" in err and "zigzag" in err
