@@ -4,7 +4,7 @@ Beside a launch's CP step in its ``--q_transition`` mode, every CP rank also tim
 the other mode (variant ``cp_other``) in the same interleaved rounds (benchmarks/timing.py), so a
 load change hits both alike. Figures of the other mode, next to the launch's own:
 overhead = (t(CP other) - t(shard alone)) / t(CP other) in wall and CPU time, mean over ranks (and in
-wall time against the row's work-matched reference, benchmarks/speed.py ``matched_figures``);
+wall time against the row's work-matched reference, benchmarks/matched_reference.py ``matched_figures``);
 same-load scaling = t(whole L alone) / t(CP other step), slowest rank.
 """
 
@@ -25,7 +25,7 @@ def other_variant(model, margs, P: int):
 def other_figures(per_rank: list[dict], alone_wall: float, alone_cpu: float, full_wall: float | None,
                   q_transition: str, matched_wall: float) -> dict:
     """The other mode's keys for the overhead row (``per_rank``: each rank's timed variants; ``matched_wall``:
-    the work-matched reference of the row, benchmarks/speed.py ``matched_figures``)."""
+    the work-matched reference of the row, benchmarks/matched_reference.py ``matched_figures``)."""
     wall = statistics.fmean(r["cp_other"]["wall"] for r in per_rank)
     cpu = statistics.fmean(r["cp_other"]["cpu"] for r in per_rank)
     out = {"other_q_transition": OTHER[q_transition], "step_cp_other_s": wall, "cpu_cp_other_s": cpu,

@@ -17,21 +17,14 @@ default      strong scaling (fixed global L, CP = 1, 2, 4, 8) and weak scaling
              The shard alone is the rank's own tokens in the run's --layout (zigzag: its two
              segments, concatenated, as one sequence) with cp = None; the CP step, the shard
              alone and the whole sequence all take their tokens from one make_batch(layout).
-             Work-matched reference (models with attention layers): the shard alone does causal
-             attention over its own keys only, while under CP its queries also attend to every
-             earlier key (zigzag at P = 2: 2x the shard's attention work; contiguous: 1x on rank
-             0, 3x on rank 1), work the one-rank run does too. t(matched) = t(shard alone) + per
-             attention layer (t(the rank's CP attention blocks) - t(its shard's causal block)),
-             both fwd + bwd through ring attention's block ops on local tensors, no communication,
-             timed in the same interleaved rounds (timing.attention_work); overhead vs it =
-             (t(CP) - t(matched)) / t(CP): the exchanges, their waits, the ring's merges, the
-             GDN layers' state passing. Without attention layers it equals the overhead above.
+             Beside it, the overhead against a work-matched reference that adds the attention
+             work a rank's queries must do anyway (benchmarks/matched_reference.py).
              Bytes per GDN layer (fwd + bwd, from titan_cp.cp.comm.comm_stats)
              at several L, next to what ring attention would send for an
              attention layer of the same width (MHA, kv width = dim).
 --strategies allgather / logscan / alltoall side by side at P = 2, 4, 8 in one run:
              step time, bytes sent and received, rounds per layer (fwd, bwd).
---hybrid     the hybrid flavor (GGGA: ring attention
+--hybrid     (benchmarks/hybrid_balance.py) the hybrid flavor (GGGA: ring attention
              in the A layers): per-rank busy time (forward + backward wall time
              minus time blocked in communication) for contiguous vs zigzag
              layouts, max / min over ranks.
@@ -78,6 +71,7 @@ from benchmarks.model_steps import (
     parse_flags,
     train_step,
 )
+from benchmarks.matched_reference import matched_figures, matched_line
 from benchmarks.q_transition_ab import other_figures, other_variant, summary_line
 from benchmarks.report import plot_scaling, report
 from benchmarks.timing import (
@@ -86,7 +80,6 @@ from benchmarks.timing import (
     attention_shapes,
     comm_per_layer,
     core_probe,
-    matched_reference,
     quietness,
     ring_attention_bytes,
     set_cp,
@@ -164,25 +157,6 @@ def _strategies_rank(rank, P, device, margs: ModelArgs, strategies, L, warmup, r
     return out
 
 
-def _hybrid_rank(rank, P, device, margs: ModelArgs, layouts, L, warmup, repeats, loss_chunks, batch):
-    from titan_cp.cp.comm import comm_stats
-
-    timers = Timers(device)
-    timers.install()
-    out = {}
-    for layout in layouts:
-        m = ModelArgs(margs.flavor, margs.overrides, margs.exchange, layout, margs.dtype, margs.q_transition)
-        model = build_model(m, device, dist.group.WORLD)
-        inputs, labels = make_batch(model.config.vocab_size, L, batch, rank, P, layout, device)
-        res = timed_steps(model, inputs, labels, batch * L, timers, warmup, repeats, loss_chunks)["cp"]
-        comm_stats.reset()
-        model.zero_grad(set_to_none=True)
-        train_step(model, inputs, labels, loss_chunks, batch * L)
-        out[layout] = {**res, "busy": res["wall"] - res.get("comm", 0.0), "comm_stats": comm_per_layer()}
-        del model
-    return out
-
-
 # --------------------------------------------------------------------------- drivers
 
 
@@ -192,37 +166,6 @@ def _worst(per_rank, name, key):
 
 def _mean(per_rank, name, key):
     return statistics.fmean(r[name].get(key, 0.0) for r in per_rank)
-
-
-MATCHED_DEFINITION = (
-    "overhead vs shard alone = (t(CP) - t(shard alone)) / t(CP); overhead vs work-matched reference = "
-    "(t(CP) - t(matched)) / t(CP), t(matched) = t(shard alone) + per attention layer (t(the rank's CP attention "
-    "blocks, fwd + bwd, on local tensors, no communication) - t(its shard's causal block)); "
-    "both means over ranks, timed in the same interleaved rounds")
-"""What the two CP overhead figures of an overhead row mean (printed with the figures and kept in the JSON)."""
-
-
-def matched_figures(per_rank: list[dict], cp_wall: float, cp_cpu: float) -> dict:
-    """The work-matched reference (:func:`benchmarks.timing.matched_reference`) of an overhead row, in wall
-    and CPU time, mean over ranks, and the overhead against it. A model without attention layers has no
-    attention work to match: its reference is the shard alone and the two overheads are one figure."""
-    def reference(r, key):
-        layers = r["attention_layers"]
-        return matched_reference(r["alone"][key], {i: r[f"attn_cp:{i}"][key] for i in layers},
-                                 {i: r[f"attn_alone:{i}"][key] for i in layers}, layers)
-
-    wall = statistics.fmean(reference(r, "wall") for r in per_rank)
-    cpu = statistics.fmean(reference(r, "cpu") for r in per_rank)
-    layers = per_rank[0]["attention_layers"]
-    out = {"step_matched_s": wall, "cpu_matched_s": cpu, "overhead_fraction_matched": (cp_wall - wall) / cp_wall,
-           "cpu_overhead_fraction_matched": (cp_cpu - cpu) / cp_cpu, "attention_layers": sum(layers.values()),
-           "matched_definition": MATCHED_DEFINITION if layers else
-           "no attention layers: the work-matched reference is the shard alone (the two overheads are one figure)"}
-    if layers:
-        out["attention_extra_per_rank_s"] = [reference(r, "wall") - r["alone"]["wall"] for r in per_rank]
-        out["attention_blocks_in_step_s"] = {"cp": [r["cp"].get("attention", 0.0) for r in per_rank],
-                                             "alone": [r["alone"].get("attention", 0.0) for r in per_rank]}
-    return out
 
 
 def run_scaling(a, margs: ModelArgs) -> dict:
@@ -317,17 +260,6 @@ def run_scaling(a, margs: ModelArgs) -> dict:
     return {"scaling": rows, "overhead": overhead, "bytes": bytes_rows}
 
 
-def matched_line(o: dict) -> str:
-    """The overhead row's two figures, with what they mean."""
-    if not o["attention_layers"]:
-        return (f"# P={o['P']}: CP overhead {100 * o['overhead_fraction']:+.1f}% of the step ({o['matched_definition']})")
-    extra = " / ".join(f"{1e3 * x:.0f}" for x in o["attention_extra_per_rank_s"])
-    return (f"# P={o['P']}: CP overhead vs shard alone {100 * o['overhead_fraction']:+.1f}%, vs work-matched reference "
-            f"{100 * o['overhead_fraction_matched']:+.1f}% (CPU time {100 * o['cpu_overhead_fraction']:+.1f}% / "
-            f"{100 * o['cpu_overhead_fraction_matched']:+.1f}%); attention work beyond the shard, per rank: {extra} ms "
-            f"over {o['attention_layers']} attention layer(s)\n# definitions: {o['matched_definition']}")
-
-
 def device_is_cpu() -> bool:
     return not torch.cuda.is_available()
 
@@ -378,29 +310,6 @@ def run_strategies(a, margs: ModelArgs) -> dict:
             row["by_kind"] = {k: v for k, v in layers[layer].items()}
             rows.append(row)
     return {"strategies": rows}
-
-
-def run_hybrid(a, margs: ModelArgs) -> dict:
-    rows = []
-    args = (margs, ("contiguous", "zigzag"), a.hybrid_len, a.warmup, a.repeats, a.loss_chunks, a.batch)
-    for P, per_rank, load in _launch_per_cp_size(a, rows, _hybrid_rank, args):
-        for layout in ("contiguous", "zigzag"):
-            busy = [r[layout]["busy"] for r in per_rank]
-            cpu = [r[layout]["cpu"] for r in per_rank]
-            ring = {}
-            for layer, kinds in per_rank[0][layout]["comm_stats"].items():
-                for k, v in kinds.items():
-                    if k.startswith("ring"):
-                        ring[f"{layer}:{k}"] = v["sent"]
-            rows.append({"P": P, "layout": layout, "L": a.hybrid_len, "step_s": max(r[layout]["wall"] for r in per_rank),
-                         "busy_per_rank_s": busy, "busy_max_over_min": max(busy) / min(busy),
-                         "cpu_per_rank_s": cpu, "cpu_max_over_min": max(cpu) / min(cpu),
-                         "balance_max_over_min": max(cpu) / min(cpu) if device_is_cpu() else max(busy) / min(busy),
-                         "balance_measure": "CPU time" if device_is_cpu() else "wall minus comm",
-                         "comm_blocked_per_rank_s": [r[layout].get("comm", 0.0) for r in per_rank],
-                         "ring_bytes_rank0": ring, "load_average": load,
-                         "oversubscribed": P > a.cores and device_is_cpu()})
-    return {"hybrid": rows}
 
 
 @dataclass
@@ -490,6 +399,8 @@ def main(argv=None) -> int:
     if a.strategies:
         result = run_strategies(a, margs)
     elif a.hybrid:
+        from benchmarks.hybrid_balance import run_hybrid  # its module imports this one's launcher
+
         result = run_hybrid(a, margs)
     else:
         result = run_scaling(a, margs)

@@ -8,7 +8,7 @@ from torch.utils import flop_counter
 
 from benchmarks.kernel import chunk_flops, ideal_seconds
 from benchmarks.repeatability import summarize_runs
-from benchmarks.speed import matched_figures
+from benchmarks.matched_reference import matched_figures
 from benchmarks.timing import interleaved_order, matched_reference, ring_plan, summarize
 from titan_cp.ops.gated_delta_rule.chunk import chunk_gated_delta_rule
 
