@@ -15,9 +15,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from titan_cp.cp import layout as cp_layout
-from titan_cp.cp import block_attention
-from titan_cp.cp.block_attention import block_attention_backward, block_attention_forward
-from titan_cp.cp.ring_attention import block_counts, plan_step, ring_attention
+import titan_cp.cp.ring_attention as ring_attention_module
+from titan_cp.cp.ring_attention import (
+    block_attention_backward, block_attention_forward, block_counts, plan_step, ring_attention,
+)
 from titan_cp.cp.comm import comm_stats
 from titan_cp.cp.context import CPContext
 from titan_cp.testing import rel_err, run_on_ranks
@@ -251,7 +252,7 @@ def test_block_ops_equal_masked_softmax(monkeypatch, path, tq, tk, causal, docs)
     block's, and its dk / dv equal autograd through the whole attention. ``path`` runs the fused CPU
     kernel or the explicit math that serves other devices.
     """
-    monkeypatch.setattr(block_attention, "_uses_fused_kernel", lambda q: path == "fused")
+    monkeypatch.setattr(ring_attention_module, "_uses_fused_kernel", lambda q: path == "fused")
     gen = torch.Generator().manual_seed(tq * 10 + tk)
     q, dout = (torch.randn(B, HQ, tq, D, generator=gen, dtype=torch.float64) for _ in range(2))
     ka, va, kb, vb = (torch.randn(B, HKV, n, D, generator=gen, dtype=torch.float64) for n in (4, 4, tk, tk))
