@@ -11,16 +11,10 @@ a shared machine only ever adds time), and per run
     scaling      = t(whole sequence alone) / t(CP step)      the same load, P = 2
 
 (benchmarks/speed.py, strong scaling with ``--cp_sizes 2``). The shard alone is the rank's own
-tokens (for zigzag its two segments, concatenated, as one sequence) with cp = None: for an
-attention layer that is causal attention over those tokens only, while under CP the rank's
-queries also attend to every earlier key (zigzag at P = 2: twice the shard's attention work;
-contiguous: rank 1 three times, rank 0 once). That work the one-rank run does too; the
-work-matched reference t(matched) adds it: t(shard alone) + per attention layer (t(the rank's
-CP attention blocks, fwd + bwd, on local tensors, no communication) - t(its shard's causal
-block)), timed in the same interleaved rounds (benchmarks/timing.py ``attention_work``). Its
-overhead is what CP adds beyond the work the rank's tokens must do anyway: the exchanges, their
-waits, the ring's merges and the GDN layers' state passing. For the GDN model (no attention
-layers) the two overheads are one figure. A core probe
+tokens (for zigzag its two segments, concatenated, as one sequence) with cp = None; t(matched) adds
+the attention work the rank's queries do under CP beyond the shard's own causal block
+(benchmarks/matched_reference.py has the definition). For the GDN model (no attention layers)
+the two overheads are one figure. A core probe
 (benchmarks/timing.py ``core_probe``) runs before the first run and after every run;
 each run gets the quietness verdict of the probes around it. The summary gives, per
 model, the five figures, their half-range (max - min) / 2 against the issue's spread

@@ -224,9 +224,9 @@ def attention_work(shape: dict, plan: list[list], device, seed: int = 0):
     backward blocks, through titan_cp.cp.ring_attention's ``block_attention_forward`` / ``backward``.
 
     The keys a CP rank receives at step i are stood in for by one local [B, Hkv, Tloc, D] tensor of
-    the held block's shape: the fused attention kernel's time depends on the shapes and masks, not on
-    the values. What this leaves out of the work is what CP adds around it: the ring's sends and
-    waits, and the online-softmax merges of the blocks' partial results.
+    the held block's shape: the block ops' time depends on the shapes and masks, not on the values.
+    What this leaves out of the work is what CP adds around it: the ring's sends and waits, and the
+    online-softmax merges of the blocks' partial results.
     """
     from titan_cp.cp import ring_attention
 
