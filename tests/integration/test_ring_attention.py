@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from titan_cp.cp import layout as cp_layout
+from titan_cp.cp import block_attention
+from titan_cp.cp.block_attention import block_attention_backward, block_attention_forward
 from titan_cp.cp.ring_attention import block_counts, plan_step, ring_attention
 from titan_cp.cp.comm import comm_stats
 from titan_cp.cp.context import CPContext
@@ -228,3 +230,80 @@ def test_bad_input_names_the_field():
         ring_attention(q, kv, kv, None, doc_ids=torch.zeros(1, 6, dtype=torch.long))
     with pytest.raises(ValueError, match="parallelism.cp_layout"):
         ring_attention(q, kv, kv, CPContext(group=None, layout="zigzig"))
+
+
+def _masked_attention(q, k, v, allowed, scale):
+    """float64 softmax attention over the allowed (query, key) pairs [B, 1, Tq, Tk]; GQA by repeating k/v."""
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, dim=-1).nan_to_num(0.0) @ v, torch.logsumexp(s, dim=-1)
+
+
+@pytest.mark.parametrize("path", ["fused", "explicit"])
+@pytest.mark.parametrize("tq, tk, causal, docs", [(8, 8, True, False), (5, 7, True, False), (7, 5, True, False),
+                                                 (6, 9, False, True), (9, 9, True, True)])
+def test_block_ops_equal_masked_softmax(monkeypatch, path, tq, tk, causal, docs):
+    """Each block op against float64 attention on awkward blocks (tq != tk, rows with no allowed key).
+
+    The block under test (keys kb) sits after a block of earlier keys ka that every query may see, so the
+    final lse and delta are those of a ring: the backward's dq for the block, summed with the earlier
+    block's, and its dk / dv equal autograd through the whole attention. ``path`` runs the fused CPU
+    kernel or the explicit math that serves other devices.
+    """
+    monkeypatch.setattr(block_attention, "_uses_fused_kernel", lambda q: path == "fused")
+    gen = torch.Generator().manual_seed(tq * 10 + tk)
+    q, dout = (torch.randn(B, HQ, tq, D, generator=gen, dtype=torch.float64) for _ in range(2))
+    ka, va, kb, vb = (torch.randn(B, HKV, n, D, generator=gen, dtype=torch.float64) for n in (4, 4, tk, tk))
+    q_doc = k_doc = None
+    allowed = torch.ones(B, 1, tq, tk, dtype=torch.bool)
+    if causal:  # bottom-right aligned: with tq > tk the first tq - tk queries see no key of the block
+        allowed &= torch.ones(tq, tk, dtype=torch.bool).tril(tk - tq)
+    if docs:  # row 0: query 0's document (0) has no key in the block; row 1: one document
+        q_doc = torch.tensor([[0] + [1] * (tq - 1), [2] * tq])
+        k_doc = torch.tensor([[1] * tk, [2] * tk])
+        allowed &= (q_doc[:, :, None] == k_doc[:, None, :])[:, None]
+    if docs or tq > tk:
+        assert not allowed.any(dim=-1).all(), "the case should have a query with no allowed key in the block"
+    scale = 0.3
+
+    out, lse = block_attention_forward(q, kb, vb, scale=scale, causal=causal, q_doc=q_doc, k_doc=k_doc)
+    ref_out, ref_lse = _masked_attention(q, kb, vb, allowed, scale)
+    assert out.dtype == lse.dtype == torch.float64 and out.shape == q.shape and lse.shape == q.shape[:3]
+    assert rel_err(out, ref_out) <= 1e-12
+    empty = ~allowed.any(dim=-1).expand_as(lse)
+    assert torch.equal(lse[empty], ref_lse[empty]) and bool((lse[empty] == float("-inf")).all())
+    assert (out[empty] == 0).all() and rel_err(lse[~empty], ref_lse[~empty]) <= 1e-12
+
+    # Backward with the lse / delta of the attention over [ka, kb].
+    qr, kar, var, kbr, vbr = (t.clone().requires_grad_() for t in (q, ka, va, kb, vb))
+    full_allowed = torch.cat([torch.ones(B, 1, tq, 4, dtype=torch.bool), allowed], dim=-1)
+    full_out, full_lse = _masked_attention(qr, torch.cat([kar, kbr], 2), torch.cat([var, vbr], 2), full_allowed, scale)
+    dq_ref, dka_ref, dva_ref, dkb_ref, dvb_ref = torch.autograd.grad(full_out, (qr, kar, var, kbr, vbr), dout)
+    delta = (dout * full_out.detach()).sum(dim=-1)
+    full_lse = full_lse.detach()
+    dq_a, dk_a, dv_a = block_attention_backward(q, ka, va, dout, full_lse, delta, scale=scale, causal=False)
+    dq_b, dk_b, dv_b = block_attention_backward(q, kb, vb, dout, full_lse, delta, scale=scale, causal=causal,
+                                                q_doc=q_doc, k_doc=k_doc)
+    for got, ref in ((dq_a + dq_b, dq_ref), (dk_a, dka_ref), (dv_a, dva_ref), (dk_b, dkb_ref), (dv_b, dvb_ref)):
+        assert got.dtype == torch.float64 and got.shape == ref.shape and rel_err(got, ref) <= 1e-12
+
+
+def test_block_ops_on_float32_and_bfloat16_run_in_float32():
+    """float32 / bf16 blocks: float32 results within float32 rounding of the float64 math (bf16 inputs exact)."""
+    gen = torch.Generator().manual_seed(3)
+    q, dout = (torch.randn(B, HQ, 16, D, generator=gen) for _ in range(2))
+    k, v = (torch.randn(B, HKV, 16, D, generator=gen) for _ in range(2))
+    allowed = torch.ones(16, 16, dtype=torch.bool).tril()
+    for dtype in (torch.float32, torch.bfloat16):
+        qd, kd, vd, dod = (t.to(dtype) for t in (q, k, v, dout))
+        out, lse = block_attention_forward(qd, kd, vd, scale=0.25, causal=True)
+        q64, k64, v64 = (t.double().requires_grad_() for t in (qd, kd, vd))
+        ref_out, ref_lse = _masked_attention(q64, k64, v64, allowed, 0.25)
+        assert out.dtype == lse.dtype == torch.float32
+        assert rel_err(out, ref_out) <= 1e-6 and rel_err(lse, ref_lse) <= 1e-6
+        delta = (dod.double() * ref_out.detach()).sum(-1)
+        grads = block_attention_backward(qd, kd, vd, dod, ref_lse.detach().float(), delta.float(), scale=0.25,
+                                         causal=True)
+        for g, r in zip(grads, torch.autograd.grad(ref_out, (q64, k64, v64), dod.double())):
+            assert g.dtype == torch.float32 and rel_err(g, r) <= 1e-5

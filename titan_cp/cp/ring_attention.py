@@ -69,9 +69,9 @@ recorded in :data:`titan_cp.cp.comm.comm_stats` as (layer_name, "ring_fwd")
 and (layer_name, "ring_bwd"). With P = 1 (``cp`` None, or a context of one
 rank) nothing is sent or recorded and the result is plain causal attention.
 
-The block math lives in :func:`block_attention_forward` and
-:func:`block_attention_backward` (plain PyTorch); a GPU flash kernel with (causal
-flag, LSE out, varlen/document masking) can replace just those two functions.
+The block math lives in :mod:`titan_cp.cp.block_attention`
+(:func:`block_attention_forward`, :func:`block_attention_backward`): torch's
+fused flash-attention kernel on CPU, the explicit masked softmax above elsewhere.
 Accumulation dtype (:func:`accumulation_dtype`): float32 for bf16 / fp16 / fp32
 inputs, float64 for float64 (float64 runs stay float64 end to end).
 :data:`block_counts` counts segment blocks computed and skipped (for tests and benchmarks).
@@ -86,6 +86,7 @@ from dataclasses import dataclass
 import torch
 
 from titan_cp.cp import layout as cp_layout
+from titan_cp.cp.block_attention import accumulation_dtype, block_attention_backward, block_attention_forward
 from titan_cp.cp.comm import Ring
 from titan_cp.cp.context import CPContext, dtype_code
 
@@ -102,85 +103,6 @@ block_counts: Counter = Counter()
 _TAG_KV = 0
 _TAG_DOC = 1
 _TAG_DKV = 2
-
-
-# ---------------------------------------------------------------------------
-# Block op: one (query block, key block) attention, accumulation dtype, LSE out.
-# ---------------------------------------------------------------------------
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)  # float32 for bf16 / fp16 / fp32, float64 for float64
-
-
-def _block_mask(tq: int, tk: int, causal: bool, q_doc, k_doc, device) -> torch.Tensor | None:
-    """Allowed (query, key) pairs as bool [B or 1, 1, 1, Tq, Tk], or None (all allowed)."""
-    mask = None
-    if causal:
-        mask = torch.ones(tq, tk, dtype=torch.bool, device=device).tril_(tk - tq)[None, None, None]
-    if q_doc is not None:
-        same = (q_doc[:, :, None] == k_doc[:, None, :])[:, None, None]
-        mask = same if mask is None else mask & same
-    return mask
-
-
-def _scores(q, k, scale, causal, q_doc, k_doc):
-    B, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    qa, ka = q.to(accumulation_dtype(q.dtype)), k.to(accumulation_dtype(q.dtype))
-    s = torch.matmul(qa.reshape(B, Hkv, G * Tq, D), ka.transpose(-1, -2)).mul_(scale).view(B, Hkv, G, Tq, Tk)
-    mask = _block_mask(Tq, Tk, causal, q_doc, k_doc, q.device)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
-    return s
-
-
-def block_attention_forward(q, k, v, *, scale: float, causal: bool, q_doc=None, k_doc=None):
-    """Attention of one query block to one key block, with its log-sum-exp.
-
-    q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D]; ``causal`` masks key j > query i
-    (aligned at the bottom right, i.e. the diagonal block when Tq == Tk);
-    q_doc [B, Tq] / k_doc [B, Tk] restrict keys to the query's document.
-    Returns out [B, Hq, Tq, D] (normalised within the block; 0 for a row without
-    allowed keys) and lse [B, Hq, Tq] (-inf for such a row), in the accumulation dtype.
-    """
-    B, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    s = _scores(q, k, scale, causal, q_doc, k_doc)  # [B, Hkv, G, Tq, Tk]
-    m = s.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    l = p.sum(dim=-1, keepdim=True)  # noqa: E741
-    out = torch.matmul(p.view(B, Hkv, G * Tq, Tk), v.to(s.dtype)).view(B, Hkv, G, Tq, -1)
-    out = out / l.clamp_min(torch.finfo(s.dtype).tiny)
-    lse = (m + torch.log(l)).squeeze(-1)
-    return out.reshape(B, Hq, Tq, -1), lse.reshape(B, Hq, Tq)
-
-
-def block_attention_backward(q, k, v, dout, lse, delta, *, scale: float, causal: bool, q_doc=None, k_doc=None):
-    """Gradients of one block's contribution, recomputed from the final LSE.
-
-    dout [B, Hq, Tq, D], lse / delta [B, Hq, Tq] (final log-sum-exp of the
-    queries over all keys, rowsum(dout * out)). Returns dq [B, Hq, Tq, D],
-    dk, dv [B, Hkv, Tk, D], all in the accumulation dtype.
-    """
-    B, Hq, Tq, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    s = _scores(q, k, scale, causal, q_doc, k_doc)  # [B, Hkv, G, Tq, Tk]
-    lse = lse.reshape(B, Hkv, G, Tq, 1)
-    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-    p = torch.exp(s - lse).view(B, Hkv, G * Tq, Tk)
-    do = dout.to(s.dtype).reshape(B, Hkv, G * Tq, -1)
-    dv = torch.matmul(p.transpose(-1, -2), do)
-    dp = torch.matmul(do, v.to(s.dtype).transpose(-1, -2))
-    ds = p * (dp - delta.reshape(B, Hkv, G * Tq, 1))
-    ds.mul_(scale)
-    dq = torch.matmul(ds, k.to(s.dtype)).view(B, Hq, Tq, D)
-    dk = torch.matmul(ds.transpose(-1, -2), q.to(s.dtype).reshape(B, Hkv, G * Tq, D))
-    return dq, dk, dv
 
 
 # ---------------------------------------------------------------------------
