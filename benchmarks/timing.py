@@ -207,15 +207,13 @@ def attention_shapes(model, inputs, hidden) -> list[dict]:
 
 def ring_plan(rank: int, P: int, layout: str) -> list[list]:
     """The block tasks ring attention runs on ``rank``, per ring step (titan_cp.cp.ring_attention
-    ``plan_step``: its query segments against the key segments of rank (rank - i) mod P at step i).
-    ``P = 1``: one causal block over the whole local sequence, as ``ring_attention`` with ``cp = None``."""
-    from titan_cp.cp.layout import segments_of_rank
-    from titan_cp.cp.ring_attention import plan_step
+    ``step_plans``). ``P = 1``: one causal block over the whole local sequence, as ``ring_attention``
+    with ``cp = None``."""
+    from titan_cp.cp.ring_attention import plan_step, step_plans
 
     if P == 1:
         return [plan_step([0], [0])[0]]
-    mine = segments_of_rank(rank, P, layout)
-    return [plan_step(mine, segments_of_rank((rank - i) % P, P, layout))[0] for i in range(P)]
+    return [tasks for tasks, _ in step_plans(rank, P, layout)]
 
 
 def attention_work(shape: dict, plan: list[list], device, seed: int = 0):

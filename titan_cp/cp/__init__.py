@@ -8,6 +8,8 @@
   (``allgather`` / ``logscan``) and the corrected outputs.
 - head_parallel.py: GDN's head-parallel strategy (``alltoall``).
 - ring_attention.py: causal softmax attention over the CP ring (hybrid models).
+- block_attention.py: one query block against one key block with its LSE (the ring's block ops;
+  torch's fused flash-attention kernel on CPU).
 
 :func:`mix_sequence` is the one entry point of a GDN layer's sequence mixing.
 """

@@ -92,7 +92,7 @@ from titan_cp.cp.context import CPContext, dtype_code
 
 __all__ = [
     "ring_attention", "accumulation_dtype", "block_attention_forward", "block_attention_backward",
-    "block_counts", "plan_step", "BlockTask",
+    "block_counts", "plan_step", "step_plans", "BlockTask",
 ]
 
 # Segment blocks computed / skipped per pass and block-op calls made, summed over
@@ -166,6 +166,12 @@ def plan_step(q_segments: list[int], k_segments: list[int]) -> tuple[list[BlockT
     return merged + causal, skipped
 
 
+def step_plans(rank: int, P: int, layout: str) -> list[tuple[list[BlockTask], int]]:
+    """:func:`plan_step` for every ring step of ``rank``: at step i it holds the K/V of rank (rank - i) mod P."""
+    mine = cp_layout.segments_of_rank(rank, P, layout)
+    return [plan_step(mine, cp_layout.segments_of_rank((rank - i) % P, P, layout)) for i in range(P)]
+
+
 def _docs_disjoint(q_doc: torch.Tensor, k_doc: torch.Tensor) -> torch.Tensor:
     """True (0-d bool tensor) when every key's document precedes every query's, per row."""
     return (k_doc.amax(dim=1) < q_doc.amin(dim=1)).all()
@@ -201,13 +207,11 @@ class _RingAttentionFn(torch.autograd.Function):
         lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
         plans: list[list[BlockTask]] = []
         key_docs: list[torch.Tensor | None] = []
-        for i in range(P):
-            src = (cp.rank - i) % P
+        for i, (tasks, skipped) in enumerate(step_plans(cp.rank, P, layout)):
             pending = None
             if i < P - 1:
                 payload = [(kv, _TAG_KV)] + ([(doc, _TAG_DOC)] if doc is not None else [])
                 pending = ring.shift(payload)
-            tasks, skipped = plan_step(q_segments, cp_layout.segments_of_rank(src, P, layout))
             kept = []
             for t in tasks:
                 qs, ks = slice(t.q_lo * seg, t.q_hi * seg), slice(t.k_lo * seg, t.k_hi * seg)
