@@ -207,9 +207,8 @@ def _nproc_of(path: Path) -> int:
     return int(m.group(1)) * (int(nodes.group(1)) if nodes else 1)
 
 
-@pytest.mark.parametrize("path", sorted(TRAIN_CONFIGS.glob("*.toml")), ids=lambda p: p.name)
-def test_train_configs_parse(path, tmp_path):
-    world = _nproc_of(path)
+def train_config_argv(path: Path, tmp_path: Path) -> list[str]:
+    """``train.py``'s arguments for a shipped TOML, with stand-ins for the checkpoint files a GPU config names."""
     argv = ["--job.config_file", str(path)]
     model = tomli.loads(path.read_text()).get("model", {})
     if "hf_config" in model:  # the FLA checkpoint is the user's: a stand-in folder with its flavor's shape
@@ -226,7 +225,12 @@ def test_train_configs_parse(path, tmp_path):
 
         (tmp_path / "config.json").write_text(json.dumps(model_spec(model["flavor"]).model.hf_config()))
         argv += ["--job.hf_assets_path", str(TOKENIZER_PATH), "--checkpoint.initial_load_path", str(tmp_path)]
-    config = config_from_args(argv, world_size=world, check_runtime=False)
+    return argv
+
+
+@pytest.mark.parametrize("path", sorted(TRAIN_CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_train_configs_parse(path, tmp_path):
+    config = config_from_args(train_config_argv(path, tmp_path), world_size=_nproc_of(path), check_runtime=False)
     if path.name.startswith("qwen3_5"):  # TorchTitan's Qwen3.5 (docs/qwen3_5.md)
         assert config.model_spec.name == "qwen3_5"
         gpu = bool(re.search(r"_cp(8|16)", path.name))

@@ -41,7 +41,9 @@ Sections::
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -52,7 +54,8 @@ from typing import Any
 import tomli
 
 from titan_cp.errors import ConfigError, suggest, unknown_choice_message
-from titan_cp.train.tyro_args import Setting, fields_of, parse_settings, tokens
+from titan_cp.train.model_overrides import MODEL_HIDDEN_FIELDS, check_overrides_read
+from titan_cp.train.tyro_args import Setting, fields_of, parse_fields, parse_settings, tokens
 
 SECTION_ALIASES = {"data": "dataloader"}
 JOB_KEYS = {"config_file": None, "description": None, "dump_folder": "dump_folder",
@@ -68,7 +71,6 @@ OPTIMIZER_KEYS = {
 AC_MODES = ("none", "selective", "full", "memory_budget")
 MODEL_KEYS = ("name", "flavor", "hf_config")  # [model] keys that pick the config function and shape
 CP_KEYS = ("cp_exchange", "cp_layout", "cp_q_transition")  # [parallelism] keys stored on the model config
-MODEL_HIDDEN_FIELDS = ("param_init", "sharding_config")
 
 
 # --- reading TOML and the command line --------------------------------------------------------
@@ -183,43 +185,6 @@ def dataloader_config_for(dataset: str):
     raise ConfigError(unknown_choice_message("dataloader.dataset", dataset, ["synthetic", *DATASETS]))
 
 
-def _check_model_overrides_used(model, model_spec, settings: Sequence[Setting], family: str) -> None:
-    """Every ``[model]`` override must be read by the model it builds (:mod:`titan_cp.train.config_reads`:
-    reads recorded during a meta build + run-time reads of the held config); one that nothing reads (e.g.
-    Qwen3.5's top-level ``dim``: its layers come from the flavor's sub-configs) is an error, not a no-op."""
-    from titan_cp.train.config_reads import used_fields
-
-    used = None
-    for s in settings:
-        head = s.key.partition(".")[0]
-        old = getattr(model, head, None)
-        if "." not in s.key and (dataclasses.is_dataclass(old) or (isinstance(old, list) and old
-                                                                    and dataclasses.is_dataclass(old[0]))):
-            raise ConfigError(f"{s.origin}: {s.field} is a sub-config built by model.flavor; it cannot be set "
-                              f"as one value. Pick another model.flavor.")
-        used = used_fields(model, model_spec) if used is None else used
-        if used is None:  # the overridden config does not build: the start-up checks / the build name why
-            return
-        if head not in used:
-            raise ConfigError(_unread_message(s, model, used, family))
-
-
-def _unread_message(s: Setting, model, used: set[str], family: str) -> str:
-    from titan_cp.models.registry import MODEL_FAMILIES
-
-    flavors = list(MODEL_FAMILIES[family].flavors) if family in MODEL_FAMILIES else []
-    values = {f: getattr(model, f) for f in used}
-    subs = sorted(f for f, v in values.items() if dataclasses.is_dataclass(v) or (
-        isinstance(v, list) and v and dataclasses.is_dataclass(v[0])))
-    settable = sorted(f for f in used if f not in subs and f not in MODEL_HIDDEN_FIELDS)
-    shape = (f": its shape comes from the flavor's sub-configs ({', '.join(subs)}); pick a model.flavor with "
-             f"the shape you want (one of {flavors})" if subs else
-             f", or pick a model.flavor / layer_pattern whose layers use it (flavors: {flavors})")
-    return (f"{s.origin}: {s.field} = {s.value!r} is not read by model.name = {family!r}: building and running "
-            f"this model never uses {s.field}, so the run would train the unchanged model. Remove it{shape}. "
-            f"Fields this model reads: {', '.join(settable)}.")
-
-
 def _ac_config(mode: str):
     from torchtitan.distributed.activation_checkpoint import FullAC, MemoryBudgetAC, SelectiveAC
 
@@ -242,12 +207,24 @@ def toml_job():
     return _ACTIVE_JOB.base_config()
 
 
+@functools.cache
+def config_manager():
+    """The process's TorchTitan ``ConfigManager``. Each new one registers its tyro rules on TorchTitan's
+    module-level registry again, and every later parse walks all of them (after ~300 builds in one process
+    a build took 5-10x longer); ``parse_args`` keeps nothing between calls but ``self.config``, which it
+    replaces."""
+    from torchtitan.config import ConfigManager
+
+    return ConfigManager()
+
+
 @dataclass
 class TomlJob:
     """A TOML file plus command-line overrides, as TorchTitan's ``ConfigManager`` will see them."""
 
     settings: list[Setting]
     source: str = "<config>"
+    _base: tuple[list[Setting], Any] | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def _last(self, section: str, key: str) -> Setting | None:
         return next((s for s in reversed(self.settings) if (s.section, s.key) == (section, key)), None)
@@ -256,7 +233,13 @@ class TomlJob:
         return [s for s in self.settings if s.section == section and s.key not in skip]
 
     def base_config(self):
-        """The family's config for ``[model] name/flavor`` with the keys TorchTitan's CLI cannot set."""
+        """The family's config for ``[model] name/flavor`` with the keys TorchTitan's CLI cannot set: built once
+        for the current settings (a build asks for it twice, once through :func:`toml_job`), a fresh copy each call."""
+        if self._base is None or self._base[0] != self.settings:
+            self._base = (copy.deepcopy(self.settings), self._build_base_config())
+        return copy.deepcopy(self._base[1])
+
+    def _build_base_config(self):
         from titan_cp.cp.settings import LAYOUT_TO_LOAD_BALANCER
         from titan_cp.models.registry import family_config
 
@@ -312,14 +295,10 @@ class TomlJob:
                                   f"{in_model.value!r}; set it in one place ([parallelism]).")
             items.append((s, key, tokens(key, s.value)))
         if items:
-            import tyro
             from torchtitan.config.manager import custom_registry
 
-            def parse(args: list[str]):
-                return tyro.cli(type(model), args=args, default=model, registry=custom_registry)
-
-            model = parse_settings(parse, items, model, self.source)
-            _check_model_overrides_used(model, config.model_spec, [s for s, _, _ in items], config.model_spec.name)
+            model = parse_fields(model, items, self.source, custom_registry)
+            check_overrides_read(model, config.model_spec, [s for s, _, _ in items], config.model_spec.name)
             config.model_spec = dataclasses.replace(config.model_spec, model=model)
             if hasattr(config.loss, "global_vocab_size") and hasattr(model, "vocab_size"):
                 config.loss.global_vocab_size = model.vocab_size
@@ -396,15 +375,13 @@ class TomlJob:
 
     def build(self, *, world_size: int | None = None, check_runtime: bool = True):
         """The validated ``Trainer.Config``, parsed by TorchTitan's ``ConfigManager``."""
-        from torchtitan.config import ConfigManager
-
         from titan_cp.models.common.preflight import validate
 
         base = self.base_config()
         items, ac_tokens = self._manager_items(base)
         self.activate()
         head = ["--module", __name__, "--config", "toml_job"]
-        config = parse_settings(lambda args: ConfigManager().parse_args(head + args), items, base, self.source,
+        config = parse_settings(lambda args: config_manager().parse_args(head + args), items, base, self.source,
                                 ac_tokens)
         degrees = validate(config, world_size=world_size, check_runtime=check_runtime,
                            written_q_transition=self._last("parallelism", "cp_q_transition"))

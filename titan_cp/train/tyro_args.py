@@ -9,13 +9,16 @@ exits), it finds the first setting that fails on its own and raises a
 :class:`ConfigError` naming that field, where it came from, the expected
 type and tyro's reason. tyro accepts a quoted number for an int field (the
 command line has no types); a TOML string there is reported too.
+:func:`parse_fields` does the same over only the fields the settings name.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -123,3 +126,34 @@ def parse_settings(parse: Callable[[list[str]], Any], items: list[tuple[Setting,
             expected = f" (expected {expected_type(root, path)})" if "--" in alone or "Unrecognized" in alone else ""
             raise ConfigError(f"{setting.origin}: {setting.field} = {setting.value!r} is rejected{expected}: {alone}")
     raise ConfigError(f"{source}: TorchTitan's config parser rejects these settings together: {reason}")
+
+
+@functools.cache
+def _narrowed(cls: type, names: tuple[str, ...]) -> type:
+    """A dataclass with only the fields ``names`` of ``cls``, typed as there (``Annotated`` tyro markers kept)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return dataclasses.make_dataclass(cls.__name__, [(name, hints[name]) for name in names])
+
+
+def parse_fields(obj: Any, items: list[tuple[Setting, str, list[str]]], source: str, registry: Any):
+    """:func:`parse_settings` for the dataclass ``obj``, with tyro over only the top-level fields the items set.
+
+    tyro builds its parser over every field of the class it is given, nested configs included: for a
+    Qwen3.5 model (a list of per-layer sub-configs) that takes seconds, for a flagship tens of seconds.
+    Here tyro parses a dataclass holding just the fields the items name (``kernel`` for ``--kernel``,
+    ``attn`` for ``--attn.n_heads``), with the annotations of ``type(obj)`` and ``obj``'s values as
+    defaults, so each flag is type-checked and refused exactly as in a parse of the whole class; the
+    parsed fields then replace ``obj``'s (``dataclasses.replace``: its ``__init__`` / ``__post_init__``
+    run as they would at the end of a whole parse). Every other field keeps ``obj``'s value.
+    """
+    import tyro
+
+    names = tuple(dict.fromkeys(path.partition(".")[0] for _, path, _ in items))
+    narrowed = _narrowed(type(obj), names)
+    default = narrowed(**{name: getattr(obj, name) for name in names})
+
+    def parse(args: list[str]):
+        parsed = tyro.cli(narrowed, args=args, default=default, registry=registry)
+        return dataclasses.replace(obj, **{name: getattr(parsed, name) for name in names})
+
+    return parse_settings(parse, items, obj, source)
