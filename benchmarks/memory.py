@@ -80,7 +80,7 @@ def estimate_row(margs, L: int, layout: Layout, batch: int, loss_chunks: int):
     """The estimator's per-rank figures for ``layout`` as the benchmark runs it: no optimizer step, no FSDP
     (``fsdp_over_cp=False``; EP's extra data-parallel ranks hold replicas: ``replicate``)."""
     from titan_cp.analysis.memory import estimate_memory
-    from titan_cp.analysis.train_setup import Parallelism, TrainSetup
+    from titan_cp.analysis.train_setup import Parallelism, TrainSetup, block_attention_terms
     from titan_cp.analysis.profiles import kernel_profile
 
     from titan_cp.analysis.qwen3_5_memory import is_qwen3_5
@@ -90,7 +90,8 @@ def estimate_row(margs, L: int, layout: Layout, batch: int, loss_chunks: int):
     prof = None if is_qwen3_5(c) else kernel_profile(c.kernel, c, dt)  # Qwen3.5: its own kernel terms
     setup = TrainSetup(seq_len=L, batch=batch, param_dtype=dt, act_dtype=dt, grad_dtype=dt, optimizer_states=0,
                        loss_chunks=loss_chunks, cp_exchange=margs.exchange, cp_layout=margs.layout,
-                       cp_q_transition=margs.q_transition, **(prof.setup if prof else {}))
+                       cp_q_transition=margs.q_transition, **(prof.setup if prof else {}),
+                       **block_attention_terms("cuda" if torch.cuda.is_available() else "cpu"))
     par = Parallelism(cp=layout.cp, tp=layout.tp, sequence_parallel=layout.sp, ep=layout.ep, replicate=layout.dp,
                       fsdp_over_cp=False)
     return estimate_memory(c, setup, par, calibration=prof.calibration if prof else None)

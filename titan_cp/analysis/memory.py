@@ -113,7 +113,8 @@ for activation gradients, + ``kernel_workspace_states`` fp32 chunk-state tensors
 [T/C, Hv, K, V] that a chunked kernel's backward materialises: recomputed h and
 dh) (+ one layer's recomputed activations under AC) (+ for hybrids,
 ``attention_score_tensors`` fp32 [Hq, T_loc, T_loc] tensors of the attention backward,
-which titan_cp's block attention materialises for one ring block pair at a time). ``loss_phase`` = the
+which the explicit block ops materialise for one ring block pair at a time; 0 on CPU, where
+the fused kernel runs: :func:`titan_cp.analysis.train_setup.block_attention_terms`). ``loss_phase`` = the
 accumulator + one loss chunk's logits (+ the unsharded lm_head weight and its
 fp32 gradient under FSDP).
 """

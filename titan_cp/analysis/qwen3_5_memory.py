@@ -50,10 +50,15 @@ routed experts over ep x efsdp = dp_shard x cp x tp (TorchTitan's ``efsdp = dp c
 :func:`expert_shards`, also for ``fsdp_over_cp=False``).
 PP: every stage holds ``n_layers / pp`` layers (+ embedding or lm_head), and 1F1B
 keeps ``min(pp, microbatches)`` microbatches' activations on the first stage.
-Transient: the backward's hidden-state gradient, half a layer's activations, the
-attention backward's score tensors (``attention_score_tensors`` fp32 [Hq, T_b, T_b]
-per ring block pair, T_b = tokens of one CP segment), and the loss chunk; under full AC
-a layer keeps only its input and the recomputed layer joins the transient.
+Transient: the backward's hidden-state gradient plus the larger of two phases, and the
+loss chunk. The last layer's (attention) backward: ``attention_workspace`` x its saved
+bytes and its score tensors (``attention_score_tensors`` fp32 [Hq, T_b, T_b] per ring
+block pair, T_b = tokens of one CP segment), less its FFN's and the final norm's saved
+tensors, freed by then. The GDN layer before it: half a layer's activations, with the
+attention layer's saved tensors freed. The block ops' path sets the two attention
+fields (:func:`titan_cp.analysis.train_setup.block_attention_terms`: the fused CPU kernel
+holds no score tensor). Under full AC a layer keeps only its input and the recomputed
+layer joins the transient.
 """
 
 from __future__ import annotations
@@ -66,7 +71,6 @@ from titan_cp.analysis.train_setup import AC_MODES, Parallelism, TrainSetup, dty
 from titan_cp.models.qwen3_5.flavors import TextShape, shape_of
 
 
-ATTENTION_WORKSPACE = 1.0  # activation gradients alive in the attention block's backward, x its saved bytes
 
 
 def is_qwen3_5(model) -> bool:
@@ -262,8 +266,12 @@ def estimate_qwen3_5(model, setup: TrainSetup, par: Parallelism, calibration: di
         scores = setup.attention_score_tensors * rows * q.text.n_heads / par.tp * segment**2 * 4
         freed = 0.0 if setup.ac == "full" else sum(ffn.values()) * activation_scale
         freed += sum(v for k, v in _terms_bytes(model_terms(q, setup), par, tokens, cal).items() if k != "token_ids")
-        attn_ws = cal.get("attention_workspace", 1.0) * ATTENTION_WORKSPACE * attn_bytes
-        backward = max(backward, grad_accum + scores + attn_ws - freed)
+        attn_ws = cal.get("attention_workspace", 1.0) * setup.attention_workspace * attn_bytes
+        attention_phase = grad_accum + scores + attn_ws - freed
+        if setup.ac == "full":
+            backward = max(backward, attention_phase)
+        else:  # the GDN layer before it runs its backward with the attention layer's saved tensors freed
+            backward = max(backward - attn_bytes - (freed - sum(ffn.values()) * activation_scale), attention_phase)
         grads_at_peak = grads * (ends + (dense + experts) / layers_local) / n_local
     if setup.ac == "full":
         backward += layer_full

@@ -61,7 +61,21 @@ class TrainSetup:
     microbatches: int = 1  # pipeline microbatches the local batch is split into (1F1B keeps min(pp, this) in flight)
     workspace_fraction: float = 0.5  # activation gradients alive in one layer's backward
     attention_score_tensors: float = 4.6  # hybrids: fp32 [Hq, T_loc, T_loc] score-sized tensors in an attention
-    # block's backward (titan_cp's block attention materialises them; fitted on CPU, P 1-8, 8K tokens)
+    # block's backward (the explicit block ops materialise them; fitted on CPU, P 1-8, 8K tokens)
+    attention_workspace: float = 1.0  # Qwen3.5: activation gradients alive in the last attention layer's
+    # backward, x that layer's saved bytes
+
+
+# What one ring block pair's backward holds, per block-op path of titan_cp.cp.block_attention. The
+# defaults above are the explicit masked softmax (every device but CPU: what a GPU run holds today);
+# on CPU the block ops run torch's fused flash-attention kernel, which holds no score tensor.
+# Fitted on the Qwen3.5 debug tables of docs/max_context.md (CPU ranks, 2K and 4K tokens).
+FUSED_CPU_BLOCK_ATTENTION = {"attention_score_tensors": 0.0, "attention_workspace": 0.65}
+
+
+def block_attention_terms(device_type: str) -> dict[str, float]:
+    """The :class:`TrainSetup` fields of the block attention that runs on ``device_type`` ("cpu", "cuda")."""
+    return dict(FUSED_CPU_BLOCK_ATTENTION) if device_type == "cpu" else {}
 
 
 AC_MODES = ("none", "full")
@@ -75,4 +89,5 @@ def keeps_q_transition(setup: TrainSetup, par: Parallelism) -> bool:
     return par.cp > 1 and setup.cp_extra and setup.cp_exchange != "alltoall" and setup.cp_q_transition == "keep"
 
 
-__all__ = ["AC_MODES", "DTYPE_BYTES", "Parallelism", "TrainSetup", "dtype_bytes", "keeps_q_transition"]
+__all__ = ["AC_MODES", "DTYPE_BYTES", "FUSED_CPU_BLOCK_ATTENTION", "Parallelism", "TrainSetup", "block_attention_terms",
+           "dtype_bytes", "keeps_q_transition"]
