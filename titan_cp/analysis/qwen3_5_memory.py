@@ -71,8 +71,6 @@ from titan_cp.analysis.train_setup import AC_MODES, Parallelism, TrainSetup, dty
 from titan_cp.models.qwen3_5.flavors import TextShape, shape_of
 
 
-
-
 def is_qwen3_5(model) -> bool:
     """True for a TorchTitan Qwen3.5 config (``Qwen35Model.Config`` or titan_cp's subclass)."""
     layers = getattr(model, "layers", None)
@@ -264,14 +262,15 @@ def estimate_qwen3_5(model, setup: TrainSetup, par: Parallelism, calibration: di
     if q.n_attn and model.layers[-1].attention is not None:
         segment = tokens / (2 if setup.cp_layout == "zigzag" and par.cp > 1 else 1) / rows
         scores = setup.attention_score_tensors * rows * q.text.n_heads / par.tp * segment**2 * 4
-        freed = 0.0 if setup.ac == "full" else sum(ffn.values()) * activation_scale
-        freed += sum(v for k, v in _terms_bytes(model_terms(q, setup), par, tokens, cal).items() if k != "token_ids")
+        model_freed = sum(v for k, v in _terms_bytes(model_terms(q, setup), par, tokens, cal).items()
+                          if k != "token_ids")
+        ffn_freed = 0.0 if setup.ac == "full" else sum(ffn.values()) * activation_scale
         attn_ws = cal.get("attention_workspace", 1.0) * setup.attention_workspace * attn_bytes
-        attention_phase = grad_accum + scores + attn_ws - freed
+        attention_phase = grad_accum + scores + attn_ws - ffn_freed - model_freed
         if setup.ac == "full":
             backward = max(backward, attention_phase)
         else:  # the GDN layer before it runs its backward with the attention layer's saved tensors freed
-            backward = max(backward - attn_bytes - (freed - sum(ffn.values()) * activation_scale), attention_phase)
+            backward = max(backward - attn_bytes - model_freed, attention_phase)
         grads_at_peak = grads * (ends + (dense + experts) / layers_local) / n_local
     if setup.ac == "full":
         backward += layer_full
